@@ -1,0 +1,23 @@
+"""aload: an async-first data loader for PyTorch."""
+
+from ._worker_info import WorkerInfo as WorkerInfo
+from ._worker_info import get_worker_info as get_worker_info
+from .collate import Padded as Padded
+from .collate import default_collate as default_collate
+from .collate import default_convert as default_convert
+from .collate import pad_collate as pad_collate
+from .loader import DataLoader as DataLoader
+
+__all__ = [
+    "DataLoader",
+    "Padded",
+    "WorkerInfo",
+    "default_collate",
+    "default_convert",
+    "get_worker_info",
+    "pad_collate",
+]
+
+for _name in ("DataLoader", "Padded", "WorkerInfo", "get_worker_info", "pad_collate"):
+    globals()[_name].__module__ = __name__
+del _name

@@ -1,0 +1,206 @@
+"""The loader's arguments, checked once with torch's rules and frozen.
+
+`resolve_config` is the only place that reads what the user passed; everything after it works
+from a `LoaderConfig`, so a running epoch never sees an argument that was not validated.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
+from torch.utils.data._utils.collate import default_collate, default_convert
+
+WORKER_MODES = ("thread",)
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderConfig:
+    """Validated loader arguments, with default samplers and collate function filled in."""
+
+    dataset: Any
+    iterable: bool
+    batch_size: int | None
+    drop_last: bool
+    sampler: Sampler[Any] | Iterable[Any] | None
+    batch_sampler: Sampler[list[Any]] | Iterable[list[Any]] | None
+    num_workers: int
+    collate_fn: Callable[[Any], Any]
+    pin_memory: bool
+    timeout: float
+    worker_init_fn: Callable[[int], None] | None
+    generator: torch.Generator | None
+    prefetch_factor: int
+    persistent_workers: bool
+    in_order: bool
+    worker_mode: str
+
+    @property
+    def auto_collation(self) -> bool:
+        """Whether samples are grouped into batches (torch: batch_size or batch_sampler set)."""
+        if self.iterable:
+            return self.batch_size is not None
+        return self.batch_sampler is not None
+
+    @property
+    def index_sampler(self) -> Iterable[Any] | None:
+        """What yields one job's indices: the batch sampler, or the sampler when unbatched."""
+        return self.batch_sampler if self.auto_collation else self.sampler
+
+    @property
+    def max_in_flight(self) -> int:
+        """The bound on batches submitted but not yet yielded: workers x prefetch_factor."""
+        return self.num_workers * self.prefetch_factor if self.num_workers else 1
+
+
+def resolve_config(
+    dataset: Any,
+    batch_size: int | None,
+    shuffle: bool | None,
+    sampler: Sampler[Any] | Iterable[Any] | None,
+    batch_sampler: Sampler[list[Any]] | Iterable[list[Any]] | None,
+    num_workers: int,
+    collate_fn: Callable[[Any], Any] | None,
+    pin_memory: bool,
+    drop_last: bool,
+    timeout: float,
+    worker_init_fn: Callable[[int], None] | None,
+    generator: torch.Generator | None,
+    prefetch_factor: int,
+    persistent_workers: bool,
+    in_order: bool,
+    worker_mode: str,
+) -> LoaderConfig:
+    """Check the arguments as `torch.utils.data.DataLoader` does and fill in the defaults.
+
+    Raises:
+        ValueError: for conflicting or out-of-range arguments, with torch's messages.
+        TypeError: for arguments of the wrong type, naming the argument and what was expected.
+    """
+    _check_int("num_workers", num_workers)
+    if num_workers < 0:
+        raise ValueError(
+            "num_workers option should be non-negative; "
+            "use num_workers=0 to disable multiprocessing."
+        )
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+    if timeout < 0:
+        raise ValueError("timeout option should be non-negative")
+    _check_int("prefetch_factor", prefetch_factor)
+    if prefetch_factor < 1:
+        raise ValueError(f"prefetch_factor option should be positive, got {prefetch_factor}")
+    if persistent_workers and num_workers == 0:
+        raise ValueError("persistent_workers option needs num_workers > 0")
+    if worker_mode not in WORKER_MODES:
+        raise ValueError(f"worker_mode must be one of {WORKER_MODES}, got {worker_mode!r}")
+    if batch_size is not None:
+        _check_int("batch_size", batch_size)
+        if batch_size <= 0:
+            raise ValueError(
+                f"batch_size should be a positive integer value, but got batch_size={batch_size}"
+            )
+    if shuffle is not None and not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be True, False or None, got {shuffle!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    for name, fn in (("collate_fn", collate_fn), ("worker_init_fn", worker_init_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+
+    iterable = _is_iterable_style(dataset)
+    if iterable:
+        if shuffle not in {False, None}:
+            raise ValueError(
+                "DataLoader with IterableDataset: expected unspecified shuffle option, "
+                f"but got shuffle={shuffle}"
+            )
+        if sampler is not None:
+            raise ValueError(
+                "DataLoader with IterableDataset: expected unspecified sampler option, "
+                f"but got sampler={sampler}"
+            )
+        if batch_sampler is not None:
+            raise ValueError(
+                "DataLoader with IterableDataset: expected unspecified batch_sampler option, "
+                f"but got batch_sampler={batch_sampler}"
+            )
+    else:
+        shuffle = bool(shuffle)
+        if sampler is not None and shuffle:
+            raise ValueError("sampler option is mutually exclusive with shuffle")
+        if batch_sampler is not None:
+            if batch_size != 1 or shuffle or sampler is not None or drop_last:
+                raise ValueError(
+                    "batch_sampler option is mutually exclusive "
+                    "with batch_size, shuffle, sampler, and drop_last"
+                )
+            batch_size = None
+        if sampler is None:
+            sampler = (
+                RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+            )
+        if batch_size is not None and batch_sampler is None:
+            batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+    if batch_size is None and drop_last:
+        raise ValueError(
+            "batch_size=None option disables auto-batching and is mutually exclusive with drop_last"
+        )
+
+    batched = batch_size is not None if iterable else batch_sampler is not None
+    if collate_fn is None:
+        collate_fn = default_collate if batched else default_convert
+
+    return LoaderConfig(
+        dataset=dataset,
+        iterable=iterable,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        sampler=sampler,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=bool(pin_memory),
+        timeout=float(timeout),
+        worker_init_fn=worker_init_fn,
+        generator=generator,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=bool(persistent_workers),
+        in_order=bool(in_order),
+        worker_mode=worker_mode,
+    )
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+
+
+def _is_iterable_style(dataset: object) -> bool:
+    """Map-style needs `__len__` and `__getitem__`; anything else that iterates is a stream."""
+    if isinstance(dataset, IterableDataset):
+        return True
+    getitem = getattr(type(dataset), "__getitem__", None)
+    if getitem is not None and hasattr(type(dataset), "__len__"):
+        if inspect.iscoroutinefunction(getitem):
+            raise TypeError(
+                f"dataset {type(dataset).__name__} has an async __getitem__, which this "
+                "DataLoader does not run yet; make __getitem__ a plain function"
+            )
+        return False
+    if hasattr(dataset, "__iter__"):
+        return True
+    raise TypeError(
+        "dataset must be map-style (with __len__ and __getitem__) or iterable (with __iter__), "
+        f"got {type(dataset).__name__}"
+    )

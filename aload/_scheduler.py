@@ -1,0 +1,349 @@
+"""The one place where concurrency lives: one epoch's jobs, their order, waits and shutdown.
+
+The scheduler is pull-based. Each time the consumer asks for a batch it submits jobs until
+`max_in_flight` batches are submitted but not yet yielded, takes the next finished one
+(in sampler order, or as finished), and submits again so workers keep going while the loop
+body runs. No task runs on the event loop between two batches, so an abandoned `async for`
+leaves nothing behind but worker threads, which it stops.
+
+Workers and consumer share one thing, the `_Mailbox`: workers append finished jobs and,
+only when the consumer is waiting, wake it (through the event loop for `async for`, through
+a `threading.Event` for a plain `for`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from ._fetch import Abandoned, describe_indices, is_exhausted
+from .workers import WorkerPool
+
+_SKIP = object()
+
+
+class _Mailbox:
+    """Finished jobs, and how to wake the consumer if it is waiting for one."""
+
+    __slots__ = ("done", "waiter")
+
+    def __init__(self) -> None:
+        self.done: deque[_Job] = deque()
+        self.waiter: Callable[[], None] | None = None
+
+    def post(self, job: _Job) -> None:
+        """Called from a worker thread. The consumer sets `waiter` before it last looks at
+        `done`, and the worker appends before it reads `waiter`, so no wake-up is missed."""
+        self.done.append(job)
+        waiter = self.waiter
+        if waiter is not None:
+            waiter()
+
+
+class _Job:
+    """One batch to load: its position in the epoch, its indices (or worker), its outcome."""
+
+    __slots__ = ("cancelled", "error", "indices", "mailbox", "read", "seq", "value", "worker")
+
+    def __init__(
+        self,
+        seq: int,
+        indices: Any,
+        worker: int | None,
+        read: Callable[[_Job], Any],
+        mailbox: _Mailbox,
+    ) -> None:
+        self.seq = seq
+        self.indices = indices
+        self.worker = worker
+        self.read = read
+        self.mailbox = mailbox
+        self.cancelled = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        if self.cancelled:
+            return
+        try:
+            self.value = self.read(self)
+        except Abandoned:
+            return
+        except BaseException as error:
+            self.error = error
+        self.mailbox.post(self)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.mailbox.post(self)
+
+    def describe(self) -> str:
+        if self.indices is None:
+            return f"batch {self.seq} (from worker {self.worker or 0})"
+        return f"batch {self.seq} (indices {describe_indices(self.indices)})"
+
+
+class IndexBatches:
+    """Job source for map-style datasets: the index sampler's batches, each for any worker."""
+
+    def __init__(self, index_sampler: Iterable[Any]) -> None:
+        self._indices = iter(index_sampler)
+
+    def next(self) -> tuple[Any, int | None] | None:
+        for indices in self._indices:
+            return indices, None
+        return None
+
+    def retire(self, worker: int | None) -> None:
+        pass
+
+
+class WorkerStreams:
+    """Job source for iterable datasets: the next batch of each live worker, round-robin."""
+
+    def __init__(self, num_workers: int) -> None:
+        self._live = list(range(num_workers))
+        self._turn = 0
+
+    def next(self) -> tuple[Any, int | None] | None:
+        if not self._live:
+            return None
+        worker = self._live[self._turn % len(self._live)]
+        self._turn += 1
+        return None, worker
+
+    def retire(self, worker: int | None) -> None:
+        if worker in self._live:
+            self._live.remove(worker)
+
+
+JobSource = IndexBatches | WorkerStreams
+
+
+class EpochIterator:
+    """One pass over the data, as an async iterator (`async for`) or a plain one (`for`).
+
+    Batches come in sampler order when `in_order`, else in the order they finish. At most
+    `max_in_flight` batches are submitted but not yet yielded, however slow the consumer.
+    A failed batch raises its original exception, with a note naming the batch and its
+    indices; iteration may go on after it. Leaving the loop early (break, exception,
+    cancellation) drops the queued jobs and stops the epoch's own workers.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: JobSource,
+        read: Callable[[Any], Any],
+        pool: WorkerPool,
+        owns_pool: bool,
+        max_in_flight: int,
+        prefetch: bool,
+        in_order: bool,
+        timeout: float,
+    ) -> None:
+        self._source = source
+        self._read = read
+        self._pool = pool
+        self._owns_pool = owns_pool
+        self._max_in_flight = max_in_flight
+        self._prefetch = prefetch
+        self._in_order = in_order
+        self._timeout = timeout
+        self._mailbox = _Mailbox()
+        self._in_flight: dict[int, _Job] = {}
+        self._ready_by_seq: dict[int, _Job] = {}
+        self._ready_fifo: deque[_Job] = deque()
+        self._next_seq = 0
+        self._submitted = 0
+        self._source_done = False
+        self._closed = False
+
+    # -- async -------------------------------------------------------------------------------
+
+    def __aiter__(self) -> EpochIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        """Return the next batch; always a cancellation point, never blocks the event loop.
+
+        Raises:
+            TimeoutError: when `timeout` > 0 and the batch is not ready in time.
+        """
+        await anyio.lowlevel.checkpoint()
+        deadline = None
+        while not self._closed:
+            job = self._take()
+            if job is not None:
+                batch = self._deliver(job)
+                if batch is not _SKIP:
+                    return batch
+            elif self._finished:
+                await self.aclose()
+            else:
+                deadline = deadline or self._deadline()
+                await self._wait_async(deadline)
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop the epoch and wait, without blocking the event loop, for its workers to end."""
+        self._stop()
+        delay = 0.0002
+        while self._owns_pool and self._pool.alive:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _wait_async(self, deadline: float | None) -> None:
+        token = anyio.lowlevel.current_token()
+        arrived = anyio.Event()
+
+        def wake() -> None:
+            try:
+                token.backend_class.run_sync_soon(arrived.set, (), token.native_token)
+            except anyio.RunFinishedError:
+                pass
+
+        self._mailbox.waiter = wake
+        try:
+            if self._mailbox.done:
+                return
+            if deadline is None:
+                await arrived.wait()
+                return
+            with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                await arrived.wait()
+                return
+            raise self._timeout_error()
+        finally:
+            self._mailbox.waiter = None
+
+    # -- blocking ----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        """Return the next batch, blocking the calling thread until it is ready.
+
+        Raises:
+            TimeoutError: when `timeout` > 0 and the batch is not ready in time.
+        """
+        deadline = None
+        while not self._closed:
+            job = self._take()
+            if job is not None:
+                batch = self._deliver(job)
+                if batch is not _SKIP:
+                    return batch
+            elif self._finished:
+                self.close()
+            else:
+                deadline = deadline or self._deadline()
+                self._wait_blocking(deadline)
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the epoch and wait for its workers to end (blocks the calling thread)."""
+        self._stop()
+        if self._owns_pool:
+            self._pool.join()
+
+    def _wait_blocking(self, deadline: float | None) -> None:
+        arrived = threading.Event()
+        self._mailbox.waiter = arrived.set
+        try:
+            if self._mailbox.done:
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if not arrived.wait(remaining):
+                raise self._timeout_error()
+        finally:
+            self._mailbox.waiter = None
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def __del__(self) -> None:
+        if hasattr(self, "_closed"):
+            self._stop()
+
+    def _stop(self) -> None:
+        """Drop queued work and ask the epoch's own workers to end; never blocks."""
+        if self._closed:
+            return
+        self._closed = True
+        for job in self._in_flight.values():
+            job.cancelled = True
+        self._in_flight.clear()
+        self._ready_by_seq.clear()
+        self._ready_fifo.clear()
+        self._mailbox.done.clear()
+        if self._owns_pool:
+            self._pool.shutdown()
+
+    @property
+    def _finished(self) -> bool:
+        return self._source_done and not self._in_flight
+
+    def _take(self) -> _Job | None:
+        """Submit what the bound allows, then return the next finished job that is due."""
+        self._fill()
+        self._collect()
+        if self._in_order:
+            job = self._ready_by_seq.pop(self._next_seq, None)
+            if job is not None:
+                self._next_seq += 1
+        else:
+            job = self._ready_fifo.popleft() if self._ready_fifo else None
+        if job is not None:
+            del self._in_flight[job.seq]
+            if self._prefetch:
+                self._fill()
+        return job
+
+    def _fill(self) -> None:
+        while not self._source_done and len(self._in_flight) < self._max_in_flight:
+            spec = self._source.next()
+            if spec is None:
+                self._source_done = True
+                return
+            job = _Job(self._submitted, spec[0], spec[1], self._read, self._mailbox)
+            self._submitted += 1
+            self._in_flight[job.seq] = job
+            self._pool.submit(job, job.worker)
+
+    def _collect(self) -> None:
+        done = self._mailbox.done
+        while done:
+            job = done.popleft()
+            if job.error is None and is_exhausted(job.value):
+                self._source.retire(job.worker)
+            if self._in_order:
+                self._ready_by_seq[job.seq] = job
+            else:
+                self._ready_fifo.append(job)
+
+    def _deliver(self, job: _Job) -> Any:
+        if job.error is not None:
+            error, job.error = job.error, None
+            error.add_note(f"aload: raised while loading {job.describe()}")
+            raise error
+        return _SKIP if is_exhausted(job.value) else job.value
+
+    def _deadline(self) -> float | None:
+        return time.monotonic() + self._timeout if self._timeout > 0 else None
+
+    def _timeout_error(self) -> TimeoutError:
+        if self._in_order:
+            late = self._in_flight[self._next_seq]
+        else:
+            late = self._in_flight[min(self._in_flight)]
+        return TimeoutError(
+            f"DataLoader timed out: {late.describe()} was not ready within "
+            f"timeout={self._timeout:g} s"
+        )

@@ -1,0 +1,193 @@
+"""`DataLoader`: torch's contract, an async-first engine. The one place that wires the parts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from ._config import LoaderConfig, resolve_config
+from ._cuda import pinned, pinning_enabled
+from ._fetch import StreamReader, map_reader
+from ._scheduler import EpochIterator, IndexBatches, WorkerStreams
+from ._worker_info import draw_base_seed, worker_setup
+from .workers import WorkerPool
+from .workers.inline import InlinePool
+from .workers.thread import ThreadPool
+
+
+class DataLoader:
+    """Batches from a dataset, for `async for` in a coroutine or a plain `for` loop.
+
+    The arguments mean what they mean in `torch.utils.data.DataLoader`, with torch's checks
+    and errors. What differs is the engine: index batches from the sampler are jobs on
+    `num_workers` threads that share the dataset (no copy, instant start), at most
+    `num_workers * prefetch_factor` batches are in flight however slow the consumer, and
+    `async for` never blocks the event loop.
+
+    Args:
+        dataset: map-style (`__len__` and `__getitem__`, `__getitems__` used when present)
+            or iterable (a torch `IterableDataset` or any iterable).
+        batch_size: samples per batch; None disables batching (samples are converted only).
+        shuffle: reshuffle every epoch (map-style only).
+        sampler: the order of indices (excludes `shuffle`).
+        batch_sampler: yields lists of indices (excludes `batch_size`, `shuffle`, `sampler`,
+            `drop_last`).
+        num_workers: worker threads; 0 loads one batch at a time, on demand, in the calling
+            thread for `for` and in one helper thread for `async for`.
+        collate_fn: merges samples into a batch; torch's `default_collate` by default.
+        pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
+        drop_last: drop the last incomplete batch.
+        timeout: seconds to wait for a batch before `TimeoutError` (0 waits forever).
+        worker_init_fn: called with the worker id once in each worker, before it loads.
+        generator: seeds the shuffle and the workers' seeds, for reproducible epochs.
+        prefetch_factor: batches in flight per worker.
+        persistent_workers: keep the workers between epochs (until `close()`).
+        in_order: yield batches in sampler order; False yields them as they finish, so one slow
+            batch does not hold back the others.
+        worker_mode: how workers run: "thread".
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: Sampler[Any] | Iterable[Any] | None = None,
+        batch_sampler: Sampler[list[Any]] | Iterable[list[Any]] | None = None,
+        num_workers: int = 0,
+        collate_fn: Callable[[Any], Any] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        prefetch_factor: int = 2,
+        persistent_workers: bool = False,
+        in_order: bool = True,
+        worker_mode: str = "thread",
+    ) -> None:
+        self._config = resolve_config(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            batch_sampler=batch_sampler,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            timeout=timeout,
+            worker_init_fn=worker_init_fn,
+            generator=generator,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            in_order=in_order,
+            worker_mode=worker_mode,
+        )
+        self._pin = pinning_enabled(self._config.pin_memory)
+        self._persistent_pool: WorkerPool | None = None
+
+    # torch's attributes, read-only: changing them mid-training is an error in torch too.
+    dataset = property(lambda self: self._config.dataset)
+    batch_size = property(lambda self: self._config.batch_size)
+    sampler = property(lambda self: self._config.sampler)
+    batch_sampler = property(lambda self: self._config.batch_sampler)
+    num_workers = property(lambda self: self._config.num_workers)
+    collate_fn = property(lambda self: self._config.collate_fn)
+    pin_memory = property(lambda self: self._config.pin_memory)
+    drop_last = property(lambda self: self._config.drop_last)
+    timeout = property(lambda self: self._config.timeout)
+    worker_init_fn = property(lambda self: self._config.worker_init_fn)
+    generator = property(lambda self: self._config.generator)
+    prefetch_factor = property(lambda self: self._config.prefetch_factor)
+    persistent_workers = property(lambda self: self._config.persistent_workers)
+    in_order = property(lambda self: self._config.in_order)
+    worker_mode = property(lambda self: self._config.worker_mode)
+
+    def __len__(self) -> int:
+        """Batches per epoch, as torch counts them (for an iterable, from `len(dataset)`)."""
+        config = self._config
+        if not config.iterable:
+            return len(config.index_sampler)  # type: ignore[arg-type]
+        length = len(config.dataset)
+        if config.batch_size is None:
+            return length
+        if config.drop_last:
+            return length // config.batch_size
+        return math.ceil(length / config.batch_size)
+
+    def __aiter__(self) -> EpochIterator:
+        """Start an epoch for `async for`: batches arrive without blocking the event loop."""
+        return self._epoch(blocking=False)
+
+    def __iter__(self) -> EpochIterator:
+        """Start an epoch for a plain `for` loop, as torch's DataLoader does."""
+        return self._epoch(blocking=True)
+
+    def close(self) -> None:
+        """Stop persistent workers and wait for them to end; the loader can start again."""
+        pool, self._persistent_pool = self._persistent_pool, None
+        if pool is not None:
+            pool.shutdown()
+            pool.join()
+
+    def __enter__(self) -> DataLoader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_persistent_pool", None)
+        if pool is not None:
+            pool.shutdown()
+
+    def _epoch(self, blocking: bool) -> EpochIterator:
+        config = self._config
+        base_seed = draw_base_seed(config.generator)
+        streams = max(1, config.num_workers)
+        read: Callable[[Any], Any]
+        if config.iterable:
+            source: IndexBatches | WorkerStreams = WorkerStreams(streams)
+            read = StreamReader(
+                config.dataset, config.batch_size, config.drop_last, config.collate_fn, streams
+            )
+        else:
+            source = IndexBatches(config.index_sampler)  # type: ignore[arg-type]
+            read = map_reader(config.dataset, config.collate_fn, config.auto_collation)
+        if self._pin:
+            read = pinned(read)
+        pool, owns_pool = self._pool(config, base_seed, blocking)
+        return EpochIterator(
+            source=source,
+            read=read,
+            pool=pool,
+            owns_pool=owns_pool,
+            max_in_flight=config.max_in_flight,
+            prefetch=config.num_workers > 0,
+            in_order=config.in_order,
+            timeout=config.timeout,
+        )
+
+    def _pool(self, config: LoaderConfig, base_seed: int, blocking: bool) -> tuple[WorkerPool, bool]:
+        """The workers for one epoch, and whether the epoch owns (and so stops) them."""
+        if config.num_workers == 0:
+            if blocking and config.timeout == 0:
+                return InlinePool(), True
+            return ThreadPool(1, dedicated_queues=config.iterable), True
+        if self._persistent_pool is not None:
+            return self._persistent_pool, False
+        pool = ThreadPool(
+            config.num_workers,
+            worker_setup(config.num_workers, base_seed, config.dataset, config.worker_init_fn),
+            dedicated_queues=config.iterable,
+        )
+        if config.persistent_workers:
+            self._persistent_pool = pool
+            return pool, False
+        return pool, True

@@ -1,0 +1,23 @@
+"""The zero-worker pool: runs each job at once in the caller's thread, as torch does with
+`num_workers=0` (used only by plain `for` loops, where blocking the caller is the contract)."""
+
+from __future__ import annotations
+
+from . import Job
+
+
+class InlinePool:
+    """Runs a job inside `submit`, so the caller loads its own batches, one at a time."""
+
+    def submit(self, job: Job, worker: int | None = None) -> None:
+        job.run()
+
+    def shutdown(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> bool:
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return False
