@@ -147,9 +147,10 @@ def resolve_config(
                 )
             batch_size = None
         if sampler is None:
-            sampler = (
-                RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-            )
+            if shuffle:
+                sampler = RandomSampler(dataset, generator=generator)
+            else:
+                sampler = SequentialSampler(dataset)
         if batch_size is not None and batch_sampler is None:
             batch_sampler = BatchSampler(sampler, batch_size, drop_last)
     if batch_size is None and drop_last:

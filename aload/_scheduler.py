@@ -13,10 +13,11 @@ a `threading.Event` for a plain `for`).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import anyio
@@ -126,15 +127,8 @@ class WorkerStreams:
 JobSource = IndexBatches | WorkerStreams
 
 
-class EpochIterator:
-    """One pass over the data, as an async iterator (`async for`) or a plain one (`for`).
-
-    Batches come in sampler order when `in_order`, else in the order they finish. At most
-    `max_in_flight` batches are submitted but not yet yielded, however slow the consumer.
-    A failed batch raises its original exception, with a note naming the batch and its
-    indices; iteration may go on after it. Leaving the loop early (break, exception,
-    cancellation) drops the queued jobs and stops the epoch's own workers.
-    """
+class Epoch:
+    """The state of one pass over the data; `EpochIterator` is the handle users hold."""
 
     def __init__(
         self,
@@ -167,15 +161,7 @@ class EpochIterator:
 
     # -- async -------------------------------------------------------------------------------
 
-    def __aiter__(self) -> EpochIterator:
-        return self
-
-    async def __anext__(self) -> Any:
-        """Return the next batch; always a cancellation point, never blocks the event loop.
-
-        Raises:
-            TimeoutError: when `timeout` > 0 and the batch is not ready in time.
-        """
+    async def anext(self) -> Any:
         await anyio.lowlevel.checkpoint()
         deadline = None
         while not self._closed:
@@ -192,8 +178,7 @@ class EpochIterator:
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
-        """Stop the epoch and wait, without blocking the event loop, for its workers to end."""
-        self._stop()
+        self.stop()
         delay = 0.0002
         while self._owns_pool and self._pool.alive:
             await anyio.sleep(delay)
@@ -204,10 +189,8 @@ class EpochIterator:
         arrived = anyio.Event()
 
         def wake() -> None:
-            try:
+            with contextlib.suppress(anyio.RunFinishedError):  # the loop is gone: nobody waits
                 token.backend_class.run_sync_soon(arrived.set, (), token.native_token)
-            except anyio.RunFinishedError:
-                pass
 
         self._mailbox.waiter = wake
         try:
@@ -225,15 +208,7 @@ class EpochIterator:
 
     # -- blocking ----------------------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        """Return the next batch, blocking the calling thread until it is ready.
-
-        Raises:
-            TimeoutError: when `timeout` > 0 and the batch is not ready in time.
-        """
+    def next(self) -> Any:
         deadline = None
         while not self._closed:
             job = self._take()
@@ -249,8 +224,7 @@ class EpochIterator:
         raise StopIteration
 
     def close(self) -> None:
-        """Stop the epoch and wait for its workers to end (blocks the calling thread)."""
-        self._stop()
+        self.stop()
         if self._owns_pool:
             self._pool.join()
 
@@ -268,11 +242,7 @@ class EpochIterator:
 
     # -- shared ------------------------------------------------------------------------------
 
-    def __del__(self) -> None:
-        if hasattr(self, "_closed"):
-            self._stop()
-
-    def _stop(self) -> None:
+    def stop(self) -> None:
         """Drop queued work and ask the epoch's own workers to end; never blocks."""
         if self._closed:
             return
@@ -347,3 +317,59 @@ class EpochIterator:
             f"DataLoader timed out: {late.describe()} was not ready within "
             f"timeout={self._timeout:g} s"
         )
+
+
+class EpochIterator:
+    """One pass over the data, as an async iterator (`async for`) or a plain one (`for`).
+
+    Batches come in sampler order when `in_order`, else in the order they finish. At most
+    `max_in_flight` batches are submitted but not yet yielded, however slow the consumer.
+    A failed batch raises its original exception with a note naming the batch and its
+    indices; iteration may go on after it. Dropping this handle (leaving the loop by break,
+    exception or cancellation) drops the queued jobs and stops the epoch's own workers.
+
+    No frame of this class stays in a traceback: an error kept alive by the caller must not
+    keep the handle, and so the workers, alive.
+    """
+
+    __slots__ = ("_epoch",)
+
+    def __init__(self, epoch: Epoch) -> None:
+        self._epoch = epoch
+
+    def __aiter__(self) -> EpochIterator:
+        return self
+
+    def __anext__(self) -> Coroutine[Any, Any, Any]:
+        """Return the next batch; always a cancellation point, never blocks the event loop.
+
+        Raises:
+            TimeoutError: when `timeout` > 0 and the batch is not ready in time.
+        """
+        return self._epoch.anext()
+
+    def __iter__(self) -> EpochIterator:
+        return self
+
+    def __next__(self) -> Any:
+        """Return the next batch, blocking the calling thread until it is ready.
+
+        Raises:
+            TimeoutError: when `timeout` > 0 and the batch is not ready in time.
+        """
+        epoch = self._epoch
+        del self  # keep this handle out of the traceback of whatever `next` raises
+        return epoch.next()
+
+    async def aclose(self) -> None:
+        """Stop the epoch and wait, without blocking the event loop, for its workers to end."""
+        await self._epoch.aclose()
+
+    def close(self) -> None:
+        """Stop the epoch and wait for its workers to end (blocks the calling thread)."""
+        self._epoch.close()
+
+    def __del__(self) -> None:
+        epoch = getattr(self, "_epoch", None)
+        if epoch is not None:
+            epoch.stop()

@@ -50,14 +50,18 @@ def pad_collate(batch: Sequence[Any], *, padding_value: float = 0) -> Any:
         lengths = torch.tensor([len(t) for t in tensors], dtype=torch.long)
         return Padded(pad_sequence(tensors, batch_first=True, padding_value=padding_value), lengths)
     if isinstance(first, Mapping):
-        collated = {key: pad_collate([s[key] for s in batch], padding_value=padding_value)
-                    for key in first}
+        collated = {
+            key: pad_collate([s[key] for s in batch], padding_value=padding_value) for key in first
+        }
         try:
             return type(first)(collated)
         except TypeError:
             return collated
     if isinstance(first, tuple):
-        fields = [pad_collate(list(group), padding_value=padding_value) for group in zip(*batch)]
+        fields = [
+            pad_collate(list(group), padding_value=padding_value)
+            for group in zip(*batch, strict=True)
+        ]
         return type(first)(*fields) if hasattr(first, "_fields") else fields
     return default_collate(batch)
 

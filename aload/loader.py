@@ -12,7 +12,7 @@ from torch.utils.data import Sampler
 from ._config import LoaderConfig, resolve_config
 from ._cuda import pinned, pinning_enabled
 from ._fetch import StreamReader, map_reader
-from ._scheduler import EpochIterator, IndexBatches, WorkerStreams
+from ._scheduler import Epoch, EpochIterator, IndexBatches, WorkerStreams
 from ._worker_info import draw_base_seed, worker_setup
 from .workers import WorkerPool
 from .workers.inline import InlinePool
@@ -163,7 +163,7 @@ class DataLoader:
         if self._pin:
             read = pinned(read)
         pool, owns_pool = self._pool(config, base_seed, blocking)
-        return EpochIterator(
+        epoch = Epoch(
             source=source,
             read=read,
             pool=pool,
@@ -173,8 +173,11 @@ class DataLoader:
             in_order=config.in_order,
             timeout=config.timeout,
         )
+        return EpochIterator(epoch)
 
-    def _pool(self, config: LoaderConfig, base_seed: int, blocking: bool) -> tuple[WorkerPool, bool]:
+    def _pool(
+        self, config: LoaderConfig, base_seed: int, blocking: bool
+    ) -> tuple[WorkerPool, bool]:
         """The workers for one epoch, and whether the epoch owns (and so stops) them."""
         if config.num_workers == 0:
             if blocking and config.timeout == 0:

@@ -1,0 +1,55 @@
+"""Shared test datasets and helpers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from torch.utils.data import Dataset
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+class Indexed(Dataset):
+    """Item i is i: the batches say exactly which samples arrived."""
+
+    def __init__(self, n: int, delay: float = 0.0) -> None:
+        self.n = n
+        self.delay = delay
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        self.reads += 1
+        if self.delay:
+            time.sleep(self.delay)
+        return index
+
+
+def aload_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("aload-worker")]
+
+
+def wait_for_no_workers(limit: float = 3.0) -> None:
+    """Worker threads of an abandoned epoch end after their current item; wait for that."""
+    deadline = time.monotonic() + limit
+    while aload_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert aload_threads() == []
+
+
+def flatten(batches: list) -> list[int]:
+    return [int(i) for batch in batches for i in batch]
+
+
+@pytest.fixture(autouse=True)
+def no_worker_thread_outlives_a_test():
+    """Every test must leave no aload worker thread behind (abandoned epochs end promptly)."""
+    yield
+    wait_for_no_workers()

@@ -1,0 +1,124 @@
+"""Arguments are checked as torch checks them, with torch's errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils.data as tud
+from torch.utils.data import BatchSampler, IterableDataset, SequentialSampler, TensorDataset
+
+import aload
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter(range(10))
+
+
+MAP = list(range(10))
+SAMPLER = SequentialSampler(MAP)
+
+SAME_ERRORS_AS_TORCH = [
+    {"dataset": MAP, "num_workers": -1},
+    {"dataset": MAP, "timeout": -1},
+    {"dataset": MAP, "persistent_workers": True},
+    {"dataset": MAP, "shuffle": True, "sampler": SAMPLER},
+    {"dataset": MAP, "batch_sampler": BatchSampler(SAMPLER, 2, False), "batch_size": 4},
+    {"dataset": MAP, "batch_sampler": BatchSampler(SAMPLER, 2, False), "shuffle": True},
+    {"dataset": MAP, "batch_sampler": BatchSampler(SAMPLER, 2, False), "sampler": SAMPLER},
+    {"dataset": MAP, "batch_sampler": BatchSampler(SAMPLER, 2, False), "drop_last": True},
+    {"dataset": MAP, "batch_size": None, "drop_last": True},
+    {"dataset": MAP, "batch_size": 0},
+    {"dataset": Stream(), "shuffle": True},
+    {"dataset": Stream(), "sampler": SAMPLER},
+    {"dataset": Stream(), "batch_sampler": BatchSampler(SAMPLER, 2, False)},
+]
+
+
+@pytest.mark.parametrize("kwargs", SAME_ERRORS_AS_TORCH)
+def test_conflicting_or_bad_arguments_raise_torchs_value_error(kwargs):
+    with pytest.raises(ValueError) as theirs:  # noqa: PT011 - the message is compared below
+        tud.DataLoader(**kwargs)
+    with pytest.raises(ValueError) as ours:  # noqa: PT011
+        aload.DataLoader(**kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"prefetch_factor": 0}, ValueError, "prefetch_factor"),
+        ({"worker_mode": "fibers"}, ValueError, "worker_mode"),
+        ({"num_workers": 2.5}, TypeError, "num_workers"),
+        ({"batch_size": "32"}, TypeError, "batch_size"),
+        ({"timeout": "1"}, TypeError, "timeout"),
+        ({"shuffle": "yes"}, TypeError, "shuffle"),
+        ({"collate_fn": 3}, TypeError, "collate_fn"),
+        ({"worker_init_fn": "init"}, TypeError, "worker_init_fn"),
+        ({"generator": 42}, TypeError, "generator"),
+    ],
+)
+def test_bad_argument_error_names_the_argument(kwargs, error, names):
+    with pytest.raises(error, match=names):
+        aload.DataLoader(MAP, **kwargs)
+
+
+def test_dataset_that_is_neither_map_style_nor_iterable_is_rejected():
+    with pytest.raises(TypeError, match="dataset must be map-style"):
+        aload.DataLoader(42)
+
+
+def test_async_getitem_is_rejected_with_a_clear_error():
+    class Remote:
+        def __len__(self):
+            return 3
+
+        async def __getitem__(self, index):
+            return index
+
+    with pytest.raises(TypeError, match="async __getitem__"):
+        aload.DataLoader(Remote())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 3},
+        {"batch_size": 3, "drop_last": True},
+        {"batch_size": None},
+        {"batch_size": 4, "shuffle": True},
+        {"batch_sampler": BatchSampler(SequentialSampler(range(10)), 4, True)},
+    ],
+)
+def test_len_matches_torch_for_map_style(kwargs):
+    assert len(aload.DataLoader(MAP, **kwargs)) == len(tud.DataLoader(MAP, **kwargs))
+
+
+class SizedStream(IterableDataset):
+    def __iter__(self):
+        return iter(range(10))
+
+    def __len__(self):
+        return 10
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"batch_size": 3}, {"batch_size": 3, "drop_last": True}, {"batch_size": None}]
+)
+def test_len_matches_torch_for_iterable_datasets(kwargs):
+    ds = SizedStream()
+    assert len(aload.DataLoader(ds, **kwargs)) == len(tud.DataLoader(ds, **kwargs))
+
+
+def test_torch_attributes_are_readable_and_cannot_be_changed():
+    ds = TensorDataset(torch.zeros(8, 2))
+    loader = aload.DataLoader(ds, batch_size=4, num_workers=2, drop_last=True)
+    assert (loader.dataset, loader.batch_size, loader.num_workers, loader.drop_last) == (
+        ds,
+        4,
+        2,
+        True,
+    )
+    assert isinstance(loader.batch_sampler, BatchSampler)
+    with pytest.raises(AttributeError):
+        loader.batch_size = 8

@@ -1,0 +1,20 @@
+"""The public surface: everything exported, sorted, and shown as `aload.X`."""
+
+import aload
+
+
+def test_all_is_sorted_and_every_name_exists():
+    assert aload.__all__ == sorted(aload.__all__)
+    for name in aload.__all__:
+        assert hasattr(aload, name), name
+
+
+def test_public_names_exclude_private_modules():
+    public = {name for name in dir(aload) if not name.startswith("_")}
+    modules = {"collate", "loader", "workers"}
+    assert public - modules == set(aload.__all__)
+
+
+def test_classes_report_the_public_module():
+    assert aload.DataLoader.__module__ == "aload"
+    assert aload.WorkerInfo.__module__ == "aload"
