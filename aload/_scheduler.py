@@ -26,7 +26,8 @@ import anyio.lowlevel
 from ._fetch import Abandoned, describe_indices, is_exhausted
 from .workers import WorkerPool
 
-_SKIP = object()
+_WAIT = object()
+_END = object()
 
 
 class _Mailbox:
@@ -162,20 +163,21 @@ class Epoch:
     # -- async -------------------------------------------------------------------------------
 
     async def anext(self) -> Any:
-        await anyio.lowlevel.checkpoint()
+        # A checkpoint in two halves: cancellation is checked before a batch is taken, and
+        # the turn given to other tasks after it is shielded, so no taken batch is lost.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         deadline = None
-        while not self._closed:
-            job = self._take()
-            if job is not None:
-                batch = self._deliver(job)
-                if batch is not _SKIP:
-                    return batch
-            elif self._finished:
-                await self.aclose()
-            else:
-                deadline = deadline or self._deadline()
-                await self._wait_async(deadline)
-        raise StopAsyncIteration
+        waited = False
+        while (batch := self._poll()) is _WAIT:
+            deadline = deadline or self._deadline()
+            await self._wait_async(deadline)
+            waited = True
+        if batch is _END:
+            await self.aclose()
+            raise StopAsyncIteration
+        if not waited:
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+        return batch
 
     async def aclose(self) -> None:
         self.stop()
@@ -210,18 +212,13 @@ class Epoch:
 
     def next(self) -> Any:
         deadline = None
-        while not self._closed:
-            job = self._take()
-            if job is not None:
-                batch = self._deliver(job)
-                if batch is not _SKIP:
-                    return batch
-            elif self._finished:
-                self.close()
-            else:
-                deadline = deadline or self._deadline()
-                self._wait_blocking(deadline)
-        raise StopIteration
+        while (batch := self._poll()) is _WAIT:
+            deadline = deadline or self._deadline()
+            self._wait_blocking(deadline)
+        if batch is _END:
+            self.close()
+            raise StopIteration
+        return batch
 
     def close(self) -> None:
         self.stop()
@@ -256,9 +253,19 @@ class Epoch:
         if self._owns_pool:
             self._pool.shutdown()
 
-    @property
-    def _finished(self) -> bool:
-        return self._source_done and not self._in_flight
+    def _poll(self) -> Any:
+        """The next batch if one is due; else `_WAIT` (workers are on it) or `_END`."""
+        while not self._closed:
+            job = self._take()
+            if job is None:
+                return _END if self._source_done and not self._in_flight else _WAIT
+            if job.error is not None:
+                error, job.error = job.error, None
+                error.add_note(f"aload: raised while loading {job.describe()}")
+                raise error
+            if not is_exhausted(job.value):
+                return job.value
+        return _END
 
     def _take(self) -> _Job | None:
         """Submit what the bound allows, then return the next finished job that is due."""
@@ -297,13 +304,6 @@ class Epoch:
                 self._ready_by_seq[job.seq] = job
             else:
                 self._ready_fifo.append(job)
-
-    def _deliver(self, job: _Job) -> Any:
-        if job.error is not None:
-            error, job.error = job.error, None
-            error.add_note(f"aload: raised while loading {job.describe()}")
-            raise error
-        return _SKIP if is_exhausted(job.value) else job.value
 
     def _deadline(self) -> float | None:
         return time.monotonic() + self._timeout if self._timeout > 0 else None

@@ -36,8 +36,9 @@ class DataLoader:
         sampler: the order of indices (excludes `shuffle`).
         batch_sampler: yields lists of indices (excludes `batch_size`, `shuffle`, `sampler`,
             `drop_last`).
-        num_workers: worker threads; 0 loads one batch at a time, on demand, in the calling
-            thread for `for` and in one helper thread for `async for`.
+        num_workers: worker threads. 0 loads one batch at a time: on demand in the calling
+            thread for `for` (as torch does), in one helper thread for `async for` (the next
+            batch loads while the loop body runs).
         collate_fn: merges samples into a batch; torch's `default_collate` by default.
         pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
         drop_last: drop the last incomplete batch.
@@ -169,7 +170,8 @@ class DataLoader:
             pool=pool,
             owns_pool=owns_pool,
             max_in_flight=config.max_in_flight,
-            prefetch=config.num_workers > 0,
+            # An inline pool loads at submit time: submitting ahead would load before yielding.
+            prefetch=not isinstance(pool, InlinePool),
             in_order=config.in_order,
             timeout=config.timeout,
         )

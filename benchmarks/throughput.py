@@ -1,0 +1,221 @@
+"""aload against torch.utils.data.DataLoader, side by side in one process, on the same data.
+
+Each workload runs every loader `--repeats` times, interleaved (so drift on a shared machine
+hits all of them alike), and reports the median samples/s and aload's ratio to torch.
+
+    python benchmarks/throughput.py                 # all workloads, 5 repeats
+    python benchmarks/throughput.py --repeats 3 --workloads tensor io
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+import torch
+import torch.utils.data as tud
+
+import aload
+
+
+class SleepDataset(tud.Dataset):
+    """An I/O stand-in: each item blocks for `seconds` (a file read, a network fetch)."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        self.n, self.seconds = n, seconds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return torch.full((16,), index, dtype=torch.float32)
+
+
+class NumpyDataset(tud.Dataset):
+    """CPU work that releases the GIL: a sort and two ufuncs over a float32 array per item."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n = n
+        self.base = np.random.default_rng(0).random(size).astype(np.float32)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.sort(self.base * 1.5 + float(index))[:64]
+
+
+def numpy_size_for(seconds: float) -> int:
+    """The array size whose per-item work takes about `seconds` on this machine."""
+    size = 100_000
+    for _ in range(3):
+        ds = NumpyDataset(1, size)
+        started = time.perf_counter()
+        for _ in range(50):
+            ds[0]
+        per_item = (time.perf_counter() - started) / 50
+        size = int(size * seconds / per_item)
+    return size
+
+
+def drain(loader: Any) -> int:
+    return sum(len(batch[0] if isinstance(batch, list) else batch) for batch in loader)
+
+
+def drain_async(loader: Any) -> int:
+    async def run() -> int:
+        count = 0
+        async for batch in loader:
+            count += len(batch[0] if isinstance(batch, list) else batch)
+        return count
+
+    return anyio.run(run)
+
+
+def first_batch_seconds(loader: Any) -> float:
+    started = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    elapsed = time.perf_counter() - started
+    del it
+    return elapsed
+
+
+@dataclass
+class Contender:
+    name: str
+    make: Callable[[], Any]
+    run: Callable[[Any], int] = drain
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    contenders: list[Contender]
+    unit: str = "samples/s"
+
+
+def workloads(numpy_size: int) -> dict[str, Workload]:
+    tensors = tud.TensorDataset(torch.randn(200_000, 64), torch.randint(0, 10, (200_000,)))
+    sleepy = SleepDataset(4096, 0.002)
+    numeric = NumpyDataset(1024, numpy_size)
+    small = tud.TensorDataset(torch.randn(10_000, 64))
+
+    def torch_loader(ds: Any, workers: int, **kw: Any) -> Contender:
+        return Contender(
+            f"torch workers={workers}", lambda: tud.DataLoader(ds, num_workers=workers, **kw)
+        )
+
+    def aload_loaders(ds: Any, workers: int, **kw: Any) -> list[Contender]:
+        def make() -> aload.DataLoader:
+            return aload.DataLoader(ds, num_workers=workers, **kw)
+
+        return [
+            Contender(f"aload workers={workers}, for", make),
+            Contender(f"aload workers={workers}, async for", make, drain_async),
+        ]
+
+    return {
+        "tensor": Workload(
+            "tensor",
+            "TensorDataset 200,000 x 64, batch 256, shuffled",
+            [
+                torch_loader(tensors, 0, batch_size=256, shuffle=True),
+                torch_loader(tensors, 2, batch_size=256, shuffle=True),
+                *aload_loaders(tensors, 0, batch_size=256, shuffle=True),
+                *aload_loaders(tensors, 2, batch_size=256, shuffle=True),
+            ],
+        ),
+        "io": Workload(
+            "io",
+            "2 ms blocking read per item, 4,096 items, batch 32",
+            [torch_loader(sleepy, 8, batch_size=32), *aload_loaders(sleepy, 32, batch_size=32)],
+        ),
+        "numpy": Workload(
+            "numpy",
+            f"~2 ms of numpy work per item (sort of {numpy_size:,} floats), 1,024 items, batch 32",
+            [torch_loader(numeric, 2, batch_size=32), *aload_loaders(numeric, 2, batch_size=32)],
+        ),
+        "startup": Workload(
+            "startup",
+            "time to the first batch of an epoch, batch 256, 2 workers",
+            [
+                Contender(
+                    "torch workers=2",
+                    lambda: tud.DataLoader(small, batch_size=256, num_workers=2),
+                    first_batch_seconds,
+                ),
+                Contender(
+                    "aload workers=2",
+                    lambda: aload.DataLoader(small, batch_size=256, num_workers=2),
+                    first_batch_seconds,
+                ),
+            ],
+            unit="ms to first batch",
+        ),
+    }
+
+
+def measure(workload: Workload, repeats: int) -> dict[str, float]:
+    """Median samples/s (or ms to first batch) per contender, runs interleaved."""
+    results: dict[str, list[float]] = {c.name: [] for c in workload.contenders}
+    for _ in range(repeats):
+        for contender in workload.contenders:
+            loader = contender.make()
+            started = time.perf_counter()
+            outcome = contender.run(loader)
+            elapsed = time.perf_counter() - started
+            if workload.unit == "samples/s":
+                results[contender.name].append(outcome / elapsed)
+            else:
+                results[contender.name].append(outcome * 1000)
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def report(workload: Workload, medians: dict[str, float]) -> str:
+    torch_names = [name for name in medians if name.startswith("torch")]
+    if workload.unit == "samples/s":
+        best_torch = max(medians[name] for name in torch_names)
+    else:
+        best_torch = min(medians[name] for name in torch_names)
+    lines = [f"\n{workload.description}", f"| loader | {workload.unit} | vs best torch |"]
+    lines.append("| --- | ---: | ---: |")
+    for name, value in medians.items():
+        if workload.unit == "samples/s":
+            ratio = value / best_torch
+            shown = f"{value:,.0f}"
+        else:
+            ratio = best_torch / value
+            shown = f"{value:.1f}"
+        lines.append(f"| {name} | {shown} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="runs per loader (median kept)")
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["tensor", "io", "numpy", "startup"],
+        choices=["tensor", "io", "numpy", "startup"],
+    )
+    args = parser.parse_args()
+    size = numpy_size_for(0.002) if "numpy" in args.workloads else 0
+    available = workloads(size)
+    print(f"torch {torch.__version__}, {args.repeats} repeats, medians")
+    for name in args.workloads:
+        workload = available[name]
+        print(report(workload, measure(workload, args.repeats)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
