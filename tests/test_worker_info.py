@@ -60,18 +60,30 @@ def test_each_thread_worker_sees_its_own_info_seeded_as_torch_seeds_workers():
 
 
 def test_seeds_are_reproducible_with_a_generator_and_change_every_epoch():
-    def seeds(loader):
-        return sorted({(int(s["id"]), int(s["seed"])) for s in samples(loader)})
+    def epoch_seeds(loader, record):
+        record.clear()
+        list(loader)
+        return sorted(record)
 
-    first = aload.DataLoader(
-        Reporting(8), batch_size=2, num_workers=2, generator=torch.Generator().manual_seed(1)
-    )
-    again = aload.DataLoader(
-        Reporting(8), batch_size=2, num_workers=2, generator=torch.Generator().manual_seed(1)
-    )
-    epoch1 = seeds(first)
-    assert epoch1 == seeds(again)
-    assert seeds(first) != epoch1
+    def make(record):
+        def init(worker_id):
+            record.append((worker_id, aload.get_worker_info().seed))
+
+        return aload.DataLoader(
+            Indexed(8),
+            batch_size=2,
+            num_workers=2,
+            worker_init_fn=init,
+            generator=torch.Generator().manual_seed(1),
+        )
+
+    first_record, again_record = [], []
+    first, again = make(first_record), make(again_record)
+    epoch1 = epoch_seeds(first, first_record)
+    assert [worker for worker, _ in epoch1] == [0, 1]
+    assert epoch1[1][1] == epoch1[0][1] + 1
+    assert epoch1 == epoch_seeds(again, again_record)
+    assert epoch_seeds(first, first_record) != epoch1
 
 
 def test_worker_generators_are_independent_per_worker():
