@@ -82,6 +82,8 @@ class _Job:
         self.mailbox.post(self)
 
     def fail(self, error: BaseException) -> None:
+        if self.cancelled:
+            return
         self.error = error
         self.mailbox.post(self)
 

@@ -143,11 +143,6 @@ class DataLoader:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        pool = getattr(self, "_persistent_pool", None)
-        if pool is not None:
-            pool.shutdown()
-
     def _epoch(self, blocking: bool) -> EpochIterator:
         config = self._config
         base_seed = draw_base_seed(config.generator)

@@ -243,3 +243,25 @@ def test_without_persistent_workers_each_epoch_starts_fresh_workers():
     assert aload_threads() == []
     list(loader)
     assert sorted(starts) == [0, 0, 1, 1]
+
+
+def test_persistent_loader_used_as_a_temporary_still_finishes_its_epoch():
+    # The loader is freed as soon as `for` has its iterator; its workers must serve the epoch.
+    seen = []
+    for batch in aload.DataLoader(
+        Indexed(40), batch_size=4, num_workers=2, persistent_workers=True
+    ):
+        seen.extend(batch.tolist())
+    assert seen == list(range(40))
+    wait_for_no_workers()
+
+
+def test_closing_a_loader_mid_epoch_fails_queued_batches_instead_of_hanging():
+    loader = aload.DataLoader(
+        Indexed(200, delay=0.002), batch_size=4, num_workers=2, persistent_workers=True
+    )
+    it = iter(loader)
+    next(it)
+    loader.close()
+    with pytest.raises(RuntimeError, match="workers were shut down"):
+        list(it)

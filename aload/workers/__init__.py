@@ -27,7 +27,8 @@ class WorkerPool(Protocol):
         """Queue `job`, on worker `worker` when the pool has one queue per worker."""
 
     def shutdown(self) -> None:
-        """Ask every worker to stop after its current job; does not wait."""
+        """Ask every worker to stop after its current job, failing jobs still queued (and any
+        submitted later); does not wait."""
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until every worker has stopped; True when none is left."""

@@ -2,14 +2,15 @@
 
 aload starts and stops these threads itself rather than borrowing anyio's thread cache, whose
 idle threads linger for seconds after use: when an epoch ends or is abandoned, its threads end
-with it.
+with it. The threads hold only their queue, never the pool, so a pool nobody holds any more
+is collected and stops its threads.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 
 from . import Job
 
@@ -41,22 +42,43 @@ class ThreadPool:
             ]
         else:
             self._queues = [SimpleQueue()] * num_workers
-        self._setup = setup
+        self._lock = threading.Lock()
+        self._closed = False
         self._threads = [
             threading.Thread(
-                target=self._work, args=(i, self._queues[i]), name=f"aload-worker-{i}", daemon=True
+                target=_work, args=(i, queue, setup), name=f"aload-worker-{i}", daemon=True
             )
-            for i in range(num_workers)
+            for i, queue in enumerate(self._queues)
         ]
         for thread in self._threads:
             thread.start()
 
     def submit(self, job: Job, worker: int | None = None) -> None:
-        self._queues[worker or 0].put(job)
+        with self._lock:
+            if not self._closed:
+                self._queues[worker or 0].put(job)
+                return
+        job.fail(_shut_down())
 
     def shutdown(self) -> None:
-        for queue in self._queues:
-            queue.put(_STOP)
+        """Stop every thread after its current job; queued jobs fail rather than vanish."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            queued: list[Job] = []
+            for queue in {id(q): q for q in self._queues}.values():
+                while True:
+                    try:
+                        job = queue.get_nowait()
+                    except Empty:
+                        break
+                    if job is not _STOP:
+                        queued.append(job)
+            for queue in self._queues:
+                queue.put(_STOP)
+        for job in queued:
+            job.fail(_shut_down())
 
     def join(self, timeout: float | None = None) -> bool:
         for thread in self._threads:
@@ -67,15 +89,26 @@ class ThreadPool:
     def alive(self) -> bool:
         return any(thread.is_alive() for thread in self._threads)
 
-    def _work(self, worker_id: int, queue: SimpleQueue[Job | None]) -> None:
-        setup_error: BaseException | None = None
-        if self._setup is not None:
-            try:
-                self._setup(worker_id)
-            except BaseException as error:
-                setup_error = error
-        while (job := queue.get()) is not _STOP:
-            if setup_error is None:
-                job.run()
-            else:
-                job.fail(setup_error)
+    def __del__(self) -> None:
+        if hasattr(self, "_threads"):
+            self.shutdown()
+
+
+def _work(
+    worker_id: int, queue: SimpleQueue[Job | None], setup: Callable[[int], None] | None
+) -> None:
+    setup_error: BaseException | None = None
+    if setup is not None:
+        try:
+            setup(worker_id)
+        except BaseException as error:
+            setup_error = error
+    while (job := queue.get()) is not _STOP:
+        if setup_error is None:
+            job.run()
+        else:
+            job.fail(setup_error)
+
+
+def _shut_down() -> RuntimeError:
+    return RuntimeError("aload workers were shut down (DataLoader.close()) before this batch ran")
