@@ -59,8 +59,9 @@ class LoaderConfig:
 
     @property
     def max_in_flight(self) -> int:
-        """The bound on batches submitted but not yet yielded: workers x prefetch_factor."""
-        return self.num_workers * self.prefetch_factor if self.num_workers else 1
+        """The bound on batches submitted but not yet yielded: workers x prefetch_factor
+        (`num_workers=0` loads in one thread, so as one worker)."""
+        return max(1, self.num_workers) * self.prefetch_factor
 
 
 def resolve_config(

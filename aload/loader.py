@@ -164,8 +164,8 @@ class DataLoader:
             read=read,
             pool=pool,
             owns_pool=owns_pool,
-            max_in_flight=config.max_in_flight,
             # An inline pool loads at submit time: submitting ahead would load before yielding.
+            max_in_flight=1 if isinstance(pool, InlinePool) else config.max_in_flight,
             prefetch=not isinstance(pool, InlinePool),
             in_order=config.in_order,
             timeout=config.timeout,
