@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import (
     BatchSampler,
     IterableDataset,
@@ -20,6 +21,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 from torch.utils.data._utils.collate import default_collate, default_convert
+from torch.utils.data.distributed import DistributedSampler
 
 WORKER_MODES = ("thread",)
 
@@ -39,11 +41,12 @@ class LoaderConfig:
     pin_memory: bool
     timeout: float
     worker_init_fn: Callable[[int], None] | None
-    generator: torch.Generator | None
+    generator: torch.Generator
     prefetch_factor: int
     persistent_workers: bool
     in_order: bool
     worker_mode: str
+    distributed: bool
 
     @property
     def auto_collation(self) -> bool:
@@ -81,8 +84,12 @@ def resolve_config(
     persistent_workers: bool,
     in_order: bool,
     worker_mode: str,
+    distributed: bool = False,
 ) -> LoaderConfig:
     """Check the arguments as `torch.utils.data.DataLoader` does and fill in the defaults.
+
+    Without a `generator`, the loader gets its own, seeded once from torch's global RNG, so
+    that an epoch's shuffle can be replayed when a checkpoint is resumed.
 
     Raises:
         ValueError: for conflicting or out-of-range arguments, with torch's messages.
@@ -120,6 +127,13 @@ def resolve_config(
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
 
     iterable = _is_iterable_style(dataset)
+    if distributed:
+        _check_distributed(iterable, sampler, batch_sampler)
+    # Every rank must shuffle alike: the seed comes from the user's generator, or is torch's 0.
+    distributed_seed = generator.initial_seed() if generator is not None else 0
+    if generator is None:
+        generator = torch.Generator()
+        generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
     if iterable:
         if shuffle not in {False, None}:
             raise ValueError(
@@ -147,6 +161,10 @@ def resolve_config(
                     "with batch_size, shuffle, sampler, and drop_last"
                 )
             batch_size = None
+        if distributed:
+            sampler = DistributedSampler(
+                dataset, shuffle=shuffle, seed=distributed_seed, drop_last=drop_last
+            )
         if sampler is None:
             if shuffle:
                 sampler = RandomSampler(dataset, generator=generator)
@@ -180,7 +198,26 @@ def resolve_config(
         persistent_workers=bool(persistent_workers),
         in_order=bool(in_order),
         worker_mode=worker_mode,
+        distributed=bool(distributed),
     )
+
+
+def _check_distributed(iterable: bool, sampler: object, batch_sampler: object) -> None:
+    if iterable:
+        raise ValueError(
+            "distributed=True shards map-style datasets; an iterable dataset shards itself "
+            "(read torch.distributed.get_rank() in its __iter__)"
+        )
+    if sampler is not None or batch_sampler is not None:
+        raise ValueError(
+            "distributed=True builds its own DistributedSampler: pass either distributed=True "
+            "or a sampler/batch_sampler, not both"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True needs an initialized process group: call "
+            "torch.distributed.init_process_group() before creating the DataLoader"
+        )
 
 
 def _check_int(name: str, value: object) -> None:

@@ -100,6 +100,7 @@ class StreamReader:
     Each worker's iterator is created in that worker's thread on its first job, so the
     dataset's `__iter__` sees that worker's `get_worker_info()`. A one-shot iterator (a
     generator, a file) cannot be copied per worker; its workers take turns under a lock.
+    `skip` fast-forwards each worker's stream by that many batches, when resuming.
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class StreamReader:
         drop_last: bool,
         collate_fn: Callable[[Any], Any],
         num_streams: int,
+        skip: dict[int, int] | None = None,
     ) -> None:
         self._dataset = dataset
         self._batch_size = batch_size
@@ -117,6 +119,7 @@ class StreamReader:
         self._iterators: list[Iterator[Any] | None] = [None] * num_streams
         self._finished = [False] * num_streams
         self._shared_lock = threading.Lock() if isinstance(dataset, Iterator) else None
+        self._skip = skip or {}
 
     def __call__(self, job: JobState) -> Batch:
         worker = job.worker or 0
@@ -125,6 +128,10 @@ class StreamReader:
         iterator = self._iterators[worker]
         if iterator is None:
             iterator = self._iterators[worker] = iter(self._dataset)
+            # Resuming: re-read and drop what this worker delivered before the checkpoint.
+            per_batch = self._batch_size or 1
+            for _ in islice(iterator, self._skip.get(worker, 0) * per_batch):
+                pass
         if self._shared_lock is None:
             return self._next_batch(worker, iterator, job)
         with self._shared_lock:

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from ._checkpoint import Delivered
 from ._fetch import Abandoned, describe_indices, is_exhausted
 from .workers import WorkerPool
 
@@ -94,14 +95,20 @@ class _Job:
 
 
 class IndexBatches:
-    """Job source for map-style datasets: the index sampler's batches, each for any worker."""
+    """Job source for map-style datasets: the index sampler's batches, each for any worker.
 
-    def __init__(self, index_sampler: Iterable[Any]) -> None:
-        self._indices = iter(index_sampler)
+    A batch's seq is its position in the sampler's order; batches already delivered before a
+    checkpoint are skipped.
+    """
 
-    def next(self) -> tuple[Any, int | None] | None:
-        for indices in self._indices:
-            return indices, None
+    def __init__(self, index_sampler: Iterable[Any], delivered: Delivered) -> None:
+        self._batches = enumerate(index_sampler)
+        self._delivered = delivered
+
+    def next(self) -> tuple[int, Any, int | None] | None:
+        for seq, indices in self._batches:
+            if seq not in self._delivered:
+                return seq, indices, None
         return None
 
     def retire(self, worker: int | None) -> None:
@@ -109,22 +116,29 @@ class IndexBatches:
 
 
 class WorkerStreams:
-    """Job source for iterable datasets: the next batch of each live worker, round-robin."""
+    """Job source for iterable datasets: one batch from each worker in turn.
 
-    def __init__(self, num_workers: int) -> None:
-        self._live = list(range(num_workers))
-        self._turn = 0
+    Turns cycle over the worker ids in a fixed order, skipping workers whose stream has
+    ended, so the order of batches does not depend on when an end is noticed.
+    """
 
-    def next(self) -> tuple[Any, int | None] | None:
-        if not self._live:
-            return None
-        worker = self._live[self._turn % len(self._live)]
-        self._turn += 1
-        return None, worker
+    def __init__(self, num_workers: int, first_turn: int = 0) -> None:
+        self._num_workers = num_workers
+        self._live = set(range(num_workers))
+        self._turn = first_turn
+        self._seq = 0
+
+    def next(self) -> tuple[int, Any, int | None] | None:
+        while self._live:
+            worker = self._turn % self._num_workers
+            self._turn += 1
+            if worker in self._live:
+                self._seq += 1
+                return self._seq - 1, None, worker
+        return None
 
     def retire(self, worker: int | None) -> None:
-        if worker in self._live:
-            self._live.remove(worker)
+        self._live.discard(worker or 0)
 
 
 JobSource = IndexBatches | WorkerStreams
@@ -144,8 +158,10 @@ class Epoch:
         prefetch: bool,
         in_order: bool,
         timeout: float,
+        delivered: Delivered,
     ) -> None:
         self._source = source
+        self._delivered = delivered
         self._read = read
         self._pool = pool
         self._owns_pool = owns_pool
@@ -158,7 +174,6 @@ class Epoch:
         self._ready_by_seq: dict[int, _Job] = {}
         self._ready_fifo: deque[_Job] = deque()
         self._next_seq = 0
-        self._submitted = 0
         self._source_done = False
         self._closed = False
 
@@ -260,13 +275,18 @@ class Epoch:
         while not self._closed:
             job = self._take()
             if job is None:
-                return _END if self._source_done and not self._in_flight else _WAIT
+                if self._source_done and not self._in_flight:
+                    self._delivered.complete = True
+                    return _END
+                return _WAIT
             if job.error is not None:
                 error, job.error = job.error, None
                 error.add_note(f"aload: raised while loading {job.describe()}")
                 raise error
-            if not is_exhausted(job.value):
-                return job.value
+            batch = job.value
+            self._delivered.add(job.seq, job.worker, counted=not is_exhausted(batch))
+            if not is_exhausted(batch):
+                return batch
         return _END
 
     def _take(self) -> _Job | None:
@@ -274,6 +294,8 @@ class Epoch:
         self._fill()
         self._collect()
         if self._in_order:
+            while self._next_seq in self._delivered:
+                self._next_seq += 1
             job = self._ready_by_seq.pop(self._next_seq, None)
             if job is not None:
                 self._next_seq += 1
@@ -291,8 +313,7 @@ class Epoch:
             if spec is None:
                 self._source_done = True
                 return
-            job = _Job(self._submitted, spec[0], spec[1], self._read, self._mailbox)
-            self._submitted += 1
+            job = _Job(*spec, self._read, self._mailbox)
             self._in_flight[job.seq] = job
             self._pool.submit(job, job.worker)
 

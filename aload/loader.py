@@ -9,6 +9,14 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from ._checkpoint import (
+    FORMAT,
+    Delivered,
+    capture_start,
+    check_resumable,
+    fingerprint,
+    restore_start,
+)
 from ._config import LoaderConfig, resolve_config
 from ._cuda import pinned, pinning_enabled
 from ._fetch import StreamReader, map_reader
@@ -44,12 +52,19 @@ class DataLoader:
         drop_last: drop the last incomplete batch.
         timeout: seconds to wait for a batch before `TimeoutError` (0 waits forever).
         worker_init_fn: called with the worker id once in each worker, before it loads.
-        generator: seeds the shuffle and the workers' seeds, for reproducible epochs.
+        generator: seeds the shuffle and the workers' seeds, for reproducible epochs. Without
+            one, the loader makes its own, seeded from torch's global RNG.
         prefetch_factor: batches in flight per worker.
         persistent_workers: keep the workers between epochs (until `close()`).
         in_order: yield batches in sampler order; False yields them as they finish, so one slow
             batch does not hold back the others.
         worker_mode: how workers run: "thread".
+        distributed: shard the dataset over the ranks of the initialized `torch.distributed`
+            process group with a `DistributedSampler` (padding, or dropping with `drop_last`,
+            so that every rank gets as many batches); the loader calls its `set_epoch`.
+
+    `state_dict()` at any point of an epoch, and `load_state_dict()` on a fresh loader with the
+    same arguments, resume with exactly the batches not yet yielded, in the same order.
     """
 
     def __init__(
@@ -71,6 +86,7 @@ class DataLoader:
         persistent_workers: bool = False,
         in_order: bool = True,
         worker_mode: str = "thread",
+        distributed: bool = False,
     ) -> None:
         self._config = resolve_config(
             dataset,
@@ -89,9 +105,13 @@ class DataLoader:
             persistent_workers=persistent_workers,
             in_order=in_order,
             worker_mode=worker_mode,
+            distributed=distributed,
         )
         self._pin = pinning_enabled(self._config.pin_memory)
         self._persistent_pool: WorkerPool | None = None
+        self._next_epoch = 0
+        self._progress: tuple[dict[str, Any], Delivered] | None = None
+        self._resume: dict[str, Any] | None = None
 
     # torch's attributes, read-only: changing them mid-training is an error in torch too.
     dataset = property(lambda self: self._config.dataset)
@@ -109,6 +129,7 @@ class DataLoader:
     persistent_workers = property(lambda self: self._config.persistent_workers)
     in_order = property(lambda self: self._config.in_order)
     worker_mode = property(lambda self: self._config.worker_mode)
+    distributed = property(lambda self: self._config.distributed)
 
     def __len__(self) -> int:
         """Batches per epoch, as torch counts them (for an iterable, from `len(dataset)`)."""
@@ -130,6 +151,37 @@ class DataLoader:
         """Start an epoch for a plain `for` loop, as torch's DataLoader does."""
         return self._epoch(blocking=True)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands: the current epoch's start and the batches yielded so far.
+
+        Counts batches yielded to the consumer, not those prefetched. A small picklable dict:
+        save it with `torch.save` beside the model. Between epochs, it describes the next one.
+        """
+        if self._resume is not None:
+            return self._resume
+        if self._progress is not None and not self._progress[1].complete:
+            start, delivered = self._progress
+        else:
+            start, delivered = capture_start(self._config, self._next_epoch), Delivered()
+        return {
+            "format": FORMAT,
+            "fingerprint": fingerprint(self._config),
+            "start": start,
+            "delivered": delivered.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()`: the next epoch started continues where it left off.
+
+        Raises:
+            ValueError: when the state was saved by a loader with another dataset length or
+                other arguments, or cannot be replayed.
+        """
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError("state must be a dict returned by aload's DataLoader.state_dict()")
+        check_resumable(state, self._config)
+        self._resume = state
+
     def close(self) -> None:
         """Stop persistent workers and wait for them to end; the loader can start again."""
         pool, self._persistent_pool = self._persistent_pool, None
@@ -145,16 +197,22 @@ class DataLoader:
 
     def _epoch(self, blocking: bool) -> EpochIterator:
         config = self._config
+        delivered = self._start_epoch()
         base_seed = draw_base_seed(config.generator)
         streams = max(1, config.num_workers)
         read: Callable[[Any], Any]
         if config.iterable:
-            source: IndexBatches | WorkerStreams = WorkerStreams(streams)
+            source: IndexBatches | WorkerStreams = WorkerStreams(streams, delivered.next_turn)
             read = StreamReader(
-                config.dataset, config.batch_size, config.drop_last, config.collate_fn, streams
+                config.dataset,
+                config.batch_size,
+                config.drop_last,
+                config.collate_fn,
+                streams,
+                skip=dict(delivered.per_worker),
             )
         else:
-            source = IndexBatches(config.index_sampler)  # type: ignore[arg-type]
+            source = IndexBatches(config.index_sampler, delivered)  # type: ignore[arg-type]
             read = map_reader(config.dataset, config.collate_fn, config.auto_collation)
         if self._pin:
             read = pinned(read)
@@ -169,8 +227,25 @@ class DataLoader:
             prefetch=not isinstance(pool, InlinePool),
             in_order=config.in_order,
             timeout=config.timeout,
+            delivered=delivered,
         )
         return EpochIterator(epoch)
+
+    def _start_epoch(self) -> Delivered:
+        """Begin the next epoch, or replay the one a loaded state describes."""
+        config = self._config
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            start = state["start"]
+            restore_start(config, start)
+            delivered = Delivered.from_dict(state["delivered"], streams=config.iterable)
+        else:
+            start, delivered = capture_start(config, self._next_epoch), Delivered()
+        self._next_epoch = start["epoch"] + 1
+        if config.distributed:
+            config.sampler.set_epoch(start["epoch"])  # type: ignore[union-attr]
+        self._progress = (start, delivered)
+        return delivered
 
     def _pool(
         self, config: LoaderConfig, base_seed: int, blocking: bool

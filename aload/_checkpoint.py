@@ -1,0 +1,155 @@
+"""Checkpoints: replay an epoch from its start and skip the batches already delivered.
+
+An epoch's batches are decided before its first batch: by the generators' states, the
+samplers' own state, the dataset's own state (iterable datasets) and the epoch number. A
+checkpoint holds that start and which batches reached the consumer, counted when they are
+yielded (never when prefetched). Resuming restores the start and skips the delivered batches,
+so head + resumed tail is exactly one uninterrupted epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._config import LoaderConfig
+
+FORMAT = 1
+
+
+@dataclass
+class Delivered:
+    """Which batches of an epoch reached the consumer.
+
+    Map-style batches are named by their position in the sampler's order: every position
+    below `prefix`, plus those in `beyond` (batches that finished out of order). Iterable
+    datasets count per worker stream, since each worker reads its own stream in order, and
+    `next_turn` says which worker's stream comes next.
+    """
+
+    prefix: int = 0
+    beyond: set[int] = field(default_factory=set)
+    per_worker: dict[int, int] = field(default_factory=dict)
+    next_turn: int = 0
+    complete: bool = False
+
+    def add(self, seq: int, worker: int | None, counted: bool) -> None:
+        """Record batch `seq` as yielded (`counted`: it held samples, not an empty stream)."""
+        self.beyond.add(seq)
+        while self.prefix in self.beyond:
+            self.beyond.remove(self.prefix)
+            self.prefix += 1
+        if worker is not None:
+            self.next_turn = worker + 1
+            if counted:
+                self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
+
+    def __contains__(self, seq: int) -> bool:
+        return seq < self.prefix or seq in self.beyond
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "beyond": sorted(self.beyond),
+            "per_worker": dict(self.per_worker),
+            "next_turn": self.next_turn,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], *, streams: bool) -> Delivered:
+        """Restore; for streams only the per-worker counts carry over (batch numbers restart)."""
+        per_worker = {int(k): v for k, v in state["per_worker"].items()}
+        if streams:
+            return cls(per_worker=per_worker, next_turn=state["next_turn"])
+        return cls(state["prefix"], set(state["beyond"]))
+
+
+def _samplers(config: LoaderConfig) -> Iterator[Any]:
+    """The sampler objects whose state decides the order, outermost first, each once."""
+    seen: set[int] = set()
+    for candidate in (
+        config.batch_sampler,
+        getattr(config.batch_sampler, "sampler", None),
+        config.sampler,
+    ):
+        if candidate is not None and id(candidate) not in seen:
+            seen.add(id(candidate))
+            yield candidate
+
+
+def capture_start(config: LoaderConfig, epoch: int) -> dict[str, Any]:
+    """Snapshot what decides the batches of the epoch about to start."""
+    samplers = []
+    for sampler in _samplers(config):
+        if hasattr(sampler, "state_dict") and hasattr(sampler, "load_state_dict"):
+            samplers.append({"state_dict": sampler.state_dict()})
+        elif isinstance(getattr(sampler, "generator", None), torch.Generator):
+            samplers.append({"generator": sampler.generator.get_state()})
+        elif hasattr(sampler, "generator"):
+            samplers.append({"unreplayable": type(sampler).__name__})
+        else:
+            samplers.append({})
+    dataset = config.dataset
+    dataset_state = (
+        dataset.state_dict() if config.iterable and hasattr(dataset, "state_dict") else None
+    )
+    return {
+        "epoch": epoch,
+        "generator": config.generator.get_state(),
+        "samplers": samplers,
+        "dataset": dataset_state,
+    }
+
+
+def restore_start(config: LoaderConfig, start: dict[str, Any]) -> None:
+    """Put the generators, samplers and dataset back as they were when the epoch started."""
+    config.generator.set_state(start["generator"])
+    for sampler, saved in zip(_samplers(config), start["samplers"], strict=True):
+        if "state_dict" in saved:
+            sampler.load_state_dict(saved["state_dict"])
+        elif "generator" in saved:
+            sampler.generator.set_state(saved["generator"])
+    if start["dataset"] is not None:
+        config.dataset.load_state_dict(start["dataset"])
+
+
+def fingerprint(config: LoaderConfig) -> dict[str, Any]:
+    """What a state must agree with to describe this loader's epochs."""
+    index_sampler = config.index_sampler
+    sampler = config.sampler
+    return {
+        "dataset_length": None if config.iterable else len(config.dataset),
+        "batch_size": config.batch_size,
+        "drop_last": config.drop_last,
+        "sampler": None if sampler is None else type(sampler).__name__,
+        "batches_per_epoch": _length(index_sampler),
+        "stream_workers": max(1, config.num_workers) if config.iterable else None,
+        "replicas": [getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)],
+    }
+
+
+def check_resumable(state: dict[str, Any], config: LoaderConfig) -> None:
+    """Raise ValueError if `state` was saved by a loader of other settings, or cannot replay."""
+    saved = state["fingerprint"]
+    for key, value in fingerprint(config).items():
+        if saved.get(key) != value:
+            raise ValueError(
+                f"cannot resume: the state was saved with {key}={saved.get(key)!r}, "
+                f"but this DataLoader has {key}={value!r}"
+            )
+    for sampler in state["start"]["samplers"]:
+        if "unreplayable" in sampler:
+            raise ValueError(
+                f"cannot resume: the {sampler['unreplayable']} draws from torch's global random "
+                "generator, so its order cannot be replayed; give it a generator="
+            )
+
+
+def _length(sized: Any) -> int | None:
+    try:
+        return len(sized)
+    except TypeError:
+        return None
