@@ -24,3 +24,34 @@ def test_linear_regression_prints_a_falling_loss_every_epoch(flags):
     losses = [float(x) for x in re.findall(r"epoch \d+: loss ([\d.]+)", result.stdout)]
     assert len(losses) == 4
     assert losses[-1] < losses[0] / 10
+
+
+def torchrun(*args: str, cwd: Path) -> str:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            str(EXAMPLES / "ddp_train.py"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=cwd,
+    )
+    return result.stdout
+
+
+@pytest.mark.timeout(240)
+def test_ddp_example_resumes_a_preempted_epoch_on_every_rank(tmp_path):
+    stopped = torchrun("--stop-after", "5", cwd=tmp_path)
+    assert stopped.count("preempted after 5 steps") == 2
+    resumed = torchrun("--resume", "--epochs", "2", cwd=tmp_path)
+    # 4096 samples over 2 ranks is 2048 each; 5 steps of 32 were done before the stop.
+    for rank in (0, 1):
+        assert f"rank {rank}: epoch 1 loss" in resumed
+        assert re.search(rf"rank {rank}: epoch 1 loss [\d.]+ over 1888 samples", resumed)
+        assert re.search(rf"rank {rank}: epoch 2 loss [\d.]+ over 2048 samples", resumed)
