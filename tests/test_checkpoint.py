@@ -11,7 +11,13 @@ import torch
 from conftest import Indexed
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import IterableDataset, RandomSampler, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    WeightedRandomSampler,
+)
 
 import aload
 
@@ -277,3 +283,29 @@ def test_out_of_order_head_resumes_with_exactly_the_missing_batches():
     resumed.load_state_dict(state)
     tail = as_lists(resumed)
     assert sorted(head + tail) == in_sampler_order
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        lambda ds, g: {"batch_sampler": BatchSampler(RandomSampler(ds, generator=g), 3, False)},
+        lambda ds, g: {
+            "batch_size": 3,
+            "sampler": WeightedRandomSampler([1.0] * 10 + [5.0] * 20, 40, generator=g),
+        },
+    ],
+    ids=["batch_sampler", "weighted"],
+)
+def test_user_samplers_with_a_generator_resume_exactly(sampling):
+    def make():
+        ds = Indexed(30)
+        return aload.DataLoader(ds, num_workers=2, **sampling(ds, torch.Generator().manual_seed(4)))
+
+    loader = make()
+    list(loader)
+    head, state = head_and_state(loader, 4)
+    reference = make()
+    list(reference)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + as_lists(resumed) == as_lists(reference)
