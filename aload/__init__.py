@@ -1,5 +1,7 @@
 """aload: an async-first data loader for PyTorch."""
 
+from ._retry import Retry as Retry
+from ._stats import LoaderStats as LoaderStats
 from ._worker_info import WorkerInfo as WorkerInfo
 from ._worker_info import get_worker_info as get_worker_info
 from .collate import Padded as Padded
@@ -10,7 +12,9 @@ from .loader import DataLoader as DataLoader
 
 __all__ = [
     "DataLoader",
+    "LoaderStats",
     "Padded",
+    "Retry",
     "WorkerInfo",
     "default_collate",
     "default_convert",
@@ -18,6 +22,14 @@ __all__ = [
     "pad_collate",
 ]
 
-for _name in ("DataLoader", "Padded", "WorkerInfo", "get_worker_info", "pad_collate"):
+for _name in (
+    "DataLoader",
+    "LoaderStats",
+    "Padded",
+    "Retry",
+    "WorkerInfo",
+    "get_worker_info",
+    "pad_collate",
+):
     globals()[_name].__module__ = __name__
 del _name

@@ -126,7 +126,7 @@ def fingerprint(config: LoaderConfig) -> dict[str, Any]:
         "drop_last": config.drop_last,
         "sampler": None if sampler is None else type(sampler).__name__,
         "batches_per_epoch": _length(index_sampler),
-        "stream_workers": max(1, config.num_workers) if config.iterable else None,
+        "stream_workers": config.stream_count if config.iterable else None,
         "replicas": [getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)],
     }
 

@@ -6,7 +6,7 @@ from a `LoaderConfig`, so a running epoch never sees an argument that was not va
 
 from __future__ import annotations
 
-import inspect
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,9 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate, default_convert
 from torch.utils.data.distributed import DistributedSampler
+
+from ._async_fetch import is_async_map_style
+from ._retry import NO_RETRY, Retry
 
 WORKER_MODES = ("thread",)
 
@@ -47,6 +50,11 @@ class LoaderConfig:
     in_order: bool
     worker_mode: str
     distributed: bool
+    transform: Callable[[Any], Any] | None
+    retry: Retry
+    max_skipped: int
+    max_concurrency: int
+    asynchronous: bool
 
     @property
     def auto_collation(self) -> bool:
@@ -61,10 +69,19 @@ class LoaderConfig:
         return self.batch_sampler if self.auto_collation else self.sampler
 
     @property
+    def stream_count(self) -> int:
+        """Iterable datasets: how many streams are read (one per worker; an async one: one)."""
+        return 1 if self.asynchronous else max(1, self.num_workers)
+
+    @property
     def max_in_flight(self) -> int:
         """The bound on batches submitted but not yet yielded: workers x prefetch_factor
-        (`num_workers=0` loads in one thread, so as one worker)."""
-        return max(1, self.num_workers) * self.prefetch_factor
+        (`num_workers=0` loads in one thread, so as one worker). An async dataset keeps enough
+        batches in flight to give `max_concurrency` item reads work, times prefetch_factor."""
+        slots = max(1, self.num_workers)
+        if self.asynchronous:
+            slots = max(slots, math.ceil(self.max_concurrency / (self.batch_size or 1)))
+        return slots * self.prefetch_factor
 
 
 def resolve_config(
@@ -85,6 +102,10 @@ def resolve_config(
     in_order: bool,
     worker_mode: str,
     distributed: bool = False,
+    transform: Callable[[Any], Any] | None = None,
+    retry: Retry | None = None,
+    max_skipped: int = 0,
+    max_concurrency: int = 64,
 ) -> LoaderConfig:
     """Check the arguments as `torch.utils.data.DataLoader` does and fill in the defaults.
 
@@ -122,9 +143,21 @@ def resolve_config(
         raise TypeError(f"shuffle must be True, False or None, got {shuffle!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    for name, fn in (("collate_fn", collate_fn), ("worker_init_fn", worker_init_fn)):
+    for name, fn in (
+        ("collate_fn", collate_fn),
+        ("worker_init_fn", worker_init_fn),
+        ("transform", transform),
+    ):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    if retry is not None and not isinstance(retry, Retry):
+        raise TypeError(f"retry must be an aload.Retry, got {type(retry).__name__}")
+    _check_int("max_skipped", max_skipped)
+    if max_skipped < 0:
+        raise ValueError(f"max_skipped should be non-negative, got {max_skipped}")
+    _check_int("max_concurrency", max_concurrency)
+    if max_concurrency < 1:
+        raise ValueError(f"max_concurrency should be positive, got {max_concurrency}")
 
     iterable = _is_iterable_style(dataset)
     if distributed:
@@ -199,6 +232,11 @@ def resolve_config(
         in_order=bool(in_order),
         worker_mode=worker_mode,
         distributed=bool(distributed),
+        transform=transform,
+        retry=retry or NO_RETRY,
+        max_skipped=max_skipped,
+        max_concurrency=max_concurrency,
+        asynchronous=is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__")),
     )
 
 
@@ -226,20 +264,15 @@ def _check_int(name: str, value: object) -> None:
 
 
 def _is_iterable_style(dataset: object) -> bool:
-    """Map-style needs `__len__` and `__getitem__`; anything else that iterates is a stream."""
+    """Map-style needs `__len__` and `__getitem__`; anything else that iterates (or iterates
+    asynchronously) is a stream."""
     if isinstance(dataset, IterableDataset):
         return True
-    getitem = getattr(type(dataset), "__getitem__", None)
-    if getitem is not None and hasattr(type(dataset), "__len__"):
-        if inspect.iscoroutinefunction(getitem):
-            raise TypeError(
-                f"dataset {type(dataset).__name__} has an async __getitem__, which this "
-                "DataLoader does not run yet; make __getitem__ a plain function"
-            )
+    if hasattr(type(dataset), "__getitem__") and hasattr(type(dataset), "__len__"):
         return False
-    if hasattr(dataset, "__iter__"):
+    if hasattr(dataset, "__iter__") or hasattr(dataset, "__aiter__"):
         return True
     raise TypeError(
-        "dataset must be map-style (with __len__ and __getitem__) or iterable (with __iter__), "
-        f"got {type(dataset).__name__}"
+        "dataset must be map-style (with __len__ and __getitem__, plain or async) or iterable "
+        f"(with __iter__ or __aiter__), got {type(dataset).__name__}"
     )

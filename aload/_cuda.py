@@ -7,7 +7,6 @@ other workers instead of in one extra thread on the hot path.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ def pinning_enabled(requested: bool) -> bool:
     return requested
 
 
-def pinned(read: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Wrap a batch reader so that its batches come back in pinned memory (nested structures,
-    and any type with a `pin_memory()` method, as torch pins them)."""
-    return lambda job: _pin_nested(read(job))
+def pin_batch(batch: Any) -> Any:
+    """The batch in pinned memory (nested structures, and any type with a `pin_memory()`
+    method, as torch pins them)."""
+    return _pin_nested(batch)

@@ -1,21 +1,23 @@
-"""What a worker does for one job: read the samples of one batch and collate them.
+"""What a worker does for one job of a map-style dataset: read one batch and finish it.
 
-Map-style datasets get the cheapest read that gives the same batch as torch: one indexing
-operation per tensor for in-memory tensors and arrays, `__getitems__` where the dataset has it,
-`__getitem__` per index otherwise. Iterable datasets get one iterator per worker, batched.
+The cheapest read that gives the same batch as torch: one indexing operation per tensor for
+in-memory tensors and arrays, `__getitems__` where the dataset has it, `__getitem__` per index
+otherwise (retried, or skipped within the failure budget, as the loader was told).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from itertools import islice
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
+
+from ._cuda import pin_batch
+from ._retry import Reads
 
 Batch = Any
 Gather = Callable[[torch.Tensor], Any]
@@ -33,26 +35,67 @@ class JobState(Protocol):
     cancelled: bool
 
 
+class Finish:
+    """What follows the reads of a batch, on the same worker: transform each sample, collate,
+    pin. Kept in one place so every kind of reader ends a batch the same way."""
+
+    def __init__(
+        self,
+        collate_fn: Callable[[Any], Any],
+        transform: Callable[[Any], Any] | None,
+        pin: bool,
+    ) -> None:
+        self.collate_fn = collate_fn
+        self.transform = transform
+        self.pin = pin
+
+    def samples(self, samples: list[Any]) -> Batch:
+        """A batch from its samples."""
+        if self.transform is not None:
+            samples = [self.transform(sample) for sample in samples]
+        return self.batch(self.collate_fn(samples))
+
+    def sample(self, sample: Any) -> Batch:
+        """A single sample, when batching is off (`batch_size=None`)."""
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return self.batch(self.collate_fn(sample))
+
+    def batch(self, batch: Batch) -> Batch:
+        """A batch that is already collated."""
+        return pin_batch(batch) if self.pin else batch
+
+
 def map_reader(
-    dataset: Any, collate_fn: Callable[[Any], Any], auto_collation: bool
+    dataset: Any, finish: Finish, *, batched: bool, reads: Reads
 ) -> Callable[[JobState], Batch]:
-    """Return the function that turns one job's indices into one collated batch."""
-    if not auto_collation:
-        return lambda job: collate_fn(dataset[job.indices])
-    gather = vectorized_gather(dataset) if collate_fn is default_collate else None
+    """Return the function that turns one job's indices into one finished batch."""
+    read = (
+        dataset.__getitem__
+        if reads.retry.attempts == 1
+        else partial(reads.read, dataset.__getitem__)
+    )
+    if not batched:
+        return lambda job: finish.sample(read(job.indices))
+    plain = finish.collate_fn is default_collate and finish.transform is None
+    gather = vectorized_gather(dataset) if plain else None
     if gather is not None:
-        return lambda job: gather(torch.as_tensor(job.indices, dtype=torch.long))
+        return lambda job: finish.batch(gather(torch.as_tensor(job.indices, dtype=torch.long)))
     getitems = getattr(dataset, "__getitems__", None)
     if getitems:
-        return lambda job: collate_fn(getitems(job.indices))
+        return lambda job: finish.samples(reads.read(getitems, job.indices))
 
     def read_each(job: JobState) -> Batch:
         samples = []
         for index in job.indices:
             if job.cancelled:
                 raise Abandoned
-            samples.append(dataset[index])
-        return collate_fn(samples)
+            try:
+                samples.append(read(index))
+            except Exception as error:
+                if not reads.may_skip(index, error):
+                    raise
+        return finish.samples(samples)
 
     return read_each
 
@@ -86,74 +129,13 @@ def vectorized_gather(dataset: Any) -> Gather | None:
     return None
 
 
-_EXHAUSTED = object()
+EXHAUSTED: Any = object()
+"""What a stream reader returns when its worker's stream has no batch left."""
 
 
 def is_exhausted(batch: Batch) -> bool:
     """Whether a worker's stream had no batch left to give."""
-    return batch is _EXHAUSTED
-
-
-class StreamReader:
-    """One epoch of an iterable dataset: each worker reads its own iterator, in batches.
-
-    Each worker's iterator is created in that worker's thread on its first job, so the
-    dataset's `__iter__` sees that worker's `get_worker_info()`. A one-shot iterator (a
-    generator, a file) cannot be copied per worker; its workers take turns under a lock.
-    `skip` fast-forwards each worker's stream by that many batches, when resuming.
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        batch_size: int | None,
-        drop_last: bool,
-        collate_fn: Callable[[Any], Any],
-        num_streams: int,
-        skip: dict[int, int] | None = None,
-    ) -> None:
-        self._dataset = dataset
-        self._batch_size = batch_size
-        self._drop_last = drop_last
-        self._collate_fn = collate_fn
-        self._iterators: list[Iterator[Any] | None] = [None] * num_streams
-        self._finished = [False] * num_streams
-        self._shared_lock = threading.Lock() if isinstance(dataset, Iterator) else None
-        self._skip = skip or {}
-
-    def __call__(self, job: JobState) -> Batch:
-        worker = job.worker or 0
-        if self._finished[worker]:
-            return _EXHAUSTED
-        iterator = self._iterators[worker]
-        if iterator is None:
-            iterator = self._iterators[worker] = iter(self._dataset)
-            # Resuming: re-read and drop what this worker delivered before the checkpoint.
-            per_batch = self._batch_size or 1
-            for _ in islice(iterator, self._skip.get(worker, 0) * per_batch):
-                pass
-        if self._shared_lock is None:
-            return self._next_batch(worker, iterator, job)
-        with self._shared_lock:
-            return self._next_batch(worker, iterator, job)
-
-    def _next_batch(self, worker: int, iterator: Iterator[Any], job: JobState) -> Batch:
-        if self._batch_size is None:
-            for sample in islice(iterator, 1):
-                return self._collate_fn(sample)
-            self._finished[worker] = True
-            return _EXHAUSTED
-        samples = []
-        for sample in iterator:
-            samples.append(sample)
-            if len(samples) == self._batch_size:
-                return self._collate_fn(samples)
-            if job.cancelled:
-                raise Abandoned
-        self._finished[worker] = True
-        if not samples or self._drop_last:
-            return _EXHAUSTED
-        return self._collate_fn(samples)
+    return batch is EXHAUSTED
 
 
 def describe_indices(indices: Sequence[Any] | Any, limit: int = 16) -> str:

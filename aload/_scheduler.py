@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+from anyio import RunFinishedError
 
 from ._checkpoint import Delivered
 from ._fetch import Abandoned, describe_indices, is_exhausted
@@ -76,6 +77,20 @@ class _Job:
             return
         try:
             self.value = self.read(self)
+        except Abandoned:
+            return
+        except BaseException as error:
+            self.error = error
+        self.mailbox.post(self)
+
+    async def arun(self) -> None:
+        """`run`, for a job whose read is a coroutine (async datasets, on aload's loop)."""
+        if self.cancelled:
+            return
+        try:
+            self.value = await self.read(self)
+        except anyio.get_cancelled_exc_class():
+            raise
         except Abandoned:
             return
         except BaseException as error:
@@ -208,7 +223,7 @@ class Epoch:
         arrived = anyio.Event()
 
         def wake() -> None:
-            with contextlib.suppress(anyio.RunFinishedError):  # the loop is gone: nobody waits
+            with contextlib.suppress(RunFinishedError):  # the loop is gone: nobody waits
                 token.backend_class.run_sync_soon(arrived.set, (), token.native_token)
 
         self._mailbox.waiter = wake

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from ._async_fetch import AsyncMapReader, AsyncStreamReader
 from ._checkpoint import (
     FORMAT,
     Delivered,
@@ -18,12 +19,16 @@ from ._checkpoint import (
     restore_start,
 )
 from ._config import LoaderConfig, resolve_config
-from ._cuda import pinned, pinning_enabled
-from ._fetch import StreamReader, map_reader
-from ._scheduler import Epoch, EpochIterator, IndexBatches, WorkerStreams
+from ._cuda import pinning_enabled
+from ._fetch import Finish, map_reader
+from ._retry import Reads, Retry
+from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
+from ._stats import LoaderStats, StatsKeeper
+from ._stream import StreamReader
 from ._worker_info import draw_base_seed, worker_setup
 from .workers import WorkerPool
 from .workers.inline import InlinePool
+from .workers.loop import LoopPool
 from .workers.thread import ThreadPool
 
 
@@ -62,6 +67,14 @@ class DataLoader:
         distributed: shard the dataset over the ranks of the initialized `torch.distributed`
             process group with a `DistributedSampler` (padding, or dropping with `drop_last`,
             so that every rank gets as many batches); the loader calls its `set_epoch`.
+        transform: called on each sample by the workers, after it is read and before collate
+            (for an async dataset: after the await, on a CPU worker, off the event loop).
+        retry: an `aload.Retry` saying how often to re-read a sample that raised a transient
+            error; by default a failed read raises at once.
+        max_skipped: how many samples per epoch may be dropped from their batch when they
+            still fail after retries; each is logged and counted in `stats`. 0 raises instead.
+        max_concurrency: for a dataset whose `__getitem__` is a coroutine function: how many
+            item reads may be in flight at once, across batches, on aload's event loop.
 
     `state_dict()` at any point of an epoch, and `load_state_dict()` on a fresh loader with the
     same arguments, resume with exactly the batches not yet yielded, in the same order.
@@ -87,6 +100,10 @@ class DataLoader:
         in_order: bool = True,
         worker_mode: str = "thread",
         distributed: bool = False,
+        transform: Callable[[Any], Any] | None = None,
+        retry: Retry | None = None,
+        max_skipped: int = 0,
+        max_concurrency: int = 64,
     ) -> None:
         self._config = resolve_config(
             dataset,
@@ -106,12 +123,17 @@ class DataLoader:
             in_order=in_order,
             worker_mode=worker_mode,
             distributed=distributed,
+            transform=transform,
+            retry=retry,
+            max_skipped=max_skipped,
+            max_concurrency=max_concurrency,
         )
         self._pin = pinning_enabled(self._config.pin_memory)
         self._persistent_pool: WorkerPool | None = None
         self._next_epoch = 0
         self._progress: tuple[dict[str, Any], Delivered] | None = None
         self._resume: dict[str, Any] | None = None
+        self._stats = StatsKeeper()
 
     # torch's attributes, read-only: changing them mid-training is an error in torch too.
     dataset = property(lambda self: self._config.dataset)
@@ -130,6 +152,15 @@ class DataLoader:
     in_order = property(lambda self: self._config.in_order)
     worker_mode = property(lambda self: self._config.worker_mode)
     distributed = property(lambda self: self._config.distributed)
+    transform = property(lambda self: self._config.transform)
+    retry = property(lambda self: self._config.retry)
+    max_skipped = property(lambda self: self._config.max_skipped)
+    max_concurrency = property(lambda self: self._config.max_concurrency)
+
+    @property
+    def stats(self) -> LoaderStats:
+        """Counters over the loader's life: reads retried, samples skipped (and which)."""
+        return self._stats.snapshot()
 
     def __len__(self) -> int:
         """Batches per epoch, as torch counts them (for an iterable, from `len(dataset)`)."""
@@ -198,25 +229,16 @@ class DataLoader:
     def _epoch(self, blocking: bool) -> EpochIterator:
         config = self._config
         delivered = self._start_epoch()
+        reads = self._stats.new_epoch(config.retry, config.max_skipped)
         base_seed = draw_base_seed(config.generator)
-        streams = max(1, config.num_workers)
-        read: Callable[[Any], Any]
-        if config.iterable:
-            source: IndexBatches | WorkerStreams = WorkerStreams(streams, delivered.next_turn)
-            read = StreamReader(
-                config.dataset,
-                config.batch_size,
-                config.drop_last,
-                config.collate_fn,
-                streams,
-                skip=dict(delivered.per_worker),
-            )
+        finish = Finish(config.collate_fn, config.transform, self._pin)
+        if config.asynchronous:
+            loop_pool = self._loop_pool(config, base_seed)
+            pool, owns_pool = loop_pool, True
+            source, read = self._async_plan(finish, reads, delivered, loop_pool)
         else:
-            source = IndexBatches(config.index_sampler, delivered)  # type: ignore[arg-type]
-            read = map_reader(config.dataset, config.collate_fn, config.auto_collation)
-        if self._pin:
-            read = pinned(read)
-        pool, owns_pool = self._pool(config, base_seed, blocking)
+            pool, owns_pool = self._pool(config, base_seed, blocking)
+            source, read = self._plan(finish, reads, delivered)
         epoch = Epoch(
             source=source,
             read=read,
@@ -230,6 +252,49 @@ class DataLoader:
             delivered=delivered,
         )
         return EpochIterator(epoch)
+
+    def _plan(self, finish: Finish, reads: Reads, delivered: Delivered) -> tuple[JobSource, Any]:
+        """Which jobs an epoch of a plain dataset has, and how a worker reads one."""
+        config = self._config
+        if config.iterable:
+            streams = config.stream_count
+            reader = StreamReader(
+                config.dataset,
+                config.batch_size,
+                config.drop_last,
+                finish,
+                streams,
+                skip=dict(delivered.per_worker),
+            )
+            return WorkerStreams(streams, delivered.next_turn), reader
+        source = IndexBatches(config.index_sampler, delivered)  # type: ignore[arg-type]
+        return source, map_reader(
+            config.dataset, finish, batched=config.auto_collation, reads=reads
+        )
+
+    def _async_plan(
+        self, finish: Finish, reads: Reads, delivered: Delivered, pool: LoopPool
+    ) -> tuple[JobSource, Any]:
+        """Which jobs an epoch of an async dataset has, and how aload's loop reads one."""
+        config = self._config
+        if config.iterable:
+            reader: Any = AsyncStreamReader(
+                config.dataset,
+                finish,
+                config.batch_size,
+                config.drop_last,
+                pool,
+                skip=delivered.per_worker.get(0, 0),
+            )
+            return WorkerStreams(1, delivered.next_turn), reader
+        reader = AsyncMapReader(
+            config.dataset,
+            finish,
+            batched=config.auto_collation,
+            reads=reads,
+            pool=pool,
+        )
+        return IndexBatches(config.index_sampler, delivered), reader  # type: ignore[arg-type]
 
     def _start_epoch(self) -> Delivered:
         """Begin the next epoch, or replay the one a loaded state describes."""
@@ -246,6 +311,20 @@ class DataLoader:
             config.sampler.set_epoch(start["epoch"])  # type: ignore[union-attr]
         self._progress = (start, delivered)
         return delivered
+
+    def _loop_pool(self, config: LoaderConfig, base_seed: int) -> LoopPool:
+        """aload's event loop for an async dataset, with CPU workers for the batches' finish.
+
+        Started for each epoch (in about a millisecond), so that the dataset's context and the
+        loop's tasks never outlive it.
+        """
+        cpu = None
+        if config.num_workers:
+            setup = worker_setup(
+                config.num_workers, base_seed, config.dataset, config.worker_init_fn
+            )
+            cpu = ThreadPool(config.num_workers, setup)
+        return LoopPool(config.dataset, cpu, config.max_concurrency)
 
     def _pool(
         self, config: LoaderConfig, base_seed: int, blocking: bool

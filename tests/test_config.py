@@ -56,6 +56,10 @@ def test_conflicting_or_bad_arguments_raise_torchs_value_error(kwargs):
         ({"collate_fn": 3}, TypeError, "collate_fn"),
         ({"worker_init_fn": "init"}, TypeError, "worker_init_fn"),
         ({"generator": 42}, TypeError, "generator"),
+        ({"transform": 3}, TypeError, "transform"),
+        ({"retry": 3}, TypeError, "retry"),
+        ({"max_skipped": -1}, ValueError, "max_skipped"),
+        ({"max_concurrency": 0}, ValueError, "max_concurrency"),
     ],
 )
 def test_bad_argument_error_names_the_argument(kwargs, error, names):
@@ -66,18 +70,6 @@ def test_bad_argument_error_names_the_argument(kwargs, error, names):
 def test_dataset_that_is_neither_map_style_nor_iterable_is_rejected():
     with pytest.raises(TypeError, match="dataset must be map-style"):
         aload.DataLoader(42)
-
-
-def test_async_getitem_is_rejected_with_a_clear_error():
-    class Remote:
-        def __len__(self):
-            return 3
-
-        async def __getitem__(self, index):
-            return index
-
-    with pytest.raises(TypeError, match="async __getitem__"):
-        aload.DataLoader(Remote())
 
 
 @pytest.mark.parametrize(

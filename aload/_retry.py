@@ -1,0 +1,98 @@
+"""Retrying a sample read that failed for a transient reason, and the budget for giving up."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+
+T = TypeVar("T")
+logger = logging.getLogger("aload")
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How to retry a sample read that raised a transient error.
+
+    Args:
+        attempts: reads in all, the first included (1 means no retry).
+        backoff: seconds before the first retry; doubled for each later one, with jitter.
+        on: the exception types that count as transient; others raise at once.
+    """
+
+    attempts: int = 3
+    backoff: float = 0.05
+    on: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise TypeError(f"Retry attempts must be an int, got {self.attempts!r}")
+        if self.attempts < 1:
+            raise ValueError(f"Retry attempts must be at least 1, got {self.attempts}")
+        if self.backoff < 0:
+            raise ValueError(f"Retry backoff must be non-negative, got {self.backoff}")
+        if not isinstance(self.on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in self.on
+        ):
+            raise TypeError(f"Retry on must be a tuple of exception types, got {self.on!r}")
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1 for the first)."""
+        return self.backoff * 2 ** (retry - 1) * random.uniform(0.5, 1.5)
+
+
+NO_RETRY = Retry(attempts=1)
+
+
+class Reads:
+    """Retry and skip accounting shared by every worker of one epoch (thread-safe)."""
+
+    def __init__(self, retry: Retry, max_skipped: int) -> None:
+        self.retry = retry
+        self._max_skipped = max_skipped
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.skipped: list[Any] = []
+
+    def read(self, fetch: Callable[[Any], T], index: Any) -> T:
+        """`fetch(index)`, retried on transient errors (blocks while backing off)."""
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                return fetch(index)
+            except self.retry.on:
+                if attempt == self.retry.attempts:
+                    raise
+                self._count_retry()
+                time.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def aread(self, fetch: Callable[[Any], Awaitable[T]], index: Any) -> T:
+        """`await fetch(index)`, retried on transient errors (backs off without blocking)."""
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                return await fetch(index)
+            except self.retry.on:
+                if attempt == self.retry.attempts:
+                    raise
+                self._count_retry()
+                await anyio.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    def may_skip(self, index: Any, error: BaseException) -> bool:
+        """Whether the budget allows dropping sample `index` after `error`; counts it if so."""
+        with self._lock:
+            if len(self.skipped) >= self._max_skipped:
+                return False
+            self.skipped.append(index)
+        logger.warning("aload: skipped sample %r after %r", index, error)
+        return True
+
+    def _count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1

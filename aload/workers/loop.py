@@ -1,0 +1,211 @@
+"""Event-loop workers for async datasets: aload's own event loop, in one background thread.
+
+The workers are `max_concurrency` long-lived fetcher tasks that take item reads from one
+queue shared by every batch in flight, so reads overlap by the hundreds without a thread, or
+even a new task, each. The loop
+is aload's, not the caller's: the caller's loop (asyncio or trio) only waits for finished
+batches, so nothing of aload is left running on it between two batches, and the same
+dataset serves plain `for` loops too. Clients bound to a loop (HTTP sessions, database
+pools) therefore belong to this one: a dataset that is an async context manager is entered
+here before its first read and exited after the epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import anyio.lowlevel
+from anyio import RunFinishedError
+
+from . import Job, WorkerPool
+
+T = TypeVar("T")
+
+
+class AsyncJob(Job, Protocol):
+    """A job an event loop can await."""
+
+    async def arun(self) -> None:
+        """Do the work and report the outcome; never raises."""
+
+
+class LoopPool:
+    """Runs async jobs concurrently on an event loop in a thread of its own.
+
+    Args:
+        dataset: entered with `async with` on the loop first, if it is an async context manager.
+        cpu: the pool that `run_cpu` hands CPU-bound work to, or None to run it on the loop.
+        max_concurrency: fetcher tasks, so item reads in flight at most, across batches.
+    """
+
+    def __init__(
+        self, dataset: Any, cpu: WorkerPool | None = None, max_concurrency: int = 64
+    ) -> None:
+        self._dataset = dataset
+        self._cpu = cpu
+        self._max_concurrency = max_concurrency
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="aload-worker-loop", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def submit(self, job: Job, worker: int | None = None) -> None:
+        if self._start_error is not None:
+            job.fail(self._start_error)
+            return
+        try:
+            self._call_soon(self._task_group.start_soon, job.arun)  # type: ignore[attr-defined]
+        except RunFinishedError:
+            job.fail(RuntimeError("aload's event loop has stopped; this batch did not run"))
+
+    async def read_all(
+        self, read: Callable[[Any], Awaitable[Any]], items: Sequence[Any]
+    ) -> list[Any]:
+        """`await read(item)` for every item on the fetchers; the results in item order.
+
+        Raises:
+            the first error a read raised; the batch's other reads are dropped.
+        """
+        batch = _Reads(read, len(items))
+        self._requests.extend((batch, position, item) for position, item in enumerate(items))
+        for _ in range(min(len(items), len(self._idle))):
+            self._idle.pop().set()
+        if items:
+            await batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        return batch.results
+
+    async def run_cpu(self, work: Callable[[], T]) -> T:
+        """Run `work` on the CPU pool and wait for it without blocking this loop."""
+        if self._cpu is None:
+            return work()
+        call = _CpuCall(work, self._token)
+        self._cpu.submit(call)
+        await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.value  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(RunFinishedError, AttributeError):
+            self._call_soon(self._stop.set)
+        if self._cpu is not None:
+            self._cpu.shutdown()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        if self._cpu is not None:
+            self._cpu.join(timeout)
+        return not self.alive
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() or (self._cpu is not None and self._cpu.alive)
+
+    def __del__(self) -> None:
+        if hasattr(self, "_thread"):
+            self.shutdown()
+
+    async def _fetch(self) -> None:
+        """One fetcher: does the next item read of any batch, or sleeps until one is queued.
+
+        Taking a queued read costs no turn of the loop; only a read that waits does.
+        """
+        requests, idle = self._requests, self._idle
+        while True:
+            while requests:
+                batch, position, item = requests.popleft()
+                await batch.read_one(position, item)
+            wake = anyio.Event()
+            idle.append(wake)
+            await wake.wait()
+
+    def _call_soon(self, func: Callable[..., Any], *args: Any) -> None:
+        self._token.backend_class.run_sync_soon(func, args, self._token.native_token)
+
+    def _run(self) -> None:
+        try:
+            anyio.run(self._main)
+        except BaseException as error:  # the dataset's __aenter__ failed: report it per job
+            self._start_error = error
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._token = anyio.lowlevel.current_token()
+        self._stop = anyio.Event()
+        # Unbounded here; bounded by the scheduler, which keeps only so many batches in flight.
+        self._requests: deque[tuple[_Reads, int, Any]] = deque()
+        self._idle: list[anyio.Event] = []
+        async with _entered(self._dataset), anyio.create_task_group() as task_group:
+            self._task_group = task_group
+            for _ in range(self._max_concurrency):
+                task_group.start_soon(self._fetch)
+            self._ready.set()
+            await self._stop.wait()
+            task_group.cancel_scope.cancel()
+
+
+class _Reads:
+    """The item reads of one batch, and the event that says they are all done (or one failed)."""
+
+    def __init__(self, read: Callable[[Any], Awaitable[Any]], count: int) -> None:
+        self._read = read
+        self._remaining = count
+        self.results: list[Any] = [None] * count
+        self.error: BaseException | None = None
+        self.done = anyio.Event()
+
+    async def read_one(self, position: int, item: Any) -> None:
+        if self.error is None:
+            try:
+                self.results[position] = await self._read(item)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as error:
+                self.error = error
+                self.done.set()
+        self._remaining -= 1
+        if self._remaining == 0:
+            self.done.set()
+
+
+@contextlib.asynccontextmanager
+async def _entered(dataset: Any) -> Any:
+    if hasattr(dataset, "__aenter__") and hasattr(dataset, "__aexit__"):
+        async with dataset:
+            yield
+    else:
+        yield
+
+
+class _CpuCall:
+    """A call handed from the event loop to a CPU worker, waking the loop when done."""
+
+    def __init__(self, work: Callable[[], Any], token: anyio.lowlevel.EventLoopToken) -> None:
+        self._work = work
+        self._token = token
+        self.done = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self._work()
+        except BaseException as error:
+            self.error = error
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(RunFinishedError):
+            self._token.backend_class.run_sync_soon(self.done.set, (), self._token.native_token)
