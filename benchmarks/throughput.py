@@ -4,7 +4,7 @@ Each workload runs every loader `--repeats` times, interleaved (so drift on a sh
 hits all of them alike), and reports the median samples/s and aload's ratio to torch.
 
     python benchmarks/throughput.py                 # all workloads, 5 repeats
-    python benchmarks/throughput.py --repeats 3 --workloads tensor io
+    python benchmarks/throughput.py --repeats 3 --workloads tensor io async
 """
 
 from __future__ import annotations
@@ -35,6 +35,20 @@ class SleepDataset(tud.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         time.sleep(self.seconds)
+        return torch.full((16,), index, dtype=torch.float32)
+
+
+class AwaitingDataset:
+    """The async form of SleepDataset: each item awaits `seconds` (a remote read)."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        self.n, self.seconds = n, seconds
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> torch.Tensor:
+        await anyio.sleep(self.seconds)
         return torch.full((16,), index, dtype=torch.float32)
 
 
@@ -106,6 +120,8 @@ class Workload:
 def workloads(numpy_size: int) -> dict[str, Workload]:
     tensors = tud.TensorDataset(torch.randn(200_000, 64), torch.randint(0, 10, (200_000,)))
     sleepy = SleepDataset(4096, 0.002)
+    remote_blocking = SleepDataset(8192, 0.002)
+    remote = AwaitingDataset(8192, 0.002)
     numeric = NumpyDataset(1024, numpy_size)
     small = tud.TensorDataset(torch.randn(10_000, 64))
 
@@ -138,6 +154,22 @@ def workloads(numpy_size: int) -> dict[str, Workload]:
             "io",
             "2 ms blocking read per item, 4,096 items, batch 32",
             [torch_loader(sleepy, 8, batch_size=32), *aload_loaders(sleepy, 32, batch_size=32)],
+        ),
+        "async": Workload(
+            "async",
+            "2 ms awaited read per item (blocking for torch), 8,192 items, batch 32",
+            [
+                torch_loader(remote_blocking, 8, batch_size=32),
+                *[
+                    Contender(
+                        f"aload max_concurrency={n}, {label}",
+                        lambda n=n: aload.DataLoader(remote, batch_size=32, max_concurrency=n),
+                        run,
+                    )
+                    for n in (64, 256)
+                    for label, run in (("for", drain), ("async for", drain_async))
+                ],
+            ],
         ),
         "numpy": Workload(
             "numpy",
@@ -205,8 +237,8 @@ def main() -> None:
     parser.add_argument(
         "--workloads",
         nargs="+",
-        default=["tensor", "io", "numpy", "startup"],
-        choices=["tensor", "io", "numpy", "startup"],
+        default=["tensor", "io", "async", "numpy", "startup"],
+        choices=["tensor", "io", "async", "numpy", "startup"],
     )
     args = parser.parse_args()
     size = numpy_size_for(0.002) if "numpy" in args.workloads else 0

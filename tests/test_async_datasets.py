@@ -1,0 +1,337 @@
+"""Datasets whose reads are coroutines: awaited concurrently on aload's event loop."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from typing import ClassVar
+
+import anyio
+import pytest
+import torch
+from conftest import flatten
+
+import aload
+
+
+class Remote:
+    """An async map-style dataset: every read awaits `latency` seconds, like a remote store."""
+
+    def __init__(self, n, latency=0.001):
+        self.n, self.latency = n, latency
+        self.active = self.peak = self.started = self.cancelled = 0
+        self.threads = set()
+
+    def __len__(self):
+        return self.n
+
+    async def __getitem__(self, index):
+        self.started += 1
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        self.threads.add(threading.current_thread().name)
+        try:
+            await anyio.sleep(self.latency)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+        return index
+
+
+def test_plain_for_loop_reads_an_async_dataset_exactly_once():
+    ds = Remote(100)
+    loader = aload.DataLoader(ds, batch_size=8, shuffle=True, max_concurrency=16)
+    for _epoch in range(2):
+        assert sorted(flatten(list(loader))) == list(range(100))
+    assert ds.threads == {"aload-worker-loop"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("in_order", [True, False])
+async def test_async_for_reads_an_async_dataset_exactly_once(anyio_backend, in_order):
+    loader = aload.DataLoader(
+        Remote(90), batch_size=7, shuffle=True, num_workers=2, in_order=in_order
+    )
+    for _epoch in range(2):
+        assert sorted(flatten([b async for b in loader])) == list(range(90))
+
+
+def test_in_order_batches_follow_the_sampler():
+    loader = aload.DataLoader(Remote(50), batch_size=5, max_concurrency=32)
+    assert flatten(list(loader)) == list(range(50))
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 8, 40])
+def test_reads_in_flight_reach_but_never_pass_max_concurrency(max_concurrency):
+    ds = Remote(200, latency=0.003)
+    list(aload.DataLoader(ds, batch_size=10, max_concurrency=max_concurrency))
+    assert ds.peak == max_concurrency
+
+
+def test_reads_stay_bounded_with_a_slow_consumer():
+    ds = Remote(1000)
+    loader = aload.DataLoader(ds, batch_size=4, max_concurrency=8, prefetch_factor=2)
+    it = iter(loader)
+    next(it)
+    time.sleep(0.2)
+    in_flight_batches = 8 // 4 * 2
+    assert ds.started == 4 * (1 + in_flight_batches)
+    it.close()
+
+
+def test_async_getitems_is_awaited_once_per_batch():
+    class Batched(Remote):
+        calls = 0
+
+        async def __getitems__(self, indices):
+            type(self).calls += 1
+            await anyio.sleep(0.001)
+            return [i * 2 for i in indices]
+
+    loader = aload.DataLoader(Batched(20), batch_size=6)
+    assert flatten(list(loader)) == [i * 2 for i in range(20)]
+    assert Batched.calls == 4
+
+
+def test_async_iterable_is_a_stream_dataset():
+    class Feed:
+        async def __aiter__(self):
+            for i in range(23):
+                await anyio.lowlevel.checkpoint()
+                yield {"id": i}
+
+    loader = aload.DataLoader(Feed(), batch_size=5, drop_last=True, num_workers=2)
+    batches = [b["id"].tolist() for b in loader]
+    assert batches == [list(range(i, i + 5)) for i in range(0, 20, 5)]
+
+
+def test_an_async_generator_object_is_read_once():
+    async def feed():
+        for i in range(10):
+            yield i
+
+    assert flatten(list(aload.DataLoader(feed(), batch_size=4))) == list(range(10))
+
+
+def test_transform_runs_on_cpu_workers_after_the_await():
+    where = set()
+
+    def transform(sample):
+        where.add(threading.current_thread().name)
+        return sample + 1000
+
+    loader = aload.DataLoader(Remote(30), batch_size=5, num_workers=2, transform=transform)
+    assert sorted(flatten(list(loader))) == list(range(1000, 1030))
+    assert where
+    assert all(name.startswith("aload-worker-") for name in where)
+    assert "aload-worker-loop" not in where
+
+
+@pytest.mark.anyio
+async def test_cpu_heavy_transform_never_blocks_the_callers_loop(anyio_backend):
+    def transform(sample):
+        time.sleep(0.005)  # CPU work stand-in
+        return sample
+
+    loader = aload.DataLoader(Remote(60), batch_size=6, num_workers=2, transform=transform)
+    gaps, last = [], time.perf_counter()
+
+    async def tick():
+        nonlocal last
+        while True:
+            await anyio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        seen = flatten([b async for b in loader])
+        tg.cancel_scope.cancel()
+    assert sorted(seen) == list(range(60))
+    assert max(gaps) < 0.03
+
+
+class BrokenRemote(Remote):
+    def __init__(self, n, broken, exc=KeyError):
+        super().__init__(n)
+        self.broken, self.exc = broken, exc
+
+    async def __getitem__(self, index):
+        value = await super().__getitem__(index)
+        if index in self.broken:
+            raise self.exc(f"sample {index} is gone")
+        return value
+
+
+def test_failed_async_read_raises_its_own_error_naming_the_indices():
+    loader = aload.DataLoader(BrokenRemote(20, {9}), batch_size=4, max_concurrency=4)
+    with pytest.raises(KeyError, match="sample 9 is gone") as caught:
+        list(loader)
+    assert "indices [8, 9, 10, 11]" in "\n".join(caught.value.__notes__)
+    assert "__getitem__" in [f.name for f in traceback.extract_tb(caught.value.__traceback__)]
+
+
+def test_hung_read_times_out_naming_the_indices_and_is_cancelled():
+    class Hung(Remote):
+        async def __getitem__(self, index):
+            if index == 5:
+                self.latency = 30
+            return await super().__getitem__(index)
+
+    ds = Hung(12)
+    with pytest.raises(TimeoutError, match=r"batch 1 \(indices \[4, 5, 6, 7\]\)"):
+        list(aload.DataLoader(ds, batch_size=4, timeout=0.3))
+    deadline = time.monotonic() + 2
+    while ds.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ds.active == 0
+    assert ds.cancelled >= 1
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_consumer_cancels_every_read_in_flight(anyio_backend):
+    ds = Remote(10_000, latency=0.05)
+    with anyio.move_on_after(0.2):
+        async for _ in aload.DataLoader(ds, batch_size=8, max_concurrency=32):
+            pass
+    deadline = time.monotonic() + 2
+    while ds.active and time.monotonic() < deadline:  # noqa: ASYNC110 - state of another thread
+        await anyio.sleep(0.01)
+    assert ds.active == 0
+    assert ds.cancelled > 0
+    assert ds.started < 10_000
+
+
+class Flaky(Remote):
+    """Each index fails `failures` times with a transient error before it reads."""
+
+    def __init__(self, n, failures, exc=ConnectionResetError):
+        super().__init__(n)
+        self.left = dict.fromkeys(range(n), failures)
+        self.exc = exc
+
+    async def __getitem__(self, index):
+        if self.left[index] > 0:
+            self.left[index] -= 1
+            raise self.exc(f"reset while reading {index}")
+        return await super().__getitem__(index)
+
+
+def test_transient_errors_are_retried_and_counted():
+    loader = aload.DataLoader(
+        Flaky(12, failures=2), batch_size=4, retry=aload.Retry(attempts=3, backoff=0)
+    )
+    assert sorted(flatten(list(loader))) == list(range(12))
+    assert loader.stats.retries == 24
+    assert loader.stats.skipped == 0
+
+
+def test_errors_that_are_not_transient_are_not_retried():
+    loader = aload.DataLoader(
+        Flaky(4, failures=1, exc=ValueError), batch_size=4, retry=aload.Retry(attempts=5)
+    )
+    with pytest.raises(ValueError, match="reset while reading"):
+        list(loader)
+    assert loader.stats.retries == 0
+
+
+def test_retries_run_out_and_the_last_error_is_raised():
+    loader = aload.DataLoader(
+        Flaky(4, failures=9), batch_size=2, retry=aload.Retry(attempts=3, backoff=0)
+    )
+    with pytest.raises(ConnectionResetError):
+        list(loader)
+
+
+@pytest.mark.parametrize("async_dataset", [True, False])
+def test_failure_budget_skips_and_counts_samples_then_raises_past_it(async_dataset, caplog):
+    class SyncBroken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, index):
+            if index in {3, 14}:
+                raise OSError(f"sample {index} is gone")
+            return index
+
+    def make(max_skipped):
+        ds = BrokenRemote(20, {3, 14}, exc=OSError) if async_dataset else SyncBroken()
+        return aload.DataLoader(ds, batch_size=5, max_skipped=max_skipped)
+
+    loader = make(2)
+    seen = flatten(list(loader))
+    assert seen == [i for i in range(20) if i not in {3, 14}]
+    assert loader.stats.skipped == 2
+    assert sorted(loader.stats.skipped_indices) == [3, 14]
+    assert "skipped sample 3" in caplog.text
+    with pytest.raises(OSError, match="sample 14 is gone"):
+        list(make(1))
+
+
+def test_sync_datasets_are_retried_too():
+    class SyncFlaky(torch.utils.data.Dataset):
+        def __init__(self):
+            self.failed = set()
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, index):
+            if index not in self.failed:
+                self.failed.add(index)
+                raise TimeoutError("slow disk")
+            return index
+
+    loader = aload.DataLoader(
+        SyncFlaky(), batch_size=3, num_workers=2, retry=aload.Retry(backoff=0)
+    )
+    assert sorted(flatten(list(loader))) == list(range(6))
+    assert loader.stats.retries == 6
+
+
+def test_async_context_dataset_is_entered_on_the_loop_for_each_epoch():
+    class WithSession(Remote):
+        events: ClassVar[list[tuple[str, str]]] = []
+
+        async def __aenter__(self):
+            self.events.append(("enter", threading.current_thread().name))
+            self.session = object()
+            return self
+
+        async def __aexit__(self, *exc):
+            self.events.append(("exit", threading.current_thread().name))
+            del self.session
+
+        async def __getitem__(self, index):
+            assert self.session is not None
+            return await super().__getitem__(index)
+
+    loader = aload.DataLoader(WithSession(8), batch_size=4)
+    list(loader)
+    list(loader)
+    assert WithSession.events == [("enter", "aload-worker-loop"), ("exit", "aload-worker-loop")] * 2
+
+
+def test_async_dataset_resumes_mid_epoch():
+    def make():
+        return aload.DataLoader(
+            Remote(60),
+            batch_size=4,
+            shuffle=True,
+            max_concurrency=16,
+            generator=torch.Generator().manual_seed(2),
+        )
+
+    whole = [b.tolist() for b in make()]
+    loader = make()
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(5)]
+    state = loader.state_dict()
+    it.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + [b.tolist() for b in resumed] == whole
