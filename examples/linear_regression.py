@@ -50,11 +50,14 @@ def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, xb, yb) -> fl
     return loss.item() * len(xb)
 
 
-async def train_async(epochs: int) -> None:
+def setup() -> tuple[TensorDataset, aload.DataLoader, torch.nn.Module, torch.optim.Optimizer]:
     dataset = make_dataset()
-    loader = make_loader(dataset)
     model = torch.nn.Linear(dataset.tensors[0].shape[1], 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return dataset, make_loader(dataset), model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+async def train_async(epochs: int) -> None:
+    dataset, loader, model, optimizer = setup()
     for epoch in range(1, epochs + 1):
         total = 0.0
         async for xb, yb in loader:
@@ -63,10 +66,7 @@ async def train_async(epochs: int) -> None:
 
 
 def train_sync(epochs: int) -> None:
-    dataset = make_dataset()
-    loader = make_loader(dataset)
-    model = torch.nn.Linear(dataset.tensors[0].shape[1], 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    dataset, loader, model, optimizer = setup()
     for epoch in range(1, epochs + 1):
         total = 0.0
         for xb, yb in loader:

@@ -6,7 +6,9 @@ import threading
 import time
 
 import pytest
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
+
+import aload
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -30,6 +32,18 @@ class Indexed(Dataset):
         if self.delay:
             time.sleep(self.delay)
         return index
+
+
+class Shards(IterableDataset):
+    """Each worker reads every num_workers-th item, starting at its id."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        info = aload.get_worker_info()
+        start, step = (0, 1) if info is None else (info.id, info.num_workers)
+        return iter(range(start, self.n, step))
 
 
 def aload_threads() -> list[threading.Thread]:

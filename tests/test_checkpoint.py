@@ -8,12 +8,11 @@ import time
 
 import pytest
 import torch
-from conftest import Indexed
+from conftest import Indexed, Shards
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import (
     BatchSampler,
-    IterableDataset,
     RandomSampler,
     Sampler,
     WeightedRandomSampler,
@@ -205,16 +204,6 @@ def test_sampler_with_its_own_state_is_asked_for_it():
     resumed = make()
     resumed.load_state_dict(state)
     assert head + as_lists(resumed) == expected
-
-
-class Shards(IterableDataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __iter__(self):
-        info = aload.get_worker_info()
-        start, step = (0, 1) if info is None else (info.id, info.num_workers)
-        return iter(range(start, self.n, step))
 
 
 class EpochShuffledStream(Shards):

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import Indexed, flatten
+from conftest import Indexed, Shards, flatten
 from torch.utils.data import (
     BatchSampler,
-    IterableDataset,
     SequentialSampler,
     Subset,
     TensorDataset,
@@ -235,18 +234,6 @@ def test_weighted_random_sampler_draws_what_the_sampler_draws():
     assert seen == list(sampler())
     rare = sum(1 for i in seen if i < 90)
     assert rare < 100
-
-
-class Shards(IterableDataset):
-    """Each worker reads every num_workers-th item, starting at its id."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __iter__(self):
-        info = aload.get_worker_info()
-        start, step = (0, 1) if info is None else (info.id, info.num_workers)
-        return iter(range(start, self.n, step))
 
 
 def test_iterable_dataset_shards_by_worker_and_batches_round_robin_like_torch():
