@@ -25,8 +25,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ._async_fetch import is_async_map_style
 from ._retry import NO_RETRY, Retry
+from .workers.process import resolve_context
 
-WORKER_MODES = ("thread",)
+WORKER_MODES = ("thread", "process")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,7 @@ class LoaderConfig:
     max_skipped: int
     max_concurrency: int
     asynchronous: bool
+    multiprocessing_context: Any
 
     @property
     def auto_collation(self) -> bool:
@@ -106,6 +108,7 @@ def resolve_config(
     retry: Retry | None = None,
     max_skipped: int = 0,
     max_concurrency: int = 64,
+    multiprocessing_context: Any = None,
 ) -> LoaderConfig:
     """Check the arguments as `torch.utils.data.DataLoader` does and fill in the defaults.
 
@@ -158,8 +161,21 @@ def resolve_config(
     _check_int("max_concurrency", max_concurrency)
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency should be positive, got {max_concurrency}")
+    if multiprocessing_context is not None:
+        if worker_mode != "process" or num_workers == 0:
+            raise ValueError(
+                "multiprocessing_context can only be used with worker_mode='process' and "
+                f"num_workers > 0, but got worker_mode={worker_mode!r}, num_workers={num_workers}"
+            )
+        multiprocessing_context = resolve_context(multiprocessing_context)
 
     iterable = _is_iterable_style(dataset)
+    asynchronous = is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__"))
+    if asynchronous and worker_mode == "process":
+        raise ValueError(
+            "worker_mode='process' is not available for async datasets yet: their reads run on "
+            "aload's event loop and their transform on thread workers; use worker_mode='thread'"
+        )
     if distributed:
         _check_distributed(iterable, sampler, batch_sampler)
     # Every rank must shuffle alike: the seed comes from the user's generator, or is torch's 0.
@@ -236,7 +252,8 @@ def resolve_config(
         retry=retry or NO_RETRY,
         max_skipped=max_skipped,
         max_concurrency=max_concurrency,
-        asynchronous=is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__")),
+        asynchronous=asynchronous,
+        multiprocessing_context=multiprocessing_context,
     )
 
 

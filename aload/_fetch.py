@@ -129,7 +129,17 @@ def vectorized_gather(dataset: Any) -> Gather | None:
     return None
 
 
-EXHAUSTED: Any = object()
+class _Exhausted:
+    """The type of `EXHAUSTED`; it unpickles as the same object, so it can cross processes."""
+
+    def __reduce__(self) -> str:
+        return "EXHAUSTED"
+
+    def __repr__(self) -> str:
+        return "EXHAUSTED"
+
+
+EXHAUSTED: Any = _Exhausted()
 """What a stream reader returns when its worker's stream has no batch left."""
 
 

@@ -97,6 +97,13 @@ class _Job:
             self.error = error
         self.mailbox.post(self)
 
+    def deliver(self, value: Any) -> None:
+        """Report a batch read elsewhere (in a worker process)."""
+        if self.cancelled:
+            return
+        self.value = value
+        self.mailbox.post(self)
+
     def fail(self, error: BaseException) -> None:
         if self.cancelled:
             return

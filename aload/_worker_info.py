@@ -33,7 +33,7 @@ class WorkerInfo:
         seed: this worker's seed: the epoch's base seed (drawn from the loader's `generator`)
             plus `id`, as torch computes it.
         dataset: the dataset object this worker reads (shared by all thread workers).
-        mode: how the worker runs: "thread".
+        mode: how the worker runs: "thread" or "process".
         rng: a `random.Random` seeded with `seed`.
         torch_generator: a `torch.Generator` seeded with `seed`.
         numpy_rng: a `numpy.random.Generator` seeded with `seed`.
@@ -64,6 +64,11 @@ def get_worker_info() -> WorkerInfo | Any | None:
     return info if info is not None else torch.utils.data.get_worker_info()
 
 
+def set_worker_info(info: WorkerInfo) -> None:
+    """Publish `info` as the calling thread's (in a worker process: its main thread's)."""
+    _local.info = info
+
+
 def draw_base_seed(generator: torch.Generator | None) -> int:
     """Draw an epoch's base seed exactly as torch does, so a seeded `generator` gives torch's
     shuffle too (torch draws this before the sampler's first permutation)."""
@@ -79,7 +84,7 @@ def worker_setup(
     """Return what each worker thread runs once at start: publish its info, call the hook."""
 
     def setup(worker_id: int) -> None:
-        _local.info = WorkerInfo(worker_id, num_workers, base_seed + worker_id, dataset)
+        set_worker_info(WorkerInfo(worker_id, num_workers, base_seed + worker_id, dataset))
         if worker_init_fn is not None:
             worker_init_fn(worker_id)
 

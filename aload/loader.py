@@ -21,6 +21,7 @@ from ._checkpoint import (
 from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._fetch import Finish, map_reader
+from ._plans import ReaderPlan
 from ._retry import Reads, Retry
 from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
 from ._stats import LoaderStats, StatsKeeper
@@ -29,6 +30,7 @@ from ._worker_info import draw_base_seed, worker_setup
 from .workers import WorkerPool
 from .workers.inline import InlinePool
 from .workers.loop import LoopPool
+from .workers.process import ProcessPool, resolve_context
 from .workers.thread import ThreadPool
 
 
@@ -63,7 +65,12 @@ class DataLoader:
         persistent_workers: keep the workers between epochs (until `close()`).
         in_order: yield batches in sampler order; False yields them as they finish, so one slow
             batch does not hold back the others.
-        worker_mode: how workers run: "thread".
+        worker_mode: how workers run: "thread" (the default: they share the dataset and start
+            at once), or "process", for datasets whose Python code holds the GIL. Process
+            workers get the dataset once, at start; batches come back through shared memory.
+        multiprocessing_context: for process workers: "fork", "spawn", "forkserver" or a
+            context. The default, "forkserver", is safe in a process that runs an event loop and
+            threads; its first start imports aload once in the fork server (about a second).
         distributed: shard the dataset over the ranks of the initialized `torch.distributed`
             process group with a `DistributedSampler` (padding, or dropping with `drop_last`,
             so that every rank gets as many batches); the loader calls its `set_epoch`.
@@ -104,6 +111,7 @@ class DataLoader:
         retry: Retry | None = None,
         max_skipped: int = 0,
         max_concurrency: int = 64,
+        multiprocessing_context: Any = None,
     ) -> None:
         self._config = resolve_config(
             dataset,
@@ -127,6 +135,7 @@ class DataLoader:
             retry=retry,
             max_skipped=max_skipped,
             max_concurrency=max_concurrency,
+            multiprocessing_context=multiprocessing_context,
         )
         self._pin = pinning_enabled(self._config.pin_memory)
         self._persistent_pool: WorkerPool | None = None
@@ -156,6 +165,7 @@ class DataLoader:
     retry = property(lambda self: self._config.retry)
     max_skipped = property(lambda self: self._config.max_skipped)
     max_concurrency = property(lambda self: self._config.max_concurrency)
+    multiprocessing_context = property(lambda self: self._config.multiprocessing_context)
 
     @property
     def stats(self) -> LoaderStats:
@@ -239,6 +249,8 @@ class DataLoader:
         else:
             pool, owns_pool = self._pool(config, base_seed, blocking)
             source, read = self._plan(finish, reads, delivered)
+            if isinstance(pool, ProcessPool):
+                read = self._process_plan(delivered)
         epoch = Epoch(
             source=source,
             read=read,
@@ -270,6 +282,21 @@ class DataLoader:
         source = IndexBatches(config.index_sampler, delivered)  # type: ignore[arg-type]
         return source, map_reader(
             config.dataset, finish, batched=config.auto_collation, reads=reads
+        )
+
+    def _process_plan(self, delivered: Delivered) -> ReaderPlan:
+        """What process workers build their reader from (they pin nothing: the parent does)."""
+        config = self._config
+        return ReaderPlan(
+            finish=Finish(config.collate_fn, config.transform, pin=False),
+            batched=config.auto_collation,
+            retry=config.retry,
+            max_skipped=config.max_skipped,
+            stream=config.iterable,
+            batch_size=config.batch_size,
+            drop_last=config.drop_last,
+            num_streams=config.stream_count,
+            skip=dict(delivered.per_worker),
         )
 
     def _async_plan(
@@ -336,11 +363,22 @@ class DataLoader:
             return ThreadPool(1, dedicated_queues=config.iterable), True
         if self._persistent_pool is not None:
             return self._persistent_pool, False
-        pool = ThreadPool(
-            config.num_workers,
-            worker_setup(config.num_workers, base_seed, config.dataset, config.worker_init_fn),
-            dedicated_queues=config.iterable,
-        )
+        pool: WorkerPool
+        if config.worker_mode == "process":
+            pool = ProcessPool(
+                config.num_workers,
+                config.multiprocessing_context or resolve_context(None),
+                config.dataset,
+                config.worker_init_fn,
+                base_seed,
+                pin=self._pin,
+            )
+        else:
+            pool = ThreadPool(
+                config.num_workers,
+                worker_setup(config.num_workers, base_seed, config.dataset, config.worker_init_fn),
+                dedicated_queues=config.iterable,
+            )
         if config.persistent_workers:
             self._persistent_pool = pool
             return pool, False

@@ -1,0 +1,45 @@
+"""Picklable recipes for a worker's reader, for workers in other processes.
+
+A reader holds closures and per-epoch state, so it cannot travel to a worker process; its
+recipe can. The process worker receives one plan per epoch and builds the reader next to its
+own copy of the dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._fetch import Batch, Finish, map_reader
+from ._retry import Reads, Retry
+from ._stream import StreamReader
+
+
+@dataclass(frozen=True)
+class ReaderPlan:
+    """How one epoch's batches are read: map-style by indices, or from worker streams."""
+
+    finish: Finish
+    batched: bool
+    retry: Retry
+    max_skipped: int
+    stream: bool = False
+    batch_size: int | None = None
+    drop_last: bool = False
+    num_streams: int = 1
+    skip: dict[int, int] = field(default_factory=dict)
+
+    def build(self, dataset: Any) -> Callable[[Any], Batch]:
+        """The reader for this plan, over `dataset`."""
+        if self.stream:
+            return StreamReader(
+                dataset,
+                self.batch_size,
+                self.drop_last,
+                self.finish,
+                self.num_streams,
+                skip=self.skip,
+            )
+        reads = Reads(self.retry, self.max_skipped)
+        return map_reader(dataset, self.finish, batched=self.batched, reads=reads)

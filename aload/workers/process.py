@@ -1,0 +1,326 @@
+"""Process workers, for datasets whose Python code holds the GIL (parsing, tokenizing).
+
+Each worker process gets the dataset once, at start, and builds its reader from a small plan
+sent at each epoch; jobs then carry only indices. Batches come back through torch's
+shared-memory reductions, not as pickled bytes. One pipe each way per worker: sends pickle
+at once, so a dataset or collate_fn that cannot be pickled fails at the call that sent it, not
+in a background thread. A collector thread waits on every result pipe and every process
+sentinel together, so a worker that dies (killed, out of memory) fails its batches at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import pickle
+import random
+import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+import torch
+import torch.multiprocessing  # registers the reductions that send tensors via shared memory
+import torch.utils.data._utils.worker as torch_worker
+
+from .._cuda import pin_batch
+from .._plans import ReaderPlan
+from .._worker_info import WorkerInfo, set_worker_info
+from . import Job
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def resolve_context(context: Any) -> multiprocessing.context.BaseContext:
+    """A multiprocessing context from a start method name, a context, or None (the default).
+
+    The default is "forkserver" where the platform has it: a parent that runs an event loop
+    and thread pools must not be forked bare; the fork server is, instead, a clean process that
+    forks workers quickly once it has imported aload (the first start pays for that import).
+    """
+    if context is None:
+        methods = multiprocessing.get_all_start_methods()
+        context = "forkserver" if "forkserver" in methods else "spawn"
+    if isinstance(context, str):
+        if context not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                "multiprocessing_context should be one of "
+                f"{multiprocessing.get_all_start_methods()!r}, got {context!r}"
+            )
+        context = multiprocessing.get_context(context)
+        if context.get_start_method() == "forkserver":
+            context.set_forkserver_preload(["aload"])
+    if not isinstance(context, multiprocessing.context.BaseContext):
+        raise TypeError(
+            "multiprocessing_context should be a start method name or a multiprocessing "
+            f"context, got {context!r}"
+        )
+    return context
+
+
+class ProcessPool:
+    """`num_workers` processes reading batches; jobs carry a `ReaderPlan` as their `read`.
+
+    Raises:
+        TypeError: at start, when the dataset or worker_init_fn cannot be sent to a process.
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        context: multiprocessing.context.BaseContext,
+        dataset: Any,
+        worker_init_fn: Callable[[int], None] | None,
+        base_seed: int,
+        pin: bool = False,
+    ) -> None:
+        self._pin = pin
+        self._lock = threading.Lock()
+        self._closed = False
+        self._outstanding: list[dict[int, Any]] = [{} for _ in range(num_workers)]
+        self._plans: list[Any] = [None] * num_workers
+        self._next = 0
+        self._tasks: list[Connection] = []
+        self._results: list[Connection] = []
+        self._processes: list[Any] = []
+        try:
+            for worker_id in range(num_workers):
+                task_reader, task_writer = context.Pipe(duplex=False)
+                result_reader, result_writer = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_work,
+                    args=(
+                        worker_id,
+                        num_workers,
+                        base_seed,
+                        dataset,
+                        worker_init_fn,
+                        task_reader,
+                        result_writer,
+                    ),
+                    name=f"aload-worker-{worker_id}",
+                    daemon=True,
+                )
+                process.start()
+                task_reader.close()
+                result_writer.close()
+                self._tasks.append(task_writer)
+                self._results.append(result_reader)
+                self._processes.append(process)
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            self._terminate()
+            raise TypeError(
+                "worker_mode='process' sends the dataset and worker_init_fn to each worker "
+                f"process, but they could not be pickled ({error}); define them at module "
+                "level, or use worker_mode='thread'"
+            ) from error
+        self._collector = threading.Thread(
+            target=self._collect, name="aload-worker-collector", daemon=True
+        )
+        self._collector.start()
+
+    def submit(self, job: Job, worker: int | None = None) -> None:
+        plan: ReaderPlan = job.read  # type: ignore[attr-defined]
+        with self._lock:
+            if self._closed:
+                job.fail(RuntimeError("aload worker processes were shut down before this batch"))
+                return
+            if worker is None:
+                worker = self._least_busy()
+            if not self._processes[worker].is_alive():
+                job.fail(self._death(worker, job))
+                return
+            try:
+                if self._plans[worker] is not plan:
+                    self._tasks[worker].send_bytes(_dumps(plan, "collate_fn and transform"))
+                    self._plans[worker] = plan
+                self._outstanding[worker][id(job)] = job
+                self._tasks[worker].send((id(job), job.indices))  # type: ignore[attr-defined]
+            except (BrokenPipeError, OSError):
+                self._outstanding[worker].pop(id(job), None)
+                job.fail(self._death(worker, job))
+
+    def shutdown(self) -> None:
+        """Stop the workers: at once where they hold abandoned work, else after their task."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for worker, tasks in enumerate(self._tasks):
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    tasks.send(None)
+                if self._outstanding[worker]:
+                    self._processes[worker].terminate()
+                    self._outstanding[worker].clear()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._collector.join(timeout)
+        return not self.alive
+
+    @property
+    def alive(self) -> bool:
+        return self._collector.is_alive() or any(p.is_alive() for p in self._processes)
+
+    def __del__(self) -> None:
+        if hasattr(self, "_collector"):
+            self.shutdown()
+
+    def _least_busy(self) -> int:
+        live = [w for w, p in enumerate(self._processes) if p.is_alive()] or [0]
+        worker = min(live, key=lambda w: (len(self._outstanding[w]), (w - self._next) % len(live)))
+        self._next = worker + 1
+        return worker
+
+    def _collect(self) -> None:
+        """Hand results to their jobs; fail the jobs of a worker that died; reap at the end."""
+        open_results = dict(enumerate(self._results))
+        sentinels = {p.sentinel: w for w, p in enumerate(self._processes)}
+        while sentinels:  # until every worker process has ended
+            ready = wait(list(open_results.values()) + list(sentinels), timeout=0.5)
+            for item in ready:
+                if item in sentinels:
+                    worker = sentinels.pop(item)
+                    self._drain(worker, open_results)
+                    open_results.pop(worker, None)
+                    self._fail_outstanding(worker)
+                elif item in open_results.values():
+                    worker = self._results.index(item)
+                    self._receive(worker, open_results)
+        for process in self._processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def _drain(self, worker: int, open_results: dict[int, Connection]) -> None:
+        results = open_results.get(worker)
+        while results is not None and worker in open_results and results.poll():
+            self._receive(worker, open_results)
+
+    def _receive(self, worker: int, open_results: dict[int, Connection]) -> None:
+        try:
+            key, ok, payload = self._results[worker].recv()
+        except (EOFError, OSError):
+            open_results.pop(worker, None)
+            return
+        with self._lock:
+            job = self._outstanding[worker].pop(key, None)
+        if job is None:
+            return
+        if ok:
+            job.deliver(pin_batch(payload) if self._pin else payload)
+        else:
+            job.fail(_rebuild_error(payload, worker, self._processes[worker].pid))
+
+    def _fail_outstanding(self, worker: int) -> None:
+        with self._lock:
+            jobs = list(self._outstanding[worker].values())
+            self._outstanding[worker].clear()
+        if self._closed:
+            return
+        for job in jobs:
+            job.fail(self._death(worker, job))
+
+    def _death(self, worker: int, job: Any) -> RuntimeError:
+        process = self._processes[worker]
+        code = process.exitcode
+        how = (
+            f"was killed by signal {-code}"
+            if code is not None and code < 0
+            else (f"exited with code {code}")
+        )
+        return RuntimeError(
+            f"aload worker process {worker} (pid {process.pid}) {how} while loading "
+            f"{job.describe()}"
+        )
+
+    def _terminate(self) -> None:
+        for process in self._processes:
+            process.kill()
+            process.join()
+
+
+def _dumps(value: Any, what: str) -> bytes:
+    try:
+        return bytes(multiprocessing.reduction.ForkingPickler.dumps(value))
+    except (pickle.PicklingError, TypeError, AttributeError) as error:
+        raise TypeError(
+            f"worker_mode='process' sends {what} to each worker process, but they could not "
+            f"be pickled ({error}); define them at module level, or use worker_mode='thread'"
+        ) from error
+
+
+class _Task:
+    """What a reader sees of a job, inside a worker process."""
+
+    __slots__ = ("cancelled", "indices", "worker")
+
+    def __init__(self, indices: Any, worker: int) -> None:
+        self.indices = indices
+        self.worker = worker
+        self.cancelled = False
+
+
+def _work(
+    worker_id: int,
+    num_workers: int,
+    base_seed: int,
+    dataset: Any,
+    worker_init_fn: Callable[[int], None] | None,
+    tasks: Connection,
+    results: Connection,
+) -> None:
+    """A worker process: seed as torch does, then read batches until told to stop."""
+    seed = base_seed + worker_id
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(torch_worker._generate_state(base_seed, worker_id))
+    torch.set_num_threads(1)
+    info = WorkerInfo(worker_id, num_workers, seed, dataset, mode="process")
+    set_worker_info(info)
+    torch_worker._worker_info = torch_worker.WorkerInfo(
+        id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset
+    )
+    init_error = None
+    if worker_init_fn is not None:
+        try:
+            worker_init_fn(worker_id)
+        except BaseException as error:
+            init_error = error
+    reader = None
+    while True:
+        try:
+            message = tasks.recv_bytes()
+        except (EOFError, OSError):  # the parent is gone: so are we
+            return
+        task = pickle.loads(message)
+        if task is None:
+            return
+        if isinstance(task, ReaderPlan):
+            reader = task.build(dataset)
+            continue
+        key, indices = task
+        try:
+            if init_error is not None:
+                raise init_error
+            results.send((key, True, reader(_Task(indices, worker_id))))  # type: ignore[misc]
+        except BaseException as error:
+            results.send((key, False, _wire_error(error)))
+
+
+def _wire_error(error: BaseException) -> tuple[Any, str]:
+    """The error, or a stand-in when it cannot be pickled, with the worker's traceback text."""
+    text = "".join(traceback.format_exception(error))
+    try:
+        pickle.dumps(error)
+        return error, text
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}"), text
+
+
+def _rebuild_error(payload: tuple[BaseException, str], worker: int, pid: int) -> BaseException:
+    error, text = payload
+    error.add_note(f"aload worker process {worker} (pid {pid}) raised:\n{text}")
+    return error

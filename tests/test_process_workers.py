@@ -1,0 +1,236 @@
+"""worker_mode="process": the same samples as threads, from worker processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.utils.data
+from conftest import Indexed, flatten
+
+import aload
+
+
+class Described(torch.utils.data.Dataset):
+    """Each sample says which process read it, with that process's worker info."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, index):
+        info = aload.get_worker_info()
+        theirs = torch.utils.data.get_worker_info()
+        return {
+            "index": index,
+            "pid": os.getpid(),
+            "id": info.id,
+            "seed": info.seed,
+            "mode": info.mode,
+            "torch_id": theirs.id,
+            "initialised": INITIALISED.get(os.getpid(), -1),
+        }
+
+
+INITIALISED: dict[int, int] = {}
+
+
+def record_init(worker_id):
+    INITIALISED[os.getpid()] = worker_id
+
+
+class DiesAt(Indexed):
+    def __getitem__(self, index):
+        if index == 13:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return index
+
+
+class RaisesAt(Indexed):
+    def __getitem__(self, index):
+        if index == 6:
+            raise KeyError(f"sample {index} is corrupt")
+        return index
+
+
+class TorchShards(torch.utils.data.IterableDataset):
+    """Shards with torch's own get_worker_info, as torch users write it."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        start, step = (0, 1) if info is None else (info.id, info.num_workers)
+        return iter(range(start, 30, step))
+
+
+def no_children_left():
+    deadline = time.monotonic() + 5
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_same_samples_as_thread_workers(in_order):
+    def make(mode):
+        return aload.DataLoader(
+            Indexed(50),
+            batch_size=4,
+            shuffle=True,
+            drop_last=True,
+            num_workers=2,
+            worker_mode=mode,
+            in_order=in_order,
+            generator=torch.Generator().manual_seed(9),
+        )
+
+    threads = [b.tolist() for b in make("thread")]
+    processes = [b.tolist() for b in make("process")]
+    assert processes == threads if in_order else sorted(processes) == sorted(threads)
+    assert no_children_left()
+
+
+def test_each_process_knows_itself_and_ran_worker_init_fn_once():
+    expected_base = int(
+        torch.empty((), dtype=torch.int64).random_(generator=torch.Generator().manual_seed(3))
+    )
+    loader = aload.DataLoader(
+        Described(),
+        batch_size=3,
+        num_workers=2,
+        worker_mode="process",
+        worker_init_fn=record_init,
+        generator=torch.Generator().manual_seed(3),
+    )
+    batches = list(loader)
+    pids = {int(p) for b in batches for p in b["pid"]}
+    assert os.getpid() not in pids
+    for b in batches:
+        assert b["mode"] == ["process"] * len(b["index"])
+        assert torch.equal(b["id"], b["torch_id"])
+        assert torch.equal(b["seed"], expected_base + b["id"])
+        assert torch.equal(b["initialised"], b["id"])
+    assert sorted(int(i) for b in batches for i in b["index"]) == list(range(24))
+
+
+def test_iterable_dataset_shards_with_torchs_get_worker_info():
+    loader = aload.DataLoader(TorchShards(), batch_size=4, num_workers=3, worker_mode="process")
+    assert sorted(flatten(list(loader))) == list(range(30))
+
+
+def test_error_in_a_worker_process_keeps_type_message_and_traceback_text():
+    loader = aload.DataLoader(RaisesAt(12), batch_size=4, num_workers=2, worker_mode="process")
+    with pytest.raises(KeyError, match="sample 6 is corrupt") as caught:
+        list(loader)
+    notes = "\n".join(caught.value.__notes__)
+    assert "indices [4, 5, 6, 7]" in notes
+    assert "Traceback" in notes
+    assert "in __getitem__" in notes
+    assert no_children_left()
+
+
+def test_killed_worker_is_reported_within_seconds_naming_worker_and_batch():
+    loader = aload.DataLoader(
+        DiesAt(40), batch_size=4, num_workers=2, worker_mode="process", in_order=False
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"worker process \d \(pid \d+\) was killed by signal 9"):
+        list(loader)
+    assert time.monotonic() - started < 10
+    assert no_children_left()
+
+
+def test_dataset_that_cannot_be_pickled_fails_at_start_with_advice():
+    ds = Indexed(4)
+    ds.hook = lambda: None
+    with pytest.raises(TypeError, match="define them at module level, or use worker_mode='thread'"):
+        list(aload.DataLoader(ds, num_workers=1, worker_mode="process"))
+    assert no_children_left()
+
+
+def test_collate_fn_that_cannot_be_pickled_fails_with_advice():
+    loader = aload.DataLoader(
+        Indexed(4), num_workers=1, worker_mode="process", collate_fn=lambda batch: batch
+    )
+    with pytest.raises(TypeError, match="collate_fn and transform"):
+        list(loader)
+    assert no_children_left()
+
+
+def test_break_leaves_no_process_and_no_shared_memory_behind():
+    shm_before = set(os.listdir("/dev/shm"))
+    for _ in aload.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(512, 3, 32, 32)),
+        batch_size=32,
+        num_workers=2,
+        worker_mode="process",
+    ):
+        break
+    assert no_children_left()
+    assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+def test_persistent_worker_processes_serve_every_epoch_until_close():
+    loader = aload.DataLoader(
+        Described(), batch_size=6, num_workers=2, worker_mode="process", persistent_workers=True
+    )
+    pids = [{int(p) for b in loader for p in b["pid"]} for _ in range(3)]
+    assert pids[0] == pids[1] == pids[2]
+    loader.close()
+    assert no_children_left()
+
+
+def test_resume_in_process_mode():
+    def make():
+        return aload.DataLoader(
+            Indexed(40),
+            batch_size=4,
+            shuffle=True,
+            num_workers=2,
+            worker_mode="process",
+            generator=torch.Generator().manual_seed(1),
+        )
+
+    whole = [b.tolist() for b in make()]
+    loader = make()
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(3)]
+    state = loader.state_dict()
+    it.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + [b.tolist() for b in resumed] == whole
+
+
+class Slow(Indexed):
+    def __getitem__(self, index):
+        if index == 2:
+            time.sleep(3)
+        return index
+
+
+def test_timeout_in_process_mode_names_the_batch():
+    loader = aload.DataLoader(
+        Slow(8), batch_size=2, num_workers=1, worker_mode="process", timeout=1.5
+    )
+    with pytest.raises(TimeoutError, match=r"batch 1 \(indices \[2, 3\]\)"):
+        list(loader)
+    assert no_children_left()
+
+
+@pytest.mark.parametrize(
+    ("context", "error"),
+    [("threads", ValueError), (42, TypeError)],
+)
+def test_bad_multiprocessing_context_is_refused(context, error):
+    with pytest.raises(error, match="multiprocessing_context"):
+        aload.DataLoader(
+            Indexed(4), num_workers=1, worker_mode="process", multiprocessing_context=context
+        )
+
+
+def test_multiprocessing_context_needs_process_workers():
+    with pytest.raises(ValueError, match="multiprocessing_context can only be used"):
+        aload.DataLoader(Indexed(4), num_workers=1, multiprocessing_context="spawn")
