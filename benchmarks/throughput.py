@@ -66,6 +66,48 @@ class NumpyDataset(tud.Dataset):
         return np.sort(self.base * 1.5 + float(index))[:64]
 
 
+class PythonDataset(tud.Dataset):
+    """Pure-Python work that holds the GIL (a tokenizer, a parser): `rounds` of arithmetic."""
+
+    def __init__(self, n: int, rounds: int) -> None:
+        self.n, self.rounds = n, rounds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        total = index
+        for i in range(self.rounds):
+            total = (total * 31 + i) % 1_000_003
+        return torch.tensor([total, index])
+
+
+class ImageDataset(tud.Dataset):
+    """Image-sized samples, 3 x 224 x 224 float32, copied out of a small in-memory pool."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pool = torch.randn(8, 3, 224, 224)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.pool[index % 8].clone()
+
+
+def python_rounds_for(seconds: float) -> int:
+    """The loop length whose pure-Python work takes about `seconds` per item here."""
+    rounds = 10_000
+    for _ in range(3):
+        ds = PythonDataset(1, rounds)
+        started = time.perf_counter()
+        for _ in range(50):
+            ds[0]
+        rounds = int(rounds * seconds / ((time.perf_counter() - started) / 50))
+    return rounds
+
+
 def numpy_size_for(seconds: float) -> int:
     """The array size whose per-item work takes about `seconds` on this machine."""
     size = 100_000
@@ -117,18 +159,32 @@ class Workload:
     unit: str = "samples/s"
 
 
-def workloads(numpy_size: int) -> dict[str, Workload]:
+def workloads(numpy_size: int, python_rounds: int) -> dict[str, Workload]:
     tensors = tud.TensorDataset(torch.randn(200_000, 64), torch.randint(0, 10, (200_000,)))
     sleepy = SleepDataset(4096, 0.002)
     remote_blocking = SleepDataset(8192, 0.002)
     remote = AwaitingDataset(8192, 0.002)
     numeric = NumpyDataset(1024, numpy_size)
     small = tud.TensorDataset(torch.randn(10_000, 64))
+    pure_python = PythonDataset(2048, python_rounds)
+    images = ImageDataset(1024)
 
     def torch_loader(ds: Any, workers: int, **kw: Any) -> Contender:
         return Contender(
             f"torch workers={workers}", lambda: tud.DataLoader(ds, num_workers=workers, **kw)
         )
+
+    def modes(ds: Any, workers: int, **kw: Any) -> list[Contender]:
+        return [
+            Contender(
+                f"aload workers={workers}, {mode}",
+                lambda mode=mode: aload.DataLoader(ds, num_workers=workers, worker_mode=mode, **kw),
+            )
+            for mode in ("thread", "process")
+        ]
+
+    def startup(name: str, make: Callable[[], Any]) -> Contender:
+        return Contender(name, make, first_batch_seconds)
 
     def aload_loaders(ds: Any, workers: int, **kw: Any) -> list[Contender]:
         def make() -> aload.DataLoader:
@@ -175,6 +231,62 @@ def workloads(numpy_size: int) -> dict[str, Workload]:
             "numpy",
             f"~2 ms of numpy work per item (sort of {numpy_size:,} floats), 1,024 items, batch 32",
             [torch_loader(numeric, 2, batch_size=32), *aload_loaders(numeric, 2, batch_size=32)],
+        ),
+        "python": Workload(
+            "python",
+            "~0.5 ms of pure-Python work per item (holds the GIL), 2,048 items, batch 32",
+            [torch_loader(pure_python, 2, batch_size=32), *modes(pure_python, 2, batch_size=32)],
+        ),
+        "images": Workload(
+            "images",
+            "image-sized samples 3 x 224 x 224 float32, 1,024 items, batch 64, one epoch "
+            "including worker start (torch forks by default; aload's default is forkserver)",
+            [
+                torch_loader(images, 2, batch_size=64),
+                *modes(images, 2, batch_size=64),
+                Contender(
+                    "aload workers=2, process, fork",
+                    lambda: aload.DataLoader(
+                        images,
+                        batch_size=64,
+                        num_workers=2,
+                        worker_mode="process",
+                        multiprocessing_context="fork",
+                    ),
+                ),
+            ],
+        ),
+        "process-startup": Workload(
+            "process-startup",
+            "time to the first batch with 2 worker processes, by start method (a fresh pool)",
+            [
+                *[
+                    startup(
+                        f"torch {method}",
+                        lambda method=method: tud.DataLoader(
+                            small, batch_size=256, num_workers=2, multiprocessing_context=method
+                        ),
+                    )
+                    for method in ("fork", "spawn", "forkserver")
+                ],
+                *[
+                    startup(
+                        f"aload process, {method}",
+                        lambda method=method: aload.DataLoader(
+                            small,
+                            batch_size=256,
+                            num_workers=2,
+                            worker_mode="process",
+                            multiprocessing_context=method,
+                        ),
+                    )
+                    for method in ("fork", "spawn", "forkserver")
+                ],
+                startup(
+                    "aload thread", lambda: aload.DataLoader(small, batch_size=256, num_workers=2)
+                ),
+            ],
+            unit="ms to first batch",
         ),
         "startup": Workload(
             "startup",
@@ -231,18 +343,22 @@ def report(workload: Workload, medians: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+WORKLOADS = ["tensor", "io", "async", "numpy", "python", "images", "startup", "process-startup"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs per loader (median kept)")
     parser.add_argument(
         "--workloads",
         nargs="+",
-        default=["tensor", "io", "async", "numpy", "startup"],
-        choices=["tensor", "io", "async", "numpy", "startup"],
+        default=WORKLOADS,
+        choices=WORKLOADS,
     )
     args = parser.parse_args()
     size = numpy_size_for(0.002) if "numpy" in args.workloads else 0
-    available = workloads(size)
+    rounds = python_rounds_for(0.0005) if "python" in args.workloads else 0
+    available = workloads(size, rounds)
     print(f"torch {torch.__version__}, {args.repeats} repeats, medians")
     for name in args.workloads:
         workload = available[name]
