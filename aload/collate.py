@@ -53,8 +53,9 @@ def pad_collate(batch: Sequence[Any], *, padding_value: float = 0) -> Any:
         collated = {
             key: pad_collate([s[key] for s in batch], padding_value=padding_value) for key in first
         }
+        mapping_type: Any = type(first)
         try:
-            return type(first)(collated)
+            return mapping_type(collated)
         except TypeError:
             return collated
     if isinstance(first, tuple):

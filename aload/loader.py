@@ -242,6 +242,7 @@ class DataLoader:
         reads = self._stats.new_epoch(config.retry, config.max_skipped)
         base_seed = draw_base_seed(config.generator)
         finish = Finish(config.collate_fn, config.transform, self._pin)
+        pool: WorkerPool
         if config.asynchronous:
             loop_pool = self._loop_pool(config, base_seed)
             pool, owns_pool = loop_pool, True

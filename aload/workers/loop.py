@@ -16,7 +16,7 @@ import contextlib
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -59,8 +59,9 @@ class LoopPool:
         if self._start_error is not None:
             job.fail(self._start_error)
             return
+        async_job = cast(AsyncJob, job)  # this pool is only given jobs with a coroutine read
         try:
-            self._call_soon(self._task_group.start_soon, job.arun)  # type: ignore[attr-defined]
+            self._call_soon(self._task_group.start_soon, async_job.arun)
         except RunFinishedError:
             job.fail(RuntimeError("aload's event loop has stopped; this batch did not run"))
 
@@ -91,7 +92,7 @@ class LoopPool:
         await call.done.wait()
         if call.error is not None:
             raise call.error
-        return call.value  # type: ignore[return-value]
+        return call.value
 
     def shutdown(self) -> None:
         with contextlib.suppress(RunFinishedError, AttributeError):

@@ -89,7 +89,7 @@ class ProcessPool:
             for worker_id in range(num_workers):
                 task_reader, task_writer = context.Pipe(duplex=False)
                 result_reader, result_writer = context.Pipe(duplex=False)
-                process = context.Process(
+                process = context.Process(  # type: ignore[attr-defined] # every context has it
                     target=_work,
                     args=(
                         worker_id,
@@ -176,6 +176,7 @@ class ProcessPool:
     def _collect(self) -> None:
         """Hand results to their jobs; fail the jobs of a worker that died; reap at the end."""
         open_results = dict(enumerate(self._results))
+        worker_of = {connection: w for w, connection in enumerate(self._results)}
         sentinels = {p.sentinel: w for w, p in enumerate(self._processes)}
         while sentinels:  # until every worker process has ended
             ready = wait(list(open_results.values()) + list(sentinels), timeout=0.5)
@@ -185,9 +186,8 @@ class ProcessPool:
                     self._drain(worker, open_results)
                     open_results.pop(worker, None)
                     self._fail_outstanding(worker)
-                elif item in open_results.values():
-                    worker = self._results.index(item)
-                    self._receive(worker, open_results)
+                elif worker_of[item] in open_results:  # type: ignore[index]
+                    self._receive(worker_of[item], open_results)  # type: ignore[index]
         for process in self._processes:
             process.join(timeout=5)
             if process.is_alive():
