@@ -363,7 +363,11 @@ class DataLoader:
                 return InlinePool(), True
             return ThreadPool(1, dedicated_queues=config.iterable), True
         if self._persistent_pool is not None:
-            return self._persistent_pool, False
+            if not (
+                isinstance(self._persistent_pool, ProcessPool) and self._persistent_pool.broken
+            ):
+                return self._persistent_pool, False
+            self.close()  # a worker process died: start a whole pool again
         pool: WorkerPool
         if config.worker_mode == "process":
             pool = ProcessPool(

@@ -234,3 +234,33 @@ def test_bad_multiprocessing_context_is_refused(context, error):
 def test_multiprocessing_context_needs_process_workers():
     with pytest.raises(ValueError, match="multiprocessing_context can only be used"):
         aload.DataLoader(Indexed(4), num_workers=1, multiprocessing_context="spawn")
+
+
+class DiesOnce(Indexed):
+    """Kills its worker at index 13, the first time only (a file remembers across processes)."""
+
+    def __init__(self, n, marker):
+        super().__init__(n)
+        self.marker = marker
+
+    def __getitem__(self, index):
+        if index == 13 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return index
+
+
+def test_persistent_workers_are_replaced_after_one_died(tmp_path):
+    loader = aload.DataLoader(
+        DiesOnce(40, str(tmp_path / "died")),
+        batch_size=4,
+        num_workers=2,
+        worker_mode="process",
+        persistent_workers=True,
+    )
+    with pytest.raises(RuntimeError, match="was killed by signal 9"):
+        list(loader)
+    assert sorted(flatten(list(loader))) == list(range(40))
+    assert len(multiprocessing.active_children()) == 2  # a full pool again, not a survivor
+    loader.close()
+    assert no_children_left()

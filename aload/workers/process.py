@@ -160,6 +160,11 @@ class ProcessPool:
         return not self.alive
 
     @property
+    def broken(self) -> bool:
+        """Whether a worker process has died (been killed, run out of memory)."""
+        return not self._closed and any(not p.is_alive() for p in self._processes)
+
+    @property
     def alive(self) -> bool:
         return self._collector.is_alive() or any(p.is_alive() for p in self._processes)
 
