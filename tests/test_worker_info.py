@@ -88,11 +88,14 @@ def test_seeds_are_reproducible_with_a_generator_and_change_every_epoch():
 
 def test_worker_generators_are_independent_per_worker():
     draws = {}
-    for s in samples(aload.DataLoader(Reporting(60), batch_size=3, num_workers=2)):
-        draws.setdefault(int(s["id"]), []).append(float(s["draw"]))
-    streams = list(draws.values())
-    assert len(streams) == 2
-    assert not set(streams[0]) & set(streams[1])
+
+    def init(worker_id):
+        rng = aload.get_worker_info().rng
+        draws[worker_id] = [rng.random() for _ in range(20)]
+
+    list(aload.DataLoader(Indexed(6), batch_size=3, num_workers=2, worker_init_fn=init))
+    assert sorted(draws) == [0, 1]
+    assert not set(draws[0]) & set(draws[1])
 
 
 def test_worker_init_fn_runs_once_in_each_worker_thread_before_loading():

@@ -6,6 +6,9 @@ shared-memory reductions, not as pickled bytes. One pipe each way per worker: se
 at once, so a dataset or collate_fn that cannot be pickled fails at the call that sent it, not
 in a background thread. A collector thread waits on every result pipe and every process
 sentinel together, so a worker that dies (killed, out of memory) fails its batches at once.
+Only the collector looks at a process's state (a forkserver child's exit code is read from a
+pipe, once: two threads polling it race, and the loser is told 255); others read what it
+recorded.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import multiprocessing
 import pickle
 import random
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
@@ -30,7 +34,7 @@ from .._plans import ReaderPlan
 from .._worker_info import WorkerInfo, set_worker_info
 from . import Job
 
-START_METHODS = ("fork", "spawn", "forkserver")
+_GRACE_SECONDS = 5.0  # how long a worker may finish its task after shutdown before it is killed
 
 
 def resolve_context(context: Any) -> multiprocessing.context.BaseContext:
@@ -80,6 +84,7 @@ class ProcessPool:
         self._lock = threading.Lock()
         self._closed = False
         self._outstanding: list[dict[int, Any]] = [{} for _ in range(num_workers)]
+        self._dead: dict[int, int | None] = {}  # worker -> exit code, recorded by the collector
         self._plans: list[Any] = [None] * num_workers
         self._next = 0
         self._tasks: list[Connection] = []
@@ -129,7 +134,7 @@ class ProcessPool:
                 return
             if worker is None:
                 worker = self._least_busy()
-            if not self._processes[worker].is_alive():
+            if worker in self._dead:
                 job.fail(self._death(worker, job))
                 return
             try:
@@ -148,6 +153,7 @@ class ProcessPool:
             if self._closed:
                 return
             self._closed = True
+            self._closed_at = time.monotonic()
             for worker, tasks in enumerate(self._tasks):
                 with contextlib.suppress(BrokenPipeError, OSError):
                     tasks.send(None)
@@ -162,18 +168,19 @@ class ProcessPool:
     @property
     def broken(self) -> bool:
         """Whether a worker process has died (been killed, run out of memory)."""
-        return not self._closed and any(not p.is_alive() for p in self._processes)
+        return not self._closed and bool(self._dead)
 
     @property
     def alive(self) -> bool:
-        return self._collector.is_alive() or any(p.is_alive() for p in self._processes)
+        """Whether anything of the pool runs: the collector ends after reaping every worker."""
+        return self._collector.is_alive()
 
     def __del__(self) -> None:
         if hasattr(self, "_collector"):
             self.shutdown()
 
     def _least_busy(self) -> int:
-        live = [w for w, p in enumerate(self._processes) if p.is_alive()] or [0]
+        live = [w for w in range(len(self._processes)) if w not in self._dead] or [0]
         worker = min(live, key=lambda w: (len(self._outstanding[w]), (w - self._next) % len(live)))
         self._next = worker + 1
         return worker
@@ -185,19 +192,20 @@ class ProcessPool:
         sentinels = {p.sentinel: w for w, p in enumerate(self._processes)}
         while sentinels:  # until every worker process has ended
             ready = wait(list(open_results.values()) + list(sentinels), timeout=0.5)
+            if self._closed and time.monotonic() - self._closed_at > _GRACE_SECONDS:
+                for worker in sentinels.values():  # still busy after shutdown: stop it now
+                    self._processes[worker].kill()
             for item in ready:
                 if item in sentinels:
                     worker = sentinels.pop(item)
+                    self._processes[worker].join()  # reaped here, by this thread only
+                    with self._lock:
+                        self._dead[worker] = self._processes[worker].exitcode
                     self._drain(worker, open_results)
                     open_results.pop(worker, None)
                     self._fail_outstanding(worker)
                 elif worker_of[item] in open_results:  # type: ignore[index]
                     self._receive(worker_of[item], open_results)  # type: ignore[index]
-        for process in self._processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
 
     def _drain(self, worker: int, open_results: dict[int, Connection]) -> None:
         results = open_results.get(worker)
@@ -230,7 +238,7 @@ class ProcessPool:
 
     def _death(self, worker: int, job: Any) -> RuntimeError:
         process = self._processes[worker]
-        code = process.exitcode
+        code = self._dead.get(worker)
         how = (
             f"was killed by signal {-code}"
             if code is not None and code < 0
