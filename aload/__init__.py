@@ -1,6 +1,7 @@
 """aload: an async-first data loader for PyTorch."""
 
 from ._retry import Retry as Retry
+from ._stats import EpochStats as EpochStats
 from ._stats import LoaderStats as LoaderStats
 from ._worker_info import WorkerInfo as WorkerInfo
 from ._worker_info import get_worker_info as get_worker_info
@@ -12,6 +13,7 @@ from .loader import DataLoader as DataLoader
 
 __all__ = [
     "DataLoader",
+    "EpochStats",
     "LoaderStats",
     "Padded",
     "Retry",
@@ -24,6 +26,7 @@ __all__ = [
 
 for _name in (
     "DataLoader",
+    "EpochStats",
     "LoaderStats",
     "Padded",
     "Retry",

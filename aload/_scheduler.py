@@ -26,6 +26,7 @@ from anyio import RunFinishedError
 
 from ._checkpoint import Delivered
 from ._fetch import Abandoned, describe_indices, is_exhausted
+from ._stats import EpochMeter, count_samples
 from .workers import WorkerPool
 
 _WAIT = object()
@@ -181,9 +182,11 @@ class Epoch:
         in_order: bool,
         timeout: float,
         delivered: Delivered,
+        meter: EpochMeter,
     ) -> None:
         self._source = source
         self._delivered = delivered
+        self._meter = meter
         self._read = read
         self._pool = pool
         self._owns_pool = owns_pool
@@ -205,12 +208,16 @@ class Epoch:
         # A checkpoint in two halves: cancellation is checked before a batch is taken, and
         # the turn given to other tasks after it is shielded, so no taken batch is lost.
         await anyio.lowlevel.checkpoint_if_cancelled()
+        asked_at = self._meter.asked()
         deadline = None
         waited = False
-        while (batch := self._poll()) is _WAIT:
-            deadline = deadline or self._deadline()
-            await self._wait_async(deadline)
-            waited = True
+        try:
+            while (batch := self._poll()) is _WAIT:
+                deadline = deadline or self._deadline()
+                await self._wait_async(deadline)
+                waited = True
+        finally:
+            self._meter.handed_over(asked_at)
         if batch is _END:
             await self.aclose()
             raise StopAsyncIteration
@@ -250,10 +257,14 @@ class Epoch:
     # -- blocking ----------------------------------------------------------------------------
 
     def next(self) -> Any:
+        asked_at = self._meter.asked()
         deadline = None
-        while (batch := self._poll()) is _WAIT:
-            deadline = deadline or self._deadline()
-            self._wait_blocking(deadline)
+        try:
+            while (batch := self._poll()) is _WAIT:
+                deadline = deadline or self._deadline()
+                self._wait_blocking(deadline)
+        finally:
+            self._meter.handed_over(asked_at)
         if batch is _END:
             self.close()
             raise StopIteration
@@ -299,6 +310,7 @@ class Epoch:
             if job is None:
                 if self._source_done and not self._in_flight:
                     self._delivered.complete = True
+                    self._meter.end()
                     return _END
                 return _WAIT
             if job.error is not None:
@@ -308,6 +320,9 @@ class Epoch:
             batch = job.value
             self._delivered.add(job.seq, job.worker, counted=not is_exhausted(batch))
             if not is_exhausted(batch):
+                waiting = len(self._ready_by_seq) + len(self._ready_fifo)
+                samples = count_samples(job.indices, batch)
+                self._meter.delivered(samples, waiting, len(self._in_flight))
                 return batch
         return _END
 

@@ -1,39 +1,221 @@
-"""Counters a loader keeps over its life, and the frozen snapshot users read."""
+"""What a loader measures while it runs, and the frozen snapshots users read.
+
+The scheduler reports each batch it hands over (samples, queue depth, jobs in flight) and the
+front ends report time: from the consumer asking for a batch to getting it is *waiting*, from
+getting it to asking again is the *loop body*. Their ratio says whether training is data-bound.
+A few clock reads per batch: cheap enough to stay on.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ._retry import Reads, Retry
+
+logger = logging.getLogger("aload")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One epoch, as the consumer saw it.
+
+    Attributes:
+        epoch: the epoch's number (0 for the first).
+        batches: batches handed to the consumer.
+        samples: samples in them.
+        seconds: from the first request for a batch to the last hand-over.
+        wait_seconds: time the consumer spent waiting for batches.
+        body_seconds: time the consumer spent between batches (the loop body).
+        mean_queue_depth: finished batches waiting for the consumer, on average at hand-over.
+        max_queue_depth: the most finished batches that were waiting at once.
+        in_flight: batches submitted but not yet handed over, now.
+        retries: reads retried after a transient error.
+        skipped: samples dropped from their batch within the failure budget.
+        finished: whether the epoch ran to its end.
+    """
+
+    epoch: int
+    batches: int
+    samples: int
+    seconds: float
+    wait_seconds: float
+    body_seconds: float
+    mean_queue_depth: float
+    max_queue_depth: int
+    in_flight: int
+    retries: int
+    skipped: int
+    finished: bool
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wait_fraction(self) -> float:
+        """Share of the consumer's time spent waiting for data: near 1 means data-bound."""
+        total = self.wait_seconds + self.body_seconds
+        return self.wait_seconds / total if total > 0 else 0.0
 
 
 @dataclass(frozen=True)
 class LoaderStats:
-    """What happened to reads so far, over every epoch of one loader.
+    """Running totals over every epoch of one loader, and the current (or last) epoch.
 
     Attributes:
-        retries: reads that raised a transient error and were tried again.
-        skipped: samples dropped from their batch after their last retry failed.
-        skipped_indices: the indices of those samples, in the order they were skipped.
+        epochs: epochs started.
+        batches, samples, wait_seconds, body_seconds, retries, skipped: summed over epochs.
+        skipped_indices: the indices of the skipped samples, in the order they were skipped.
+        epoch: the current or last epoch's stats, or None before the first.
     """
 
+    epochs: int
+    batches: int
+    samples: int
+    wait_seconds: float
+    body_seconds: float
     retries: int
     skipped: int
     skipped_indices: tuple[Any, ...]
+    epoch: EpochStats | None
+
+    @property
+    def wait_fraction(self) -> float:
+        total = self.wait_seconds + self.body_seconds
+        return self.wait_seconds / total if total > 0 else 0.0
+
+
+class EpochMeter:
+    """Counts one epoch; updated only from the consumer's side of the scheduler."""
+
+    def __init__(
+        self, epoch: int, reads: Reads, on_batch: Callable[[EpochMeter], None] | None = None
+    ) -> None:
+        self.epoch = epoch
+        self.reads = reads
+        self.on_batch = on_batch
+        self.on_end: Callable[[], None] | None = None
+        self.batches = self.samples = 0
+        self.wait = self.body = 0.0
+        self.depth_sum = self.max_depth = self.in_flight = 0
+        self.first_ask: float | None = None
+        self.last_handover: float | None = None
+        self.finished = False
+
+    def asked(self) -> float:
+        """The consumer asks for a batch: the loop body since the last one has ended."""
+        now = time.perf_counter()
+        if self.first_ask is None:
+            self.first_ask = now
+        if self.last_handover is not None:
+            self.body += now - self.last_handover
+            self.last_handover = None
+        return now
+
+    def handed_over(self, asked_at: float) -> None:
+        """The consumer got what it asked for (a batch, an error, or the end)."""
+        now = time.perf_counter()
+        self.wait += now - asked_at
+        self.last_handover = now
+
+    def delivered(self, samples: int, queue_depth: int, in_flight: int) -> None:
+        self.batches += 1
+        self.samples += samples
+        self.depth_sum += queue_depth
+        self.max_depth = max(self.max_depth, queue_depth)
+        self.in_flight = in_flight
+        if self.on_batch is not None:
+            self.on_batch(self)
+
+    def end(self) -> None:
+        """The epoch ran out of batches: log a summary line and close what watches it."""
+        if self.finished:
+            return
+        self.finished = True
+        self.in_flight = 0
+        stats = self.snapshot()
+        logger.debug(
+            "aload: epoch %d: %d batches, %d samples in %.2f s (%.0f samples/s), "
+            "waited %.0f%% of the time, %d retries, %d skipped",
+            stats.epoch,
+            stats.batches,
+            stats.samples,
+            stats.seconds,
+            stats.samples_per_second,
+            100 * stats.wait_fraction,
+            stats.retries,
+            stats.skipped,
+        )
+        if self.on_end is not None:
+            self.on_end()
+
+    def snapshot(self) -> EpochStats:
+        seconds = 0.0
+        if self.first_ask is not None:
+            seconds = (self.last_handover or time.perf_counter()) - self.first_ask
+        return EpochStats(
+            epoch=self.epoch,
+            batches=self.batches,
+            samples=self.samples,
+            seconds=seconds,
+            wait_seconds=self.wait,
+            body_seconds=self.body,
+            mean_queue_depth=self.depth_sum / self.batches if self.batches else 0.0,
+            max_queue_depth=self.max_depth,
+            in_flight=self.in_flight,
+            retries=self.reads.retries,
+            skipped=len(self.reads.skipped),
+            finished=self.finished,
+        )
 
 
 class StatsKeeper:
-    """Holds each epoch's read accounting and sums them on request."""
+    """Holds every epoch's meter and sums them on request."""
 
     def __init__(self) -> None:
-        self._epochs: list[Reads] = []
+        self._meters: list[EpochMeter] = []
 
-    def new_epoch(self, retry: Retry, max_skipped: int) -> Reads:
-        reads = Reads(retry, max_skipped)
-        self._epochs.append(reads)
-        return reads
+    def new_epoch(self, epoch: int, retry: Retry, max_skipped: int) -> EpochMeter:
+        meter = EpochMeter(epoch, Reads(retry, max_skipped))
+        self._meters.append(meter)
+        return meter
 
     def snapshot(self) -> LoaderStats:
-        skipped = tuple(index for reads in self._epochs for index in reads.skipped)
-        return LoaderStats(sum(r.retries for r in self._epochs), len(skipped), skipped)
+        epochs = [meter.snapshot() for meter in self._meters]
+        skipped = tuple(i for meter in self._meters for i in meter.reads.skipped)
+        return LoaderStats(
+            epochs=len(epochs),
+            batches=sum(e.batches for e in epochs),
+            samples=sum(e.samples for e in epochs),
+            wait_seconds=sum(e.wait_seconds for e in epochs),
+            body_seconds=sum(e.body_seconds for e in epochs),
+            retries=sum(e.retries for e in epochs),
+            skipped=len(skipped),
+            skipped_indices=skipped,
+            epoch=epochs[-1] if epochs else None,
+        )
+
+
+def count_samples(indices: Any, batch: Any) -> int:
+    """Samples in a batch: its indices where known, else the batch's leading size."""
+    if indices is not None:
+        return len(indices) if isinstance(indices, Sequence | torch.Tensor) else 1
+    return _leading_size(batch)
+
+
+def _leading_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        return _leading_size(next(iter(batch.values()))) if batch else 0
+    if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
+        if batch and isinstance(batch[0], torch.Tensor | Mapping | tuple):
+            return _leading_size(batch[0])
+        return len(batch)
+    return 1

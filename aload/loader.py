@@ -22,6 +22,7 @@ from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._fetch import Finish, map_reader
 from ._plans import ReaderPlan
+from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
 from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
 from ._stats import LoaderStats, StatsKeeper
@@ -82,6 +83,8 @@ class DataLoader:
             still fail after retries; each is logged and counted in `stats`. 0 raises instead.
         max_concurrency: for a dataset whose `__getitem__` is a coroutine function: how many
             item reads may be in flight at once, across batches, on aload's event loop.
+        progress: show a tqdm progress bar for each epoch, with samples/s and the share of
+            time spent waiting for data (needs `tqdm`). Off by default.
 
     `state_dict()` at any point of an epoch, and `load_state_dict()` on a fresh loader with the
     same arguments, resume with exactly the batches not yet yielded, in the same order.
@@ -112,6 +115,7 @@ class DataLoader:
         max_skipped: int = 0,
         max_concurrency: int = 64,
         multiprocessing_context: Any = None,
+        progress: bool = False,
     ) -> None:
         self._config = resolve_config(
             dataset,
@@ -138,6 +142,7 @@ class DataLoader:
             multiprocessing_context=multiprocessing_context,
         )
         self._pin = pinning_enabled(self._config.pin_memory)
+        self._show_progress = progress_available(progress)
         self._persistent_pool: WorkerPool | None = None
         self._next_epoch = 0
         self._progress: tuple[dict[str, Any], Delivered] | None = None
@@ -169,7 +174,9 @@ class DataLoader:
 
     @property
     def stats(self) -> LoaderStats:
-        """Counters over the loader's life: reads retried, samples skipped (and which)."""
+        """What the loader measured: totals over its epochs, and the current epoch's stats
+        (batches, samples/s, time waiting for data against time in the loop body, queue
+        depth, batches in flight, retries, skipped samples)."""
         return self._stats.snapshot()
 
     def __len__(self) -> int:
@@ -239,7 +246,10 @@ class DataLoader:
     def _epoch(self, blocking: bool) -> EpochIterator:
         config = self._config
         delivered = self._start_epoch()
-        reads = self._stats.new_epoch(config.retry, config.max_skipped)
+        meter = self._stats.new_epoch(self._next_epoch - 1, config.retry, config.max_skipped)
+        if self._show_progress:
+            watch_progress(meter, self._length_or_none())
+        reads = meter.reads
         base_seed = draw_base_seed(config.generator)
         finish = Finish(config.collate_fn, config.transform, self._pin)
         pool: WorkerPool
@@ -263,8 +273,15 @@ class DataLoader:
             in_order=config.in_order,
             timeout=config.timeout,
             delivered=delivered,
+            meter=meter,
         )
         return EpochIterator(epoch)
+
+    def _length_or_none(self) -> int | None:
+        try:
+            return len(self)
+        except TypeError:
+            return None
 
     def _plan(self, finish: Finish, reads: Reads, delivered: Delivered) -> tuple[JobSource, Any]:
         """Which jobs an epoch of a plain dataset has, and how a worker reads one."""
