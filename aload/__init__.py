@@ -24,15 +24,9 @@ __all__ = [
     "pad_collate",
 ]
 
-for _name in (
-    "DataLoader",
-    "EpochStats",
-    "LoaderStats",
-    "Padded",
-    "Retry",
-    "WorkerInfo",
-    "get_worker_info",
-    "pad_collate",
-):
-    globals()[_name].__module__ = __name__
-del _name
+# Show aload's own public names as `aload.X`, not as the private module that defines them.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("aload."):
+        _obj.__module__ = __name__
+del _name, _obj
