@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def run_rank(rank: int, world_size: int, port: int, out: str) -> None:
     """One rank: two epochs, a checkpoint in the middle of the second, and its resume."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         dataset = TensorDataset(torch.arange(N))
