@@ -39,9 +39,10 @@ class AsyncMapReader:
     def __init__(
         self, dataset: Any, finish: Finish, *, batched: bool, reads: Reads, pool: LoopPool
     ) -> None:
-        self._getitem = dataset.__getitem__
+        self._getitem = reads.aretrying(dataset.__getitem__)
         getitems = getattr(dataset, "__getitems__", None)
-        self._getitems = getitems if inspect.iscoroutinefunction(getitems) else None
+        async_getitems = getitems if inspect.iscoroutinefunction(getitems) else None
+        self._getitems = reads.aretrying(async_getitems) if async_getitems else None
         self._finish = finish
         self._batched = batched
         self._reads = reads
@@ -52,7 +53,7 @@ class AsyncMapReader:
             (sample,) = await self._pool.read_all(self._read_one, [job.indices])
             return await self._pool.run_cpu(partial(self._finish.sample, sample))
         if self._getitems is not None:
-            samples = await self._reads.aread(self._getitems, job.indices)
+            samples = await self._getitems(job.indices)
         else:
             read = await self._pool.read_all(self._read_one, job.indices)
             samples = [sample for sample in read if sample is not _SKIPPED]
@@ -60,7 +61,7 @@ class AsyncMapReader:
 
     async def _read_one(self, index: Any) -> Any:
         try:
-            return await self._reads.aread(self._getitem, index)
+            return await self._getitem(index)
         except Exception as error:
             if self._batched and self._reads.may_skip(index, error):
                 return _SKIPPED

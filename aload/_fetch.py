@@ -8,7 +8,6 @@ otherwise (retried, or skipped within the failure budget, as the loader was told
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -70,11 +69,7 @@ def map_reader(
     dataset: Any, finish: Finish, *, batched: bool, reads: Reads
 ) -> Callable[[JobState], Batch]:
     """Return the function that turns one job's indices into one finished batch."""
-    read = (
-        dataset.__getitem__
-        if reads.retry.attempts == 1
-        else partial(reads.read, dataset.__getitem__)
-    )
+    read = reads.retrying(dataset.__getitem__)
     if not batched:
         return lambda job: finish.sample(read(job.indices))
     plain = finish.collate_fn is default_collate and finish.transform is None
@@ -83,7 +78,8 @@ def map_reader(
         return lambda job: finish.batch(gather(torch.as_tensor(job.indices, dtype=torch.long)))
     getitems = getattr(dataset, "__getitems__", None)
     if getitems:
-        return lambda job: finish.samples(reads.read(getitems, job.indices))
+        read_batch = reads.retrying(getitems)
+        return lambda job: finish.samples(read_batch(job.indices))
 
     def read_each(job: JobState) -> Batch:
         samples = []

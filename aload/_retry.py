@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -59,6 +60,14 @@ class Reads:
         self._lock = threading.Lock()
         self.retries = 0
         self.skipped: list[Any] = []
+
+    def retrying(self, fetch: Callable[[Any], T]) -> Callable[[Any], T]:
+        """`fetch`, retried as the policy says; `fetch` itself when retries are off."""
+        return fetch if self.retry.attempts == 1 else partial(self.read, fetch)
+
+    def aretrying(self, fetch: Callable[[Any], Awaitable[T]]) -> Callable[[Any], Awaitable[T]]:
+        """`retrying`, for a coroutine function."""
+        return fetch if self.retry.attempts == 1 else partial(self.aread, fetch)
 
     def read(self, fetch: Callable[[Any], T], index: Any) -> T:
         """`fetch(index)`, retried on transient errors (blocks while backing off)."""

@@ -77,29 +77,31 @@ class _Job:
         if self.cancelled:
             return
         try:
-            self.value = self.read(self)
+            value = self.read(self)
         except Abandoned:
             return
         except BaseException as error:
-            self.error = error
-        self.mailbox.post(self)
+            self.fail(error)
+            return
+        self.deliver(value)
 
     async def arun(self) -> None:
         """`run`, for a job whose read is a coroutine (async datasets, on aload's loop)."""
         if self.cancelled:
             return
         try:
-            self.value = await self.read(self)
+            value = await self.read(self)
         except anyio.get_cancelled_exc_class():
             raise
         except Abandoned:
             return
         except BaseException as error:
-            self.error = error
-        self.mailbox.post(self)
+            self.fail(error)
+            return
+        self.deliver(value)
 
     def deliver(self, value: Any) -> None:
-        """Report a batch read elsewhere (in a worker process)."""
+        """Report the batch (read here, or in a worker process)."""
         if self.cancelled:
             return
         self.value = value
@@ -318,8 +320,9 @@ class Epoch:
                 error.add_note(f"aload: raised while loading {job.describe()}")
                 raise error
             batch = job.value
-            self._delivered.add(job.seq, job.worker, counted=not is_exhausted(batch))
-            if not is_exhausted(batch):
+            has_samples = not is_exhausted(batch)
+            self._delivered.add(job.seq, job.worker, counted=has_samples)
+            if has_samples:
                 waiting = len(self._ready_by_seq) + len(self._ready_fifo)
                 samples = count_samples(job.indices, batch)
                 self._meter.delivered(samples, waiting, len(self._in_flight))

@@ -73,7 +73,7 @@ class LoopPool:
         Raises:
             the first error a read raised; the batch's other reads are dropped.
         """
-        batch = _Reads(read, len(items))
+        batch = _ItemReads(read, len(items))
         self._requests.extend((batch, position, item) for position, item in enumerate(items))
         for _ in range(min(len(items), len(self._idle))):
             self._idle.pop().set()
@@ -142,7 +142,7 @@ class LoopPool:
         self._token = anyio.lowlevel.current_token()
         self._stop = anyio.Event()
         # Unbounded here; bounded by the scheduler, which keeps only so many batches in flight.
-        self._requests: deque[tuple[_Reads, int, Any]] = deque()
+        self._requests: deque[tuple[_ItemReads, int, Any]] = deque()
         self._idle: list[anyio.Event] = []
         async with _entered(self._dataset), anyio.create_task_group() as task_group:
             self._task_group = task_group
@@ -153,7 +153,7 @@ class LoopPool:
             task_group.cancel_scope.cancel()
 
 
-class _Reads:
+class _ItemReads:
     """The item reads of one batch, and the event that says they are all done (or one failed)."""
 
     def __init__(self, read: Callable[[Any], Awaitable[Any]], count: int) -> None:
