@@ -1,0 +1,5 @@
+"""`python -m aload.bench`: see `aload.bench.cli`."""
+
+from aload.bench.cli import main
+
+main()

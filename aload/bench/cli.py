@@ -1,0 +1,89 @@
+"""`python -m aload.bench`: aload against torch's DataLoader (and torchdata nodes and SPDL, when
+installed), side by side in one process on the same data.
+
+Each workload runs every loader `--repeats` times, interleaved, and prints a Markdown table of
+median samples/s, the ratio to the best torch configuration, the time to the first batch and the
+peak memory of the whole process tree (PSS, workers included) above what it held before.
+aload's forkserver is started once before the first run, as a long-running program would.
+
+    python -m aload.bench                            # the whole suite, 3 repeats
+    python -m aload.bench --workloads tensor io --repeats 5 --json results.json
+    python -m aload.bench --workloads memory --scale 2
+    python -m aload.bench --workloads --plot workers.png   # only the sweep over worker counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from aload.bench.memory import TreeMemory
+from aload.bench.plot import draw, sweep
+from aload.bench.report import document, environment, table
+from aload.bench.runner import Result, measure, prepare
+from aload.bench.workloads import WORKLOADS, Settings, Workload
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m aload.bench", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per loader (median kept)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every item count")
+    parser.add_argument(
+        "--workers", type=int, help="one worker count for every loader (default: per workload)"
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write every run as JSON ('-': stdout)")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="sweep worker counts on --plot-workload and draw it"
+    )
+    parser.add_argument("--plot-workload", default="io", choices=list(WORKLOADS))
+    parser.add_argument("--plot-workers", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument(
+        "--plot-scale", type=float, default=0.25, help="item-count scale for the sweep's runs"
+    )
+    args = parser.parse_args(argv)
+    for name in ("repeats", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "repeats" else 0):
+            parser.error(f"--{name} must be {'positive' if name == 'repeats' else 'non-negative'}")
+    if args.scale <= 0 or args.plot_scale <= 0:
+        parser.error("--scale and --plot-scale must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    # The tables go to stdout; with `--json -` they go to stderr so that stdout stays JSON.
+    out = sys.stderr if args.json == "-" else sys.stdout
+    settings = Settings(scale=args.scale, workers=args.workers)
+    env = environment(args.repeats)
+    print(f"{env['versions']}, {env['cpus']} CPUs, {args.repeats} repeats, medians", file=out)
+    suites: list[tuple[Workload, list[Result]]] = []
+    swept: list[Result] | None = None
+    started = time.perf_counter()
+    prepare()
+    with TreeMemory() as memory:
+        for name in args.workloads:
+            workload = WORKLOADS[name](settings)
+            results = measure(workload, args.repeats, memory)
+            suites.append((workload, results))
+            print(table(workload, results), file=out, flush=True)
+        if args.plot:
+            build = WORKLOADS[args.plot_workload]
+            swept = sweep(build, args.plot_workers, args.plot_scale, args.repeats, memory)
+            title = build(Settings(scale=args.plot_scale)).description
+            draw(swept, title, args.plot)
+            print(f"\nwrote {args.plot}", file=out)
+    print(f"\n{time.perf_counter() - started:.0f} s in all", file=out)
+    if args.json:
+        text = json.dumps(document(args.repeats, suites, swept), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as file:
+                file.write(text + "\n")
+

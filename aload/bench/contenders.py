@@ -1,0 +1,186 @@
+"""The loaders under test, each behind the same small interface: build it, then drain it.
+
+torch's DataLoader and aload are always there; torchdata's nodes and SPDL's pipeline join in when
+they are installed. Every loader reads the same dataset through the same sampler and collate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import torch
+import torch.utils.data as tud
+
+import aload
+from aload.collate import default_collate
+
+
+@dataclass(frozen=True)
+class Drained:
+    """What one pass over a fresh loader delivered, timed from the call that built it."""
+
+    samples: int
+    first_batch_s: float
+    elapsed_s: float
+
+
+def batch_len(batch: Any) -> int:
+    """Samples in a batch: its length, or the length of its first field."""
+    if isinstance(batch, (list, tuple)):
+        return batch_len(batch[0])
+    return len(batch)
+
+
+def drain(make: Callable[[], Iterable[Any]]) -> Drained:
+    """Build a loader and iterate it with a plain `for`."""
+    started = time.perf_counter()
+    samples, first = 0, None
+    for batch in make():
+        first = first or time.perf_counter() - started
+        samples += batch_len(batch)
+    return Drained(samples, first or 0.0, time.perf_counter() - started)
+
+
+def drain_async(make: Callable[[], Any]) -> Drained:
+    """Build a loader and iterate it with `async for` (the event loop's start is not timed)."""
+
+    async def run() -> Drained:
+        started = time.perf_counter()
+        samples, first = 0, None
+        async for batch in make():
+            first = first or time.perf_counter() - started
+            samples += batch_len(batch)
+        return Drained(samples, first or 0.0, time.perf_counter() - started)
+
+    return anyio.run(run)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One loader configuration: `family` names the loader, `workers` its degree of parallelism."""
+
+    family: str
+    workers: int
+    make: Callable[[], Any]
+    drive: Callable[[Callable[[], Any]], Drained] = drain
+    detail: str = ""
+
+    @property
+    def name(self) -> str:
+        detail = f", {self.detail}" if self.detail else ""
+        return f"{self.family} workers={self.workers}{detail}"
+
+
+def sampler_for(dataset: Any, shuffle: bool) -> tud.Sampler[int]:
+    if shuffle:
+        return tud.RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
+    return tud.SequentialSampler(dataset)
+
+
+class BatchFetcher:
+    """Reads and collates one batch of indices the way torch's map-style fetcher does."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __call__(self, indices: list[int]) -> Any:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(indices) if getitems else [self.dataset[i] for i in indices]
+        return default_collate(items)
+
+
+class AsyncBatchFetcher:
+    """Awaits one batch's items concurrently (a dataset with `async def __getitem__`)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    async def __call__(self, indices: list[int]) -> Any:
+        items = await asyncio.gather(*(self.dataset[i] for i in indices))
+        return default_collate(items)
+
+
+def torch_loader(dataset: Any, workers: int, detail: str = "", **kwargs: Any) -> Contender:
+    return Contender(
+        "torch",
+        workers,
+        lambda: tud.DataLoader(dataset, num_workers=workers, **kwargs),
+        detail=detail,
+    )
+
+
+def aload_loader(
+    dataset: Any, workers: int, *, asynchronous: bool = False, detail: str = "", **kwargs: Any
+) -> Contender:
+    """aload with a plain `for`, or with `async for` where `asynchronous`."""
+    loop = "async for" if asynchronous else "for"
+    return Contender(
+        f"aload {kwargs.get('worker_mode', 'thread')}",
+        workers,
+        lambda: aload.DataLoader(dataset, num_workers=workers, **kwargs),
+        drain_async if asynchronous else drain,
+        ", ".join(filter(None, [loop, detail])),
+    )
+
+
+def torchdata_nodes(
+    dataset: Any, workers: int, batch_size: int, *, shuffle: bool = False, method: str = "thread"
+) -> list[Contender]:
+    """torchdata.nodes: sampler → batcher → (parallel) mapper → loader; [] if not installed."""
+    try:
+        import torchdata.nodes as tn
+    except ImportError:
+        return []
+
+    def make() -> Any:
+        node: Any = tn.Batcher(tn.SamplerWrapper(sampler_for(dataset, shuffle)), batch_size, False)
+        if workers == 0:
+            node = tn.Mapper(node, BatchFetcher(dataset))
+        else:
+            node = tn.ParallelMapper(node, BatchFetcher(dataset), workers, method=method)
+        return tn.Loader(node)
+
+    return [Contender(f"torchdata nodes {method}", workers, make)]
+
+
+class SpdlLoader:
+    """An SPDL pipeline per epoch: batch sampler → `fetch` with `concurrency` → sink."""
+
+    def __init__(self, batches: Iterable[list[int]], fetch: Any, concurrency: int) -> None:
+        self.batches, self.fetch, self.concurrency = batches, fetch, concurrency
+
+    def __iter__(self) -> Iterator[Any]:
+        from spdl.pipeline import PipelineBuilder
+
+        builder: Any = PipelineBuilder()
+        pipeline = (
+            builder.add_source(self.batches)
+            .pipe(self.fetch, concurrency=self.concurrency, output_order="input")
+            .add_sink(2 * self.concurrency)
+            .build(num_threads=max(1, self.concurrency))
+        )
+        with pipeline.auto_stop():
+            yield from pipeline.get_iterator()
+
+
+def spdl_pipeline(
+    dataset: Any, workers: int, batch_size: int, *, shuffle: bool = False, awaited: bool = False
+) -> list[Contender]:
+    """SPDL with `workers` batches in flight on threads (awaited on its loop for async
+    datasets); [] if not installed."""
+    try:
+        import spdl.pipeline  # noqa: F401
+    except ImportError:
+        return []
+    fetch = AsyncBatchFetcher(dataset) if awaited else BatchFetcher(dataset)
+
+    def make() -> SpdlLoader:
+        batches = tud.BatchSampler(sampler_for(dataset, shuffle), batch_size, drop_last=False)
+        return SpdlLoader(batches, fetch, max(1, workers))
+
+    return [Contender("spdl pipeline", workers, make)]

@@ -1,0 +1,123 @@
+"""The datasets the benchmark suite reads: stand-ins for I/O, numeric work, Python work, images."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import numpy as np
+import torch
+import torch.utils.data as tud
+
+
+class SleepDataset(tud.Dataset):
+    """An I/O stand-in: each item blocks for `seconds` (a file read, a network fetch)."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        self.n, self.seconds = n, seconds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return torch.full((16,), index, dtype=torch.float32)
+
+
+class AwaitingDataset:
+    """The async form of SleepDataset: each item awaits `seconds` (a remote read)."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        self.n, self.seconds = n, seconds
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> torch.Tensor:
+        await anyio.sleep(self.seconds)
+        return torch.full((16,), index, dtype=torch.float32)
+
+
+class NumpyDataset(tud.Dataset):
+    """CPU work that releases the GIL: a sort and two ufuncs over a float32 array per item."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n = n
+        self.base = np.random.default_rng(0).random(size).astype(np.float32)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.sort(self.base * 1.5 + float(index))[:64]
+
+
+class PythonDataset(tud.Dataset):
+    """Pure-Python work that holds the GIL (a tokenizer, a parser): `rounds` of arithmetic."""
+
+    def __init__(self, n: int, rounds: int) -> None:
+        self.n, self.rounds = n, rounds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        total = index
+        for i in range(self.rounds):
+            total = (total * 31 + i) % 1_000_003
+        return torch.tensor([total, index])
+
+
+class ImageDataset(tud.Dataset):
+    """Image-sized samples, 3 x 224 x 224 float32, copied out of a small in-memory pool."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pool = torch.randn(8, 3, 224, 224)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.pool[index % 8].clone()
+
+
+class RecordsDataset(tud.Dataset):
+    """Metadata held as Python objects: one `(id, score, label)` tuple per item, 4 objects.
+
+    The classic copy-on-read case: a forked worker that reads an object writes its reference
+    count, so the page holding it is copied, and each worker ends up with its own copy.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.records = [(i, i * 0.5, f"item-{i}") for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[int, float]:
+        record_id, score, _label = self.records[index]
+        return record_id, score
+
+
+def _calibrate(make_item_reader: type, start: int, seconds: float) -> int:
+    """The size parameter at which one item of `make_item_reader(1, size)` takes `seconds`."""
+    size = start
+    for _ in range(3):
+        dataset = make_item_reader(1, size)
+        started = time.perf_counter()
+        for _ in range(50):
+            dataset[0]
+        per_item = (time.perf_counter() - started) / 50
+        size = max(1, int(size * seconds / per_item))
+    return size
+
+
+def python_rounds_for(seconds: float) -> int:
+    """The loop length whose pure-Python work takes about `seconds` per item here."""
+    return _calibrate(PythonDataset, 10_000, seconds)
+
+
+def numpy_size_for(seconds: float) -> int:
+    """The array size whose per-item numpy work takes about `seconds` here."""
+    return _calibrate(NumpyDataset, 100_000, seconds)

@@ -1,0 +1,82 @@
+"""Runs a workload's loaders, interleaved, and keeps each run's throughput, latency and memory."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import warnings
+from dataclasses import dataclass, field
+
+import aload
+from aload.bench.contenders import Contender
+from aload.bench.memory import TreeMemory
+from aload.bench.workloads import Workload
+
+
+@dataclass
+class Result:
+    """One loader's runs on one workload; the figures shown are medians over the runs."""
+
+    workload: str
+    loader: str
+    family: str
+    workers: int
+    samples_per_s: list[float] = field(default_factory=list)
+    first_batch_ms: list[float] = field(default_factory=list)
+    peak_mib: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def throughput(self) -> float:
+        return statistics.median(self.samples_per_s) if self.samples_per_s else 0.0
+
+    @property
+    def first_batch(self) -> float:
+        return statistics.median(self.first_batch_ms) if self.first_batch_ms else 0.0
+
+    @property
+    def memory(self) -> float | None:
+        return statistics.median(self.peak_mib) if self.peak_mib else None
+
+
+def prepare() -> None:
+    """Once before anything is timed: start aload's forkserver (a one-off cost per program,
+    ~1.5 s here, that would otherwise land on whichever run came first), and silence torch's
+    advice against more worker processes than cores, which the I/O workloads want."""
+    for _ in aload.DataLoader(range(2), batch_size=2, num_workers=1, worker_mode="process"):
+        pass
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+
+
+def run_once(contender: Contender, memory: TreeMemory, result: Result) -> None:
+    """One pass: build the loader, drain it, record samples/s, first batch and peak memory."""
+    gc.collect()
+    memory.start()
+    drained = contender.drive(contender.make)
+    peak = memory.stop()
+    result.samples_per_s.append(drained.samples / drained.elapsed_s)
+    result.first_batch_ms.append(drained.first_batch_s * 1000)
+    if peak is not None:
+        result.peak_mib.append(peak)
+
+
+def measure(workload: Workload, repeats: int, memory: TreeMemory) -> list[Result]:
+    """Every contender `repeats` times, interleaved so that drift on a shared machine hits all
+    alike. A loader that raises is reported with its error and left out of later rounds."""
+    results = [Result(workload.name, c.name, c.family, c.workers) for c in workload.contenders]
+    for _ in range(repeats):
+        for contender, result in zip(workload.contenders, results, strict=True):
+            if result.error is not None:
+                continue
+            try:
+                run_once(contender, memory, result)
+            except Exception as exc:
+                memory.stop()
+                result.error = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+def best_torch(results: list[Result]) -> float | None:
+    """The highest median samples/s among torch's DataLoader runs: the ratios' reference."""
+    torch_runs = [r.throughput for r in results if r.family == "torch" and r.error is None]
+    return max(torch_runs) if torch_runs else None

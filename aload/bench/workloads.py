@@ -1,0 +1,230 @@
+"""The suite: each workload is a dataset and the loaders that read it, sized by `Settings`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+import torch.utils.data as tud
+
+from aload.bench import datasets as ds
+from aload.bench.contenders import (
+    Contender,
+    aload_loader,
+    spdl_pipeline,
+    torch_loader,
+    torchdata_nodes,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and worker counts for a run: `scale` multiplies item counts, `workers` (when set)
+    replaces every workload's own worker counts."""
+
+    scale: float = 1.0
+    workers: int | None = None
+
+    def items(self, count: int) -> int:
+        return max(1, round(count * self.scale))
+
+    def counts(self, *defaults: int) -> tuple[int, ...]:
+        return defaults if self.workers is None else (self.workers,)
+
+    @cached_property
+    def numpy_size(self) -> int:
+        return ds.numpy_size_for(0.002)
+
+    @cached_property
+    def python_rounds(self) -> int:
+        return ds.python_rounds_for(0.0005)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    contenders: list[Contender]
+
+
+def _tensor(s: Settings) -> Workload:
+    n = s.items(100_000)
+    data = tud.TensorDataset(torch.randn(n, 64), torch.randint(0, 10, (n,)))
+    kw: dict[str, Any] = {"batch_size": 256, "shuffle": True}
+    contenders = []
+    for w in s.counts(0, 2):
+        contenders += [
+            torch_loader(data, w, **kw),
+            aload_loader(data, w, **kw),
+            aload_loader(data, w, asynchronous=True, **kw),
+            *torchdata_nodes(data, w, 256, shuffle=True),
+            *spdl_pipeline(data, w, 256, shuffle=True),
+        ]
+    return Workload("tensor", f"TensorDataset {n:,} x 64, batch 256, shuffled", contenders)
+
+
+def _io(s: Settings) -> Workload:
+    n = s.items(2048)
+    data = ds.SleepDataset(n, 0.002)
+    (processes,), (threads,) = s.counts(8), s.counts(32)
+    return Workload(
+        "io",
+        f"2 ms blocking read per item, {n:,} items, batch 32 (threads are cheap: 32 of them)",
+        [
+            torch_loader(data, processes, batch_size=32),
+            aload_loader(data, threads, batch_size=32),
+            aload_loader(data, threads, asynchronous=True, batch_size=32),
+            *torchdata_nodes(data, threads, 32),
+            *spdl_pipeline(data, threads, 32),
+        ],
+    )
+
+
+def _async(s: Settings) -> Workload:
+    n = s.items(4096)
+    awaited, blocking = ds.AwaitingDataset(n, 0.002), ds.SleepDataset(n, 0.002)
+    (processes,) = s.counts(8)
+    contenders = [torch_loader(blocking, processes, batch_size=32)]
+    for concurrency in (64, 256):
+        for asynchronous in (False, True):
+            contenders.append(
+                aload_loader(
+                    awaited,
+                    0,
+                    asynchronous=asynchronous,
+                    detail=f"max_concurrency={concurrency}",
+                    batch_size=32,
+                    max_concurrency=concurrency,
+                )
+            )
+        # SPDL awaits whole batches: concurrency/32 batches of 32 reads is the same read count.
+        contenders += spdl_pipeline(awaited, concurrency // 32, 32, awaited=True)
+    return Workload(
+        "async",
+        f"2 ms awaited read per item (blocking for torch), {n:,} items, batch 32",
+        contenders,
+    )
+
+
+def _numpy(s: Settings) -> Workload:
+    n = s.items(512)
+    data = ds.NumpyDataset(n, s.numpy_size)
+    (w,) = s.counts(2)
+    return Workload(
+        "numpy",
+        f"~2 ms of GIL-releasing numpy work per item (sort of {s.numpy_size:,} floats), "
+        f"{n:,} items, batch 32",
+        [
+            torch_loader(data, w, batch_size=32),
+            aload_loader(data, w, batch_size=32),
+            aload_loader(data, w, asynchronous=True, batch_size=32),
+            *torchdata_nodes(data, w, 32),
+            *spdl_pipeline(data, w, 32),
+        ],
+    )
+
+
+def _python(s: Settings) -> Workload:
+    n = s.items(1024)
+    data = ds.PythonDataset(n, s.python_rounds)
+    (w,) = s.counts(2)
+    return Workload(
+        "python",
+        f"~0.5 ms of pure-Python work per item (holds the GIL), {n:,} items, batch 32",
+        [
+            torch_loader(data, w, batch_size=32),
+            aload_loader(data, w, batch_size=32, worker_mode="process"),
+            aload_loader(data, w, batch_size=32),
+            *torchdata_nodes(data, w, 32, method="process"),
+            *spdl_pipeline(data, w, 32),
+        ],
+    )
+
+
+def _images(s: Settings) -> Workload:
+    n = s.items(512)
+    data = ds.ImageDataset(n)
+    (w,) = s.counts(2)
+    return Workload(
+        "images",
+        f"image-sized samples 3 x 224 x 224 float32, {n:,} items, batch 64, one epoch including "
+        "worker start (torch forks by default; aload's processes use forkserver)",
+        [
+            torch_loader(data, w, batch_size=64),
+            aload_loader(data, w, batch_size=64),
+            aload_loader(data, w, batch_size=64, worker_mode="process"),
+            aload_loader(
+                data,
+                w,
+                detail="fork",
+                batch_size=64,
+                worker_mode="process",
+                multiprocessing_context="fork",
+            ),
+            *torchdata_nodes(data, w, 64),
+            *spdl_pipeline(data, w, 64),
+        ],
+    )
+
+
+def _memory(s: Settings) -> Workload:
+    n = s.items(1_000_000)
+    data = ds.RecordsDataset(n)
+    (w,) = s.counts(2)
+    # A random eighth of the records: enough to touch nearly every page that holds them.
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 8].tolist()
+    kw: dict[str, Any] = {"batch_size": 256, "sampler": chosen}
+    return Workload(
+        "memory",
+        f"{n:,} records held as {4 * n:,} small Python objects; a shuffled eighth of them read, "
+        "batch 256. Forked workers copy the pages they read",
+        [
+            torch_loader(data, w, **kw),
+            aload_loader(data, w, **kw),
+            aload_loader(data, w, worker_mode="process", **kw),
+            aload_loader(
+                data, w, detail="fork", worker_mode="process", multiprocessing_context="fork", **kw
+            ),
+        ],
+    )
+
+
+def _startup(s: Settings) -> Workload:
+    n = s.items(10_000)
+    data = tud.TensorDataset(torch.randn(n, 64))
+    (w,) = s.counts(2)
+    contenders = []
+    for method in ("fork", "forkserver", "spawn"):
+        contenders += [
+            torch_loader(data, w, method, batch_size=256, multiprocessing_context=method),
+            aload_loader(
+                data,
+                w,
+                detail=method,
+                batch_size=256,
+                worker_mode="process",
+                multiprocessing_context=method,
+            ),
+        ]
+    contenders.append(aload_loader(data, w, batch_size=256))
+    return Workload(
+        "startup",
+        f"a fresh loader by start method: the first-batch column is the figure (TensorDataset "
+        f"{n:,} x 64, batch 256)",
+        contenders,
+    )
+
+
+WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
+    "tensor": _tensor,
+    "io": _io,
+    "async": _async,
+    "numpy": _numpy,
+    "python": _python,
+    "images": _images,
+    "memory": _memory,
+    "startup": _startup,
+}

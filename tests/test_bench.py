@@ -1,0 +1,119 @@
+"""`python -m aload.bench`: its tables, JSON, plot and memory figures, at small sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from aload.bench.cli import parse
+from aload.bench.contenders import Contender, torch_loader
+from aload.bench.memory import TreeMemory
+from aload.bench.report import table
+from aload.bench.runner import measure
+from aload.bench.workloads import Workload
+
+linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="/proc")
+
+
+def bench(*args: str, cwd) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aload.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=cwd,
+        check=False,
+    )
+
+
+@linux_only
+def test_tree_memory_sees_a_child_process_allocate():
+    allocate = "import time; block = bytearray(96 * 2**20); time.sleep(0.5)"
+    with TreeMemory() as memory:
+        memory.start()
+        subprocess.run([sys.executable, "-c", allocate], check=True)
+        grown = memory.stop()
+        memory.start()
+        idle = memory.stop()
+    assert grown is not None
+    assert grown > 80
+    assert idle is not None
+    assert idle < 16
+
+
+@linux_only
+def test_suite_writes_tables_and_json_with_every_loader(tmp_path):
+    done = bench(
+        "--workloads", "tensor", "memory", "--repeats", "2", "--scale", "0.2",
+        "--json", "out.json", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| torch workers=2 |" in done.stdout
+    assert "| aload thread workers=2, async for |" in done.stdout
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["environment"]["repeats"] == 2
+    by_workload = {w["name"]: w["results"] for w in report["workloads"]}
+    assert set(by_workload) == {"tensor", "memory"}
+    for results in by_workload.values():
+        for row in results:
+            assert row["error"] is None, row
+            assert len(row["samples_per_s"]) == 2
+            assert row["median_samples_per_s"] > 0
+            assert row["median_first_batch_ms"] > 0
+            assert row["vs_best_torch"] > 0
+        best_torch = [r["vs_best_torch"] for r in results if r["family"] == "torch"]
+        assert max(best_torch) == pytest.approx(1.0)
+    memory = {r["loader"]: r["median_peak_mib"] for r in by_workload["memory"]}
+    # 200,000 records read by forked workers are copied into them; threads share them.
+    assert memory["torch workers=2"] > 30
+    assert memory["aload thread workers=2, for"] < memory["torch workers=2"] / 3
+
+
+def test_plot_sweeps_worker_counts(tmp_path):
+    pytest.importorskip("matplotlib")
+    done = bench(
+        "--workloads", "--plot", "sweep.png", "--plot-workload", "io", "--plot-workers", "1", "4",
+        "--plot-scale", "0.02", "--repeats", "1", "--json", "-", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # with --json -, stdout is the JSON alone
+    assert report["workloads"] == []
+    points = {(r["family"], r["workers"]) for r in report["sweep"]}
+    assert {("torch", 1), ("torch", 4), ("aload thread", 1), ("aload thread", 4)} <= points
+    assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be positive"),
+        (["--workers", "-1"], "--workers must be non-negative"),
+        (["--scale", "0"], "--scale and --plot-scale must be positive"),
+        (["--workloads", "nope"], "invalid choice: 'nope'"),
+    ],
+)
+def test_bad_options_are_refused_by_name(args, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse(args)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_failing_loader_is_reported_and_the_others_still_run():
+    def broken():
+        raise OSError("disk gone")
+
+    workload = Workload(
+        "w", "d", [torch_loader(range(64), 0, batch_size=8), Contender("peer", 1, broken)]
+    )
+    with TreeMemory() as memory:
+        ok, failed = measure(workload, 2, memory)
+    assert ok.error is None
+    assert len(ok.samples_per_s) == 2
+    assert failed.error == "OSError: disk gone"
+    assert failed.samples_per_s == []
+    assert "| peer workers=1 | failed: OSError: disk gone |" in table(workload, [ok, failed])
