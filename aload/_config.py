@@ -24,6 +24,7 @@ from torch.utils.data._utils.collate import default_collate, default_convert
 from torch.utils.data.distributed import DistributedSampler
 
 from ._async_fetch import is_async_map_style
+from ._device import ToDevice, resolve_device
 from ._retry import NO_RETRY, Retry
 from .workers.process import resolve_context
 
@@ -57,6 +58,9 @@ class LoaderConfig:
     max_concurrency: int
     asynchronous: bool
     multiprocessing_context: Any
+    device: torch.device | None
+    to_device: ToDevice | None
+    device_transform: Callable[[Any], Any] | None
 
     @property
     def auto_collation(self) -> bool:
@@ -109,6 +113,9 @@ def resolve_config(
     max_skipped: int = 0,
     max_concurrency: int = 64,
     multiprocessing_context: Any = None,
+    device: str | int | torch.device | None = None,
+    to_device: ToDevice | None = None,
+    device_transform: Callable[[Any], Any] | None = None,
 ) -> LoaderConfig:
     """Check the arguments as `torch.utils.data.DataLoader` does and fill in the defaults.
 
@@ -150,6 +157,8 @@ def resolve_config(
         ("collate_fn", collate_fn),
         ("worker_init_fn", worker_init_fn),
         ("transform", transform),
+        ("to_device", to_device),
+        ("device_transform", device_transform),
     ):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
@@ -226,6 +235,10 @@ def resolve_config(
             "batch_size=None option disables auto-batching and is mutually exclusive with drop_last"
         )
 
+    resolved_device = resolve_device(device)
+    if resolved_device is None and (to_device is not None or device_transform is not None):
+        raise ValueError("to_device and device_transform need a device= to move batches to")
+
     batched = batch_size is not None if iterable else batch_sampler is not None
     if collate_fn is None:
         collate_fn = default_collate if batched else default_convert
@@ -254,6 +267,9 @@ def resolve_config(
         max_concurrency=max_concurrency,
         asynchronous=asynchronous,
         multiprocessing_context=multiprocessing_context,
+        device=resolved_device,
+        to_device=to_device,
+        device_transform=device_transform,
     )
 
 

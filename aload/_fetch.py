@@ -73,7 +73,7 @@ def map_reader(
     if not batched:
         return lambda job: finish.sample(read(job.indices))
     plain = finish.collate_fn is default_collate and finish.transform is None
-    gather = vectorized_gather(dataset) if plain else None
+    gather = vectorized_gather(dataset, pin=finish.pin) if plain else None
     if gather is not None:
         return lambda job: finish.batch(gather(torch.as_tensor(job.indices, dtype=torch.long)))
     getitems = getattr(dataset, "__getitems__", None)
@@ -96,16 +96,17 @@ def map_reader(
     return read_each
 
 
-def vectorized_gather(dataset: Any) -> Gather | None:
+def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:
     """Return a one-operation batch read equal to `default_collate` of the samples, or None.
 
     Covers a `TensorDataset`, a tensor, a numeric numpy array, and `Subset`s of those (what
     `random_split` returns); any subclass that changes how an item is read is left alone.
+    With `pin`, tensor rows are gathered straight into pinned memory (one copy, not two).
     """
     kind = type(dataset)
     if isinstance(dataset, torch.Tensor):
         if dataset.layout is torch.strided and dataset.dim() >= 1:
-            return dataset.__getitem__
+            return (lambda index: pinned_rows(dataset, index)) if pin else dataset.__getitem__
         return None
     if isinstance(dataset, np.ndarray):
         if dataset.ndim >= 2 and (dataset.dtype.kind in "biuf"):
@@ -114,15 +115,23 @@ def vectorized_gather(dataset: Any) -> Gather | None:
     if kind.__getitem__ is TensorDataset.__getitem__ and not hasattr(kind, "__getitems__"):
         tensors = dataset.tensors
         if all(t.layout is torch.strided for t in tensors):
+            if pin:
+                return lambda index: [pinned_rows(t, index) for t in tensors]
             return lambda index: [t[index] for t in tensors]
         return None
     if kind.__getitem__ is Subset.__getitem__ and kind.__getitems__ is Subset.__getitems__:
-        inner = vectorized_gather(dataset.dataset)
+        inner = vectorized_gather(dataset.dataset, pin)
         if inner is None:
             return None
         positions = torch.as_tensor(dataset.indices, dtype=torch.long)
         return lambda index: inner(positions[index])
     return None
+
+
+def pinned_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[index]` for a 1-D index, written straight into pinned host memory."""
+    out = torch.empty((len(index), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
+    return torch.index_select(tensor, 0, index, out=out)
 
 
 class _Exhausted:

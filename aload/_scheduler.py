@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -28,6 +28,9 @@ from ._checkpoint import Delivered
 from ._fetch import Abandoned, describe_indices, is_exhausted
 from ._stats import EpochMeter, count_samples
 from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from ._device import DeviceStage
 
 _WAIT = object()
 _END = object()
@@ -185,6 +188,8 @@ class Epoch:
         timeout: float,
         delivered: Delivered,
         meter: EpochMeter,
+        stage: DeviceStage | None = None,
+        stage_depth: int = 0,
     ) -> None:
         self._source = source
         self._delivered = delivered
@@ -200,6 +205,9 @@ class Epoch:
         self._in_flight: dict[int, _Job] = {}
         self._ready_by_seq: dict[int, _Job] = {}
         self._ready_fifo: deque[_Job] = deque()
+        self._stage = stage
+        self._stage_depth = stage_depth
+        self._staged: deque[_Job] = deque()
         self._next_seq = 0
         self._source_done = False
         self._closed = False
@@ -301,6 +309,7 @@ class Epoch:
         self._in_flight.clear()
         self._ready_by_seq.clear()
         self._ready_fifo.clear()
+        self._staged.clear()
         self._mailbox.done.clear()
         if self._owns_pool:
             self._pool.shutdown()
@@ -308,7 +317,7 @@ class Epoch:
     def _poll(self) -> Any:
         """The next batch if one is due; else `_WAIT` (workers are on it) or `_END`."""
         while not self._closed:
-            job = self._take()
+            job = self._take() if self._stage is None else self._take_staged()
             if job is None:
                 if self._source_done and not self._in_flight:
                     self._delivered.complete = True
@@ -321,9 +330,11 @@ class Epoch:
                 raise error
             batch = job.value
             has_samples = not is_exhausted(batch)
+            if has_samples and self._stage is not None:
+                batch = self._stage.hand_over(batch)
             self._delivered.add(job.seq, job.worker, counted=has_samples)
             if has_samples:
-                waiting = len(self._ready_by_seq) + len(self._ready_fifo)
+                waiting = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
                 samples = count_samples(job.indices, batch)
                 self._meter.delivered(samples, waiting, len(self._in_flight))
                 return batch
@@ -346,6 +357,20 @@ class Epoch:
             if self._prefetch:
                 self._fill()
         return job
+
+    def _take_staged(self) -> _Job | None:
+        """`_take` through the device stage: due jobs start their copy to the device up to
+        `stage_depth` batches ahead of the one returned, so the copy of the next batch runs
+        while the loop body works on this one."""
+        staged = self._staged
+        while len(staged) <= self._stage_depth and (job := self._take()) is not None:
+            if job.error is None and not is_exhausted(job.value):
+                try:
+                    job.value = self._stage.issue(job.value)  # type: ignore[union-attr]
+                except Exception as error:
+                    job.value, job.error = None, error
+            staged.append(job)
+        return staged.popleft() if staged else None
 
     def _fill(self) -> None:
         while not self._source_done and len(self._in_flight) < self._max_in_flight:

@@ -20,6 +20,7 @@ from ._checkpoint import (
 )
 from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
+from ._device import DeviceStage, ToDevice
 from ._fetch import Finish, map_reader
 from ._plans import ReaderPlan
 from ._progress import progress_available, watch_progress
@@ -85,6 +86,15 @@ class DataLoader:
             item reads may be in flight at once, across batches, on aload's event loop.
         progress: show a tqdm progress bar for each epoch, with samples/s and the share of
             time spent waiting for data (needs `tqdm`). Off by default.
+        device: deliver batches on this device ("cuda", "cuda:1", a `torch.device`). For CUDA,
+            workers pin each batch, and up to `prefetch_factor` batches are copied ahead with
+            `non_blocking=True` on a side stream; the caller's current stream waits for a copy
+            (on the GPU) before its batch is yielded. Without CUDA, "cuda" raises ValueError.
+        to_device: `to_device(batch, device)` moves a batch of a type aload cannot see into
+            (default: tensors in mappings, sequences, named tuples and dataclasses, and any
+            object with a `to()` method). It runs on the copy stream: pass `non_blocking=True`.
+        device_transform: called on each batch once it is on `device`, on the copy stream
+            (normalization, augmentation on the GPU), so it overlaps the training step too.
 
     `state_dict()` at any point of an epoch, and `load_state_dict()` on a fresh loader with the
     same arguments, resume with exactly the batches not yet yielded, in the same order.
@@ -116,6 +126,9 @@ class DataLoader:
         max_concurrency: int = 64,
         multiprocessing_context: Any = None,
         progress: bool = False,
+        device: str | int | torch.device | None = None,
+        to_device: ToDevice | None = None,
+        device_transform: Callable[[Any], Any] | None = None,
     ) -> None:
         self._config = resolve_config(
             dataset,
@@ -140,8 +153,16 @@ class DataLoader:
             max_skipped=max_skipped,
             max_concurrency=max_concurrency,
             multiprocessing_context=multiprocessing_context,
+            device=device,
+            to_device=to_device,
+            device_transform=device_transform,
         )
-        self._pin = pinning_enabled(self._config.pin_memory)
+        config = self._config
+        self._stage = None
+        if config.device is not None:
+            self._stage = DeviceStage(config.device, config.to_device, config.device_transform)
+        to_gpu = config.device is not None and config.device.type == "cuda"
+        self._pin = pinning_enabled(config.pin_memory) or to_gpu
         self._show_progress = progress_available(progress)
         self._persistent_pool: WorkerPool | None = None
         self._next_epoch = 0
@@ -171,6 +192,7 @@ class DataLoader:
     max_skipped = property(lambda self: self._config.max_skipped)
     max_concurrency = property(lambda self: self._config.max_concurrency)
     multiprocessing_context = property(lambda self: self._config.multiprocessing_context)
+    device = property(lambda self: self._config.device)
 
     @property
     def stats(self) -> LoaderStats:
@@ -262,18 +284,22 @@ class DataLoader:
             source, read = self._plan(finish, reads, delivered)
             if isinstance(pool, ProcessPool):
                 read = self._process_plan(delivered)
+        # An inline pool loads at submit time: submitting (or copying) ahead would load before
+        # yielding.
+        inline = isinstance(pool, InlinePool)
         epoch = Epoch(
             source=source,
             read=read,
             pool=pool,
             owns_pool=owns_pool,
-            # An inline pool loads at submit time: submitting ahead would load before yielding.
-            max_in_flight=1 if isinstance(pool, InlinePool) else config.max_in_flight,
-            prefetch=not isinstance(pool, InlinePool),
+            max_in_flight=1 if inline else config.max_in_flight,
+            prefetch=not inline,
             in_order=config.in_order,
             timeout=config.timeout,
             delivered=delivered,
             meter=meter,
+            stage=self._stage,
+            stage_depth=0 if inline else config.prefetch_factor,
         )
         return EpochIterator(epoch)
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -65,3 +66,27 @@ def test_ddp_example_resumes_a_preempted_epoch_on_every_rank(tmp_path):
         assert f"rank {rank}: epoch 1 loss" in resumed
         assert re.search(rf"rank {rank}: epoch 1 loss [\d.]+ over 1888 samples", resumed)
         assert re.search(rf"rank {rank}: epoch 2 loss [\d.]+ over 2048 samples", resumed)
+
+
+def test_gpu_example_learns_with_batches_delivered_on_the_device():
+    """On CPU here (device="cpu" runs the same stage); on a GPU machine it trains on CUDA."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "gpu_train.py"),
+            "--epochs",
+            "3",
+            "--samples",
+            "2048",
+            "--device",
+            device,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.count(f"on {device}") == 3
+    accuracy = float(re.search(r"accuracy in the last epoch: ([\d.]+)", result.stdout)[1])
+    assert accuracy > 0.9
