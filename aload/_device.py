@@ -12,7 +12,7 @@ only enqueue work: neither blocks it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -86,19 +86,26 @@ def move(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
     return batch
 
 
-def tensors_in(batch: Any) -> Iterator[torch.Tensor]:
-    """Every tensor a batch holds: in its containers, dataclasses and objects' attributes."""
+def tensors_in(batch: Any, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every tensor a batch holds: in its containers, dataclasses and objects' attributes
+    (each object visited once, so a structure that refers to itself is walked once)."""
     if isinstance(batch, torch.Tensor):
         yield batch
-    elif isinstance(batch, Mapping):
-        for value in batch.values():
-            yield from tensors_in(value)
+        return
+    seen = set() if seen is None else seen
+    if id(batch) in seen:
+        return
+    seen.add(id(batch))
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
     elif isinstance(batch, list | tuple):
-        for value in batch:
-            yield from tensors_in(value)
+        values = batch
     elif hasattr(batch, "__dict__") and not isinstance(batch, type):
-        for value in vars(batch).values():
-            yield from tensors_in(value)
+        values = vars(batch).values()
+    else:
+        return
+    for value in values:
+        yield from tensors_in(value, seen)
 
 
 @dataclasses.dataclass(slots=True)
@@ -113,7 +120,8 @@ class DeviceStage:
     """Moves finished batches to `device`: on a side CUDA stream for a CUDA device, with a
     plain `to(device)` otherwise. `to_device(batch, device)` replaces the default walk (for
     batch types it cannot see into); `transform(batch)` runs on the moved batch, on the copy
-    stream for CUDA. Used from one thread, the consumer's."""
+    stream for CUDA: tensors it takes from elsewhere (a mean, a std) must be ready by then,
+    so make them before the loop. Used from one thread, the consumer's."""
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ def test_all_is_sorted_and_every_name_exists():
 
 def test_public_names_exclude_private_modules():
     public = {name for name in dir(aload) if not name.startswith("_")}
-    modules = {"collate", "loader", "workers"}
+    modules = {"bench", "collate", "loader", "workers"}  # bench: once aload.bench is imported
     assert public - modules == set(aload.__all__)
 
 

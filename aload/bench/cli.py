@@ -43,7 +43,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot-workload", default="io", choices=list(WORKLOADS))
     parser.add_argument("--plot-workers", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument(
-        "--plot-scale", type=float, default=0.25, help="item-count scale for the sweep's runs"
+        "--plot-scale", type=float, default=0.5, help="item-count scale for the sweep's runs"
     )
     args = parser.parse_args(argv)
     for name in ("repeats", "workers"):
