@@ -56,6 +56,7 @@ def test_suite_writes_tables_and_json_with_every_loader(tmp_path):
     assert "| aload thread workers=2, async for |" in done.stdout
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["environment"]["repeats"] == 2
+    assert 0 < report["stats_cost_us_per_batch"] < 50
     by_workload = {w["name"]: w["results"] for w in report["workloads"]}
     assert set(by_workload) == {"tensor", "memory"}
     for results in by_workload.values():

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gc
 import statistics
+import time
 import warnings
 from dataclasses import dataclass, field
 
 import aload
+from aload._retry import NO_RETRY
+from aload._stats import StatsKeeper
 from aload.bench.contenders import Contender
 from aload.bench.memory import TreeMemory
 from aload.bench.workloads import Workload
@@ -80,3 +83,15 @@ def best_torch(results: list[Result]) -> float | None:
     """The highest median samples/s among torch's DataLoader runs: the ratios' reference."""
     torch_runs = [r.throughput for r in results if r.family == "torch" and r.error is None]
     return max(torch_runs) if torch_runs else None
+
+
+def stats_cost_us(batches: int = 100_000) -> float:
+    """Microseconds that `loader.stats` bookkeeping adds to each batch: the calls the
+    scheduler makes per batch, timed alone (it is always on, so no run can leave it out)."""
+    meter = StatsKeeper().new_epoch(0, NO_RETRY, 0)
+    started = time.perf_counter()
+    for _ in range(batches):
+        asked_at = meter.asked()
+        meter.delivered(256, 2, 4)
+        meter.handed_over(asked_at)
+    return (time.perf_counter() - started) / batches * 1e6
