@@ -60,6 +60,7 @@ def _tensor(s: Settings) -> Workload:
             torch_loader(data, w, **kw),
             aload_loader(data, w, **kw),
             aload_loader(data, w, asynchronous=True, **kw),
+            *([aload_loader(data, w, worker_mode="process", **kw)] if w else []),
             *torchdata_nodes(data, w, 256, shuffle=True),
             *spdl_pipeline(data, w, 256, shuffle=True),
         ]
@@ -77,6 +78,7 @@ def _io(s: Settings) -> Workload:
             torch_loader(data, processes, batch_size=32),
             aload_loader(data, threads, batch_size=32),
             aload_loader(data, threads, asynchronous=True, batch_size=32),
+            aload_loader(data, processes, batch_size=32, worker_mode="process"),
             *torchdata_nodes(data, threads, 32),
             *spdl_pipeline(data, threads, 32),
         ],
@@ -121,6 +123,7 @@ def _numpy(s: Settings) -> Workload:
             torch_loader(data, w, batch_size=32),
             aload_loader(data, w, batch_size=32),
             aload_loader(data, w, asynchronous=True, batch_size=32),
+            aload_loader(data, w, batch_size=32, worker_mode="process"),
             *torchdata_nodes(data, w, 32),
             *spdl_pipeline(data, w, 32),
         ],
