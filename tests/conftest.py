@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
 import pytest
+import torch
 from torch.utils.data import Dataset, IterableDataset
 
 import aload
@@ -44,6 +46,24 @@ class Shards(IterableDataset):
         info = aload.get_worker_info()
         start, step = (0, 1) if info is None else (info.id, info.num_workers)
         return iter(range(start, self.n, step))
+
+
+def assert_resumes_exactly(make, stop: int, settle: float = 0.0) -> None:
+    """The shared save/resume check: `stop` batches from one loader, then a fresh loader from
+    its state (through torch.save), must give exactly the batches of one whole epoch.
+    `settle` pauses before saving, so later batches are prefetched (and staged) first."""
+    whole = [b.tolist() for b in make()]
+    loader = make()
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(stop)]
+    time.sleep(settle)
+    buffer = io.BytesIO()
+    torch.save(loader.state_dict(), buffer)
+    it.close()
+    buffer.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buffer))
+    assert head + [b.tolist() for b in resumed] == whole
 
 
 def aload_threads() -> list[threading.Thread]:

@@ -10,7 +10,7 @@ from typing import ClassVar
 import anyio
 import pytest
 import torch
-from conftest import flatten
+from conftest import assert_resumes_exactly, flatten
 
 import aload
 
@@ -326,12 +326,4 @@ def test_async_dataset_resumes_mid_epoch():
             generator=torch.Generator().manual_seed(2),
         )
 
-    whole = [b.tolist() for b in make()]
-    loader = make()
-    it = iter(loader)
-    head = [next(it).tolist() for _ in range(5)]
-    state = loader.state_dict()
-    it.close()
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert head + [b.tolist() for b in resumed] == whole
+    assert_resumes_exactly(make, stop=5)

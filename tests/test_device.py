@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import Indexed, aload_threads, wait_for_no_workers
+from conftest import Indexed, aload_threads, assert_resumes_exactly, wait_for_no_workers
 from torch.utils.data import Dataset, TensorDataset
 
 import aload
@@ -199,16 +199,7 @@ def test_a_checkpoint_counts_yielded_batches_not_staged_ones():
             generator=torch.Generator().manual_seed(3),
         )
 
-    whole = [b.tolist() for b in make()]
-    loader = make()
-    it = iter(loader)
-    head = [next(it).tolist() for _ in range(3)]
-    time.sleep(0.05)  # let later batches be staged
-    state = loader.state_dict()
-    del it
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert head + [b.tolist() for b in resumed] == whole
+    assert_resumes_exactly(make, stop=3, settle=0.05)
 
 
 @pytest.mark.anyio

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.utils.data
-from conftest import Indexed, flatten
+from conftest import Indexed, assert_resumes_exactly, flatten
 
 import aload
 
@@ -193,15 +193,7 @@ def test_resume_in_process_mode():
             generator=torch.Generator().manual_seed(1),
         )
 
-    whole = [b.tolist() for b in make()]
-    loader = make()
-    it = iter(loader)
-    head = [next(it).tolist() for _ in range(3)]
-    state = loader.state_dict()
-    it.close()
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert head + [b.tolist() for b in resumed] == whole
+    assert_resumes_exactly(make, stop=3)
 
 
 class Slow(Indexed):

@@ -50,20 +50,33 @@ class Workload:
     contenders: list[Contender]
 
 
+def _every_loader(
+    data: Any,
+    batch_size: int,
+    workers: int,
+    *,
+    threads: int | None = None,
+    shuffle: bool = False,
+    peer_method: str = "thread",
+) -> list[Contender]:
+    """The rows most workloads share: torch with `workers` processes, aload with `threads`
+    (`for` and `async for`) and with `workers` processes, then the peers with `threads`."""
+    threads = workers if threads is None else threads
+    kw: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle}
+    return [
+        torch_loader(data, workers, **kw),
+        aload_loader(data, threads, **kw),
+        aload_loader(data, threads, asynchronous=True, **kw),
+        *([aload_loader(data, workers, worker_mode="process", **kw)] if workers else []),
+        *torchdata_nodes(data, threads, batch_size, shuffle=shuffle, method=peer_method),
+        *spdl_pipeline(data, threads, batch_size, shuffle=shuffle),
+    ]
+
+
 def _tensor(s: Settings) -> Workload:
     n = s.items(100_000)
     data = tud.TensorDataset(torch.randn(n, 64), torch.randint(0, 10, (n,)))
-    kw: dict[str, Any] = {"batch_size": 256, "shuffle": True}
-    contenders = []
-    for w in s.counts(0, 2):
-        contenders += [
-            torch_loader(data, w, **kw),
-            aload_loader(data, w, **kw),
-            aload_loader(data, w, asynchronous=True, **kw),
-            *([aload_loader(data, w, worker_mode="process", **kw)] if w else []),
-            *torchdata_nodes(data, w, 256, shuffle=True),
-            *spdl_pipeline(data, w, 256, shuffle=True),
-        ]
+    contenders = [c for w in s.counts(0, 2) for c in _every_loader(data, 256, w, shuffle=True)]
     return Workload("tensor", f"TensorDataset {n:,} x 64, batch 256, shuffled", contenders)
 
 
@@ -74,14 +87,7 @@ def _io(s: Settings) -> Workload:
     return Workload(
         "io",
         f"2 ms blocking read per item, {n:,} items, batch 32 (threads are cheap: 32 of them)",
-        [
-            torch_loader(data, processes, batch_size=32),
-            aload_loader(data, threads, batch_size=32),
-            aload_loader(data, threads, asynchronous=True, batch_size=32),
-            aload_loader(data, processes, batch_size=32, worker_mode="process"),
-            *torchdata_nodes(data, threads, 32),
-            *spdl_pipeline(data, threads, 32),
-        ],
+        _every_loader(data, 32, processes, threads=threads),
     )
 
 
@@ -119,14 +125,7 @@ def _numpy(s: Settings) -> Workload:
         "numpy",
         f"~2 ms of GIL-releasing numpy work per item (sort of {s.numpy_size:,} floats), "
         f"{n:,} items, batch 32",
-        [
-            torch_loader(data, w, batch_size=32),
-            aload_loader(data, w, batch_size=32),
-            aload_loader(data, w, asynchronous=True, batch_size=32),
-            aload_loader(data, w, batch_size=32, worker_mode="process"),
-            *torchdata_nodes(data, w, 32),
-            *spdl_pipeline(data, w, 32),
-        ],
+        _every_loader(data, 32, w),
     )
 
 
