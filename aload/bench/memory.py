@@ -1,11 +1,17 @@
-"""Peak memory of a process and all its descendants, sampled from /proc by a helper process.
+"""Peak memory of this process and its worker processes, without disturbing the run measured.
 
-The total is the sum of each process's proportional set size (PSS): a page shared by k
-processes counts 1/k in each, so forked workers that only share the parent's pages add little,
-and pages they copy (copy-on-read) count in full. Summing plain RSS would count every shared
-page once per process. A helper process does the sampling so that it never holds the GIL of
-the process being measured; it runs this file alone (standard library only, no torch import).
-Linux only; elsewhere `TreeMemory.available` is False.
+The figure is this process's peak RSS (the kernel's own high-water mark, reset at `start`, so
+it costs nothing to track) above its RSS at `start`, plus each descendant process's peak
+private memory (USS: pages no other process maps) above what it held at `start`. Private
+memory is what a worker adds: its own allocations and the pages it copied from its parent
+(copy-on-read), but not the pages it still shares, which a sum of RSS would count once per
+worker.
+
+Descendants are sampled by a helper process that runs this file alone (standard library only),
+so sampling never holds the measured process's GIL. Reading a process's private memory walks
+its page tables (~6 ms for a process that imported torch) and would stall the measured process's
+own `mmap` calls, so the measured process itself is never walked, and the helper keeps its
+duty cycle under a tenth. Linux only; elsewhere `TreeMemory.available` is False.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -34,45 +41,45 @@ def _children_by_parent() -> dict[int, list[int]]:
     return children
 
 
-def _process_kib(pid: int) -> int:
-    """PSS in KiB (RSS where the kernel has no smaps_rollup); 0 for a process that is gone."""
-    try:
-        for line in (PROC / str(pid) / "smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return 0
-    try:
-        resident_pages = int((PROC / str(pid) / "statm").read_text().split()[1])
-    except OSError:
-        return 0
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def tree_kib(root: int, exclude: int | None = None) -> int:
-    """Total PSS in KiB of `root` and its descendants (leaving out the process `exclude`)."""
+def descendants(root: int, exclude: int) -> list[int]:
+    """Every process below `root`, leaving out `exclude` (the helper itself)."""
     children = _children_by_parent()
-    total, pending = 0, [root]
+    found, pending = [], list(children.get(root, ()))
     while pending:
         pid = pending.pop()
-        if pid == exclude:
-            continue
-        total += _process_kib(pid)
-        pending.extend(children.get(pid, ()))
-    return total
+        if pid != exclude:
+            found.append(pid)
+            pending.extend(children.get(pid, ()))
+    return found
+
+
+def private_kib(pid: int) -> int:
+    """A process's private memory (USS) in KiB; 0 for a process that is gone."""
+    try:
+        text = (PROC / str(pid) / "smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_"))
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A `/proc/<pid>/status` figure in KiB (`VmRSS`, `VmHWM`); cheap, no page-table walk."""
+    for line in (PROC / str(pid) / "status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 class TreeMemory:
-    """Measures the peak memory of this process tree above a baseline, between start and stop.
+    """Measures the peak memory of this process and its workers between `start` and `stop`.
 
-    Both calls block for one sample (a few milliseconds). Not thread-safe.
+    Both calls block for one sample of the workers (milliseconds). Not thread-safe.
     """
 
-    def __init__(self, interval: float = 0.01) -> None:
-        self.available = (PROC / str(os.getpid()) / "stat").exists()
+    def __init__(self, interval: float = 0.02) -> None:
+        self.available = (PROC / "self" / "clear_refs").exists()
         self._helper: subprocess.Popen[str] | None = None
+        self._baseline_rss = 0
         if self.available:
             self._helper = subprocess.Popen(
                 [sys.executable, __file__, str(os.getpid()), str(interval)],
@@ -91,15 +98,20 @@ class TreeMemory:
         return int(helper.stdout.readline())
 
     def start(self) -> None:
-        """Take the baseline: what the tree holds now."""
-        if self._helper is not None:
-            self._ask("reset")
+        """Take the baseline: reset this process's peak RSS, and note what workers hold now."""
+        if self._helper is None:
+            return
+        with open(PROC / "self" / "clear_refs", "w") as refs:
+            refs.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+        self._baseline_rss = status_kib(os.getpid(), "VmRSS")
+        self._ask("reset")
 
     def stop(self) -> float | None:
         """The peak since `start` above the baseline, in MiB (None where unavailable)."""
         if self._helper is None:
             return None
-        return self._ask("peak") / 1024
+        own = max(0, status_kib(os.getpid(), "VmHWM") - self._baseline_rss)
+        return (own + self._ask("peak")) / 1024
 
     def close(self) -> None:
         if self._helper is not None:
@@ -113,24 +125,50 @@ class TreeMemory:
         self.close()
 
 
-def _sample(root: int, interval: float) -> None:
-    """The helper's loop: sample every `interval` seconds, answer `reset` and `peak` on stdin."""
-    baseline = peak = tree_kib(root, exclude=os.getpid())
+class _Workers:
+    """The helper's record: each descendant's private memory at reset, and its peak since."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.baseline: dict[int, int] = {}
+        self.peak: dict[int, int] = {}
+
+    def sample(self) -> float:
+        """Read every descendant once; return how long that took, in seconds."""
+        started = time.perf_counter()
+        for pid in descendants(self.root, exclude=os.getpid()):
+            used = private_kib(pid) - self.baseline.get(pid, 0)
+            self.peak[pid] = max(self.peak.get(pid, 0), used)
+        return time.perf_counter() - started
+
+    def reset(self) -> None:
+        self.baseline = {pid: private_kib(pid) for pid in descendants(self.root, os.getpid())}
+        self.peak = {}
+
+    def total(self) -> int:
+        return sum(self.peak.values())
+
+
+def _serve(root: int, interval: float) -> None:
+    """The helper's loop: sample the workers, answer `reset` and `peak` on stdin."""
+    workers = _Workers(root)
+    pause = interval
     while True:
-        ready, _, _ = select.select([sys.stdin], [], [], interval)
-        now = tree_kib(root, exclude=os.getpid())
-        peak = max(peak, now)
+        ready, _, _ = select.select([sys.stdin], [], [], pause)
+        # At most a tenth of the time sampling: a worker forked from a torch process has large
+        # page tables to walk, and it competes with the run for the CPU.
+        pause = max(interval, 9 * workers.sample())
         if not ready:
             continue
         command = sys.stdin.readline().strip()
         if not command:
             return
         if command == "reset":
-            baseline = peak = now
-            print(baseline, flush=True)
+            workers.reset()
+            print(0, flush=True)
         else:
-            print(max(0, peak - baseline), flush=True)
+            print(workers.total(), flush=True)
 
 
 if __name__ == "__main__":
-    _sample(int(sys.argv[1]), float(sys.argv[2]))
+    _serve(int(sys.argv[1]), float(sys.argv[2]))
