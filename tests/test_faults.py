@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -265,3 +267,49 @@ def test_closing_a_loader_mid_epoch_fails_queued_batches_instead_of_hanging():
     loader.close()
     with pytest.raises(RuntimeError, match="workers were shut down"):
         list(it)
+
+
+EXITS_MID_EPOCH = r"""
+import os, time
+import anyio
+import aload
+
+
+class Slow:
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        os.write(1, f"start {i}\n".encode())  # one write per line: threads do not interleave
+        time.sleep(0.3)
+        os.write(1, f"end {i}\n".encode())
+        return i
+
+
+async def main():
+    async for batch in aload.DataLoader(Slow(), batch_size=1, num_workers=3):
+        return  # leave the loop, and then the program, while the workers are mid-item
+
+
+anyio.run(main)
+os.write(1, b"main done\n")
+"""
+
+
+def test_leaving_a_loop_and_exiting_at_once_lets_workers_finish_their_item():
+    """Worker threads are daemons: without a join at exit, the interpreter would finalize
+    (and tear torch down) while they are still inside an item, which can abort the process."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXITS_MID_EPOCH],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    started = {line for line in done.stdout.splitlines() if line.startswith("start")}
+    ended = {line.replace("end", "start") for line in done.stdout.splitlines() if "end" in line}
+    assert "done" in lines
+    assert len(started) >= 2  # the first batch, and at least one more in flight at exit
+    assert started == ended

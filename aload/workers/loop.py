@@ -23,6 +23,7 @@ import anyio.lowlevel
 from anyio import RunFinishedError
 
 from . import Job, WorkerPool
+from ._exit import stop_at_exit
 
 T = TypeVar("T")
 
@@ -53,6 +54,7 @@ class LoopPool:
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="aload-worker-loop", daemon=True)
         self._thread.start()
+        stop_at_exit(pool=self, thread=self._thread)
         self._ready.wait()
 
     def submit(self, job: Job, worker: int | None = None) -> None:

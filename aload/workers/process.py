@@ -33,6 +33,7 @@ from .._cuda import pin_batch
 from .._plans import ReaderPlan
 from .._worker_info import WorkerInfo, set_worker_info
 from . import Job
+from ._exit import stop_at_exit
 
 _GRACE_SECONDS = 5.0  # how long a worker may finish its task after shutdown before it is killed
 
@@ -125,6 +126,7 @@ class ProcessPool:
             target=self._collect, name="aload-worker-collector", daemon=True
         )
         self._collector.start()
+        stop_at_exit(pool=self, thread=self._collector)
 
     def submit(self, job: Job, worker: int | None = None) -> None:
         plan: ReaderPlan = job.read  # type: ignore[attr-defined]

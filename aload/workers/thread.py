@@ -13,6 +13,7 @@ from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
 from . import Job
+from ._exit import stop_at_exit
 
 _STOP = None
 
@@ -51,6 +52,7 @@ class ThreadPool:
             for i, queue in enumerate(self._queues)
         ]
         self._started = 0
+        stop_at_exit(pool=self)
 
     def submit(self, job: Job, worker: int | None = None) -> None:
         """Queue a job, starting threads as work arrives: one more per job (and thread
@@ -62,6 +64,7 @@ class ThreadPool:
                 wanted = min(len(self._threads), max(self._started, worker or 0) + 1)
                 for thread in self._threads[self._started : wanted]:
                     thread.start()
+                    stop_at_exit(thread=thread)
                 self._started = max(self._started, wanted)
                 return
         job.fail(_shut_down())
