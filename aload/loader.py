@@ -60,7 +60,8 @@ class DataLoader:
         pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
         drop_last: drop the last incomplete batch.
         timeout: seconds to wait for a batch before `TimeoutError` (0 waits forever).
-        worker_init_fn: called with the worker id once in each worker, before it loads.
+        worker_init_fn: called with the worker id once in each worker, before it loads (a
+            thread worker starts when the first batch reaches it).
         generator: seeds the shuffle and the workers' seeds, for reproducible epochs. Without
             one, the loader makes its own, seeded from torch's global RNG.
         prefetch_factor: batches in flight per worker.
