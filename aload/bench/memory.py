@@ -101,8 +101,13 @@ class TreeMemory:
         """Take the baseline: reset this process's peak RSS, and note what workers hold now."""
         if self._helper is None:
             return
-        with open(PROC / "self" / "clear_refs", "w") as refs:
-            refs.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+        try:
+            with open(PROC / "self" / "clear_refs", "w") as refs:
+                refs.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+        except OSError:  # a kernel or sandbox that refuses: report no memory figures
+            self.close()
+            self.available = False
+            return
         self._baseline_rss = status_kib(os.getpid(), "VmRSS")
         self._ask("reset")
 
