@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import Indexed, aload_threads, assert_resumes_exactly, wait_for_no_workers
+from conftest import Indexed, Shards, aload_threads, assert_resumes_exactly, wait_for_no_workers
 from torch.utils.data import Dataset, TensorDataset
 
 import aload
@@ -417,3 +417,16 @@ def test_cuda_stage_copies_on_its_stream_then_the_consumer_waits_and_records(mon
     fake.current = "user stream"  # whatever stream is current when the batch is taken
     stage.hand_over(second)
     assert fake.calls[0] == ("wait", "user stream", "event 2")
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_iterable_datasets_and_any_order_pass_through_the_stage_whole(in_order):
+    log = CopyLog()
+    loader = aload.DataLoader(
+        Shards(40), batch_size=4, num_workers=3, in_order=in_order, device="cpu", to_device=log
+    )
+    for _epoch in range(2):
+        log.issued.clear()
+        batches = [b.tolist() for b in loader]
+        assert sorted(x for b in batches for x in b) == list(range(40))
+        assert len(log.issued) == len(batches)  # each batch copied once, end markers never
