@@ -221,12 +221,11 @@ class Images(Dataset):
 
 
 @needs_cuda
-@pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("worker_mode", ["thread", "process"])
+@pytest.mark.parametrize(
+    ("num_workers", "worker_mode"), [(0, "thread"), (2, "thread"), (2, "process")]
+)  # process mode needs workers
 @pytest.mark.parametrize("tensors", [False, True], ids=["per-item", "gathered"])
 def test_cuda_batches_equal_the_host_data(num_workers, worker_mode, tensors):
-    if worker_mode == "process" and num_workers == 0:
-        pytest.skip("process mode needs workers")
     images = Images(64)
     # A TensorDataset is gathered with one index operation, straight into pinned memory.
     data = TensorDataset(images.data, torch.arange(64)) if tensors else images

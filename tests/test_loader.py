@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -291,8 +292,6 @@ def test_batches_stay_bounded_with_a_slow_consumer():
     loader = aload.DataLoader(ds, batch_size=1, num_workers=2, prefetch_factor=3)
     it = iter(loader)
     next(it)
-    import time
-
     time.sleep(0.3)
     assert ds.reads == 1 + 2 * 3
     it.close()

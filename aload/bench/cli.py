@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - started
     print(f"{suite_seconds:.0f} s for the suite, {total:.0f} s in all", file=out)
     if args.json:
-        report = document(args.repeats, suites, swept)
+        report = document(env, suites, swept)
         report["stats_cost_us_per_batch"] = stats_cost
         text = json.dumps(report, indent=2)
         if args.json == "-":

@@ -52,7 +52,9 @@ def environment(repeats: int) -> dict[str, Any]:
 
 
 def document(
-    repeats: int, suites: list[tuple[Workload, list[Result]]], sweep: list[Result] | None = None
+    env: dict[str, Any],
+    suites: list[tuple[Workload, list[Result]]],
+    sweep: list[Result] | None = None,
 ) -> dict[str, Any]:
     """Everything measured, with medians and ratios beside the raw runs."""
 
@@ -67,7 +69,7 @@ def document(
         }
 
     return {
-        "environment": environment(repeats),
+        "environment": env,
         "workloads": [
             {
                 "name": w.name,

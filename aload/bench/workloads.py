@@ -73,6 +73,18 @@ def _every_loader(
     ]
 
 
+def _forked(data: Any, workers: int, **kwargs: Any) -> Contender:
+    """aload's process workers started by fork instead of the default forkserver."""
+    return aload_loader(
+        data,
+        workers,
+        detail="fork",
+        worker_mode="process",
+        multiprocessing_context="fork",
+        **kwargs,
+    )
+
+
 def _tensor(s: Settings) -> Workload:
     n = s.items(100_000)
     data = tud.TensorDataset(torch.randn(n, 64), torch.randint(0, 10, (n,)))
@@ -158,14 +170,7 @@ def _images(s: Settings) -> Workload:
             torch_loader(data, w, batch_size=64),
             aload_loader(data, w, batch_size=64),
             aload_loader(data, w, batch_size=64, worker_mode="process"),
-            aload_loader(
-                data,
-                w,
-                detail="fork",
-                batch_size=64,
-                worker_mode="process",
-                multiprocessing_context="fork",
-            ),
+            _forked(data, w, batch_size=64),
             *torchdata_nodes(data, w, 64),
             *spdl_pipeline(data, w, 64),
         ],
@@ -187,9 +192,7 @@ def _memory(s: Settings) -> Workload:
             torch_loader(data, w, **kw),
             aload_loader(data, w, **kw),
             aload_loader(data, w, worker_mode="process", **kw),
-            aload_loader(
-                data, w, detail="fork", worker_mode="process", multiprocessing_context="fork", **kw
-            ),
+            _forked(data, w, **kw),
         ],
     )
 

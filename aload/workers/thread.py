@@ -61,13 +61,18 @@ class ThreadPool:
         with self._lock:
             if not self._closed:
                 self._queues[worker or 0].put(job)
-                wanted = min(len(self._threads), max(self._started, worker or 0) + 1)
-                for thread in self._threads[self._started : wanted]:
-                    thread.start()
-                    stop_at_exit(thread=thread)
-                self._started = max(self._started, wanted)
+                if self._started < len(self._threads):  # once all run, nothing more per job
+                    self._start_up_to(worker or 0)
                 return
         job.fail(_shut_down())
+
+    def _start_up_to(self, worker: int) -> None:
+        """Start one more thread, and every thread up to `worker` (called under the lock)."""
+        wanted = min(len(self._threads), max(self._started, worker) + 1)
+        for thread in self._threads[self._started : wanted]:
+            thread.start()
+            stop_at_exit(thread=thread)
+        self._started = wanted
 
     def shutdown(self) -> None:
         """Stop every thread after its current job; queued jobs fail rather than vanish."""
