@@ -14,9 +14,11 @@ recorded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import multiprocessing
 import pickle
 import random
+import signal
 import threading
 import time
 import traceback
@@ -51,16 +53,17 @@ def resolve_context(context: Any) -> multiprocessing.context.BaseContext:
     if isinstance(context, str):
         if context not in multiprocessing.get_all_start_methods():
             raise ValueError(
-                "multiprocessing_context should be one of "
-                f"{multiprocessing.get_all_start_methods()!r}, got {context!r}"
+                "multiprocessing_context option should specify a valid start method in "
+                f"{multiprocessing.get_all_start_methods()!r}, but got "
+                f"multiprocessing_context={context!r}"
             )
         context = multiprocessing.get_context(context)
         if context.get_start_method() == "forkserver":
             context.set_forkserver_preload(["aload"])
     if not isinstance(context, multiprocessing.context.BaseContext):
         raise TypeError(
-            "multiprocessing_context should be a start method name or a multiprocessing "
-            f"context, got {context!r}"
+            "multiprocessing_context option should be a valid context object or a string "
+            f"specifying the start method, but got multiprocessing_context={context}"
         )
     return context
 
@@ -86,6 +89,7 @@ class ProcessPool:
         self._closed = False
         self._outstanding: list[dict[int, Any]] = [{} for _ in range(num_workers)]
         self._dead: dict[int, int | None] = {}  # worker -> exit code, recorded by the collector
+        self._failure: BaseException | None = None  # why the collector gave up, if it did
         self._plans: list[Any] = [None] * num_workers
         self._next = 0
         self._tasks: list[Connection] = []
@@ -134,6 +138,9 @@ class ProcessPool:
             if self._closed:
                 job.fail(RuntimeError("aload worker processes were shut down before this batch"))
                 return
+            if self._failure is not None:
+                job.fail(_pool_failed(self._failure))
+                return
             if worker is None:
                 worker = self._least_busy()
             if worker in self._dead:
@@ -169,8 +176,9 @@ class ProcessPool:
 
     @property
     def broken(self) -> bool:
-        """Whether a worker process has died (been killed, run out of memory)."""
-        return not self._closed and bool(self._dead)
+        """Whether a worker process has died (been killed, run out of memory), or the pool
+        can no longer talk to its workers."""
+        return not self._closed and (bool(self._dead) or self._failure is not None)
 
     @property
     def alive(self) -> bool:
@@ -188,7 +196,31 @@ class ProcessPool:
         return worker
 
     def _collect(self) -> None:
-        """Hand results to their jobs; fail the jobs of a worker that died; reap at the end."""
+        """Hand results to their jobs; fail the jobs of a worker that died; reap at the end.
+
+        Should this thread fail (a result that cannot be received: too many open files),
+        every job waiting on the pool fails with the reason and the workers are stopped:
+        the consumer gets an error, never a wait without end.
+        """
+        try:
+            self._collect_until_reaped()
+        except BaseException as error:
+            self._give_up(_explain_receive_error(error))
+
+    def _give_up(self, error: BaseException) -> None:
+        with self._lock:
+            self._failure = error
+            jobs = [job for outstanding in self._outstanding for job in outstanding.values()]
+            for outstanding in self._outstanding:
+                outstanding.clear()
+        for job in jobs:
+            job.fail(_pool_failed(error))
+        for process in self._processes:
+            with contextlib.suppress(Exception):
+                process.kill()
+                process.join(_GRACE_SECONDS)
+
+    def _collect_until_reaped(self) -> None:
         open_results = dict(enumerate(self._results))
         worker_of = {connection: w for w, connection in enumerate(self._results)}
         sentinels = {p.sentinel: w for w, p in enumerate(self._processes)}
@@ -217,7 +249,12 @@ class ProcessPool:
     def _receive(self, worker: int, open_results: dict[int, Connection]) -> None:
         try:
             key, ok, payload = self._results[worker].recv()
-        except (EOFError, OSError):
+        except OSError as error:
+            if error.errno == errno.EMFILE:  # the pipe is fine; this process is out of files
+                raise
+            open_results.pop(worker, None)
+            return
+        except EOFError:
             open_results.pop(worker, None)
             return
         with self._lock:
@@ -239,22 +276,55 @@ class ProcessPool:
             job.fail(self._death(worker, job))
 
     def _death(self, worker: int, job: Any) -> RuntimeError:
-        process = self._processes[worker]
+        """torch's words for a worker that died, then which batch it took with it."""
+        pid = self._processes[worker].pid
         code = self._dead.get(worker)
-        how = (
-            f"was killed by signal {-code}"
-            if code is not None and code < 0
-            else (f"exited with code {code}")
-        )
-        return RuntimeError(
-            f"aload worker process {worker} (pid {process.pid}) {how} while loading "
-            f"{job.describe()}"
-        )
+        if code is not None and code < 0:
+            what = f"DataLoader worker (pid {pid}) is killed by signal: {_signal_name(-code)}."
+        else:
+            what = f"DataLoader worker (pid {pid}) exited unexpectedly with exit code {code}."
+        return RuntimeError(f"{what} It was aload worker {worker}, loading {job.describe()}")
 
     def _terminate(self) -> None:
         for process in self._processes:
             process.kill()
             process.join()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.strsignal(number) or f"signal {number}"
+    except ValueError:
+        return f"signal {number}"
+
+
+_TOO_MANY_FILES = (
+    "Too many open files. Communication with the workers is no longer possible. Please "
+    "increase the limit using `ulimit -n` in the shell or change the sharing strategy by "
+    "calling `torch.multiprocessing.set_sharing_strategy('file_system')` at the beginning of "
+    "your code"
+)
+
+
+def _explain_receive_error(error: BaseException) -> BaseException:
+    """torch's message where the cause is the open-files limit (tensors arrive as file
+    descriptors, one each); any other error as it is."""
+    out_of_files = (isinstance(error, OSError) and error.errno == errno.EMFILE) or (
+        isinstance(error, RuntimeError) and "ancdata" in str(error)
+    )
+    if out_of_files:
+        explained = RuntimeError(_TOO_MANY_FILES)
+        explained.__cause__ = error
+        return explained
+    return error
+
+
+def _pool_failed(error: BaseException) -> RuntimeError:
+    """A fresh error for each job that the pool's failure took down (each gets its own
+    notes), caused by that failure."""
+    failed = RuntimeError(f"aload worker processes stopped: {error}")
+    failed.__cause__ = error
+    return failed
 
 
 def _dumps(value: Any, what: str) -> bytes:
