@@ -1,15 +1,18 @@
 """Checkpoints: replay an epoch from its start and skip the batches already delivered.
 
-An epoch's batches are decided before its first batch: by the generators' states, the
-samplers' own state, the dataset's own state (iterable datasets) and the epoch number. A
-checkpoint holds that start and which batches reached the consumer, counted when they are
-yielded (never when prefetched). Resuming restores the start and skips the delivered batches,
-so head + resumed tail is exactly one uninterrupted epoch.
+An epoch's batches are decided before its first batch: by the generators' states (the
+loader's `generator`, or torch's global RNG when it has none), the samplers' own state, the
+dataset's own state (iterable datasets) and the epoch number. A checkpoint holds that start and
+which batches reached the consumer, counted when they are yielded (never when prefetched).
+Resuming restores the start and skips the delivered batches, so head + resumed tail is exactly
+one uninterrupted epoch. Draws from the global RNG are replayed from the recorded state and the
+caller's RNG is then put back: resuming neither consumes nor changes it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,15 +83,21 @@ def _samplers(config: LoaderConfig) -> Iterator[Any]:
             yield candidate
 
 
-def capture_start(config: LoaderConfig, epoch: int) -> dict[str, Any]:
-    """Snapshot what decides the batches of the epoch about to start."""
+def capture_start(config: LoaderConfig, epoch: int, *, starting: bool) -> dict[str, Any]:
+    """Snapshot what decides the batches of epoch `epoch`.
+
+    `starting`: the epoch starts now, so the global RNG it will draw from is recorded too;
+    otherwise (a state saved between epochs) the next epoch draws afresh when it starts.
+    `base_seed` and `drew_base_seed` are filled in once the epoch has its workers.
+    """
     samplers = []
     for sampler in _samplers(config):
+        generator = getattr(sampler, "generator", None)
         if hasattr(sampler, "state_dict") and hasattr(sampler, "load_state_dict"):
             samplers.append({"state_dict": sampler.state_dict()})
-        elif isinstance(getattr(sampler, "generator", None), torch.Generator):
-            samplers.append({"generator": sampler.generator.get_state()})
-        elif hasattr(sampler, "generator"):
+        elif isinstance(generator, torch.Generator):
+            samplers.append({"generator": generator.get_state()})
+        elif generator is not None:
             samplers.append({"unreplayable": type(sampler).__name__})
         else:
             samplers.append({})
@@ -96,17 +105,23 @@ def capture_start(config: LoaderConfig, epoch: int) -> dict[str, Any]:
     dataset_state = (
         dataset.state_dict() if config.iterable and hasattr(dataset, "state_dict") else None
     )
+    own = config.generator
     return {
         "epoch": epoch,
-        "generator": config.generator.get_state(),
+        "generator": None if own is None else own.get_state(),
+        "global_rng": torch.get_rng_state() if own is None and starting else None,
         "samplers": samplers,
         "dataset": dataset_state,
+        "base_seed": None,
+        "drew_base_seed": True,
     }
 
 
 def restore_start(config: LoaderConfig, start: dict[str, Any]) -> None:
-    """Put the generators, samplers and dataset back as they were when the epoch started."""
-    config.generator.set_state(start["generator"])
+    """Put the generators, samplers and dataset back as they were when the epoch started
+    (the global RNG is replayed separately, by `replaying_draws`)."""
+    if start["generator"] is not None and config.generator is not None:
+        config.generator.set_state(start["generator"])
     for sampler, saved in zip(_samplers(config), start["samplers"], strict=True):
         if "state_dict" in saved:
             sampler.load_state_dict(saved["state_dict"])
@@ -114,6 +129,23 @@ def restore_start(config: LoaderConfig, start: dict[str, Any]) -> None:
             sampler.generator.set_state(saved["generator"])
     if start["dataset"] is not None:
         config.dataset.load_state_dict(start["dataset"])
+
+
+@contextmanager
+def replaying_draws(start: dict[str, Any] | None) -> Iterator[None]:
+    """Inside: torch's global RNG stands where it stood when the resumed epoch started, so
+    its draws (the workers' base seed, the sampler's seed) repeat; after: the caller's RNG
+    is as it was before."""
+    recorded = None if start is None else start.get("global_rng")
+    if recorded is None:
+        yield
+        return
+    callers = torch.get_rng_state()
+    torch.set_rng_state(recorded)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(callers)
 
 
 def fingerprint(config: LoaderConfig) -> dict[str, Any]:
@@ -143,8 +175,9 @@ def check_resumable(state: dict[str, Any], config: LoaderConfig) -> None:
     for sampler in state["start"]["samplers"]:
         if "unreplayable" in sampler:
             raise ValueError(
-                f"cannot resume: the {sampler['unreplayable']} draws from torch's global random "
-                "generator, so its order cannot be replayed; give it a generator="
+                f"cannot resume: the {sampler['unreplayable']} draws from a generator that is "
+                "not a torch.Generator, so its order cannot be replayed; give it a "
+                "torch.Generator or state_dict()/load_state_dict() methods"
             )
 
 

@@ -46,8 +46,8 @@ class LoaderConfig:
     pin_memory: bool
     timeout: float
     worker_init_fn: Callable[[int], None] | None
-    generator: torch.Generator
-    prefetch_factor: int
+    generator: torch.Generator | None
+    prefetch_factor: int | None
     persistent_workers: bool
     in_order: bool
     worker_mode: str
@@ -61,6 +61,12 @@ class LoaderConfig:
     device: torch.device | None
     to_device: ToDevice | None
     device_transform: Callable[[Any], Any] | None
+    pin_memory_device: str = ""
+
+    @property
+    def depth(self) -> int:
+        """Batches in flight per worker (torch's `prefetch_factor`, 2 unless given)."""
+        return self.prefetch_factor or 2
 
     @property
     def auto_collation(self) -> bool:
@@ -87,7 +93,7 @@ class LoaderConfig:
         slots = max(1, self.num_workers)
         if self.asynchronous:
             slots = max(slots, math.ceil(self.max_concurrency / (self.batch_size or 1)))
-        return slots * self.prefetch_factor
+        return slots * self.depth
 
 
 def resolve_config(
@@ -103,7 +109,7 @@ def resolve_config(
     timeout: float,
     worker_init_fn: Callable[[int], None] | None,
     generator: torch.Generator | None,
-    prefetch_factor: int,
+    prefetch_factor: int | None,
     persistent_workers: bool,
     in_order: bool,
     worker_mode: str,
@@ -116,11 +122,13 @@ def resolve_config(
     device: str | int | torch.device | None = None,
     to_device: ToDevice | None = None,
     device_transform: Callable[[Any], Any] | None = None,
+    pin_memory_device: str = "",
 ) -> LoaderConfig:
     """Check the arguments as `torch.utils.data.DataLoader` does and fill in the defaults.
 
-    Without a `generator`, the loader gets its own, seeded once from torch's global RNG, so
-    that an epoch's shuffle can be replayed when a checkpoint is resumed.
+    The exception type is torch's wherever torch raises for the same value (at construction
+    or, for some, only once iterating); values torch lets through silently (`timeout=nan`,
+    `pin_memory="no"`, `sampler=5`) are refused here, naming the argument.
 
     Raises:
         ValueError: for conflicting or out-of-range arguments, with torch's messages.
@@ -132,27 +140,36 @@ def resolve_config(
             "num_workers option should be non-negative; "
             "use num_workers=0 to disable multiprocessing."
         )
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-    if timeout < 0:
-        raise ValueError("timeout option should be non-negative")
-    _check_int("prefetch_factor", prefetch_factor)
-    if prefetch_factor < 1:
-        raise ValueError(f"prefetch_factor option should be positive, got {prefetch_factor}")
+    timeout = _check_timeout(timeout)
+    for name, flag in (
+        ("pin_memory", pin_memory),
+        ("persistent_workers", persistent_workers),
+        ("in_order", in_order),
+        ("distributed", distributed),
+    ):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if not isinstance(drop_last, bool):
+        raise ValueError(f"drop_last should be a boolean value, but got drop_last={drop_last}")
     if persistent_workers and num_workers == 0:
         raise ValueError("persistent_workers option needs num_workers > 0")
     if worker_mode not in WORKER_MODES:
         raise ValueError(f"worker_mode must be one of {WORKER_MODES}, got {worker_mode!r}")
-    if batch_size is not None:
-        _check_int("batch_size", batch_size)
-        if batch_size <= 0:
-            raise ValueError(
-                f"batch_size should be a positive integer value, but got batch_size={batch_size}"
-            )
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0
+    ):
+        raise ValueError(
+            f"batch_size should be a positive integer value, but got batch_size={batch_size}"
+        )
     if shuffle is not None and not isinstance(shuffle, bool):
         raise TypeError(f"shuffle must be True, False or None, got {shuffle!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    for name, order in (("sampler", sampler), ("batch_sampler", batch_sampler)):
+        if order is not None and not hasattr(order, "__iter__"):
+            raise TypeError(f"{name} must be an iterable of indices, got {type(order).__name__}")
+    if not isinstance(pin_memory_device, str):
+        raise TypeError(f"pin_memory_device must be a str, got {pin_memory_device!r}")
     for name, fn in (
         ("collate_fn", collate_fn),
         ("worker_init_fn", worker_init_fn),
@@ -171,15 +188,18 @@ def resolve_config(
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency should be positive, got {max_concurrency}")
     if multiprocessing_context is not None:
-        if worker_mode != "process" or num_workers == 0:
+        if num_workers == 0:
             raise ValueError(
-                "multiprocessing_context can only be used with worker_mode='process' and "
-                f"num_workers > 0, but got worker_mode={worker_mode!r}, num_workers={num_workers}"
+                "multiprocessing_context can only be used with multi-process loading "
+                f"(num_workers > 0), but got num_workers={num_workers}"
             )
+        # Thread workers accept (and ignore) it, so torch code that names one runs as it is.
         multiprocessing_context = resolve_context(multiprocessing_context)
 
     iterable = _is_iterable_style(dataset)
     asynchronous = is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__"))
+    # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
+    prefetch_factor = _check_prefetch_factor(prefetch_factor, num_workers or asynchronous)
     if asynchronous and worker_mode == "process":
         raise ValueError(
             "worker_mode='process' is not available for async datasets yet: their reads run on "
@@ -189,9 +209,6 @@ def resolve_config(
         _check_distributed(iterable, sampler, batch_sampler)
     # Every rank must shuffle alike: the seed comes from the user's generator, or is torch's 0.
     distributed_seed = generator.initial_seed() if generator is not None else 0
-    if generator is None:
-        generator = torch.Generator()
-        generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
     if iterable:
         if shuffle not in {False, None}:
             raise ValueError(
@@ -270,7 +287,37 @@ def resolve_config(
         device=resolved_device,
         to_device=to_device,
         device_transform=device_transform,
+        pin_memory_device=pin_memory_device,
     )
+
+
+def _check_timeout(timeout: object) -> float:
+    """Seconds to wait for a batch; 0 (or infinity) waits forever."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+    if math.isnan(timeout):
+        raise ValueError("timeout must be a number of seconds, got nan")
+    if timeout < 0:
+        raise ValueError("timeout option should be non-negative")
+    return 0.0 if math.isinf(timeout) else float(timeout)
+
+
+def _check_prefetch_factor(prefetch_factor: object, prefetching: int) -> int | None:
+    """torch's rules: only where workers prefetch, 2 by default; here also at least 1 (0
+    would never load)."""
+    if prefetch_factor is None:
+        return 2 if prefetching else None
+    _check_int("prefetch_factor", prefetch_factor)
+    if not prefetching:
+        raise ValueError(
+            "prefetch_factor option could only be specified in multiprocessing."
+            "let num_workers > 0 to enable multiprocessing, otherwise set prefetch_factor to None."
+        )
+    if prefetch_factor < 0:  # type: ignore[operator]
+        raise ValueError("prefetch_factor option should be non-negative")
+    if prefetch_factor == 0:
+        raise ValueError("prefetch_factor option should be positive: 0 would never load a batch")
+    return prefetch_factor  # type: ignore[return-value]
 
 
 def _check_distributed(iterable: bool, sampler: object, batch_sampler: object) -> None:

@@ -17,6 +17,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ._cuda import pin_batch
 from ._retry import Reads
+from ._worker_info import worker_dataset
 
 Batch = Any
 Gather = Callable[[torch.Tensor], Any]
@@ -63,6 +64,26 @@ class Finish:
     def batch(self, batch: Batch) -> Batch:
         """A batch that is already collated."""
         return pin_batch(batch) if self.pin else batch
+
+
+def per_worker_reader(
+    dataset: Any, build: Callable[[Any], Callable[[JobState], Batch]]
+) -> Callable[[JobState], Batch]:
+    """A reader that reads each thread worker's own replica of `dataset` (see `replica`),
+    with `build(replica)` made once per replica; outside a thread worker it reads `dataset`."""
+    shared = build(dataset)
+    readers: dict[int, Callable[[JobState], Batch]] = {}
+
+    def read(job: JobState) -> Batch:
+        own = worker_dataset()
+        if own is None or own is dataset:
+            return shared(job)
+        reader = readers.get(id(own))
+        if reader is None:
+            reader = readers[id(own)] = build(own)
+        return reader(job)
+
+    return read
 
 
 def map_reader(

@@ -25,6 +25,7 @@ import anyio.lowlevel
 from anyio import RunFinishedError
 
 from ._checkpoint import Delivered
+from ._errors import LoaderTimeoutError
 from ._fetch import Abandoned, describe_indices, is_exhausted
 from ._stats import EpochMeter, count_samples
 from .workers import WorkerPool
@@ -132,14 +133,25 @@ class IndexBatches:
     def __init__(self, index_sampler: Iterable[Any], delivered: Delivered) -> None:
         self._batches = enumerate(index_sampler)
         self._delivered = delivered
+        self._primed: tuple[int, Any, int | None] | None = None
+        self.done = False
+
+    def prime(self) -> None:
+        """Start the sampler now (it draws its randomness when it starts), as torch's loader
+        does when it starts workers, so the global RNG is drawn from in torch's order."""
+        self._primed = self.next()
 
     def next(self) -> tuple[int, Any, int | None] | None:
+        if self._primed is not None:
+            primed, self._primed = self._primed, None
+            return primed
         for seq, indices in self._batches:
             if seq not in self._delivered:
                 return seq, indices, None
+        self.done = True
         return None
 
-    def retire(self, worker: int | None) -> None:
+    def returned(self, worker: int | None, exhausted: bool) -> None:
         pass
 
 
@@ -147,26 +159,51 @@ class WorkerStreams:
     """Job source for iterable datasets: one batch from each worker in turn.
 
     Turns cycle over the worker ids in a fixed order, skipping workers whose stream has
-    ended, so the order of batches does not depend on when an end is noticed.
+    ended, so the order of batches does not depend on when an end is noticed. With
+    `max_in_flight` (for `in_order=False`), a worker also loses its turn while it holds its
+    share of the batches in flight, as in torch, so one slow stream cannot take every slot
+    and hold back the others.
     """
 
-    def __init__(self, num_workers: int, first_turn: int = 0) -> None:
+    def __init__(
+        self, num_workers: int, first_turn: int = 0, max_in_flight: int | None = None
+    ) -> None:
         self._num_workers = num_workers
         self._live = set(range(num_workers))
         self._turn = first_turn
         self._seq = 0
+        self._max_in_flight = max_in_flight
+        self._outstanding = [0] * num_workers
+        self.done = False
+
+    def prime(self) -> None:
+        pass
 
     def next(self) -> tuple[int, Any, int | None] | None:
-        while self._live:
+        """The next job, or None: when every stream has ended (`done`), or when every live
+        worker holds its share of the jobs in flight."""
+        for _ in range(self._num_workers):
+            if not self._live:
+                break
             worker = self._turn % self._num_workers
             self._turn += 1
-            if worker in self._live:
+            if worker in self._live and self._has_room(worker):
                 self._seq += 1
+                self._outstanding[worker] += 1
                 return self._seq - 1, None, worker
+        self.done = not self._live
         return None
 
-    def retire(self, worker: int | None) -> None:
-        self._live.discard(worker or 0)
+    def returned(self, worker: int | None, exhausted: bool) -> None:
+        """A job of `worker` came back; `exhausted`: its stream has ended."""
+        self._outstanding[worker or 0] -= 1
+        if exhausted:
+            self._live.discard(worker or 0)
+
+    def _has_room(self, worker: int) -> bool:
+        if self._max_in_flight is None:
+            return True
+        return self._outstanding[worker] < max(1, self._max_in_flight // len(self._live))
 
 
 JobSource = IndexBatches | WorkerStreams
@@ -190,7 +227,11 @@ class Epoch:
         meter: EpochMeter,
         stage: DeviceStage | None = None,
         stage_depth: int = 0,
+        length: Callable[[], int] | None = None,
+        check_yielded: Callable[[int], None] | None = None,
     ) -> None:
+        """`length` answers `len()` of the epoch; `check_yielded` is told how many batches
+        have been yielded, after each."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
@@ -211,6 +252,9 @@ class Epoch:
         self._next_seq = 0
         self._source_done = False
         self._closed = False
+        self.length = length
+        self._check_yielded = check_yielded
+        self._yielded = 0
 
     # -- async -------------------------------------------------------------------------------
 
@@ -337,6 +381,9 @@ class Epoch:
                 waiting = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
                 samples = count_samples(job.indices, batch)
                 self._meter.delivered(samples, waiting, len(self._in_flight))
+                self._yielded += 1
+                if self._check_yielded is not None:
+                    self._check_yielded(self._yielded)
                 return batch
         return _END
 
@@ -376,7 +423,7 @@ class Epoch:
         while not self._source_done and len(self._in_flight) < self._max_in_flight:
             spec = self._source.next()
             if spec is None:
-                self._source_done = True
+                self._source_done = self._source.done
                 return
             job = _Job(*spec, self._read, self._mailbox)
             self._in_flight[job.seq] = job
@@ -386,8 +433,7 @@ class Epoch:
         done = self._mailbox.done
         while done:
             job = done.popleft()
-            if job.error is None and is_exhausted(job.value):
-                self._source.retire(job.worker)
+            self._source.returned(job.worker, job.error is None and is_exhausted(job.value))
             if self._in_order:
                 self._ready_by_seq[job.seq] = job
             else:
@@ -396,14 +442,13 @@ class Epoch:
     def _deadline(self) -> float | None:
         return time.monotonic() + self._timeout if self._timeout > 0 else None
 
-    def _timeout_error(self) -> TimeoutError:
+    def _timeout_error(self) -> LoaderTimeoutError:
         if self._in_order:
             late = self._in_flight[self._next_seq]
         else:
             late = self._in_flight[min(self._in_flight)]
-        return TimeoutError(
-            f"DataLoader timed out: {late.describe()} was not ready within "
-            f"timeout={self._timeout:g} s"
+        return LoaderTimeoutError(
+            f"DataLoader timed out after {self._timeout:g} seconds: {late.describe()} was not ready"
         )
 
 
@@ -432,18 +477,26 @@ class EpochIterator:
         """Return the next batch; always a cancellation point, never blocks the event loop.
 
         Raises:
-            TimeoutError: when `timeout` > 0 and the batch is not ready in time.
+            LoaderTimeoutError: (a TimeoutError and a RuntimeError) when `timeout` > 0 and
+                the batch is not ready in time.
         """
         return self._epoch.anext()
 
     def __iter__(self) -> EpochIterator:
         return self
 
+    def __len__(self) -> int:
+        """Batches in the whole epoch, as `len(loader)` counts them."""
+        if self._epoch.length is None:
+            raise TypeError("this epoch's length is not known")
+        return self._epoch.length()
+
     def __next__(self) -> Any:
         """Return the next batch, blocking the calling thread until it is ready.
 
         Raises:
-            TimeoutError: when `timeout` > 0 and the batch is not ready in time.
+            LoaderTimeoutError: (a TimeoutError and a RuntimeError) when `timeout` > 0 and
+                the batch is not ready in time.
         """
         epoch = self._epoch
         del self  # keep this handle out of the traceback of whatever `next` raises

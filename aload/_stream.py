@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
 from ._fetch import EXHAUSTED, Abandoned, Batch, Finish, JobState
+from ._worker_info import worker_dataset
 
 
 class StreamReader:
@@ -43,7 +45,8 @@ class StreamReader:
             return EXHAUSTED
         iterator = self._iterators[worker]
         if iterator is None:
-            iterator = self._iterators[worker] = iter(self._dataset)
+            own = worker_dataset()  # a thread worker's replica; a process has its own copy
+            iterator = self._iterators[worker] = iter(self._dataset if own is None else own)
             # Resuming: re-read and drop what this worker delivered before the checkpoint.
             per_batch = self._batch_size or 1
             for _ in islice(iterator, self._skip.get(worker, 0) * per_batch):
@@ -70,3 +73,26 @@ class StreamReader:
         if not samples or self._drop_last:
             return EXHAUSTED
         return self._finish.samples(samples)
+
+
+def length_check(dataset: Any, reported: int, num_workers: int) -> Callable[[int], None]:
+    """torch's warning, word for word, for an iterable dataset that yields more batches than
+    the length `len(loader)` read from it: a sign that its workers do not shard it."""
+
+    def check(yielded: int) -> None:
+        if yielded <= reported:
+            return
+        message = (
+            f"Length of IterableDataset {dataset} was reported to be {reported}"
+            f"(when accessing len(dataloader)), but {yielded} samples have been fetched. "
+        )
+        if num_workers > 0:
+            message += (
+                "For multiprocessing data-loading, this could be caused by not properly "
+                "configuring the IterableDataset replica at each worker. Please see "
+                "https://pytorch.org/docs/stable/data.html#torch.utils.data.IterableDataset "
+                "for examples."
+            )
+        warnings.warn(message, stacklevel=4)
+
+    return check

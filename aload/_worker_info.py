@@ -1,20 +1,25 @@
-"""Who am I? `get_worker_info()` for thread workers, and the per-epoch seeds behind it.
+"""Who am I? `get_worker_info()` for thread workers, their own dataset replica, and their seeds.
 
-torch keeps its worker info in one process-wide global, which cannot tell two threads apart;
-aload keeps it per thread, so every worker thread sees its own id, seed and random generators.
+torch keeps its worker info in one process-wide global, which cannot tell two threads apart.
+aload keeps it per thread and teaches torch's own `get_worker_info` to look there first, so a
+dataset that shards with `torch.utils.data.get_worker_info()` (Hugging Face `datasets`,
+webdataset, torch's documented recipe) sees each thread worker's id, as it would in a process.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.utils.data
+import torch.utils.data._utils.worker as torch_worker
 
 _local = threading.local()
 
@@ -32,7 +37,9 @@ class WorkerInfo:
         num_workers: how many workers load this epoch.
         seed: this worker's seed: the epoch's base seed (drawn from the loader's `generator`)
             plus `id`, as torch computes it.
-        dataset: the dataset object this worker reads (shared by all thread workers).
+        dataset: this worker's dataset: in a thread, its own shallow replica of the loader's
+            (attributes it sets are its own; the objects they refer to are shared); in a
+            process, its own copy.
         mode: how the worker runs: "thread" or "process".
         rng: a `random.Random` seeded with `seed`.
         torch_generator: a `torch.Generator` seeded with `seed`.
@@ -57,21 +64,72 @@ class WorkerInfo:
 def get_worker_info() -> WorkerInfo | Any | None:
     """Return the calling worker's `WorkerInfo`, or None outside a worker.
 
-    Works in aload's thread workers, and in torch's worker processes (where it returns torch's
-    own info). An `IterableDataset` calls it in `__iter__` to pick its shard.
+    The same as `torch.utils.data.get_worker_info()`, which answers the same inside aload's
+    thread workers; in a worker process it is torch's info (with `dataset` that process's copy).
     """
-    info = getattr(_local, "info", None)
-    return info if info is not None else torch.utils.data.get_worker_info()
+    return torch_worker.get_worker_info()
+
+
+def _thread_aware_get_worker_info() -> Any:  # pragma: no cover - runs as torch's function
+    # Both names are globals of torch's worker module, where this code runs.
+    info = getattr(_aload_thread_worker, "info", None)  # type: ignore[name-defined]  # noqa: F821
+    return _worker_info if info is None else info  # type: ignore[name-defined]  # noqa: F821
+
+
+def _teach_torch_about_threads() -> None:
+    """Give torch's `get_worker_info` this module's per-thread lookup.
+
+    The function's code is replaced rather than the module attribute, so a name bound earlier
+    (`from torch.utils.data import get_worker_info`) answers per thread too; outside aload's
+    thread workers it returns torch's global exactly as before.
+    """
+    torch_worker._aload_thread_worker = _local  # type: ignore[attr-defined]
+    torch_worker.get_worker_info.__code__ = _thread_aware_get_worker_info.__code__
+
+
+_teach_torch_about_threads()
 
 
 def set_worker_info(info: WorkerInfo) -> None:
-    """Publish `info` as the calling thread's (in a worker process: its main thread's)."""
+    """Publish `info` as the calling thread's."""
     _local.info = info
 
 
+def worker_dataset() -> Any | None:
+    """The calling thread worker's dataset replica, or None outside a thread worker."""
+    info = getattr(_local, "info", None)
+    return None if info is None else info.dataset
+
+
+def replica(dataset: Any) -> Any:
+    """A thread worker's own view of `dataset`: a shallow copy of its attributes, so what a
+    worker sets on it (a file handle opened lazily, a narrowed range from `worker_init_fn`)
+    stays that worker's, while the data it refers to (arrays, tables, lists) is shared.
+
+    Containers, tensors, arrays and one-shot iterators are shared as they are; so is an object
+    that cannot be copied. A class's own `__copy__` is honoured; pickling hooks are not used
+    (nothing crosses a process).
+    """
+    kind = type(dataset)
+    if (
+        kind.__module__ == "builtins"
+        or isinstance(dataset, torch.Tensor | np.ndarray | Iterator)
+        or not hasattr(dataset, "__dict__")
+    ):
+        return dataset
+    if hasattr(kind, "__copy__"):
+        try:
+            return copy.copy(dataset)
+        except Exception:
+            return dataset
+    twin = object.__new__(kind)
+    twin.__dict__.update(dataset.__dict__)
+    return twin
+
+
 def draw_base_seed(generator: torch.Generator | None) -> int:
-    """Draw an epoch's base seed exactly as torch does, so a seeded `generator` gives torch's
-    shuffle too (torch draws this before the sampler's first permutation)."""
+    """Draw the workers' base seed as torch does when it starts workers: from `generator`, or
+    from torch's global RNG when there is none."""
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
 
@@ -80,12 +138,51 @@ def worker_setup(
     base_seed: int,
     dataset: Any,
     worker_init_fn: Callable[[int], None] | None,
+    *,
+    replicate: bool = True,
 ) -> Callable[[int], None]:
-    """Return what each worker thread runs once at start: publish its info, call the hook."""
+    """Return what each worker thread runs once at start: publish its info (with its own
+    dataset replica when `replicate`), then call `worker_init_fn`."""
 
     def setup(worker_id: int) -> None:
-        set_worker_info(WorkerInfo(worker_id, num_workers, base_seed + worker_id, dataset))
+        own = replica(dataset) if replicate else dataset
+        set_worker_info(WorkerInfo(worker_id, num_workers, base_seed + worker_id, own))
         if worker_init_fn is not None:
-            worker_init_fn(worker_id)
+            with _warning_if_reseeded(worker_init_fn):
+                worker_init_fn(worker_id)
 
     return setup
+
+
+@contextmanager
+def _warning_if_reseeded(fn: Callable[[int], None]) -> Iterator[None]:
+    """Warn when `worker_init_fn` reseeds a process-wide RNG from a thread worker: there, it
+    reseeds the training loop's RNG too (dropout, initialisation), not a worker's own."""
+    torch_seed, python, numpy_before = torch.initial_seed(), random.getstate(), _numpy_state()
+    yield
+    reseeded = []
+    if torch.initial_seed() != torch_seed:
+        reseeded.append("torch.manual_seed")
+    # A freshly seeded Mersenne Twister stands at position 624 (draws move it on), so a
+    # concurrent draw elsewhere is not taken for a reseed.
+    python_after = random.getstate()
+    if python_after != python and python_after[1][-1] == 624:
+        reseeded.append("random.seed")
+    numpy_after = _numpy_state()
+    if numpy_after[2] == 624 and not np.array_equal(numpy_after[1], numpy_before[1]):
+        reseeded.append("numpy.random.seed")
+    if reseeded:
+        name = getattr(fn, "__qualname__", repr(fn))
+        warnings.warn(
+            f"worker_init_fn {name} called {', '.join(reseeded)} in a thread worker: thread "
+            "workers share the process's random generators with the training loop, so this "
+            "reseeds the training loop too. Draw from the worker's own generators instead "
+            "(get_worker_info().torch_generator, .numpy_rng, .rng, seeded with "
+            "get_worker_info().seed), or use worker_mode='process'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _numpy_state() -> Any:
+    return np.random.get_state(legacy=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
+import torch.utils.data as tud
 from torch.utils.data import Sampler
 
 from ._async_fetch import AsyncMapReader, AsyncStreamReader
@@ -16,18 +18,19 @@ from ._checkpoint import (
     capture_start,
     check_resumable,
     fingerprint,
+    replaying_draws,
     restore_start,
 )
 from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
-from ._fetch import Finish, map_reader
+from ._fetch import Finish, map_reader, per_worker_reader
 from ._plans import ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
 from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
 from ._stats import LoaderStats, StatsKeeper
-from ._stream import StreamReader
+from ._stream import StreamReader, length_check
 from ._worker_info import draw_base_seed, worker_setup
 from .workers import WorkerPool
 from .workers.inline import InlinePool
@@ -35,8 +38,15 @@ from .workers.loop import LoopPool
 from .workers.process import ProcessPool, resolve_context
 from .workers.thread import ThreadPool
 
+T_co = TypeVar("T_co", covariant=True)
 
-class DataLoader:
+# torch refuses to change these once the loader is built: they decide the batches.
+_FIXED = ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers")
+# aload's too: it builds its own sampler from it.
+_FIXED_HERE = ("distributed",)
+
+
+class DataLoader(Generic[T_co]):
     """Batches from a dataset, for `async for` in a coroutine or a plain `for` loop.
 
     The arguments mean what they mean in `torch.utils.data.DataLoader`, with torch's checks
@@ -101,6 +111,9 @@ class DataLoader:
     same arguments, resume with exactly the batches not yet yielded, in the same order.
     """
 
+    _arguments: dict[str, Any]
+    _config: LoaderConfig
+
     def __init__(
         self,
         dataset: Any,
@@ -114,10 +127,12 @@ class DataLoader:
         drop_last: bool = False,
         timeout: float = 0,
         worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
         generator: torch.Generator | None = None,
         *,
-        prefetch_factor: int = 2,
+        prefetch_factor: int | None = None,
         persistent_workers: bool = False,
+        pin_memory_device: str = "",
         in_order: bool = True,
         worker_mode: str = "thread",
         distributed: bool = False,
@@ -125,53 +140,55 @@ class DataLoader:
         retry: Retry | None = None,
         max_skipped: int = 0,
         max_concurrency: int = 64,
-        multiprocessing_context: Any = None,
         progress: bool = False,
         device: str | int | torch.device | None = None,
         to_device: ToDevice | None = None,
         device_transform: Callable[[Any], Any] | None = None,
     ) -> None:
-        self._config = resolve_config(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            batch_sampler=batch_sampler,
-            num_workers=num_workers,
-            collate_fn=collate_fn,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            timeout=timeout,
-            worker_init_fn=worker_init_fn,
-            generator=generator,
-            prefetch_factor=prefetch_factor,
-            persistent_workers=persistent_workers,
-            in_order=in_order,
-            worker_mode=worker_mode,
-            distributed=distributed,
-            transform=transform,
-            retry=retry,
-            max_skipped=max_skipped,
-            max_concurrency=max_concurrency,
-            multiprocessing_context=multiprocessing_context,
-            device=device,
-            to_device=to_device,
-            device_transform=device_transform,
-        )
-        config = self._config
+        arguments = dict(locals())  # every argument, kept to check again when one is set
+        del arguments["self"], arguments["progress"]
+        object.__setattr__(self, "_arguments", arguments)
+        self._configure(resolve_config(**arguments))
+        self._show_progress = progress_available(progress)
+        self._persistent_pool: WorkerPool | None = None
+        self._persistent_seed = 0
+        self._next_epoch = 0
+        self._progress: tuple[dict[str, Any], Delivered] | None = None
+        self._resume: dict[str, Any] | None = None
+        self._stats = StatsKeeper()
+        self._iterable_length_read: int | None = None
+        if self._config.worker_mode == "process":
+            tud.DataLoader.check_worker_number_rationality(self)  # type: ignore[arg-type]
+
+    def _configure(self, config: LoaderConfig) -> None:
+        """Adopt a validated configuration (at construction, and when an attribute is set)."""
+        object.__setattr__(self, "_config", config)
         self._stage = None
         if config.device is not None:
             self._stage = DeviceStage(config.device, config.to_device, config.device_transform)
         to_gpu = config.device is not None and config.device.type == "cuda"
         self._pin = pinning_enabled(config.pin_memory) or to_gpu
-        self._show_progress = progress_available(progress)
-        self._persistent_pool: WorkerPool | None = None
-        self._next_epoch = 0
-        self._progress: tuple[dict[str, Any], Delivered] | None = None
-        self._resume: dict[str, Any] | None = None
-        self._stats = StatsKeeper()
 
-    # torch's attributes, read-only: changing them mid-training is an error in torch too.
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Attributes as torch has them: those that decide the batches cannot change (torch's
+        ValueError); the other arguments can, checked again and used from the next epoch on
+        (persistent workers are restarted with them); any other name is a plain attribute."""
+        if name in _FIXED or name in _FIXED_HERE:
+            raise ValueError(
+                f"{name} attribute should not be set after {type(self).__name__} is initialized"
+            )
+        if name.startswith("_") or name not in self._arguments:
+            object.__setattr__(self, name, value)
+            return
+        arguments = {**self._arguments, name: value}
+        old = self._config
+        config = resolve_config(**arguments)
+        # The samplers are the ones built at first (torch keeps them too).
+        config = dataclasses.replace(config, sampler=old.sampler, batch_sampler=old.batch_sampler)
+        object.__setattr__(self, "_arguments", arguments)
+        self._configure(config)
+        self.close()
+
     dataset = property(lambda self: self._config.dataset)
     batch_size = property(lambda self: self._config.batch_size)
     sampler = property(lambda self: self._config.sampler)
@@ -194,6 +211,7 @@ class DataLoader:
     max_concurrency = property(lambda self: self._config.max_concurrency)
     multiprocessing_context = property(lambda self: self._config.multiprocessing_context)
     device = property(lambda self: self._config.device)
+    pin_memory_device = property(lambda self: self._config.pin_memory_device)
 
     @property
     def stats(self) -> LoaderStats:
@@ -208,6 +226,7 @@ class DataLoader:
         if not config.iterable:
             return len(config.index_sampler)  # type: ignore[arg-type]
         length = len(config.dataset)
+        self._iterable_length_read = length  # torch warns if more than this arrive
         if config.batch_size is None:
             return length
         if config.drop_last:
@@ -233,7 +252,8 @@ class DataLoader:
         if self._progress is not None and not self._progress[1].complete:
             start, delivered = self._progress
         else:
-            start, delivered = capture_start(self._config, self._next_epoch), Delivered()
+            start = capture_start(self._config, self._next_epoch, starting=False)
+            delivered = Delivered()
         return {
             "format": FORMAT,
             "fingerprint": fingerprint(self._config),
@@ -268,26 +288,33 @@ class DataLoader:
 
     def _epoch(self, blocking: bool) -> EpochIterator:
         config = self._config
-        delivered = self._start_epoch()
+        start, delivered, resumed = self._start_epoch()
         meter = self._stats.new_epoch(self._next_epoch - 1, config.retry, config.max_skipped)
         if self._show_progress:
             watch_progress(meter, self._length_or_none())
         reads = meter.reads
-        base_seed = draw_base_seed(config.generator)
         finish = Finish(config.collate_fn, config.transform, self._pin)
         pool: WorkerPool
-        if config.asynchronous:
-            loop_pool = self._loop_pool(config, base_seed)
-            pool, owns_pool = loop_pool, True
-            source, read = self._async_plan(finish, reads, delivered, loop_pool)
-        else:
-            pool, owns_pool = self._pool(config, base_seed, blocking)
-            source, read = self._plan(finish, reads, delivered)
-            if isinstance(pool, ProcessPool):
-                read = self._process_plan(delivered)
-        # An inline pool loads at submit time: submitting (or copying) ahead would load before
-        # yielding.
-        inline = isinstance(pool, InlinePool)
+        # torch's draws, in torch's order: the workers' base seed, then (when workers start)
+        # the sampler's. A resumed epoch draws them again from the state it started with.
+        with replaying_draws(start if resumed else None):
+            if config.asynchronous:
+                loop_pool = self._loop_pool(config, self._base_seed(start, resumed))
+                pool, owns_pool = loop_pool, True
+                source, read = self._async_plan(finish, reads, delivered, loop_pool)
+            else:
+                pool, owns_pool = self._pool(config, blocking, start, resumed)
+                source, read = self._plan(finish, reads, delivered)
+                if isinstance(pool, ProcessPool):
+                    read = self._process_plan(delivered)
+            # An inline pool loads at submit time: submitting (or copying) ahead would load
+            # before yielding.
+            inline = isinstance(pool, InlinePool)
+            if resumed or config.num_workers > 0:
+                source.prime()
+        check = None
+        if config.iterable and self._iterable_length_read is not None:
+            check = length_check(config.dataset, self._iterable_length_read, config.num_workers)
         epoch = Epoch(
             source=source,
             read=read,
@@ -300,9 +327,21 @@ class DataLoader:
             delivered=delivered,
             meter=meter,
             stage=self._stage,
-            stage_depth=0 if inline else config.prefetch_factor,
+            stage_depth=0 if inline else config.depth,
+            length=self.__len__,
+            check_yielded=check,
         )
         return EpochIterator(epoch)
+
+    def _base_seed(self, start: dict[str, Any], resumed: bool) -> int:
+        """The base seed of workers started now, drawn as torch draws it (from `generator`,
+        else the global RNG), and recorded in the epoch's start; a resumed epoch whose
+        workers were already running when it started takes theirs, without drawing."""
+        if resumed and not start["drew_base_seed"]:
+            return int(start["base_seed"])
+        seed = draw_base_seed(self._config.generator)
+        start["base_seed"], start["drew_base_seed"] = seed, True
+        return seed
 
     def _length_or_none(self) -> int | None:
         try:
@@ -323,10 +362,12 @@ class DataLoader:
                 streams,
                 skip=dict(delivered.per_worker),
             )
-            return WorkerStreams(streams, delivered.next_turn), reader
+            cap = None if config.in_order else config.max_in_flight
+            return WorkerStreams(streams, delivered.next_turn, cap), reader
         source = IndexBatches(config.index_sampler, delivered)  # type: ignore[arg-type]
-        return source, map_reader(
-            config.dataset, finish, batched=config.auto_collation, reads=reads
+        return source, per_worker_reader(
+            config.dataset,
+            lambda dataset: map_reader(dataset, finish, batched=config.auto_collation, reads=reads),
         )
 
     def _process_plan(self, delivered: Delivered) -> ReaderPlan:
@@ -368,21 +409,24 @@ class DataLoader:
         )
         return IndexBatches(config.index_sampler, delivered), reader  # type: ignore[arg-type]
 
-    def _start_epoch(self) -> Delivered:
-        """Begin the next epoch, or replay the one a loaded state describes."""
+    def _start_epoch(self) -> tuple[dict[str, Any], Delivered, bool]:
+        """Begin the next epoch, or replay the one a loaded state describes: its start, the
+        batches already delivered, and whether it is resumed from a state."""
         config = self._config
+        resumed = self._resume is not None
         if self._resume is not None:
             state, self._resume = self._resume, None
-            start = state["start"]
+            start = dict(state["start"])
             restore_start(config, start)
             delivered = Delivered.from_dict(state["delivered"], streams=config.iterable)
         else:
-            start, delivered = capture_start(config, self._next_epoch), Delivered()
+            start = capture_start(config, self._next_epoch, starting=True)
+            delivered = Delivered()
         self._next_epoch = start["epoch"] + 1
         if config.distributed:
             config.sampler.set_epoch(start["epoch"])  # type: ignore[union-attr]
         self._progress = (start, delivered)
-        return delivered
+        return start, delivered, resumed
 
     def _loop_pool(self, config: LoaderConfig, base_seed: int) -> LoopPool:
         """aload's event loop for an async dataset, with CPU workers for the batches' finish.
@@ -393,25 +437,30 @@ class DataLoader:
         cpu = None
         if config.num_workers:
             setup = worker_setup(
-                config.num_workers, base_seed, config.dataset, config.worker_init_fn
+                config.num_workers,
+                base_seed,
+                config.dataset,
+                config.worker_init_fn,
+                replicate=False,  # its reads share aload's loop, not a worker each
             )
             cpu = ThreadPool(config.num_workers, setup)
         return LoopPool(config.dataset, cpu, config.max_concurrency)
 
     def _pool(
-        self, config: LoaderConfig, base_seed: int, blocking: bool
+        self, config: LoaderConfig, blocking: bool, start: dict[str, Any], resumed: bool
     ) -> tuple[WorkerPool, bool]:
         """The workers for one epoch, and whether the epoch owns (and so stops) them."""
+        persistent = self._persistent_pool
+        if persistent is not None:
+            if not (isinstance(persistent, ProcessPool) and persistent.broken):
+                start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
+                return persistent, False
+            self.close()  # a worker process died: start a whole pool again
+        base_seed = self._base_seed(start, resumed)
         if config.num_workers == 0:
             if blocking and config.timeout == 0:
                 return InlinePool(), True
             return ThreadPool(1, dedicated_queues=config.iterable), True
-        if self._persistent_pool is not None:
-            if not (
-                isinstance(self._persistent_pool, ProcessPool) and self._persistent_pool.broken
-            ):
-                return self._persistent_pool, False
-            self.close()  # a worker process died: start a whole pool again
         pool: WorkerPool
         if config.worker_mode == "process":
             pool = ProcessPool(
@@ -429,6 +478,6 @@ class DataLoader:
                 dedicated_queues=config.iterable,
             )
         if config.persistent_workers:
-            self._persistent_pool = pool
+            self._persistent_pool, self._persistent_seed = pool, base_seed
             return pool, False
         return pool, True

@@ -19,18 +19,23 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 class Indexed(Dataset):
-    """Item i is i: the batches say exactly which samples arrived."""
+    """Item i is i: the batches say exactly which samples arrived. Reads are logged in a list
+    that every thread worker's replica shares (as state shared across workers must be)."""
 
     def __init__(self, n: int, delay: float = 0.0) -> None:
         self.n = n
         self.delay = delay
-        self.reads = 0
+        self.read_log: list[int] = []
+
+    @property
+    def reads(self) -> int:
+        return len(self.read_log)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, index: int) -> int:
-        self.reads += 1
+        self.read_log.append(index)
         if self.delay:
             time.sleep(self.delay)
         return index

@@ -123,10 +123,12 @@ def test_state_between_epochs_describes_the_next_epoch():
 
     loader = make()
     list(loader)
-    state = saved_and_loaded(loader.state_dict())
+    # A training script saves torch's RNG beside the loader; the next epoch draws from it.
+    state, rng = saved_and_loaded(loader.state_dict()), torch.get_rng_state()
     second = as_lists(loader)
     fresh = make()
     fresh.load_state_dict(state)
+    torch.set_rng_state(rng)
     assert as_lists(fresh) == second
 
 
@@ -162,12 +164,32 @@ def test_something_else_than_a_state_is_refused():
         aload.DataLoader(Indexed(3)).load_state_dict({"epoch": 3})
 
 
-def test_sampler_without_a_generator_cannot_be_replayed_and_says_so():
-    ds = Indexed(10)
-    loader = aload.DataLoader(ds, batch_size=2, sampler=RandomSampler(ds))
-    state = loader.state_dict()
-    with pytest.raises(ValueError, match=r"RandomSampler.*give it a generator"):
-        aload.DataLoader(ds, batch_size=2, sampler=RandomSampler(ds)).load_state_dict(state)
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("sampling", ["shuffle", "sampler"])
+def test_global_rng_epochs_resume_exactly_and_leave_the_callers_rng_alone(num_workers, sampling):
+    """Without a generator, the epoch's draws come from torch's global RNG, as in torch;
+    resuming replays them from the epoch's start without drawing from the caller's RNG."""
+    ds = Indexed(30)
+
+    def make():
+        if sampling == "shuffle":
+            return aload.DataLoader(ds, batch_size=4, shuffle=True, num_workers=num_workers)
+        return aload.DataLoader(
+            ds, batch_size=4, sampler=RandomSampler(ds), num_workers=num_workers
+        )
+
+    torch.manual_seed(7)
+    whole = as_lists(make())
+    torch.manual_seed(7)
+    loader = make()
+    head, state = head_and_state(loader, 3)
+    torch.manual_seed(99)
+    callers = torch.get_rng_state()
+    resumed = make()
+    resumed.load_state_dict(saved_and_loaded(state))
+    tail = as_lists(resumed)
+    assert head + tail == whole
+    assert torch.equal(torch.get_rng_state(), callers)
 
 
 class RotatingSampler(Sampler):
