@@ -1,5 +1,6 @@
 """aload: an async-first data loader for PyTorch."""
 
+from ._errors import LoaderTimeoutError as LoaderTimeoutError
 from ._retry import Retry as Retry
 from ._stats import EpochStats as EpochStats
 from ._stats import LoaderStats as LoaderStats
@@ -15,6 +16,7 @@ __all__ = [
     "DataLoader",
     "EpochStats",
     "LoaderStats",
+    "LoaderTimeoutError",
     "Padded",
     "Retry",
     "WorkerInfo",

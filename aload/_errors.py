@@ -10,5 +10,3 @@ class LoaderTimeoutError(TimeoutError, RuntimeError):
     for torch (`except RuntimeError`) and code written for timeouts (`except TimeoutError`)
     both catch it.
     """
-
-    __module__ = "aload"

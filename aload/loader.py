@@ -49,9 +49,10 @@ _FIXED_HERE = ("distributed",)
 class DataLoader(Generic[T_co]):
     """Batches from a dataset, for `async for` in a coroutine or a plain `for` loop.
 
-    The arguments mean what they mean in `torch.utils.data.DataLoader`, with torch's checks
-    and errors. What differs is the engine: index batches from the sampler are jobs on
-    `num_workers` threads that share the dataset (no copy, instant start), at most
+    The arguments mean what they mean in `torch.utils.data.DataLoader`, in the same positions,
+    with torch's checks, errors and random draws. What differs is the engine: index batches
+    from the sampler are jobs on `num_workers` threads (each reads its own shallow replica of
+    the dataset, sharing its data: no copy, instant start), at most
     `num_workers * prefetch_factor` batches are in flight however slow the consumer, and
     `async for` never blocks the event loop.
 
@@ -69,12 +70,15 @@ class DataLoader(Generic[T_co]):
         collate_fn: merges samples into a batch; torch's `default_collate` by default.
         pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
         drop_last: drop the last incomplete batch.
-        timeout: seconds to wait for a batch before `TimeoutError` (0 waits forever).
+        timeout: seconds to wait for a batch before `LoaderTimeoutError`, a `RuntimeError`
+            (as in torch) and a `TimeoutError` (0 or infinity waits forever).
         worker_init_fn: called with the worker id once in each worker, before it loads (a
             thread worker starts when the first batch reaches it).
         generator: seeds the shuffle and the workers' seeds, for reproducible epochs. Without
-            one, the loader makes its own, seeded from torch's global RNG.
-        prefetch_factor: batches in flight per worker.
+            one, they are drawn from torch's global RNG when and as torch's loader draws them
+            (nothing when built; the workers' base seed and the sampler's seed per epoch).
+        prefetch_factor: batches in flight per worker (2 by default; as in torch, only with
+            `num_workers > 0`, or for an async dataset).
         persistent_workers: keep the workers between epochs (until `close()`).
         in_order: yield batches in sampler order; False yields them as they finish, so one slow
             batch does not hold back the others.
@@ -83,7 +87,9 @@ class DataLoader(Generic[T_co]):
             workers get the dataset once, at start; batches come back through shared memory.
         multiprocessing_context: for process workers: "fork", "spawn", "forkserver" or a
             context. The default, "forkserver", is safe in a process that runs an event loop and
-            threads; its first start imports aload once in the fork server (about a second).
+            threads; its first start imports aload once in the fork server. Accepted and
+            ignored by thread workers, so torch code that names one runs unchanged.
+        pin_memory_device: torch's deprecated argument, accepted for compatibility.
         distributed: shard the dataset over the ranks of the initialized `torch.distributed`
             process group with a `DistributedSampler` (padding, or dropping with `drop_last`,
             so that every rank gets as many batches); the loader calls its `set_epoch`.

@@ -107,9 +107,7 @@ def loss_curve(make_loader, seed):
     return curve
 
 
-@pytest.mark.parametrize(
-    ("num_workers", "mode"), [(0, "thread"), (2, "thread"), (2, "process")]
-)
+@pytest.mark.parametrize(("num_workers", "mode"), [(0, "thread"), (2, "thread"), (2, "process")])
 def test_training_run_has_torchs_loss_curve_for_the_same_seed(num_workers, mode):
     theirs = loss_curve(lambda *a, **k: tud.DataLoader(*a, **k, num_workers=num_workers), 3)
     ours = loss_curve(
