@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
+from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 import torch
 from torch.utils.data import Dataset, IterableDataset
@@ -51,6 +54,34 @@ class Shards(IterableDataset):
         info = aload.get_worker_info()
         start, step = (0, 1) if info is None else (info.id, info.num_workers)
         return iter(range(start, self.n, step))
+
+
+class Heartbeat:
+    """A task on the caller's event loop that beats every millisecond and records the longest
+    gap between two beats: `async for` must never stall the loop it runs on."""
+
+    def __init__(self) -> None:
+        self.beats = 0
+        self.longest_gap = 0.0
+
+    async def run(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await anyio.sleep(0.001)
+            now = time.perf_counter()
+            self.longest_gap = max(self.longest_gap, now - last)
+            last = now
+            self.beats += 1
+
+
+@contextlib.asynccontextmanager
+async def heartbeat() -> AsyncIterator[Heartbeat]:
+    """Run a `Heartbeat` on the current loop for the body of the `async with`."""
+    beat = Heartbeat()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(beat.run)
+        yield beat
+        tg.cancel_scope.cancel()
 
 
 def assert_resumes_exactly(make, stop: int, settle: float = 0.0) -> None:

@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import pytest
 import torch
-from conftest import Indexed, flatten
+from conftest import Indexed, flatten, heartbeat
 from torch.utils.data import TensorDataset
 
 import aload
 
 
-class Ticker:
-    """Counts event-loop turns and records the longest gap between two of them."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self.longest_gap = 0.0
-
-    async def run(self) -> None:
-        last = time.perf_counter()
-        while True:
-            await anyio.sleep(0.001)
-            now = time.perf_counter()
-            self.longest_gap = max(self.longest_gap, now - last)
-            last = now
-            self.ticks += 1
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("num_workers", [0, 2])
 async def test_event_loop_keeps_running_while_slow_batches_load(anyio_backend, num_workers):
-    ticker = Ticker()
     loader = aload.DataLoader(Indexed(24, delay=0.01), batch_size=4, num_workers=num_workers)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker.run)
+    async with heartbeat() as beat:
         seen = flatten([batch async for batch in loader])
-        tg.cancel_scope.cancel()
     assert sorted(seen) == list(range(24))
-    assert ticker.ticks >= 20
-    assert ticker.longest_gap < 0.035
+    assert beat.beats >= 20
+    assert beat.longest_gap < 0.035
 
 
 @pytest.mark.anyio
