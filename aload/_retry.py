@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -36,8 +37,12 @@ class Retry:
             raise TypeError(f"Retry attempts must be an int, got {self.attempts!r}")
         if self.attempts < 1:
             raise ValueError(f"Retry attempts must be at least 1, got {self.attempts}")
-        if self.backoff < 0:
-            raise ValueError(f"Retry backoff must be non-negative, got {self.backoff}")
+        if isinstance(self.backoff, bool) or not isinstance(self.backoff, int | float):
+            raise TypeError(f"Retry backoff must be a number of seconds, got {self.backoff!r}")
+        if not math.isfinite(self.backoff) or self.backoff < 0:
+            raise ValueError(
+                f"Retry backoff must be a finite number of seconds >= 0, got {self.backoff}"
+            )
         if not isinstance(self.on, tuple) or not all(
             isinstance(t, type) and issubclass(t, BaseException) for t in self.on
         ):

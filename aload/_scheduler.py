@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
@@ -38,20 +39,24 @@ _END = object()
 
 
 class _Mailbox:
-    """Finished jobs, and how to wake the consumer if it is waiting for one."""
+    """Finished jobs, and how to wake the consumers waiting for one (usually one; several
+    when tasks or threads share an iterator)."""
 
-    __slots__ = ("done", "waiter")
+    __slots__ = ("done", "waiters")
 
     def __init__(self) -> None:
         self.done: deque[_Job] = deque()
-        self.waiter: Callable[[], None] | None = None
+        self.waiters: set[Callable[[], None]] = set()
 
     def post(self, job: _Job) -> None:
-        """Called from a worker thread. The consumer sets `waiter` before it last looks at
-        `done`, and the worker appends before it reads `waiter`, so no wake-up is missed."""
+        """Called from a worker thread. A consumer adds its waiter before it last looks at
+        `done`, and the worker appends before it reads `waiters`, so no wake-up is missed."""
         self.done.append(job)
-        waiter = self.waiter
-        if waiter is not None:
+        if self.waiters:
+            self.wake_all()
+
+    def wake_all(self) -> None:
+        for waiter in tuple(self.waiters):
             waiter()
 
 
@@ -243,6 +248,8 @@ class Epoch:
         self._in_order = in_order
         self._timeout = timeout
         self._mailbox = _Mailbox()
+        # Taken around each poll: consumers on two threads may share one iterator.
+        self._lock = threading.RLock()
         self._in_flight: dict[int, _Job] = {}
         self._ready_by_seq: dict[int, _Job] = {}
         self._ready_fifo: deque[_Job] = deque()
@@ -266,7 +273,7 @@ class Epoch:
         deadline = None
         waited = False
         try:
-            while (batch := self._poll()) is _WAIT:
+            while (batch := self._locked_poll()) is _WAIT:
                 deadline = deadline or self._deadline()
                 await self._wait_async(deadline)
                 waited = True
@@ -280,9 +287,15 @@ class Epoch:
         return batch
 
     async def aclose(self) -> None:
+        """Stop, and wait for the epoch's own workers to end: at most `timeout` when the
+        loader has one (a read that hangs cannot be stopped; its thread is left to end)."""
         self.stop()
         delay = 0.0002
+        deadline = self._deadline()
         while self._owns_pool and self._pool.alive:
+            if deadline is not None and time.monotonic() >= deadline:
+                self._warn_left_running()
+                return
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
@@ -294,9 +307,9 @@ class Epoch:
             with contextlib.suppress(RunFinishedError):  # the loop is gone: nobody waits
                 token.backend_class.run_sync_soon(arrived.set, (), token.native_token)
 
-        self._mailbox.waiter = wake
+        self._mailbox.waiters.add(wake)
         try:
-            if self._mailbox.done:
+            if self._mailbox.done or self._closed:
                 return
             if deadline is None:
                 await arrived.wait()
@@ -306,7 +319,7 @@ class Epoch:
                 return
             raise self._timeout_error()
         finally:
-            self._mailbox.waiter = None
+            self._mailbox.waiters.discard(wake)
 
     # -- blocking ----------------------------------------------------------------------------
 
@@ -314,7 +327,7 @@ class Epoch:
         asked_at = self._meter.asked()
         deadline = None
         try:
-            while (batch := self._poll()) is _WAIT:
+            while (batch := self._locked_poll()) is _WAIT:
                 deadline = deadline or self._deadline()
                 self._wait_blocking(deadline)
         finally:
@@ -325,38 +338,62 @@ class Epoch:
         return batch
 
     def close(self) -> None:
+        """Stop, and wait for the epoch's own workers to end (at most `timeout`, as
+        `aclose`)."""
         self.stop()
-        if self._owns_pool:
-            self._pool.join()
+        if self._owns_pool and not self._pool.join(self._timeout or None):
+            self._warn_left_running()
+
+    def _warn_left_running(self) -> None:
+        stuck = self._pool.alive_workers
+        warnings.warn(
+            f"{stuck} worker thread{'s are' if stuck != 1 else ' is'} still inside a read "
+            f"that did not return within timeout={self._timeout:g} s; closing does not wait "
+            "for it: it ends on its own when the read returns (a daemon thread)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _wait_blocking(self, deadline: float | None) -> None:
         arrived = threading.Event()
-        self._mailbox.waiter = arrived.set
+        self._mailbox.waiters.add(arrived.set)
         try:
-            if self._mailbox.done:
+            if self._mailbox.done or self._closed:
                 return
             remaining = None if deadline is None else deadline - time.monotonic()
             if not arrived.wait(remaining):
                 raise self._timeout_error()
         finally:
-            self._mailbox.waiter = None
+            self._mailbox.waiters.discard(arrived.set)
 
     # -- shared ------------------------------------------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        """Whether the epoch can still yield batches (not ended, stopped or abandoned)."""
+        return not self._closed
+
     def stop(self) -> None:
-        """Drop queued work and ask the epoch's own workers to end; never blocks."""
-        if self._closed:
-            return
-        self._closed = True
-        for job in self._in_flight.values():
-            job.cancelled = True
-        self._in_flight.clear()
-        self._ready_by_seq.clear()
-        self._ready_fifo.clear()
-        self._staged.clear()
-        self._mailbox.done.clear()
+        """Drop queued work and ask the epoch's own workers to end; never blocks (beyond
+        another consumer's poll). Consumers waiting on this epoch wake and see its end."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for job in self._in_flight.values():
+                job.cancelled = True
+            self._in_flight.clear()
+            self._ready_by_seq.clear()
+            self._ready_fifo.clear()
+            self._staged.clear()
+            self._mailbox.done.clear()
         if self._owns_pool:
             self._pool.shutdown()
+        self._mailbox.wake_all()
+
+    def _locked_poll(self) -> Any:
+        with self._lock:
+            return self._poll()
 
     def _poll(self) -> Any:
         """The next batch if one is due; else `_WAIT` (workers are on it) or `_END`."""
@@ -447,6 +484,7 @@ class Epoch:
             late = self._in_flight[self._next_seq]
         else:
             late = self._in_flight[min(self._in_flight)]
+        self._pool.timed_out(late)
         return LoaderTimeoutError(
             f"DataLoader timed out after {self._timeout:g} seconds: {late.describe()} was not ready"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +72,8 @@ class LoaderStats:
     Attributes:
         epochs: epochs started.
         batches, samples, wait_seconds, body_seconds, retries, skipped: summed over epochs.
-        skipped_indices: the indices of the skipped samples, in the order they were skipped.
+        skipped_indices: the indices of the skipped samples, in the order they were skipped
+            (the most recent 1,000).
         epoch: the current or last epoch's stats, or None before the first.
     """
 
@@ -176,29 +178,68 @@ class EpochMeter:
 
 
 class StatsKeeper:
-    """Holds every epoch's meter and sums them on request."""
+    """Totals over past epochs, and the meters of the last `WINDOW` epochs (which may still
+    be counting): bounded however many epochs a loader runs."""
+
+    WINDOW = 8
+    SKIPPED_KEPT = 1000  # skipped indices remembered, the most recent
 
     def __init__(self) -> None:
-        self._meters: list[EpochMeter] = []
+        self._meters: deque[EpochMeter] = deque()
+        self._past = _Totals()
+        self._past_skipped: deque[Any] = deque(maxlen=self.SKIPPED_KEPT)
 
     def new_epoch(self, epoch: int, retry: Retry, max_skipped: int) -> EpochMeter:
         meter = EpochMeter(epoch, Reads(retry, max_skipped))
         self._meters.append(meter)
+        if len(self._meters) > self.WINDOW:
+            oldest = self._meters.popleft()
+            self._past = self._past.plus(oldest.snapshot())
+            self._past_skipped.extend(oldest.reads.skipped)
         return meter
 
     def snapshot(self) -> LoaderStats:
-        epochs = [meter.snapshot() for meter in self._meters]
-        skipped = tuple(i for meter in self._meters for i in meter.reads.skipped)
+        recent = [meter.snapshot() for meter in self._meters]
+        totals = self._past
+        for stats in recent:
+            totals = totals.plus(stats)
+        skipped = deque(self._past_skipped, maxlen=self.SKIPPED_KEPT)
+        for meter in self._meters:
+            skipped.extend(meter.reads.skipped)
         return LoaderStats(
-            epochs=len(epochs),
-            batches=sum(e.batches for e in epochs),
-            samples=sum(e.samples for e in epochs),
-            wait_seconds=sum(e.wait_seconds for e in epochs),
-            body_seconds=sum(e.body_seconds for e in epochs),
-            retries=sum(e.retries for e in epochs),
-            skipped=len(skipped),
-            skipped_indices=skipped,
-            epoch=epochs[-1] if epochs else None,
+            epochs=totals.epochs,
+            batches=totals.batches,
+            samples=totals.samples,
+            wait_seconds=totals.wait_seconds,
+            body_seconds=totals.body_seconds,
+            retries=totals.retries,
+            skipped=totals.skipped,
+            skipped_indices=tuple(skipped),
+            epoch=recent[-1] if recent else None,
+        )
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """Sums over epochs that have left the window."""
+
+    epochs: int = 0
+    batches: int = 0
+    samples: int = 0
+    wait_seconds: float = 0.0
+    body_seconds: float = 0.0
+    retries: int = 0
+    skipped: int = 0
+
+    def plus(self, epoch: EpochStats) -> _Totals:
+        return _Totals(
+            self.epochs + 1,
+            self.batches + epoch.batches,
+            self.samples + epoch.samples,
+            self.wait_seconds + epoch.wait_seconds,
+            self.body_seconds + epoch.body_seconds,
+            self.retries + epoch.retries,
+            self.skipped + epoch.skipped,
         )
 
 

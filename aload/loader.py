@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -158,6 +160,8 @@ class DataLoader(Generic[T_co]):
         self._show_progress = progress_available(progress)
         self._persistent_pool: WorkerPool | None = None
         self._persistent_seed = 0
+        self._pool_lock = threading.Lock()  # epochs started at once share one persistent pool
+        self._epochs: weakref.WeakSet[Epoch] = weakref.WeakSet()
         self._next_epoch = 0
         self._progress: tuple[dict[str, Any], Delivered] | None = None
         self._resume: dict[str, Any] | None = None
@@ -255,6 +259,12 @@ class DataLoader(Generic[T_co]):
         """
         if self._resume is not None:
             return self._resume
+        running = self._running_epochs()
+        if running > 1:
+            raise RuntimeError(
+                f"{running} epochs of this DataLoader are running at once, and a state "
+                "describes one: close the others first (it.close() or leave their loops)"
+            )
         if self._progress is not None and not self._progress[1].complete:
             start, delivered = self._progress
         else:
@@ -273,11 +283,20 @@ class DataLoader(Generic[T_co]):
         Raises:
             ValueError: when the state was saved by a loader with another dataset length or
                 other arguments, or cannot be replayed.
+            RuntimeError: when an epoch of this loader is still running.
         """
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError("state must be a dict returned by aload's DataLoader.state_dict()")
+        if self._running_epochs():
+            raise RuntimeError(
+                "load_state_dict() was called while an epoch is running: close it first "
+                "(it.close() or leave its loop); the next epoch started resumes the state"
+            )
         check_resumable(state, self._config)
         self._resume = state
+
+    def _running_epochs(self) -> int:
+        return sum(1 for epoch in self._epochs if epoch.running)
 
     def close(self) -> None:
         """Stop persistent workers and wait for them to end; the loader can start again."""
@@ -285,6 +304,13 @@ class DataLoader(Generic[T_co]):
         if pool is not None:
             pool.shutdown()
             pool.join()
+
+    def __del__(self) -> None:
+        # A dropped loader is like a dropped file: its persistent workers stop (without
+        # waiting here: a process pool's collector reaps them).
+        pool = getattr(self, "_persistent_pool", None)
+        if pool is not None:
+            pool.shutdown()
 
     def __enter__(self) -> DataLoader:
         return self
@@ -337,6 +363,7 @@ class DataLoader(Generic[T_co]):
             length=self.__len__,
             check_yielded=check,
         )
+        self._epochs.add(epoch)
         return EpochIterator(epoch)
 
     def _base_seed(self, start: dict[str, Any], resumed: bool) -> int:
@@ -456,6 +483,12 @@ class DataLoader(Generic[T_co]):
         self, config: LoaderConfig, blocking: bool, start: dict[str, Any], resumed: bool
     ) -> tuple[WorkerPool, bool]:
         """The workers for one epoch, and whether the epoch owns (and so stops) them."""
+        with self._pool_lock:
+            return self._pool_locked(config, blocking, start, resumed)
+
+    def _pool_locked(
+        self, config: LoaderConfig, blocking: bool, start: dict[str, Any], resumed: bool
+    ) -> tuple[WorkerPool, bool]:
         persistent = self._persistent_pool
         if persistent is not None:
             if not (isinstance(persistent, ProcessPool) and persistent.broken):

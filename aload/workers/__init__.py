@@ -36,3 +36,11 @@ class WorkerPool(Protocol):
     @property
     def alive(self) -> bool:
         """Whether any worker is still running."""
+
+    @property
+    def alive_workers(self) -> int:
+        """How many workers (threads or processes) are still running."""
+
+    def timed_out(self, job: Job) -> None:
+        """`job` took longer than the loader's timeout: stop its worker where a worker can be
+        stopped (a process), so that no later batch waits behind it; else nothing."""

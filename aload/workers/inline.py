@@ -21,3 +21,10 @@ class InlinePool:
     @property
     def alive(self) -> bool:
         return False
+
+    @property
+    def alive_workers(self) -> int:
+        return 0
+
+    def timed_out(self, job: Job) -> None:
+        pass

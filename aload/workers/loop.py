@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
@@ -103,14 +104,24 @@ class LoopPool:
             self._cpu.shutdown()
 
     def join(self, timeout: float | None = None) -> bool:
+        started = time.monotonic()
         self._thread.join(timeout)
         if self._cpu is not None:
-            self._cpu.join(timeout)
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            self._cpu.join(left)
         return not self.alive
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() or (self._cpu is not None and self._cpu.alive)
+
+    @property
+    def alive_workers(self) -> int:
+        cpu = 0 if self._cpu is None else self._cpu.alive_workers
+        return int(self._thread.is_alive()) + cpu
+
+    def timed_out(self, job: Job) -> None:
+        pass  # the loop's reads are cancelled with the epoch
 
     def __del__(self) -> None:
         if hasattr(self, "_thread"):

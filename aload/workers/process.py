@@ -32,6 +32,7 @@ import torch.multiprocessing  # registers the reductions that send tensors via s
 import torch.utils.data._utils.worker as torch_worker
 
 from .._cuda import pin_batch
+from .._fetch import Abandoned
 from .._plans import ReaderPlan
 from .._worker_info import WorkerInfo, set_worker_info
 from . import Job
@@ -90,11 +91,15 @@ class ProcessPool:
         self._outstanding: list[dict[int, Any]] = [{} for _ in range(num_workers)]
         self._dead: dict[int, int | None] = {}  # worker -> exit code, recorded by the collector
         self._failure: BaseException | None = None  # why the collector gave up, if it did
+        self._stopped_late: set[int] = set()  # workers stopped because a batch timed out
         self._plans: list[Any] = [None] * num_workers
         self._next = 0
         self._tasks: list[Connection] = []
         self._results: list[Connection] = []
         self._processes: list[Any] = []
+        # Set at shutdown: workers drop what is queued and stop between two items, so none
+        # is killed in the middle of writing a batch to shared memory.
+        self._abandon = context.Event()
         try:
             for worker_id in range(num_workers):
                 task_reader, task_writer = context.Pipe(duplex=False)
@@ -109,6 +114,7 @@ class ProcessPool:
                         worker_init_fn,
                         task_reader,
                         result_writer,
+                        self._abandon,
                     ),
                     name=f"aload-worker-{worker_id}",
                     daemon=True,
@@ -157,18 +163,18 @@ class ProcessPool:
                 job.fail(self._death(worker, job))
 
     def shutdown(self) -> None:
-        """Stop the workers: at once where they hold abandoned work, else after their task."""
+        """Stop the workers after the item each is reading (queued work is dropped), as
+        torch's workers stop; one still busy `_GRACE_SECONDS` later is killed."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._closed_at = time.monotonic()
+            self._abandon.set()
             for worker, tasks in enumerate(self._tasks):
                 with contextlib.suppress(BrokenPipeError, OSError):
                     tasks.send(None)
-                if self._outstanding[worker]:
-                    self._processes[worker].terminate()
-                    self._outstanding[worker].clear()
+                self._outstanding[worker].clear()
 
     def join(self, timeout: float | None = None) -> bool:
         self._collector.join(timeout)
@@ -178,12 +184,27 @@ class ProcessPool:
     def broken(self) -> bool:
         """Whether a worker process has died (been killed, run out of memory), or the pool
         can no longer talk to its workers."""
-        return not self._closed and (bool(self._dead) or self._failure is not None)
+        failed = self._dead or self._stopped_late or self._failure is not None
+        return not self._closed and bool(failed)
 
     @property
     def alive(self) -> bool:
         """Whether anything of the pool runs: the collector ends after reaping every worker."""
         return self._collector.is_alive()
+
+    @property
+    def alive_workers(self) -> int:
+        with self._lock:
+            return len(self._processes) - len(self._dead)
+
+    def timed_out(self, job: Job) -> None:
+        """Stop the worker that holds `job`: it is stuck, and every batch sent to it would
+        wait behind it. The pool then counts as broken, so a persistent one is replaced."""
+        with self._lock:
+            for worker, outstanding in enumerate(self._outstanding):
+                if id(job) in outstanding and worker not in self._dead:
+                    self._stopped_late.add(worker)
+                    self._processes[worker].kill()
 
     def __del__(self) -> None:
         if hasattr(self, "_collector"):
@@ -279,7 +300,9 @@ class ProcessPool:
         """torch's words for a worker that died, then which batch it took with it."""
         pid = self._processes[worker].pid
         code = self._dead.get(worker)
-        if code is not None and code < 0:
+        if worker in self._stopped_late:
+            what = f"DataLoader worker (pid {pid}) was stopped: a batch it held timed out."
+        elif code is not None and code < 0:
             what = f"DataLoader worker (pid {pid}) is killed by signal: {_signal_name(-code)}."
         else:
             what = f"DataLoader worker (pid {pid}) exited unexpectedly with exit code {code}."
@@ -340,12 +363,17 @@ def _dumps(value: Any, what: str) -> bytes:
 class _Task:
     """What a reader sees of a job, inside a worker process."""
 
-    __slots__ = ("cancelled", "indices", "worker")
+    __slots__ = ("_abandon", "indices", "worker")
 
-    def __init__(self, indices: Any, worker: int) -> None:
+    def __init__(self, indices: Any, worker: int, abandon: Any) -> None:
         self.indices = indices
         self.worker = worker
-        self.cancelled = False
+        self._abandon = abandon
+
+    @property
+    def cancelled(self) -> bool:
+        """The pool is shutting down: readers stop between two items."""
+        return bool(self._abandon.is_set())
 
 
 def _work(
@@ -356,8 +384,10 @@ def _work(
     worker_init_fn: Callable[[int], None] | None,
     tasks: Connection,
     results: Connection,
+    abandon: Any,
 ) -> None:
-    """A worker process: seed as torch does, then read batches until told to stop."""
+    """A worker process: seed as torch does, then read batches until told to stop (once
+    `abandon` is set, queued batches are skipped and the one being read stops early)."""
     seed = base_seed + worker_id
     random.seed(seed)
     torch.manual_seed(seed)
@@ -387,10 +417,15 @@ def _work(
             reader = task.build(dataset)
             continue
         key, indices = task
+        if abandon.is_set():
+            continue
         try:
             if init_error is not None:
                 raise init_error
-            results.send((key, True, reader(_Task(indices, worker_id))))  # type: ignore[misc]
+            batch = reader(_Task(indices, worker_id, abandon))  # type: ignore[misc]
+            results.send((key, True, batch))
+        except Abandoned:
+            continue
         except BaseException as error:
             results.send((key, False, _wire_error(error)))
 

@@ -9,6 +9,7 @@ is collected and stops its threads.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
@@ -95,13 +96,21 @@ class ThreadPool:
             job.fail(_shut_down())
 
     def join(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads[: self._started]:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not self.alive
 
     @property
     def alive(self) -> bool:
         return any(thread.is_alive() for thread in self._threads)
+
+    @property
+    def alive_workers(self) -> int:
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def timed_out(self, job: Job) -> None:
+        pass  # a thread cannot be stopped: it ends when its read returns
 
     def __del__(self) -> None:
         if hasattr(self, "_threads"):
