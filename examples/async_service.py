@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import signal
 import statistics
 import time
+from multiprocessing.connection import wait
 from typing import Any
 
 import aiohttp
@@ -130,12 +132,16 @@ def service(trainer: Trainer) -> web.Application:
 
 
 def run_store(n: int, ports: multiprocessing.Queue) -> None:
-    """The sample store's process: serve until terminated, after reporting the port."""
+    """The sample store's process: report the port, then serve until the service's process
+    ends, however it ends (even killed, it leaves nothing listening)."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None
 
     async def serve() -> None:
-        _, port = await start(sample_store(n))
+        runner, port = await start(sample_store(n))
         ports.put(port)
-        await anyio.sleep_forever()
+        await anyio.to_thread.run_sync(wait, [parent.sentinel])
+        await runner.cleanup()
 
     anyio.run(serve)
 
@@ -147,10 +153,23 @@ async def main(args: argparse.Namespace) -> None:
     store.start()
     try:
         store_port = await anyio.to_thread.run_sync(ports.get, True, 60)
-        await serve_and_train(args, store_port)
+        print(f"sample store on http://127.0.0.1:{store_port}", flush=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_on_signal, tg.cancel_scope)
+            await serve_and_train(args, store_port)
+            tg.cancel_scope.cancel()
     finally:
         store.terminate()
         store.join()
+
+
+async def stop_on_signal(scope: anyio.CancelScope) -> None:
+    """SIGTERM or Ctrl-C: cancel the service, so every `finally` runs (the sample store is
+    stopped, the loader's epoch is closed) before the process exits."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 async def serve_and_train(args: argparse.Namespace, store_port: int) -> None:

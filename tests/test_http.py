@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import re
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +129,19 @@ def test_service_keeps_answering_health_while_it_trains():
     assert float(answered.group(2)) < 50
     loss = float(re.search(r"final loss ([\d.]+)", result.stdout).group(1))
     assert loss < 5
+
+
+def test_service_stops_its_sample_store_on_sigterm():
+    command = [sys.executable, str(EXAMPLES / "async_service.py"), "--port", "0", "--epochs", "1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            line = process.stdout.readline()
+            store = re.search(r"sample store on http://127.0.0.1:(\d+)", line)
+            assert store, "the service did not report its sample store"
+            assert "health on" in process.stdout.readline()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0
+        finally:
+            process.kill()
+    with socket.socket() as probe:  # nothing listens on the store's port any more
+        assert probe.connect_ex(("127.0.0.1", int(store.group(1)))) != 0
