@@ -17,7 +17,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ._cuda import pin_batch
 from ._retry import Reads
-from ._worker_info import worker_dataset
+from ._worker_info import collate_in_thread, worker_dataset
 
 Batch = Any
 Gather = Callable[[torch.Tensor], Any]
@@ -53,13 +53,13 @@ class Finish:
         """A batch from its samples."""
         if self.transform is not None:
             samples = [self.transform(sample) for sample in samples]
-        return self.batch(self.collate_fn(samples))
+        return self.batch(collate_in_thread(self.collate_fn, samples))
 
     def sample(self, sample: Any) -> Batch:
         """A single sample, when batching is off (`batch_size=None`)."""
         if self.transform is not None:
             sample = self.transform(sample)
-        return self.batch(self.collate_fn(sample))
+        return self.batch(collate_in_thread(self.collate_fn, sample))
 
     def batch(self, batch: Batch) -> Batch:
         """A batch that is already collated."""

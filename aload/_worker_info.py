@@ -95,6 +95,24 @@ def set_worker_info(info: WorkerInfo) -> None:
     _local.info = info
 
 
+def collate_in_thread(collate_fn: Callable[[Any], Any], samples: Any) -> Any:
+    """`collate_fn(samples)` with the calling thread's worker info hidden.
+
+    torch's `default_collate` writes a batch straight into shared memory when it sees worker
+    info, which saves a process worker a copy; in a thread it would make every batch a shared
+    memory file (an open file descriptor each, and slower). A worker process still has
+    torch's own info, so its batches still go to shared memory.
+    """
+    info = getattr(_local, "info", None)
+    if info is None:
+        return collate_fn(samples)
+    _local.info = None
+    try:
+        return collate_fn(samples)
+    finally:
+        _local.info = info
+
+
 def worker_dataset() -> Any | None:
     """The calling thread worker's dataset replica, or None outside a thread worker."""
     info = getattr(_local, "info", None)

@@ -94,6 +94,15 @@ def test_torchs_get_worker_info_is_none_outside_the_workers_while_they_run():
     assert seen_by_consumer == [None] * len(seen_by_consumer)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_batches_are_in_shared_memory_only_when_they_cross_a_process(mode):
+    """torch's collate writes into shared memory when it sees worker info: right for a
+    process, a file descriptor per batch for nothing in a thread."""
+    loader = aload_loader([torch.ones(3)] * 8, mode, batch_size=4, num_workers=2)
+    batch = next(iter(loader))
+    assert batch.is_shared() == (mode == "process")
+
+
 class RangeDataset(IterableDataset):
     """torch's documented `worker_init_fn` example: each worker narrows start/end."""
 
