@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any
 
+from aload.bench.memory import descendants
+
 MODES = {
     "thread": {"num_workers": 8},
     "thread-persistent": {"num_workers": 8, "persistent_workers": True},
@@ -41,27 +43,9 @@ def sample() -> dict[str, float]:
         "rss_mib": rss / 1024,
         "threads": threading.active_count(),
         "fds": len(os.listdir("/proc/self/fd")),
-        "processes": len(descendants()),
+        "processes": len(descendants(os.getpid(), exclude=-1)),
         "shm_files": shm,
     }
-
-
-def descendants() -> set[int]:
-    parent_of = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parent_of[int(entry)] = int(fields[1])
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, parent in parent_of.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 class Items:

@@ -20,27 +20,12 @@ from conftest import Indexed, aload_threads, flatten, heartbeat
 from torch.utils.data import Dataset
 
 import aload
+from aload.bench.memory import descendants
 
 
 def children() -> set[int]:
-    """This process's live descendants (a fork server's workers are its grandchildren);
-    zombies do not count."""
-    parent_of = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parent_of[int(entry)] = int(fields[1])
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, parent in parent_of.items() if parent in frontier} - found
-        found |= frontier
-    return found
+    """This process's live descendants (a fork server's workers are its grandchildren)."""
+    return set(descendants(os.getpid()))
 
 
 @pytest.fixture

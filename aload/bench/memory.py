@@ -36,13 +36,14 @@ def _children_by_parent() -> dict[int, list[int]]:
         except OSError:
             continue
         # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-        parent = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
+        state, parent = stat.rpartition(")")[2].split()[:2]
+        if state != "Z":  # a zombie has exited: it holds no memory and runs nothing
+            children.setdefault(int(parent), []).append(int(entry.name))
     return children
 
 
-def descendants(root: int, exclude: int) -> list[int]:
-    """Every process below `root`, leaving out `exclude` (the helper itself)."""
+def descendants(root: int, exclude: int = -1) -> list[int]:
+    """Every live process below `root`, leaving out `exclude` (the helper itself)."""
     children = _children_by_parent()
     found, pending = [], list(children.get(root, ()))
     while pending:
