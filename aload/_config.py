@@ -199,7 +199,7 @@ def resolve_config(
     iterable = _is_iterable_style(dataset)
     asynchronous = is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__"))
     # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
-    prefetch_factor = _check_prefetch_factor(prefetch_factor, num_workers or asynchronous)
+    prefetch_factor = _check_prefetch_factor(prefetch_factor, num_workers > 0 or asynchronous)
     if asynchronous and worker_mode == "process":
         raise ValueError(
             "worker_mode='process' is not available for async datasets yet: their reads run on "
@@ -302,7 +302,7 @@ def _check_timeout(timeout: object) -> float:
     return 0.0 if math.isinf(timeout) else float(timeout)
 
 
-def _check_prefetch_factor(prefetch_factor: object, prefetching: int) -> int | None:
+def _check_prefetch_factor(prefetch_factor: object, prefetching: bool) -> int | None:
     """torch's rules: only where workers prefetch, 2 by default; here also at least 1 (0
     would never load)."""
     if prefetch_factor is None:

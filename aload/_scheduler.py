@@ -261,7 +261,6 @@ class Epoch:
         self._closed = False
         self.length = length
         self._check_yielded = check_yielded
-        self._yielded = 0
 
     # -- async -------------------------------------------------------------------------------
 
@@ -317,7 +316,7 @@ class Epoch:
             with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
                 await arrived.wait()
                 return
-            raise self._timeout_error()
+            raise self._timed_out()
         finally:
             self._mailbox.waiters.discard(wake)
 
@@ -362,7 +361,7 @@ class Epoch:
                 return
             remaining = None if deadline is None else deadline - time.monotonic()
             if not arrived.wait(remaining):
-                raise self._timeout_error()
+                raise self._timed_out()
         finally:
             self._mailbox.waiters.discard(arrived.set)
 
@@ -418,9 +417,8 @@ class Epoch:
                 waiting = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
                 samples = count_samples(job.indices, batch)
                 self._meter.delivered(samples, waiting, len(self._in_flight))
-                self._yielded += 1
                 if self._check_yielded is not None:
-                    self._check_yielded(self._yielded)
+                    self._check_yielded(self._meter.batches)
                 return batch
         return _END
 
@@ -479,7 +477,9 @@ class Epoch:
     def _deadline(self) -> float | None:
         return time.monotonic() + self._timeout if self._timeout > 0 else None
 
-    def _timeout_error(self) -> LoaderTimeoutError:
+    def _timed_out(self) -> LoaderTimeoutError:
+        """The late batch's worker is stopped where it can be (a process); the error says
+        which batch was late."""
         if self._in_order:
             late = self._in_flight[self._next_seq]
         else:

@@ -90,11 +90,6 @@ def _teach_torch_about_threads() -> None:
 _teach_torch_about_threads()
 
 
-def set_worker_info(info: WorkerInfo) -> None:
-    """Publish `info` as the calling thread's."""
-    _local.info = info
-
-
 def collate_in_thread(collate_fn: Callable[[Any], Any], samples: Any) -> Any:
     """`collate_fn(samples)` with the calling thread's worker info hidden.
 
@@ -164,7 +159,7 @@ def worker_setup(
 
     def setup(worker_id: int) -> None:
         own = replica(dataset) if replicate else dataset
-        set_worker_info(WorkerInfo(worker_id, num_workers, base_seed + worker_id, own))
+        _local.info = WorkerInfo(worker_id, num_workers, base_seed + worker_id, own)
         if worker_init_fn is not None:
             with _warning_if_reseeded(worker_init_fn):
                 worker_init_fn(worker_id)

@@ -34,7 +34,7 @@ import torch.utils.data._utils.worker as torch_worker
 from .._cuda import pin_batch
 from .._fetch import Abandoned
 from .._plans import ReaderPlan
-from .._worker_info import WorkerInfo, set_worker_info
+from .._worker_info import WorkerInfo
 from . import Job
 from ._exit import stop_at_exit
 
@@ -98,8 +98,9 @@ class ProcessPool:
         self._results: list[Connection] = []
         self._processes: list[Any] = []
         # Set at shutdown: workers drop what is queued and stop between two items, so none
-        # is killed in the middle of writing a batch to shared memory.
-        self._abandon = context.Event()
+        # is killed in the middle of writing a batch to shared memory. A plain shared byte:
+        # workers read it once per item, without a lock.
+        self._abandon = context.Value("b", 0, lock=False)
         try:
             for worker_id in range(num_workers):
                 task_reader, task_writer = context.Pipe(duplex=False)
@@ -170,7 +171,7 @@ class ProcessPool:
                 return
             self._closed = True
             self._closed_at = time.monotonic()
-            self._abandon.set()
+            self._abandon.value = 1
             for worker, tasks in enumerate(self._tasks):
                 with contextlib.suppress(BrokenPipeError, OSError):
                     tasks.send(None)
@@ -373,7 +374,7 @@ class _Task:
     @property
     def cancelled(self) -> bool:
         """The pool is shutting down: readers stop between two items."""
-        return bool(self._abandon.is_set())
+        return bool(self._abandon.value)
 
 
 def _work(
@@ -393,11 +394,9 @@ def _work(
     torch.manual_seed(seed)
     np.random.seed(torch_worker._generate_state(base_seed, worker_id))
     torch.set_num_threads(1)
+    # One info, in torch's own slot: torch's get_worker_info and aload's both return it.
     info = WorkerInfo(worker_id, num_workers, seed, dataset, mode="process")
-    set_worker_info(info)
-    torch_worker._worker_info = torch_worker.WorkerInfo(
-        id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset
-    )
+    torch_worker._worker_info = info  # type: ignore[assignment] # same fields, and more
     init_error = None
     if worker_init_fn is not None:
         try:
@@ -417,7 +416,7 @@ def _work(
             reader = task.build(dataset)
             continue
         key, indices = task
-        if abandon.is_set():
+        if abandon.value:
             continue
         try:
             if init_error is not None:
