@@ -224,6 +224,23 @@ def test_closing_after_a_timeout_returns_within_the_timeout_and_warns_of_the_stu
     ds.release.set()
 
 
+@pytest.mark.anyio
+async def test_aclose_after_a_timeout_returns_within_it_and_the_loop_keeps_beating(anyio_backend):
+    ds = HangsAt(8, stuck=2)
+    it = aload.DataLoader(ds, batch_size=2, num_workers=2, timeout=0.3).__aiter__()
+    async with heartbeat() as beat:
+        await it.__anext__()
+        with pytest.raises(TimeoutError):
+            await it.__anext__()
+        started = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="1 worker thread is still inside a read"):
+            await it.aclose()
+        closing = time.monotonic() - started
+    ds.release.set()
+    assert closing < 0.6
+    assert beat.longest_gap < 0.05
+
+
 class HangsOnceInAProcess(Dataset):
     """Index 3 hangs the first time it is read in any process (a file remembers)."""
 
