@@ -32,6 +32,9 @@ MODES = {
     "process": {"num_workers": 2, "worker_mode": "process"},
     "process-persistent": {"num_workers": 2, "worker_mode": "process", "persistent_workers": True},
     "async-for": {"num_workers": 8, "async": True},
+    # torch's DataLoader, for comparison: its workers are processes.
+    "torch": {"num_workers": 2, "torch": True},
+    "torch-persistent": {"num_workers": 2, "persistent_workers": True, "torch": True},
 }
 
 
@@ -63,12 +66,15 @@ class Items:
 
 def run_mode(mode: str, epochs: int, every: int) -> dict[str, object]:
     """One mode, in this process: the epochs, and the samples taken along the way."""
+    import torch.utils.data
+
     import aload
 
     kwargs = dict(MODES[mode])
     asynchronous = kwargs.pop("async", False)
+    make = torch.utils.data.DataLoader if kwargs.pop("torch", False) else aload.DataLoader
     dataset = Items()
-    loader = aload.DataLoader(dataset, batch_size=64, shuffle=True, **kwargs)
+    loader = make(dataset, batch_size=64, shuffle=True, **kwargs)
 
     def one_epoch(epoch: int) -> None:
         stop_early = epoch % 7 == 0
@@ -95,7 +101,8 @@ def run_mode(mode: str, epochs: int, every: int) -> dict[str, object]:
         if epoch % every == 0 or epoch == epochs:
             samples.append((epoch, sample()))
     seconds = time.perf_counter() - started
-    loader.close()
+    if isinstance(loader, aload.DataLoader):
+        loader.close()
     return {"mode": mode, "epochs": epochs, "seconds": seconds, "samples": samples}
 
 
