@@ -26,7 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ._async_fetch import is_async_map_style
 from ._device import ToDevice, resolve_device
 from ._retry import NO_RETRY, Retry
-from .workers.process import resolve_context
+from .workers.process import check_picklable, resolve_context, sends_by_pickle
 
 WORKER_MODES = ("thread", "process")
 
@@ -205,6 +205,17 @@ def resolve_config(
             "worker_mode='process' is not available for async datasets yet: their reads run on "
             "aload's event loop and their transform on thread workers; use worker_mode='thread'"
         )
+    if worker_mode == "process" and num_workers > 0:
+        context = multiprocessing_context or resolve_context(None)
+        if sends_by_pickle(context):  # else forked workers inherit them: nothing to check
+            check_picklable(
+                {
+                    "the dataset": dataset,
+                    "collate_fn": collate_fn,
+                    "worker_init_fn": worker_init_fn,
+                    "transform": transform,
+                }
+            )
     if distributed:
         _check_distributed(iterable, sampler, batch_sampler)
     # Every rank must shuffle alike: the seed comes from the user's generator, or is torch's 0.

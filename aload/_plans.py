@@ -1,8 +1,8 @@
 """Picklable recipes for a worker's reader, for workers in other processes.
 
 A reader holds closures and per-epoch state, so it cannot travel to a worker process; its
-recipe can. The process worker receives one plan per epoch and builds the reader next to its
-own copy of the dataset.
+recipe can. A worker process gets its pool's plan when it starts and builds a reader from it
+next to its own copy of the dataset, again at each epoch with that epoch's `skip`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class ReaderPlan:
     num_streams: int = 1
     skip: dict[int, int] = field(default_factory=dict)
 
-    def build(self, dataset: Any) -> Callable[[Any], Batch]:
-        """The reader for this plan, over `dataset`."""
+    def build(self, dataset: Any, reads: Reads) -> Callable[[Any], Batch]:
+        """The reader for this plan, over `dataset`, retrying and skipping through `reads`."""
         if self.stream:
             return StreamReader(
                 dataset,
@@ -41,5 +41,13 @@ class ReaderPlan:
                 self.num_streams,
                 skip=self.skip,
             )
-        reads = Reads(self.retry, self.max_skipped)
         return map_reader(dataset, self.finish, batched=self.batched, reads=reads)
+
+
+@dataclass(frozen=True)
+class ProcessRead:
+    """A process epoch's read as the parent holds it: the plan its workers build their reader
+    from, and the epoch's retry and skip accounting, which the workers' reports add to."""
+
+    plan: ReaderPlan
+    reads: Reads

@@ -59,12 +59,17 @@ NO_RETRY = Retry(attempts=1)
 class Reads:
     """Retry and skip accounting shared by every worker of one epoch (thread-safe)."""
 
-    def __init__(self, retry: Retry, max_skipped: int) -> None:
+    def __init__(self, retry: Retry, max_skipped: int, *, in_worker_process: bool = False) -> None:
         self.retry = retry
         self._max_skipped = max_skipped
         self._lock = threading.Lock()
         self.retries = 0
         self.skipped: list[Any] = []
+        # In a worker process, skips are reported to the parent, which owns the epoch's
+        # budget and logs them: the worker keeps each skip's error for its report.
+        self._in_worker_process = in_worker_process
+        self._unreported: list[tuple[Any, BaseException]] = []
+        self._reported_retries = 0
 
     def retrying(self, fetch: Callable[[Any], T]) -> Callable[[Any], T]:
         """`fetch`, retried as the policy says; `fetch` itself when retries are off."""
@@ -104,8 +109,34 @@ class Reads:
             if len(self.skipped) >= self._max_skipped:
                 return False
             self.skipped.append(index)
-        logger.warning("aload: skipped sample %r after %r", index, error)
+        if self._in_worker_process:
+            self._unreported.append((index, error))
+        else:
+            logger.warning("aload: skipped sample %r after %r", index, error)
         return True
+
+    def report(self) -> tuple[int, list[tuple[Any, BaseException]]] | None:
+        """In a worker process: the retries and skips since the last report, for the parent's
+        `absorb`; None when there were none (the common case costs nothing on the wire)."""
+        retries = self.retries - self._reported_retries
+        if not retries and not self._unreported:
+            return None
+        skipped, self._unreported = self._unreported, []
+        self._reported_retries = self.retries
+        return retries, skipped
+
+    def absorb(self, report: tuple[int, list[tuple[Any, BaseException]]]) -> None:
+        """In the parent: count a worker process's report against this epoch's one budget.
+
+        Raises:
+            the error of the first skip that the budget no longer allows.
+        """
+        retries, skipped = report
+        with self._lock:
+            self.retries += retries
+        for index, error in skipped:
+            if not self.may_skip(index, error):
+                raise error
 
     def _count_retry(self) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
 from ._fetch import Finish, map_reader, per_worker_reader
-from ._plans import ReaderPlan
+from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
 from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
@@ -335,10 +335,11 @@ class DataLoader(Generic[T_co]):
                 pool, owns_pool = loop_pool, True
                 source, read = self._async_plan(finish, reads, delivered, loop_pool)
             else:
-                pool, owns_pool = self._pool(config, blocking, start, resumed)
+                plan = self._process_plan(delivered)
+                pool, owns_pool = self._pool(config, blocking, start, resumed, plan)
                 source, read = self._plan(finish, reads, delivered)
                 if isinstance(pool, ProcessPool):
-                    read = self._process_plan(delivered)
+                    read = ProcessRead(plan, reads)
             # An inline pool loads at submit time: submitting (or copying) ahead would load
             # before yielding.
             inline = isinstance(pool, InlinePool)
@@ -480,14 +481,25 @@ class DataLoader(Generic[T_co]):
         return LoopPool(config.dataset, cpu, config.max_concurrency)
 
     def _pool(
-        self, config: LoaderConfig, blocking: bool, start: dict[str, Any], resumed: bool
+        self,
+        config: LoaderConfig,
+        blocking: bool,
+        start: dict[str, Any],
+        resumed: bool,
+        plan: ReaderPlan,
     ) -> tuple[WorkerPool, bool]:
-        """The workers for one epoch, and whether the epoch owns (and so stops) them."""
+        """The workers for one epoch, and whether the epoch owns (and so stops) them. Worker
+        processes read by `plan`; for `async for` they start in the background."""
         with self._pool_lock:
-            return self._pool_locked(config, blocking, start, resumed)
+            return self._pool_locked(config, blocking, start, resumed, plan)
 
     def _pool_locked(
-        self, config: LoaderConfig, blocking: bool, start: dict[str, Any], resumed: bool
+        self,
+        config: LoaderConfig,
+        blocking: bool,
+        start: dict[str, Any],
+        resumed: bool,
+        plan: ReaderPlan,
     ) -> tuple[WorkerPool, bool]:
         persistent = self._persistent_pool
         if persistent is not None:
@@ -508,7 +520,9 @@ class DataLoader(Generic[T_co]):
                 config.dataset,
                 config.worker_init_fn,
                 base_seed,
+                plan,
                 pin=self._pin,
+                background=not blocking,
             )
         else:
             pool = ThreadPool(

@@ -48,7 +48,7 @@ def test_tree_memory_sees_a_child_process_allocate():
 @linux_only
 def test_suite_writes_tables_and_json_with_every_loader(tmp_path):
     done = bench(
-        "--workloads", "tensor", "memory", "--repeats", "2", "--scale", "0.2",
+        "--workloads", "tensor", "memory", "--repeats", "2", "--scale", "0.4",
         "--json", "out.json", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -69,7 +69,7 @@ def test_suite_writes_tables_and_json_with_every_loader(tmp_path):
         best_torch = [r["vs_best_torch"] for r in results if r["family"] == "torch"]
         assert max(best_torch) == pytest.approx(1.0)
     memory = {r["loader"]: r["median_peak_mib"] for r in by_workload["memory"]}
-    # 200,000 records read by forked workers are copied into them; threads share them.
+    # 400,000 records read by forked workers are copied into them; threads share them.
     assert memory["torch workers=2"] > 30
     assert memory["aload thread workers=2, for"] < memory["torch workers=2"] / 3
 

@@ -197,8 +197,10 @@ def test_thread_workers_get_torchs_worker_seeds_for_the_same_global_seed():
     torch.manual_seed(11)
     theirs = {w: s for w, (s, _, _) in by_worker(tud.DataLoader(Draws(), 4, num_workers=2)).items()}
     torch.manual_seed(11)
-    ours = aload.DataLoader(Draws(), batch_size=4, num_workers=2)
-    assert {w: s for w, (s, _, _) in by_worker(ours).items()} == theirs
+    ours = {w: s for w, (s, _, _) in by_worker(aload.DataLoader(Draws(), 4, num_workers=2)).items()}
+    # Threads take batches as they are free: a worker may get none, but each has torch's seed.
+    assert ours
+    assert ours.items() <= theirs.items()
 
 
 SHUFFLED = [

@@ -145,20 +145,51 @@ def test_killed_worker_is_reported_within_seconds_naming_worker_and_batch():
     assert no_children_left()
 
 
-def test_dataset_that_cannot_be_pickled_fails_at_start_with_advice():
-    ds = Indexed(4)
+def test_forked_workers_take_what_cannot_be_pickled_as_torchs_do():
+    """Under fork (Linux's default) the workers inherit the dataset and functions: a lambda
+    on the dataset, a lambda collate_fn, a local worker_init_fn work as they do in torch."""
+    ds = Indexed(12)
     ds.hook = lambda: None
-    with pytest.raises(TypeError, match="define them at module level, or use worker_mode='thread'"):
-        list(aload.DataLoader(ds, num_workers=1, worker_mode="process"))
+    started = []
+
+    def note_start(worker_id):
+        started.append(worker_id)
+
+    kwargs = {
+        "batch_size": 4,
+        "num_workers": 2,
+        "collate_fn": lambda batch: [sample * 10 for sample in batch],
+        "worker_init_fn": note_start,
+        "multiprocessing_context": "fork",
+    }
+    theirs = list(torch.utils.data.DataLoader(ds, **kwargs))
+    loader = aload.DataLoader(ds, worker_mode="process", persistent_workers=True, **kwargs)
+    assert list(loader) == theirs
+    assert list(loader) == theirs  # a second epoch of the same (persistent) workers
+    loader.close()
     assert no_children_left()
 
 
-def test_collate_fn_that_cannot_be_pickled_fails_with_advice():
-    loader = aload.DataLoader(
-        Indexed(4), num_workers=1, worker_mode="process", collate_fn=lambda batch: batch
-    )
-    with pytest.raises(TypeError, match="collate_fn and transform"):
-        list(loader)
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+@pytest.mark.parametrize(
+    ("argument", "named"),
+    [
+        ({"dataset": "unpicklable"}, "the dataset"),
+        ({"collate_fn": lambda batch: batch}, "collate_fn"),
+        ({"worker_init_fn": lambda worker_id: None}, "worker_init_fn"),
+        ({"transform": lambda sample: sample}, "transform"),
+    ],
+)
+def test_a_start_method_that_pickles_names_what_cannot_be_pickled_when_built(
+    method, argument, named
+):
+    ds, argument = Indexed(4), dict(argument)
+    if argument.pop("dataset", None):
+        ds.hook = lambda: None
+    with pytest.raises(TypeError, match=f"sends {named} to each worker process.*module level"):
+        aload.DataLoader(
+            ds, num_workers=1, worker_mode="process", multiprocessing_context=method, **argument
+        )
     assert no_children_left()
 
 

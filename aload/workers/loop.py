@@ -51,14 +51,21 @@ class LoopPool:
         self._dataset = dataset
         self._cpu = cpu
         self._max_concurrency = max_concurrency
-        self._ready = threading.Event()
+        # Jobs submitted before the loop is up (the dataset's __aenter__ may take a while)
+        # wait here: the caller never waits for the start.
+        self._lock = threading.Lock()
+        self._waiting: list[Job] | None = []
+        self._closing = False
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="aload-worker-loop", daemon=True)
         self._thread.start()
         stop_at_exit(pool=self, thread=self._thread)
-        self._ready.wait()
 
     def submit(self, job: Job, worker: int | None = None) -> None:
+        with self._lock:
+            if self._waiting is not None:
+                self._waiting.append(job)
+                return
         if self._start_error is not None:
             job.fail(self._start_error)
             return
@@ -67,6 +74,14 @@ class LoopPool:
             self._call_soon(self._task_group.start_soon, async_job.arun)
         except RunFinishedError:
             job.fail(RuntimeError("aload's event loop has stopped; this batch did not run"))
+
+    def _started(self, error: BaseException | None = None) -> None:
+        """The loop is up (or failed to start): run (or fail) the jobs that waited for it."""
+        self._start_error = error
+        with self._lock:
+            waiting, self._waiting = self._waiting or [], None
+        for job in waiting:
+            self.submit(job)
 
     async def read_all(
         self, read: Callable[[Any], Awaitable[Any]], items: Sequence[Any]
@@ -98,8 +113,12 @@ class LoopPool:
         return call.value
 
     def shutdown(self) -> None:
-        with contextlib.suppress(RunFinishedError, AttributeError):
-            self._call_soon(self._stop.set)
+        with self._lock:
+            self._closing = True
+            running = self._waiting is None  # else the loop sees `_closing` once it is up
+        if running:
+            with contextlib.suppress(RunFinishedError):
+                self._call_soon(self._stop.set)
         if self._cpu is not None:
             self._cpu.shutdown()
 
@@ -148,8 +167,8 @@ class LoopPool:
         try:
             anyio.run(self._main)
         except BaseException as error:  # the dataset's __aenter__ failed: report it per job
-            self._start_error = error
-            self._ready.set()
+            if self._waiting is not None:
+                self._started(error)
 
     async def _main(self) -> None:
         self._token = anyio.lowlevel.current_token()
@@ -161,8 +180,11 @@ class LoopPool:
             self._task_group = task_group
             for _ in range(self._max_concurrency):
                 task_group.start_soon(self._fetch)
-            self._ready.set()
-            await self._stop.wait()
+            self._started()
+            with self._lock:
+                closing = self._closing
+            if not closing:
+                await self._stop.wait()
             task_group.cancel_scope.cancel()
 
 

@@ -1,21 +1,27 @@
 """Process workers, for datasets whose Python code holds the GIL (parsing, tokenizing).
 
-Each worker process gets the dataset once, at start, and builds its reader from a small plan
-sent at each epoch; jobs then carry only indices. Batches come back through torch's
-shared-memory reductions, not as pickled bytes. One pipe each way per worker: sends pickle
-at once, so a dataset or collate_fn that cannot be pickled fails at the call that sent it, not
-in a background thread. A collector thread waits on every result pipe and every process
+Workers start as torch's do: with Python's default start method (fork on Linux up to Python
+3.13), so a forked worker shares the parent's dataset copy-on-write and starts in milliseconds;
+`multiprocessing_context` picks another. Each worker gets the dataset and its pool's reader
+plan once, at start (inherited under fork, pickled otherwise); an epoch then sends only what
+changes (where a resumed epoch starts), and jobs carry only indices. Batches come back through
+torch's shared-memory reductions, not as pickled bytes, with the worker's retries and skips,
+which the parent counts against the epoch's one budget. One pipe each way per worker. A
+collector thread, started after the workers, waits on every result pipe and every process
 sentinel together, so a worker that dies (killed, out of memory) fails its batches at once.
 Only the collector looks at a process's state (a forkserver child's exit code is read from a
 pipe, once: two threads polling it race, and the loser is told 255); others read what it
-recorded.
+recorded. For `async for`, the workers start on the collector thread, so the caller's event
+loop never waits for a start (a fork server's first start imports torch: about a second).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import multiprocessing
+import os
 import pickle
 import random
 import signal
@@ -33,7 +39,8 @@ import torch.utils.data._utils.worker as torch_worker
 
 from .._cuda import pin_batch
 from .._fetch import Abandoned
-from .._plans import ReaderPlan
+from .._plans import ProcessRead, ReaderPlan
+from .._retry import Reads
 from .._worker_info import WorkerInfo
 from . import Job
 from ._exit import stop_at_exit
@@ -42,15 +49,12 @@ _GRACE_SECONDS = 5.0  # how long a worker may finish its task after shutdown bef
 
 
 def resolve_context(context: Any) -> multiprocessing.context.BaseContext:
-    """A multiprocessing context from a start method name, a context, or None (the default).
-
-    The default is "forkserver" where the platform has it: a parent that runs an event loop
-    and thread pools must not be forked bare; the fork server is, instead, a clean process that
-    forks workers quickly once it has imported aload (the first start pays for that import).
-    """
+    """A multiprocessing context from a start method name, a context, or None: the default
+    start method, as torch's DataLoader uses it (`multiprocessing.set_start_method`'s, else
+    the platform's: fork on Linux up to Python 3.13, forkserver from 3.14, spawn on macOS)."""
     if context is None:
         methods = multiprocessing.get_all_start_methods()
-        context = "forkserver" if "forkserver" in methods else "spawn"
+        context = multiprocessing.get_start_method(allow_none=True) or methods[0]
     if isinstance(context, str):
         if context not in multiprocessing.get_all_start_methods():
             raise ValueError(
@@ -60,6 +64,7 @@ def resolve_context(context: Any) -> multiprocessing.context.BaseContext:
             )
         context = multiprocessing.get_context(context)
         if context.get_start_method() == "forkserver":
+            # The server imports aload (so torch) once; each worker is then a fork of it.
             context.set_forkserver_preload(["aload"])
     if not isinstance(context, multiprocessing.context.BaseContext):
         raise TypeError(
@@ -69,11 +74,71 @@ def resolve_context(context: Any) -> multiprocessing.context.BaseContext:
     return context
 
 
-class ProcessPool:
-    """`num_workers` processes reading batches; jobs carry a `ReaderPlan` as their `read`.
+def sends_by_pickle(context: multiprocessing.context.BaseContext) -> bool:
+    """Whether workers of this context get the dataset pickled (spawn, forkserver), rather
+    than inherited by fork."""
+    return context.get_start_method() != "fork"
+
+
+def check_picklable(what: dict[str, Any]) -> None:
+    """Pickle each value into a sink that keeps nothing, so that one that cannot travel to a
+    worker process is named when the loader is built, not when its first epoch starts.
 
     Raises:
-        TypeError: at start, when the dataset or worker_init_fn cannot be sent to a process.
+        TypeError: naming the argument that cannot be pickled.
+    """
+    for name, value in what.items():
+        try:
+            multiprocessing.reduction.ForkingPickler(_Discard(), pickle.HIGHEST_PROTOCOL).dump(
+                value
+            )
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            raise TypeError(
+                f"worker_mode='process' with a start method that pickles sends {name} to each "
+                f"worker process, but it could not be pickled ({error}); define it at module "
+                "level, use multiprocessing_context='fork' (Linux), or worker_mode='thread'"
+            ) from error
+
+
+class _Discard:
+    """A file that drops what is written to it: pickling for the check alone."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+# A worker process that found itself started while its parent's main module was being run
+# again (spawn, forkserver: no `if __name__ == "__main__":` guard) exits with this code.
+_NO_MAIN_GUARD = 86
+
+_MAIN_GUARD_HELP = (
+    "aload's worker processes could not start: with the {method!r} start method each worker "
+    "runs your main module again, and the module started the loader again instead of "
+    "returning. Put the code that iterates the loader (and everything that runs when the "
+    "script runs) under `if __name__ == \"__main__\":`, or use multiprocessing_context='fork' "
+    "(Linux), which needs no guard"
+)
+
+
+def refuse_start_in_bootstrap() -> None:
+    """Called where a pool would start: in a worker process that is still importing its
+    parent's main module (a script without a main guard), exit quietly with a code the parent
+    explains, rather than multiprocessing's long traceback in every worker."""
+    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
+        os._exit(_NO_MAIN_GUARD)
+
+
+class ProcessPool:
+    """`num_workers` processes reading batches; jobs carry a `ProcessRead` as their `read`.
+
+    Args:
+        plan: how workers read; the pool's epochs differ only in their plan's `skip`.
+        background: start the processes on the collector thread, queueing jobs until they
+            run, so that the caller (an event loop) never waits for a start.
+
+    Raises:
+        TypeError: at start, when the dataset or worker_init_fn cannot be sent to a process
+            (with `background`, each job fails with it instead).
     """
 
     def __init__(
@@ -83,16 +148,23 @@ class ProcessPool:
         dataset: Any,
         worker_init_fn: Callable[[int], None] | None,
         base_seed: int,
+        plan: ReaderPlan,
         pin: bool = False,
+        background: bool = False,
     ) -> None:
+        refuse_start_in_bootstrap()
+        self._num_workers = num_workers
+        self._context = context
         self._pin = pin
         self._lock = threading.Lock()
         self._closed = False
+        self._started = False
+        self._waiting: list[tuple[Job, int | None]] = []  # submitted before the start ended
         self._outstanding: list[dict[int, Any]] = [{} for _ in range(num_workers)]
         self._dead: dict[int, int | None] = {}  # worker -> exit code, recorded by the collector
-        self._failure: BaseException | None = None  # why the collector gave up, if it did
+        self._failure: BaseException | None = None  # why the pool gave up, if it did
         self._stopped_late: set[int] = set()  # workers stopped because a batch timed out
-        self._plans: list[Any] = [None] * num_workers
+        self._plans: list[ReaderPlan] = [plan] * num_workers
         self._next = 0
         self._tasks: list[Connection] = []
         self._results: list[Connection] = []
@@ -101,22 +173,26 @@ class ProcessPool:
         # is killed in the middle of writing a batch to shared memory. A plain shared byte:
         # workers read it once per item, without a lock.
         self._abandon = context.Value("b", 0, lock=False)
+        self._worker_args = (num_workers, base_seed, dataset, worker_init_fn, plan, self._abandon)
+        if not background:
+            self._start()
+        self._collector = threading.Thread(
+            target=self._run, args=(background,), name="aload-worker-collector", daemon=True
+        )
+        self._collector.start()
+        stop_at_exit(pool=self, thread=self._collector)
+
+    def _start(self) -> None:
+        """Start the worker processes (on the caller's thread, or the collector's)."""
         try:
-            for worker_id in range(num_workers):
-                task_reader, task_writer = context.Pipe(duplex=False)
-                result_reader, result_writer = context.Pipe(duplex=False)
-                process = context.Process(  # type: ignore[attr-defined] # every context has it
+            for worker_id in range(self._num_workers):
+                if self._closed:
+                    break
+                task_reader, task_writer = self._context.Pipe(duplex=False)
+                result_reader, result_writer = self._context.Pipe(duplex=False)
+                process = self._context.Process(  # type: ignore[attr-defined] # all have it
                     target=_work,
-                    args=(
-                        worker_id,
-                        num_workers,
-                        base_seed,
-                        dataset,
-                        worker_init_fn,
-                        task_reader,
-                        result_writer,
-                        self._abandon,
-                    ),
+                    args=(worker_id, *self._worker_args, task_reader, result_writer),
                     name=f"aload-worker-{worker_id}",
                     daemon=True,
                 )
@@ -133,14 +209,31 @@ class ProcessPool:
                 f"process, but they could not be pickled ({error}); define them at module "
                 "level, or use worker_mode='thread'"
             ) from error
-        self._collector = threading.Thread(
-            target=self._collect, name="aload-worker-collector", daemon=True
-        )
-        self._collector.start()
-        stop_at_exit(pool=self, thread=self._collector)
+        except BaseException:
+            self._terminate()
+            raise
+        finally:
+            del self._worker_args  # the parent's references to the dataset stay its own
+        with self._lock:
+            self._started = True
+            waiting, self._waiting = self._waiting, []
+            if self._closed:
+                self._stop_workers()
+        for job, worker in waiting:
+            self.submit(job, worker)
+
+    def _run(self, start: bool) -> None:
+        """The collector thread: start the workers if asked, then collect until they end."""
+        if start:
+            try:
+                self._start()
+            except BaseException as error:
+                self._give_up(error)
+                return
+        self._collect()
 
     def submit(self, job: Job, worker: int | None = None) -> None:
-        plan: ReaderPlan = job.read  # type: ignore[attr-defined]
+        read: ProcessRead = job.read  # type: ignore[attr-defined]
         with self._lock:
             if self._closed:
                 job.fail(RuntimeError("aload worker processes were shut down before this batch"))
@@ -148,15 +241,18 @@ class ProcessPool:
             if self._failure is not None:
                 job.fail(_pool_failed(self._failure))
                 return
+            if not self._started:
+                self._waiting.append((job, worker))
+                return
             if worker is None:
                 worker = self._least_busy()
             if worker in self._dead:
                 job.fail(self._death(worker, job))
                 return
             try:
-                if self._plans[worker] is not plan:
-                    self._tasks[worker].send_bytes(_dumps(plan, "collate_fn and transform"))
-                    self._plans[worker] = plan
+                if self._plans[worker] is not read.plan:  # a new epoch: where it starts
+                    self._tasks[worker].send_bytes(pickle.dumps(("epoch", read.plan.skip)))
+                    self._plans[worker] = read.plan
                 self._outstanding[worker][id(job)] = job
                 self._tasks[worker].send((id(job), job.indices))  # type: ignore[attr-defined]
             except (BrokenPipeError, OSError):
@@ -171,11 +267,19 @@ class ProcessPool:
                 return
             self._closed = True
             self._closed_at = time.monotonic()
-            self._abandon.value = 1
-            for worker, tasks in enumerate(self._tasks):
-                with contextlib.suppress(BrokenPipeError, OSError):
-                    tasks.send(None)
-                self._outstanding[worker].clear()
+            waiting, self._waiting = self._waiting, []
+            if self._started:  # else the start stops them as soon as it ends
+                self._stop_workers()
+        for job, _ in waiting:
+            job.fail(RuntimeError("aload worker processes were shut down before this batch"))
+
+    def _stop_workers(self) -> None:
+        """Tell every worker to stop (called under the lock, once started and closed)."""
+        self._abandon.value = 1
+        for worker, tasks in enumerate(self._tasks):
+            with contextlib.suppress(BrokenPipeError, OSError):
+                tasks.send(None)
+            self._outstanding[worker].clear()
 
     def join(self, timeout: float | None = None) -> bool:
         self._collector.join(timeout)
@@ -233,6 +337,8 @@ class ProcessPool:
         with self._lock:
             self._failure = error
             jobs = [job for outstanding in self._outstanding for job in outstanding.values()]
+            jobs += [job for job, _ in self._waiting]
+            self._waiting = []
             for outstanding in self._outstanding:
                 outstanding.clear()
         for job in jobs:
@@ -270,7 +376,7 @@ class ProcessPool:
 
     def _receive(self, worker: int, open_results: dict[int, Connection]) -> None:
         try:
-            key, ok, payload = self._results[worker].recv()
+            key, ok, payload, report = self._results[worker].recv()
         except OSError as error:
             if error.errno == errno.EMFILE:  # the pipe is fine; this process is out of files
                 raise
@@ -282,6 +388,12 @@ class ProcessPool:
         with self._lock:
             job = self._outstanding[worker].pop(key, None)
         if job is None:
+            return
+        try:
+            if report is not None:  # retries and skips: one budget for the whole epoch
+                job.read.reads.absorb(report)
+        except BaseException as error:
+            job.fail(error)
             return
         if ok:
             job.deliver(pin_batch(payload) if self._pin else payload)
@@ -301,6 +413,8 @@ class ProcessPool:
         """torch's words for a worker that died, then which batch it took with it."""
         pid = self._processes[worker].pid
         code = self._dead.get(worker)
+        if code == _NO_MAIN_GUARD:
+            return RuntimeError(_MAIN_GUARD_HELP.format(method=self._context.get_start_method()))
         if worker in self._stopped_late:
             what = f"DataLoader worker (pid {pid}) was stopped: a batch it held timed out."
         elif code is not None and code < 0:
@@ -311,8 +425,9 @@ class ProcessPool:
 
     def _terminate(self) -> None:
         for process in self._processes:
-            process.kill()
-            process.join()
+            with contextlib.suppress(Exception):
+                process.kill()
+                process.join()
 
 
 def _signal_name(number: int) -> str:
@@ -351,16 +466,6 @@ def _pool_failed(error: BaseException) -> RuntimeError:
     return failed
 
 
-def _dumps(value: Any, what: str) -> bytes:
-    try:
-        return bytes(multiprocessing.reduction.ForkingPickler.dumps(value))
-    except (pickle.PicklingError, TypeError, AttributeError) as error:
-        raise TypeError(
-            f"worker_mode='process' sends {what} to each worker process, but they could not "
-            f"be pickled ({error}); define them at module level, or use worker_mode='thread'"
-        ) from error
-
-
 class _Task:
     """What a reader sees of a job, inside a worker process."""
 
@@ -383,9 +488,10 @@ def _work(
     base_seed: int,
     dataset: Any,
     worker_init_fn: Callable[[int], None] | None,
+    plan: ReaderPlan,
+    abandon: Any,
     tasks: Connection,
     results: Connection,
-    abandon: Any,
 ) -> None:
     """A worker process: seed as torch does, then read batches until told to stop (once
     `abandon` is set, queued batches are skipped and the one being read stops early)."""
@@ -403,7 +509,8 @@ def _work(
             worker_init_fn(worker_id)
         except BaseException as error:
             init_error = error
-    reader = None
+    reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
+    reader = None if init_error else plan.build(dataset, reads)
     while True:
         try:
             message = tasks.recv_bytes()
@@ -412,8 +519,10 @@ def _work(
         task = pickle.loads(message)
         if task is None:
             return
-        if isinstance(task, ReaderPlan):
-            reader = task.build(dataset)
+        if task[0] == "epoch":  # the next epoch: a fresh budget, and where it starts
+            reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
+            plan = dataclasses.replace(plan, skip=task[1])
+            reader = None if init_error else plan.build(dataset, reads)
             continue
         key, indices = task
         if abandon.value:
@@ -422,21 +531,34 @@ def _work(
             if init_error is not None:
                 raise init_error
             batch = reader(_Task(indices, worker_id, abandon))  # type: ignore[misc]
-            results.send((key, True, batch))
+            results.send((key, True, batch, _wire_report(reads)))
         except Abandoned:
             continue
         except BaseException as error:
-            results.send((key, False, _wire_error(error)))
+            results.send((key, False, _wire_error(error), _wire_report(reads)))
+
+
+def _wire_report(reads: Reads) -> Any:
+    """The worker's retries and skips since its last batch, each skip's error made
+    picklable; None when there were none."""
+    report = reads.report()
+    if report is None:
+        return None
+    retries, skipped = report
+    return retries, [(index, _picklable(error)) for index, error in skipped]
+
+
+def _picklable(error: BaseException) -> BaseException:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def _wire_error(error: BaseException) -> tuple[Any, str]:
     """The error, or a stand-in when it cannot be pickled, with the worker's traceback text."""
-    text = "".join(traceback.format_exception(error))
-    try:
-        pickle.dumps(error)
-        return error, text
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}"), text
+    return _picklable(error), "".join(traceback.format_exception(error))
 
 
 def _rebuild_error(payload: tuple[BaseException, str], worker: int, pid: int) -> BaseException:
