@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -285,3 +287,89 @@ def test_persistent_workers_are_replaced_after_one_died(tmp_path):
     assert len(multiprocessing.active_children()) == 2  # a full pool again, not a survivor
     loader.close()
     assert no_children_left()
+
+
+class Broken(torch.utils.data.Dataset):
+    """Samples 3, 9, 14 and 20 are gone; the others read on their first try, or (with
+    `flaky`) on their second, each worker process keeping its own count of tries."""
+
+    def __init__(self, flaky=False):
+        self.flaky = flaky
+        self.tried = set()
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, index):
+        if index in {3, 9, 14, 20}:
+            raise OSError(f"sample {index} is gone")
+        if self.flaky and index not in self.tried:
+            self.tried.add(index)
+            raise TimeoutError(f"slow read of {index}")
+        return index
+
+
+@pytest.mark.parametrize("worker_mode", ["thread", "process"])
+def test_the_failure_budget_is_one_per_epoch_across_all_workers(worker_mode, caplog):
+    def make(max_skipped, flaky=False):
+        return aload.DataLoader(
+            Broken(flaky),
+            batch_size=4,
+            num_workers=2,
+            worker_mode=worker_mode,
+            max_skipped=max_skipped,
+            retry=aload.Retry(attempts=2, backoff=0, on=(TimeoutError,)),
+        )
+
+    loader = make(4, flaky=True)
+    assert flatten(list(loader)) == [i for i in range(24) if i not in {3, 9, 14, 20}]
+    assert sorted(loader.stats.skipped_indices) == [3, 9, 14, 20]
+    assert loader.stats.retries == 20  # every readable sample, once
+    assert "skipped sample 9" in caplog.text
+    # Two workers, two skips each would fit a budget per worker; the epoch's is 3.
+    with pytest.raises(OSError, match=r"sample (3|9|14|20) is gone"):
+        list(make(3))
+    assert no_children_left()
+
+
+NO_MAIN_GUARD = """
+import sys
+import torch.utils.data
+import aload
+
+class Squares(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return index * index
+
+loader = aload.DataLoader(
+    Squares(), batch_size=4, num_workers=2, worker_mode="process",
+    multiprocessing_context=sys.argv[1] if len(sys.argv) > 1 else None,
+)
+print([batch.tolist() for batch in loader])
+"""
+
+
+@pytest.mark.skipif(multiprocessing.get_all_start_methods()[0] != "fork", reason="fork default")
+def test_a_script_without_a_main_guard_runs_as_under_torch(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(NO_MAIN_GUARD)
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[[0, 1, 4, 9], [16, 25, 36, 49]]"
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_script_without_a_main_guard_gets_one_error_that_says_the_fix(tmp_path, method):
+    script = tmp_path / "train.py"
+    script.write_text(NO_MAIN_GUARD)
+    done = subprocess.run(
+        [sys.executable, script, method], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert f"with the '{method}' start method each worker runs your main module" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr
+    assert "bootstrapping phase" not in done.stderr  # multiprocessing's own, once per worker
+    assert done.stderr.count("Traceback") == 1
