@@ -182,7 +182,7 @@ class ProcessPool:
         self._collector.start()
         stop_at_exit(pool=self, thread=self._collector)
 
-    def _start(self) -> None:
+    def _start(self, background: bool = False) -> None:
         """Start the worker processes (on the caller's thread, or the collector's)."""
         try:
             for worker_id in range(self._num_workers):
@@ -199,6 +199,10 @@ class ProcessPool:
                 process.start()
                 task_reader.close()
                 result_writer.close()
+                if background:
+                    # A fork holds the GIL while it copies the page tables (milliseconds for
+                    # a large parent): let the caller's loop run between two of them.
+                    time.sleep(0.001)
                 self._tasks.append(task_writer)
                 self._results.append(result_reader)
                 self._processes.append(process)
@@ -226,7 +230,7 @@ class ProcessPool:
         """The collector thread: start the workers if asked, then collect until they end."""
         if start:
             try:
-                self._start()
+                self._start(background=True)
             except BaseException as error:
                 self._give_up(error)
                 return
