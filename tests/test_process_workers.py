@@ -333,6 +333,7 @@ def test_the_failure_budget_is_one_per_epoch_across_all_workers(worker_mode, cap
 
 
 NO_MAIN_GUARD = """
+import asyncio
 import sys
 import torch.utils.data
 import aload
@@ -348,7 +349,12 @@ loader = aload.DataLoader(
     Squares(), batch_size=4, num_workers=2, worker_mode="process",
     multiprocessing_context=sys.argv[1] if len(sys.argv) > 1 else None,
 )
-print([batch.tolist() for batch in loader])
+if sys.argv[2:] == ["async"]:
+    async def main():
+        return [batch.tolist() async for batch in loader]
+    print(asyncio.run(main()))
+else:
+    print([batch.tolist() for batch in loader])
 """
 
 
@@ -361,12 +367,13 @@ def test_a_script_without_a_main_guard_runs_as_under_torch(tmp_path):
     assert done.stdout.strip() == "[[0, 1, 4, 9], [16, 25, 36, 49]]"
 
 
+@pytest.mark.parametrize("loop", ["for", "async"])
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
-def test_a_script_without_a_main_guard_gets_one_error_that_says_the_fix(tmp_path, method):
+def test_a_script_without_a_main_guard_gets_one_error_that_says_the_fix(tmp_path, method, loop):
     script = tmp_path / "train.py"
     script.write_text(NO_MAIN_GUARD)
     done = subprocess.run(
-        [sys.executable, script, method], capture_output=True, text=True, timeout=60
+        [sys.executable, script, method, loop], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 1
     assert f"with the '{method}' start method each worker runs your main module" in done.stderr

@@ -213,6 +213,16 @@ class ProcessPool:
                 f"process, but they could not be pickled ({error}); define them at module "
                 "level, or use worker_mode='thread'"
             ) from error
+        except (BrokenPipeError, ConnectionError, EOFError) as error:
+            self._terminate()
+            if self._context.get_start_method() != "forkserver":
+                raise
+            # The fork server died as it started: it runs the main module first, and a script
+            # without a main guard starts the loader again in it (which then exits).
+            raise RuntimeError(
+                "aload's fork server stopped as it started. "
+                + _MAIN_GUARD_HELP.format(method="forkserver")
+            ) from error
         except BaseException:
             self._terminate()
             raise
