@@ -118,3 +118,30 @@ def test_a_failing_loader_is_reported_and_the_others_still_run():
     assert failed.error == "OSError: disk gone"
     assert failed.samples_per_s == []
     assert "| peer workers=1 | failed: OSError: disk gone |" in table(workload, [ok, failed])
+
+
+@linux_only
+def test_fresh_process_cases_report_each_loader_from_its_own_process(tmp_path):
+    done = bench(
+        "--workloads", "records", "loop", "--repeats", "1", "--scale", "0.05",
+        "--json", "out.json", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "**records** (fresh processes)" in done.stdout
+    assert "| aload processes, forkserver |" in done.stdout
+    fresh = {
+        (r["case"], r["loader"]): r
+        for r in json.loads((tmp_path / "out.json").read_text())["fresh"]
+    }
+    assert {case for case, _ in fresh} == {"records", "loop"}
+    for result in fresh.values():
+        assert result["error"] is None, result
+        (run,) = result["runs"]
+        assert run["first_batch_ms"] > 0
+    records = {loader: r["runs"][0] for (case, loader), r in fresh.items() if case == "records"}
+    # 100,000 records (a few tens of MiB) held once by threads, copied in part by each of 4 workers.
+    assert records["aload threads"]["peak_pss_mib"] > 100  # the process itself: torch and all
+    assert records["torch"]["peak_pss_mib"] > records["aload threads"]["peak_pss_mib"]
+    loop = [r["runs"][0] for (case, _), r in fresh.items() if case == "loop"]
+    assert all(run["loop_gap_ms"] >= 0 for run in loop)
+    assert len(loop) == 4

@@ -3,12 +3,14 @@ installed), side by side in one process on the same data.
 
 Each workload runs every loader `--repeats` times, interleaved, and prints a Markdown table of
 median samples/s, the ratio to the best torch configuration, the time to the first batch and the
-peak memory of the whole process tree (PSS, workers included) above what it held before.
-aload's forkserver is started once before the first run, as a long-running program would.
+peak memory of the whole process tree (workers included) above what it held before. The
+fresh-process cases (startup, python-epoch, records, loop: `aload.bench.fresh`) run each loader
+in a new Python process, as a user's script meets it.
 
     python -m aload.bench                            # the whole suite, 3 repeats
     python -m aload.bench --workloads tensor io --repeats 5 --json results.json
     python -m aload.bench --workloads memory --scale 2
+    python -m aload.bench --workloads startup records loop # only fresh-process cases
     python -m aload.bench --workloads --plot workers.png   # only the sweep over worker counts
 """
 
@@ -18,7 +20,9 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 
+from aload.bench.fresh import CASES, fresh_table, measure_fresh
 from aload.bench.memory import TreeMemory
 from aload.bench.plot import draw, sweep
 from aload.bench.report import document, environment, table
@@ -30,7 +34,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m aload.bench", description=(__doc__ or "").splitlines()[0]
     )
-    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    names = [*WORKLOADS, *CASES]
+    parser.add_argument("--workloads", nargs="*", default=names, choices=names)
     parser.add_argument("--repeats", type=int, default=3, help="runs per loader (median kept)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every item count")
     parser.add_argument(
@@ -67,11 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     prepare()
     with TreeMemory() as memory:
-        for name in args.workloads:
+        for name in [name for name in args.workloads if name in WORKLOADS]:
             workload = WORKLOADS[name](settings)
             results = measure(workload, args.repeats, memory)
             suites.append((workload, results))
             print(table(workload, results), file=out, flush=True)
+        fresh_cases = [name for name in args.workloads if name in CASES]
+        fresh = measure_fresh(fresh_cases, args.repeats, args.scale)
+        for name in fresh_cases:
+            print(fresh_table(CASES[name], fresh), file=out, flush=True)
         suite_seconds = time.perf_counter() - started
         if args.plot:
             build = WORKLOADS[args.plot_workload]
@@ -85,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{suite_seconds:.0f} s for the suite, {total:.0f} s in all", file=out)
     if args.json:
         report = document(env, suites, swept)
+        report["fresh"] = [asdict(result) for result in fresh]
         report["stats_cost_us_per_batch"] = stats_cost
         text = json.dumps(report, indent=2)
         if args.json == "-":

@@ -7,6 +7,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import aload
 from aload._retry import NO_RETRY
@@ -43,10 +44,18 @@ class Result:
 
 
 def prepare() -> None:
-    """Once before anything is timed: start aload's forkserver (a one-off cost per program,
-    ~1.5 s here, that would otherwise land on whichever run came first), and silence torch's
-    advice against more worker processes than cores, which the I/O workloads want."""
-    for _ in aload.DataLoader(range(2), batch_size=2, num_workers=1, worker_mode="process"):
+    """Once before anything is timed: start the fork server that the forkserver contenders
+    use (a one-off cost per program, ~1 s here, that would otherwise land on whichever run
+    came first; the fresh-process cases measure it), and silence torch's advice against more
+    worker processes than cores, which the I/O workloads want."""
+    server: aload.DataLoader[Any] = aload.DataLoader(
+        range(2),
+        batch_size=2,
+        num_workers=1,
+        worker_mode="process",
+        multiprocessing_context="forkserver",
+    )
+    for _ in server:
         pass
     warnings.filterwarnings("ignore", message="This DataLoader will create")
 

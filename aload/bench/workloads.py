@@ -73,14 +73,15 @@ def _every_loader(
     ]
 
 
-def _forked(data: Any, workers: int, **kwargs: Any) -> Contender:
-    """aload's process workers started by fork instead of the default forkserver."""
+def _forkserver(data: Any, workers: int, **kwargs: Any) -> Contender:
+    """aload's process workers started by a fork server instead of the default fork (the
+    server started once before the suite; the fresh-process cases show its first start)."""
     return aload_loader(
         data,
         workers,
-        detail="fork",
+        detail="forkserver",
         worker_mode="process",
-        multiprocessing_context="fork",
+        multiprocessing_context="forkserver",
         **kwargs,
     )
 
@@ -170,7 +171,7 @@ def _images(s: Settings) -> Workload:
             torch_loader(data, w, batch_size=64),
             aload_loader(data, w, batch_size=64),
             aload_loader(data, w, batch_size=64, worker_mode="process"),
-            _forked(data, w, batch_size=64),
+            _forkserver(data, w, batch_size=64),
             *torchdata_nodes(data, w, 64),
             *spdl_pipeline(data, w, 64),
         ],
@@ -192,34 +193,8 @@ def _memory(s: Settings) -> Workload:
             torch_loader(data, w, **kw),
             aload_loader(data, w, **kw),
             aload_loader(data, w, worker_mode="process", **kw),
-            _forked(data, w, **kw),
+            _forkserver(data, w, **kw),
         ],
-    )
-
-
-def _startup(s: Settings) -> Workload:
-    n = s.items(10_000)
-    data = tud.TensorDataset(torch.randn(n, 64))
-    (w,) = s.counts(2)
-    contenders = []
-    for method in ("fork", "forkserver", "spawn"):
-        contenders += [
-            torch_loader(data, w, method, batch_size=256, multiprocessing_context=method),
-            aload_loader(
-                data,
-                w,
-                detail=method,
-                batch_size=256,
-                worker_mode="process",
-                multiprocessing_context=method,
-            ),
-        ]
-    contenders.append(aload_loader(data, w, batch_size=256))
-    return Workload(
-        "startup",
-        f"a fresh loader by start method: the first-batch column is the figure (TensorDataset "
-        f"{n:,} x 64, batch 256)",
-        contenders,
     )
 
 
@@ -231,5 +206,4 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "python": _python,
     "images": _images,
     "memory": _memory,
-    "startup": _startup,
 }
