@@ -51,13 +51,13 @@ class AsyncMapReader:
     async def __call__(self, job: JobState) -> Batch:
         if not self._batched:
             (sample,) = await self._pool.read_all(self._read_one, [job.indices])
-            return await self._pool.run_cpu(partial(self._finish.sample, sample))
+            return await self._pool.run_cpu(partial(self._finish.sample, sample), sample)
         if self._getitems is not None:
             samples = await self._getitems(job.indices)
         else:
             read = await self._pool.read_all(self._read_one, job.indices)
             samples = [sample for sample in read if sample is not _SKIPPED]
-        return await self._pool.run_cpu(partial(self._finish.samples, samples))
+        return await self._pool.run_cpu(partial(self._finish.samples, samples), samples)
 
     async def _read_one(self, index: Any) -> Any:
         try:
@@ -98,8 +98,8 @@ class AsyncStreamReader:
         if samples is None:
             return EXHAUSTED
         if self._batch_size is None:
-            return await self._pool.run_cpu(partial(self._finish.sample, samples[0]))
-        return await self._pool.run_cpu(partial(self._finish.samples, samples))
+            return await self._pool.run_cpu(partial(self._finish.sample, samples[0]), samples[0])
+        return await self._pool.run_cpu(partial(self._finish.samples, samples), samples)
 
     async def _next_samples(self) -> list[Any] | None:
         if self._finished:

@@ -200,17 +200,13 @@ def resolve_config(
     asynchronous = is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__"))
     # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
     prefetch_factor = _check_prefetch_factor(prefetch_factor, num_workers > 0 or asynchronous)
-    if asynchronous and worker_mode == "process":
-        raise ValueError(
-            "worker_mode='process' is not available for async datasets yet: their reads run on "
-            "aload's event loop and their transform on thread workers; use worker_mode='thread'"
-        )
     if worker_mode == "process" and num_workers > 0:
         context = multiprocessing_context or resolve_context(None)
         if sends_by_pickle(context):  # else forked workers inherit them: nothing to check
             check_picklable(
                 {
-                    "the dataset": dataset,
+                    # An async dataset is read on aload's loop: its workers never get it.
+                    "the dataset": None if asynchronous else dataset,
                     "collate_fn": collate_fn,
                     "worker_init_fn": worker_init_fn,
                     "transform": transform,

@@ -29,9 +29,15 @@ class ReaderPlan:
     drop_last: bool = False
     num_streams: int = 1
     skip: dict[int, int] = field(default_factory=dict)
+    # Jobs carry samples already read (an async dataset's, on aload's loop), not indices:
+    # the workers only transform and collate them.
+    finish_only: bool = False
 
     def build(self, dataset: Any, reads: Reads) -> Callable[[Any], Batch]:
         """The reader for this plan, over `dataset`, retrying and skipping through `reads`."""
+        if self.finish_only:
+            finish = self.finish.samples if self.batched else self.finish.sample
+            return lambda job: finish(job.indices)
         if self.stream:
             return StreamReader(
                 dataset,

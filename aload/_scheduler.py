@@ -31,6 +31,11 @@ from ._fetch import Abandoned, describe_indices, is_exhausted
 from ._stats import EpochMeter, count_samples
 from .workers import WorkerPool
 
+# anyio imports its asyncio backend on first use, which would be inside a caller's first
+# `async for`: 10-20 ms on that loop. Here it is paid once, with aload's own import.
+with contextlib.suppress(ImportError):
+    import anyio._backends._asyncio
+
 if TYPE_CHECKING:
     from ._device import DeviceStage
 

@@ -331,7 +331,8 @@ class DataLoader(Generic[T_co]):
         # the sampler's. A resumed epoch draws them again from the state it started with.
         with replaying_draws(start if resumed else None):
             if config.asynchronous:
-                loop_pool = self._loop_pool(config, self._base_seed(start, resumed))
+                seed = self._base_seed(start, resumed)
+                loop_pool = self._loop_pool(config, seed, blocking, reads, finish)
                 pool, owns_pool = loop_pool, True
                 source, read = self._async_plan(finish, reads, delivered, loop_pool)
             else:
@@ -462,13 +463,35 @@ class DataLoader(Generic[T_co]):
         self._progress = (start, delivered)
         return start, delivered, resumed
 
-    def _loop_pool(self, config: LoaderConfig, base_seed: int) -> LoopPool:
-        """aload's event loop for an async dataset, with CPU workers for the batches' finish.
+    def _loop_pool(
+        self, config: LoaderConfig, base_seed: int, blocking: bool, reads: Reads, finish: Finish
+    ) -> LoopPool:
+        """aload's event loop for an async dataset, with CPU workers for the batches' finish
+        (threads, or processes that get each batch's samples and transform and collate them).
 
         Started for each epoch (in about a millisecond), so that the dataset's context and the
         loop's tasks never outlive it.
         """
-        cpu = None
+        cpu: WorkerPool | None = None
+        if config.num_workers and config.worker_mode == "process":
+            plan = ReaderPlan(
+                finish=Finish(config.collate_fn, config.transform, pin=False),
+                batched=config.batch_size is not None,
+                retry=config.retry,
+                max_skipped=config.max_skipped,
+                finish_only=True,
+            )
+            cpu = ProcessPool(
+                config.num_workers,
+                config.multiprocessing_context or resolve_context(None),
+                None,  # the workers finish samples read on aload's loop: no dataset there
+                config.worker_init_fn,
+                base_seed,
+                plan,
+                pin=finish.pin,
+                background=not blocking,
+            )
+            return LoopPool(config.dataset, cpu, config.max_concurrency, ProcessRead(plan, reads))
         if config.num_workers:
             setup = worker_setup(
                 config.num_workers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -128,6 +129,29 @@ def test_transform_runs_on_cpu_workers_after_the_await():
     assert where
     assert all(name.startswith("aload-worker-") for name in where)
     assert "aload-worker-loop" not in where
+
+
+def tag_with_process(sample):
+    """A transform that says which process ran it (module level: spawn pickles it)."""
+    return os.getpid(), sample + 1000
+
+
+@pytest.mark.parametrize("method", [None, "spawn"])
+def test_an_async_datasets_transform_runs_on_worker_processes(method):
+    loader = aload.DataLoader(
+        Remote(30),
+        batch_size=5,
+        num_workers=2,
+        worker_mode="process",
+        multiprocessing_context=method,
+        transform=tag_with_process,
+    )
+    for _ in range(2):  # a second epoch starts its own workers
+        batches = list(loader)
+        assert sorted(flatten([values for _, values in batches])) == list(range(1000, 1030))
+        pids = {int(pid) for pids, _ in batches for pid in pids}
+        assert os.getpid() not in pids
+        assert 1 <= len(pids) <= 2
 
 
 @pytest.mark.anyio

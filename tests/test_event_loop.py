@@ -32,10 +32,12 @@ def fork_seconds() -> float:
 
 
 def allowed_pause() -> float:
-    """The longest pause of the caller's loop allowed around epoch start and end: 20 ms, or
-    the time of one fork of this (large: torch, datasets, pyarrow) test process, as it is
-    now, where that is longer."""
-    return max(0.02, 2 * fork_seconds() + 0.005)
+    """The longest pause of the caller's loop allowed around epoch start and end: 30 ms, or
+    about one fork of this (large: torch, datasets, pyarrow) test process, as it is now,
+    where that is longer. (A fresh process pauses ~10 ms: `python -m aload.bench --workloads
+    loop`; the margin is for this suite on a busy 2-core machine. What this catches takes
+    far longer: a fork server's start, a dataset pickled, an `__aenter__` awaited.)"""
+    return max(0.03, 2 * fork_seconds() + 0.005)
 
 
 async def longest_pause(run) -> float:
@@ -93,6 +95,7 @@ MODES = {
     "processes, iterable": ({"num_workers": 2, "worker_mode": "process"}, Shards),
     "async dataset": ({"num_workers": 0}, SlowToOpen),
     "async dataset, CPU threads": ({"num_workers": 2}, SlowToOpen),
+    "async dataset, CPU processes": ({"num_workers": 2, "worker_mode": "process"}, SlowToOpen),
 }
 
 

@@ -46,10 +46,15 @@ class LoopPool:
     """
 
     def __init__(
-        self, dataset: Any, cpu: WorkerPool | None = None, max_concurrency: int = 64
+        self,
+        dataset: Any,
+        cpu: WorkerPool | None = None,
+        max_concurrency: int = 64,
+        cpu_read: Any = None,
     ) -> None:
         self._dataset = dataset
         self._cpu = cpu
+        self._cpu_read = cpu_read  # for worker processes: the plan they finish batches by
         self._max_concurrency = max_concurrency
         # Jobs submitted before the loop is up (the dataset's __aenter__ may take a while)
         # wait here: the caller never waits for the start.
@@ -101,11 +106,12 @@ class LoopPool:
             raise batch.error
         return batch.results
 
-    async def run_cpu(self, work: Callable[[], T]) -> T:
-        """Run `work` on the CPU pool and wait for it without blocking this loop."""
+    async def run_cpu(self, work: Callable[[], T], samples: Any = None) -> T:
+        """Run `work` (which finishes `samples`) on the CPU pool and wait for it without
+        blocking this loop; worker processes get the samples and finish them by their plan."""
         if self._cpu is None:
             return work()
-        call = _CpuCall(work, self._token)
+        call = _CpuCall(work, self._token, samples, self._cpu_read)
         self._cpu.submit(call)
         await call.done.wait()
         if call.error is not None:
@@ -222,11 +228,21 @@ async def _entered(dataset: Any) -> Any:
 
 
 class _CpuCall:
-    """A call handed from the event loop to a CPU worker, waking the loop when done."""
+    """A call handed from the event loop to a CPU worker, waking the loop when done. A worker
+    process cannot take the call itself: it gets `indices` (the samples) and `read` (its
+    plan), and reports back through `deliver`."""
 
-    def __init__(self, work: Callable[[], Any], token: anyio.lowlevel.EventLoopToken) -> None:
+    def __init__(
+        self,
+        work: Callable[[], Any],
+        token: anyio.lowlevel.EventLoopToken,
+        samples: Any = None,
+        read: Any = None,
+    ) -> None:
         self._work = work
         self._token = token
+        self.indices = samples
+        self.read = read
         self.done = anyio.Event()
         self.value: Any = None
         self.error: BaseException | None = None
@@ -238,9 +254,16 @@ class _CpuCall:
             self.error = error
         self._wake()
 
+    def deliver(self, value: Any) -> None:
+        self.value = value
+        self._wake()
+
     def fail(self, error: BaseException) -> None:
         self.error = error
         self._wake()
+
+    def describe(self) -> str:
+        return "a batch's samples to transform and collate"
 
     def _wake(self) -> None:
         with contextlib.suppress(RunFinishedError):

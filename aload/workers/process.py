@@ -21,6 +21,9 @@ import contextlib
 import dataclasses
 import errno
 import multiprocessing
+import multiprocessing.heap  # imported here, not on a caller's loop at the first start
+import multiprocessing.popen_fork
+import multiprocessing.sharedctypes
 import os
 import pickle
 import random
@@ -220,7 +223,7 @@ class ProcessPool:
             # The fork server died as it started: it runs the main module first, and a script
             # without a main guard starts the loader again in it (which then exits).
             raise RuntimeError(
-                "aload's fork server stopped as it started. "
+                "aload's fork server stopped as it started. The most common cause: "
                 + _MAIN_GUARD_HELP.format(method="forkserver")
             ) from error
         except BaseException:
@@ -427,8 +430,14 @@ class ProcessPool:
         """torch's words for a worker that died, then which batch it took with it."""
         pid = self._processes[worker].pid
         code = self._dead.get(worker)
+        method = self._context.get_start_method()
         if code == _NO_MAIN_GUARD:
-            return RuntimeError(_MAIN_GUARD_HELP.format(method=self._context.get_start_method()))
+            return RuntimeError(_MAIN_GUARD_HELP.format(method=method))
+        if code is None and method == "forkserver":  # the server died: no child's code is read
+            return RuntimeError(
+                "aload's fork server stopped, and with it the worker processes. The most "
+                "common cause: " + _MAIN_GUARD_HELP.format(method=method)
+            )
         if worker in self._stopped_late:
             what = f"DataLoader worker (pid {pid}) was stopped: a batch it held timed out."
         elif code is not None and code < 0:
