@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.random  # eager: numpy loads it lazily, which would land in the first worker
 import torch
 import torch.utils.data._utils.worker as torch_worker
 
