@@ -145,3 +145,15 @@ def test_fresh_process_cases_report_each_loader_from_its_own_process(tmp_path):
     loop = [r["runs"][0] for (case, _), r in fresh.items() if case == "loop"]
     assert all(run["loop_gap_ms"] >= 0 for run in loop)
     assert len(loop) == 4
+
+
+def test_help_explains_every_workload_and_column(tmp_path):
+    from aload.bench.fresh import CASES
+    from aload.bench.workloads import WORKLOADS
+
+    done = bench("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name in [*WORKLOADS, *CASES]:
+        assert f"\n  {name} " in done.stdout, name
+    for column in ("samples/s", "vs best torch", "first batch", "peak memory", "loop pause"):
+        assert f"\n  {column} " in done.stdout, column

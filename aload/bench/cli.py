@@ -30,9 +30,29 @@ from aload.bench.runner import Result, measure, prepare, stats_cost_us
 from aload.bench.workloads import WORKLOADS, Settings, Workload
 
 
+def _workloads_help() -> str:
+    lines = ["workloads (in one process, every loader side by side):"]
+    lines += [f"  {name:<13} {build.__doc__}" for name, build in WORKLOADS.items()]
+    lines.append("cases run in a fresh Python process each (start-up, memory, the caller's loop):")
+    lines += [f"  {name:<13} {case.description}" for name, case in CASES.items()]
+    lines += [
+        "columns:",
+        "  samples/s        median over the runs of one epoch each, building the loader included",
+        "  vs best torch    that, over the fastest torch configuration in the same table",
+        "  first batch      milliseconds from building the loader to holding its first batch",
+        "  peak memory      MiB the run added: this process's peak RSS, plus each worker's peak",
+        "                   private memory (USS); peak PSS: the whole process tree's, sampled",
+        "  loop pause       the longest a 5 ms heartbeat task on the caller's loop was late",
+    ]
+    return "\n".join(lines)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m aload.bench", description=(__doc__ or "").splitlines()[0]
+        prog="python -m aload.bench",
+        description=__doc__,
+        epilog=_workloads_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     names = [*WORKLOADS, *CASES]
     parser.add_argument("--workloads", nargs="*", default=names, choices=names)

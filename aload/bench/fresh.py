@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aload.bench.memory import descendants
+from aload.bench.runner import progress
 
 # Each loader: its family (torch or aload) and the arguments that make it.
 LOADERS: dict[str, dict[str, Any]] = {
@@ -151,13 +152,15 @@ def run_fresh(case: str, loader: str, scale: float, interval: float = 0.05) -> d
 def measure_fresh(names: Iterable[str], repeats: int, scale: float) -> list[FreshResult]:
     """Every loader of every case `repeats` times, interleaved, each run a new process."""
     results = [FreshResult(name, loader) for name in names for loader in CASES[name].loaders]
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for result in results:
             if result.error is None:
+                progress(f"{result.case}: {result.loader}, run {repeat + 1} of {repeats}")
                 try:
                     result.runs.append(run_fresh(result.case, result.loader, scale))
                 except Exception as error:
                     result.error = f"{type(error).__name__}: {error}"
+    progress("")
     return results
 
 

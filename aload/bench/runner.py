@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,19 +73,28 @@ def run_once(contender: Contender, memory: TreeMemory, result: Result) -> None:
         result.peak_mib.append(peak)
 
 
+def progress(line: str) -> None:
+    """Which run is on, on one line of a terminal's stderr (not in logs or pipes)."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{line}")
+        sys.stderr.flush()
+
+
 def measure(workload: Workload, repeats: int, memory: TreeMemory) -> list[Result]:
     """Every contender `repeats` times, interleaved so that drift on a shared machine hits all
     alike. A loader that raises is reported with its error and left out of later rounds."""
     results = [Result(workload.name, c.name, c.family, c.workers) for c in workload.contenders]
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for contender, result in zip(workload.contenders, results, strict=True):
             if result.error is not None:
                 continue
+            progress(f"{workload.name}: {contender.name}, run {repeat + 1} of {repeats}")
             try:
                 run_once(contender, memory, result)
             except Exception as exc:
                 memory.stop()
                 result.error = f"{type(exc).__name__}: {exc}"
+    progress("")
     return results
 
 

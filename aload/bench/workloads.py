@@ -87,6 +87,7 @@ def _forkserver(data: Any, workers: int, **kwargs: Any) -> Contender:
 
 
 def _tensor(s: Settings) -> Workload:
+    """An in-memory TensorDataset, shuffled: the loader's own overhead per batch."""
     n = s.items(100_000)
     data = tud.TensorDataset(torch.randn(n, 64), torch.randint(0, 10, (n,)))
     contenders = [c for w in s.counts(0, 2) for c in _every_loader(data, 256, w, shuffle=True)]
@@ -94,6 +95,7 @@ def _tensor(s: Settings) -> Workload:
 
 
 def _io(s: Settings) -> Workload:
+    """A blocking 2 ms read per item (a file, a network fetch): how many reads overlap."""
     n = s.items(2048)
     data = ds.SleepDataset(n, 0.002)
     (processes,), (threads,) = s.counts(8), s.counts(32)
@@ -105,6 +107,7 @@ def _io(s: Settings) -> Workload:
 
 
 def _async(s: Settings) -> Workload:
+    """An awaited 2 ms read per item (async __getitem__; blocking for the peers)."""
     n = s.items(4096)
     awaited, blocking = ds.AwaitingDataset(n, 0.002), ds.SleepDataset(n, 0.002)
     (processes,) = s.counts(8)
@@ -131,6 +134,7 @@ def _async(s: Settings) -> Workload:
 
 
 def _numpy(s: Settings) -> Workload:
+    """~2 ms of numpy work per item that releases the GIL: threads in parallel."""
     n = s.items(512)
     data = ds.NumpyDataset(n, s.numpy_size)
     (w,) = s.counts(2)
@@ -143,6 +147,7 @@ def _numpy(s: Settings) -> Workload:
 
 
 def _python(s: Settings) -> Workload:
+    """~0.5 ms of pure-Python work per item that holds the GIL: processes' case."""
     n = s.items(1024)
     data = ds.PythonDataset(n, s.python_rounds)
     (w,) = s.counts(2)
@@ -160,13 +165,14 @@ def _python(s: Settings) -> Workload:
 
 
 def _images(s: Settings) -> Workload:
+    """3 x 224 x 224 float32 samples: large batches through shared or pinned memory."""
     n = s.items(512)
     data = ds.ImageDataset(n)
     (w,) = s.counts(2)
     return Workload(
         "images",
         f"image-sized samples 3 x 224 x 224 float32, {n:,} items, batch 64, one epoch including "
-        "worker start (torch forks by default; aload's processes use forkserver)",
+        "worker start (both fork by default; aload's forkserver row uses a warm server)",
         [
             torch_loader(data, w, batch_size=64),
             aload_loader(data, w, batch_size=64),
@@ -179,6 +185,7 @@ def _images(s: Settings) -> Workload:
 
 
 def _memory(s: Settings) -> Workload:
+    """1 M records as small Python objects, a shuffled eighth read: copy-on-read."""
     n = s.items(1_000_000)
     data = ds.RecordsDataset(n)
     (w,) = s.counts(2)
