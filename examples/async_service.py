@@ -8,7 +8,7 @@ Three parts:
 - the service: an aiohttp app with `/health` that keeps answering, on the same event loop
   as the training loop (`async for x, y in loader`), while the model trains.
 
-    pip install aiohttp
+    pip install -e '.[examples]'    # aiohttp, from a checkout of aload
     python examples/async_service.py             # serves on http://127.0.0.1:8080/health
     python examples/async_service.py --smoke     # trains, polls /health meanwhile, reports
 """

@@ -40,13 +40,15 @@ async def train(args: argparse.Namespace) -> None:
     )
     model = DistributedDataParallel(torch.nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    first_epoch = 1
     if args.resume:
         saved = torch.load(checkpoint)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         loader.load_state_dict(saved["loader"])
+        first_epoch = saved["epoch"]  # the loader resumes inside it: so does the count
     steps = 0
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(first_epoch, args.epochs + 1):
         total, seen = 0.0, 0
         async for x, y in loader:
             loss = torch.nn.functional.mse_loss(model(x), y)
@@ -57,6 +59,7 @@ async def train(args: argparse.Namespace) -> None:
             if steps == args.stop_after:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 state = {
+                    "epoch": epoch,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "loader": loader.state_dict(),

@@ -87,6 +87,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="An image classifier fed on the GPU by aload.")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--samples", type=int, default=4096)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cuda (the default where there is a GPU) or cpu")
     args = parser.parse_args()
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            print("no CUDA device (torch.cuda.is_available() is False): training on the CPU")
     anyio.run(train, torch.device(args.device), args.epochs, args.samples)

@@ -58,14 +58,16 @@ def torchrun(*args: str, cwd: Path) -> str:
 
 @pytest.mark.timeout(240)
 def test_ddp_example_resumes_a_preempted_epoch_on_every_rank(tmp_path):
-    stopped = torchrun("--stop-after", "5", cwd=tmp_path)
-    assert stopped.count("preempted after 5 steps") == 2
-    resumed = torchrun("--resume", "--epochs", "2", cwd=tmp_path)
-    # 4096 samples over 2 ranks is 2048 each; 5 steps of 32 were done before the stop.
+    # 4096 samples over 2 ranks is 2048 each: 64 steps of 32 an epoch. Step 70 is in epoch 2.
+    stopped = torchrun("--stop-after", "70", cwd=tmp_path)
+    assert stopped.count("preempted after 70 steps") == 2
+    resumed = torchrun("--resume", "--epochs", "3", cwd=tmp_path)
     for rank in (0, 1):
-        assert f"rank {rank}: epoch 1 loss" in resumed
-        assert re.search(rf"rank {rank}: epoch 1 loss [\d.]+ over 1888 samples", resumed)
-        assert re.search(rf"rank {rank}: epoch 2 loss [\d.]+ over 2048 samples", resumed)
+        # The resumed epoch keeps its number and its remaining 58 steps; no extra epoch runs.
+        assert f"rank {rank}: epoch 1 loss" not in resumed
+        assert re.search(rf"rank {rank}: epoch 2 loss [\d.]+ over 1856 samples", resumed)
+        assert re.search(rf"rank {rank}: epoch 3 loss [\d.]+ over 2048 samples", resumed)
+        assert f"rank {rank}: epoch 4" not in resumed
 
 
 def test_gpu_example_learns_with_batches_delivered_on_the_device():
@@ -90,3 +92,18 @@ def test_gpu_example_learns_with_batches_delivered_on_the_device():
     assert result.stdout.count(f"on {device}") == 3
     accuracy = float(re.search(r"accuracy in the last epoch: ([\d.]+)", result.stdout)[1])
     assert accuracy > 0.9
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
+def test_gpu_example_says_when_it_falls_back_to_the_cpu():
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "gpu_train.py"), "--epochs", "1", "--samples", "256"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "no CUDA device (torch.cuda.is_available() is False): training on the CPU" in (
+        result.stdout
+    )
+    assert "on cpu" in result.stdout
