@@ -1,5 +1,7 @@
 """aload: an async-first data loader for PyTorch."""
 
+from importlib import metadata as _metadata
+
 from ._errors import LoaderTimeoutError as LoaderTimeoutError
 from ._retry import Retry as Retry
 from ._stats import EpochStats as EpochStats
@@ -11,6 +13,11 @@ from .collate import default_collate as default_collate
 from .collate import default_convert as default_convert
 from .collate import pad_collate as pad_collate
 from .loader import DataLoader as DataLoader
+
+try:
+    __version__ = _metadata.version("aload")  # one source: pyproject.toml
+except _metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "DataLoader",

@@ -18,3 +18,10 @@ def test_public_names_exclude_private_modules():
 def test_classes_report_the_public_module():
     assert aload.DataLoader.__module__ == "aload"
     assert aload.WorkerInfo.__module__ == "aload"
+
+
+def test_the_version_is_the_installed_packages():
+    from importlib import metadata
+
+    assert aload.__version__ == metadata.version("aload")
+    assert aload.__version__[0].isdigit()
