@@ -1,5 +1,7 @@
-"""Every Python block of README.md runs, in order, in one namespace, as a reader following it
-would: the docs cannot drift from the code. Blocks that need CUDA run where there is one."""
+"""Every Python block of README.md and of the documentation's pages runs, in order, as a
+reader following them would: the docs cannot drift from the code. Each page continues from the
+README's quickstart (its `dataset`, `loader` and imports). Blocks that need CUDA run where
+there is one."""
 
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import pytest
 import torch
 from aiohttp import web
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
 
 
 @pytest.fixture
@@ -45,23 +48,33 @@ def sample_store() -> Iterator[str]:
     loop.close()
 
 
-def test_readme_has_the_blocks_this_test_expects():
-    assert len(python_blocks()) >= 5
+def run_blocks(page: Path, namespace: dict) -> None:
+    for number, block in enumerate(python_blocks(page)):
+        if ".cuda()" in block and not torch.cuda.is_available():
+            continue
+        exec(compile(block, f"{page.relative_to(ROOT)} python block {number}", "exec"), namespace)
 
 
-def test_every_readme_block_runs_and_prints_what_the_text_says(
+def test_the_pages_have_the_blocks_this_test_expects():
+    assert len(python_blocks(ROOT / "README.md")) == 1  # the quickstart
+    with_blocks = {page.name for page in PAGES if python_blocks(page)}
+    assert {"index.md", "async-datasets.md", "gpu.md", "checkpoints.md"} <= with_blocks
+
+
+def test_every_block_runs_and_prints_what_the_text_says(
     sample_store, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)  # the checkpoint block writes ckpt.pt
-    namespace: dict = {"BASE_URL": sample_store, "__name__": "readme"}
-    for number, block in enumerate(python_blocks()):
-        if ".cuda()" in block and not torch.cuda.is_available():
-            continue
-        exec(compile(block, f"README.md python block {number}", "exec"), namespace)
+    for page in PAGES:
+        namespace: dict = {"BASE_URL": sample_store, "__name__": "docs"}
+        run_blocks(ROOT / "README.md", namespace)  # each page continues from the quickstart
+        if page.name != "README.md":
+            run_blocks(page, namespace)
     printed = capsys.readouterr().out
     assert "epoch 0: 10000 samples, the last batch (16, 8)" in printed
     assert "epoch 1: 10000 samples, the last batch (16, 8)" in printed
     assert "10000 samples with a plain for" in printed
+    assert "the same batches as torch's loader: True" in printed
     assert "1024 samples over HTTP" in printed
     assert "147 batches left" in printed
     if torch.cuda.is_available():
