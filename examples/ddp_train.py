@@ -50,23 +50,28 @@ async def train(args: argparse.Namespace) -> None:
     steps = 0
     for epoch in range(first_epoch, args.epochs + 1):
         total, seen = 0.0, 0
-        async for x, y in loader:
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total, seen, steps = total + loss.item() * len(x), seen + len(x), steps + 1
-            if steps == args.stop_after:
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                state = {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "loader": loader.state_dict(),
-                }
-                torch.save(state, checkpoint)
-                print(f"rank {rank}: preempted after {steps} steps, checkpoint in {checkpoint}")
-                return
+        batches = aiter(loader)
+        try:
+            async for x, y in batches:
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total, seen, steps = total + loss.item() * len(x), seen + len(x), steps + 1
+                if steps == args.stop_after:
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    state = {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "loader": loader.state_dict(),
+                    }
+                    torch.save(state, checkpoint)
+                    print(f"rank {rank}: preempted after {steps} steps, checkpoint in {checkpoint}")
+                    return
+        finally:
+            # Leaving mid-epoch: wait for the workers to end before the process group goes.
+            await batches.aclose()
         print(f"rank {rank}: epoch {epoch} loss {total / max(seen, 1):.4f} over {seen} samples")
 
 
