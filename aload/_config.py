@@ -26,7 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ._async_fetch import is_async_map_style
 from ._device import ToDevice, resolve_device
 from ._retry import NO_RETRY, Retry
-from .workers.process import check_picklable, resolve_context, sends_by_pickle
+from .workers.start_method import check_picklable, resolve_context, sends_by_pickle
 
 WORKER_MODES = ("thread", "process")
 

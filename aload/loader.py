@@ -37,7 +37,8 @@ from ._worker_info import draw_base_seed, worker_setup
 from .workers import WorkerPool
 from .workers.inline import InlinePool
 from .workers.loop import LoopPool
-from .workers.process import ProcessPool, resolve_context
+from .workers.process import ProcessPool
+from .workers.start_method import resolve_context
 from .workers.thread import ThreadPool
 
 T_co = TypeVar("T_co", covariant=True)

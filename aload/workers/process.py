@@ -24,7 +24,6 @@ import multiprocessing
 import multiprocessing.heap  # imported here, not on a caller's loop at the first start
 import multiprocessing.popen_fork
 import multiprocessing.sharedctypes
-import os
 import pickle
 import random
 import signal
@@ -47,88 +46,9 @@ from .._retry import Reads
 from .._worker_info import WorkerInfo
 from . import Job
 from ._exit import stop_at_exit
+from .start_method import NO_MAIN_GUARD_EXIT, main_guard_help, refuse_start_in_bootstrap
 
 _GRACE_SECONDS = 5.0  # how long a worker may finish its task after shutdown before it is killed
-
-
-def resolve_context(context: Any) -> multiprocessing.context.BaseContext:
-    """A multiprocessing context from a start method name, a context, or None: the default
-    start method, as torch's DataLoader uses it (`multiprocessing.set_start_method`'s, else
-    the platform's: fork on Linux up to Python 3.13, forkserver from 3.14, spawn on macOS)."""
-    if context is None:
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_start_method(allow_none=True) or methods[0]
-    if isinstance(context, str):
-        if context not in multiprocessing.get_all_start_methods():
-            raise ValueError(
-                "multiprocessing_context option should specify a valid start method in "
-                f"{multiprocessing.get_all_start_methods()!r}, but got "
-                f"multiprocessing_context={context!r}"
-            )
-        context = multiprocessing.get_context(context)
-        if context.get_start_method() == "forkserver":
-            # The server imports aload (so torch) once; each worker is then a fork of it.
-            context.set_forkserver_preload(["aload"])
-    if not isinstance(context, multiprocessing.context.BaseContext):
-        raise TypeError(
-            "multiprocessing_context option should be a valid context object or a string "
-            f"specifying the start method, but got multiprocessing_context={context}"
-        )
-    return context
-
-
-def sends_by_pickle(context: multiprocessing.context.BaseContext) -> bool:
-    """Whether workers of this context get the dataset pickled (spawn, forkserver), rather
-    than inherited by fork."""
-    return context.get_start_method() != "fork"
-
-
-def check_picklable(what: dict[str, Any]) -> None:
-    """Pickle each value into a sink that keeps nothing, so that one that cannot travel to a
-    worker process is named when the loader is built, not when its first epoch starts.
-
-    Raises:
-        TypeError: naming the argument that cannot be pickled.
-    """
-    for name, value in what.items():
-        try:
-            multiprocessing.reduction.ForkingPickler(_Discard(), pickle.HIGHEST_PROTOCOL).dump(
-                value
-            )
-        except (pickle.PicklingError, TypeError, AttributeError) as error:
-            raise TypeError(
-                f"worker_mode='process' with a start method that pickles sends {name} to each "
-                f"worker process, but it could not be pickled ({error}); define it at module "
-                "level, use multiprocessing_context='fork' (Linux), or worker_mode='thread'"
-            ) from error
-
-
-class _Discard:
-    """A file that drops what is written to it: pickling for the check alone."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
-# A worker process that found itself started while its parent's main module was being run
-# again (spawn, forkserver: no `if __name__ == "__main__":` guard) exits with this code.
-_NO_MAIN_GUARD = 86
-
-_MAIN_GUARD_HELP = (
-    "aload's worker processes could not start: with the {method!r} start method each worker "
-    "runs your main module again, and the module started the loader again instead of "
-    "returning. Put the code that iterates the loader (and everything that runs when the "
-    "script runs) under `if __name__ == \"__main__\":`, or use multiprocessing_context='fork' "
-    "(Linux), which needs no guard"
-)
-
-
-def refuse_start_in_bootstrap() -> None:
-    """Called where a pool would start: in a worker process that is still importing its
-    parent's main module (a script without a main guard), exit quietly with a code the parent
-    explains, rather than multiprocessing's long traceback in every worker."""
-    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
-        os._exit(_NO_MAIN_GUARD)
 
 
 class ProcessPool:
@@ -224,7 +144,7 @@ class ProcessPool:
             # without a main guard starts the loader again in it (which then exits).
             raise RuntimeError(
                 "aload's fork server stopped as it started. The most common cause: "
-                + _MAIN_GUARD_HELP.format(method="forkserver")
+                + main_guard_help("forkserver")
             ) from error
         except BaseException:
             self._terminate()
@@ -431,12 +351,12 @@ class ProcessPool:
         pid = self._processes[worker].pid
         code = self._dead.get(worker)
         method = self._context.get_start_method()
-        if code == _NO_MAIN_GUARD:
-            return RuntimeError(_MAIN_GUARD_HELP.format(method=method))
+        if code == NO_MAIN_GUARD_EXIT:
+            return RuntimeError(main_guard_help(method))
         if code is None and method == "forkserver":  # the server died: no child's code is read
             return RuntimeError(
                 "aload's fork server stopped, and with it the worker processes. The most "
-                "common cause: " + _MAIN_GUARD_HELP.format(method=method)
+                "common cause: " + main_guard_help(method)
             )
         if worker in self._stopped_late:
             what = f"DataLoader worker (pid {pid}) was stopped: a batch it held timed out."
