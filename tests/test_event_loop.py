@@ -4,6 +4,7 @@ server's first start, a dataset's `__aenter__`, persistent pools reused and repl
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -148,3 +149,25 @@ async def test_leaving_an_epoch_early_does_not_pause_the_loop(anyio_backend):
 
     pause = await longest_pause(leave_three_epochs)
     assert pause < allowed_pause(), f"{pause * 1000:.1f} ms"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method", [None, "forkserver"])
+async def test_leaving_while_the_workers_still_start_leaves_no_process(anyio_backend, method):
+    """Cancelled before its processes are up (a fork server's start takes a second): the
+    background start stops them as soon as it ends, and nothing is left running."""
+    loader = aload.DataLoader(
+        Indexed(64),
+        batch_size=8,
+        num_workers=2,
+        worker_mode="process",
+        multiprocessing_context=method,
+    )
+    with anyio.move_on_after(0.005):
+        async for _ in loader:
+            pass
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await anyio.sleep(0.05)
+    assert multiprocessing.active_children() == []
+    assert sorted(flatten([b async for b in loader])) == list(range(64))  # and it starts again
