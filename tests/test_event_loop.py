@@ -1,18 +1,26 @@
 """The caller's event loop never stalls: a heartbeat task beats on it while `async for` starts
 epochs, runs them and ends them, in every way an epoch can run (workers starting, a fork
-server's first start, a dataset's `__aenter__`, persistent pools reused and replaced)."""
+server's first start, a dataset's `__aenter__`, persistent pools reused and replaced). The
+modes are measured in a fresh process, as a user's script runs (20 ms at most); the cases
+that need this process's state (a killed worker, early exits) here, with a bound that allows
+for this larger process's forks."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import anyio
 import pytest
 import torch
-from conftest import Indexed, Shards, flatten, heartbeat
+from conftest import Indexed, flatten, heartbeat
+from loop_pauses import BOUND, MODES  # the modes, measured in a fresh process
 
 import aload
 
@@ -55,65 +63,25 @@ async def longest_pause(run) -> float:
     return min(pauses)
 
 
-class SlowToOpen:
-    """An async dataset whose `__aenter__` takes 200 ms (opening a session, say)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    async def __aenter__(self):
-        time.sleep(0.2)  # noqa: ASYNC251 - blocking on purpose: it runs on aload's loop
-        return self
-
-    async def __aexit__(self, *exc_info):
-        time.sleep(0.05)  # noqa: ASYNC251
-
-    async def __getitem__(self, index):
-        await anyio.sleep(0.001)
-        return index
+@pytest.fixture(scope="module")
+def fresh_process_pauses() -> dict[str, float]:
+    """Every mode's pause, measured in one fresh process (tests/loop_pauses.py)."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("loop_pauses.py"))],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-MODES = {
-    "no workers": ({"num_workers": 0}, Indexed),
-    "threads": ({"num_workers": 2}, Indexed),
-    "threads, persistent": ({"num_workers": 2, "persistent_workers": True}, Indexed),
-    "processes": ({"num_workers": 2, "worker_mode": "process"}, Indexed),
-    "processes, persistent": (
-        {"num_workers": 2, "worker_mode": "process", "persistent_workers": True},
-        Indexed,
-    ),
-    "processes, forkserver": (
-        {"num_workers": 2, "worker_mode": "process", "multiprocessing_context": "forkserver"},
-        Indexed,
-    ),
-    "processes, spawn": (
-        {"num_workers": 2, "worker_mode": "process", "multiprocessing_context": "spawn"},
-        Indexed,
-    ),
-    "processes, iterable": ({"num_workers": 2, "worker_mode": "process"}, Shards),
-    "async dataset": ({"num_workers": 0}, SlowToOpen),
-    "async dataset, CPU threads": ({"num_workers": 2}, SlowToOpen),
-    "async dataset, CPU processes": ({"num_workers": 2, "worker_mode": "process"}, SlowToOpen),
-}
-
-
-@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
 @pytest.mark.parametrize("mode", list(MODES))
-async def test_the_callers_loop_never_pauses_around_epochs(anyio_backend, mode):
-    kwargs, make = MODES[mode]
-
-    async def two_epochs():
-        loader = aload.DataLoader(make(64), batch_size=8, **kwargs)
-        for _ in range(2):
-            seen = [batch async for batch in loader]
-            assert sorted(flatten(seen)) == list(range(64))
-        loader.close()
-
-    pause = await longest_pause(two_epochs)
-    assert pause < allowed_pause(), f"{pause * 1000:.1f} ms"
+def test_the_callers_loop_pauses_under_20_ms_around_epochs(fresh_process_pauses, backend, mode):
+    pause = fresh_process_pauses[f"{backend}: {mode}"]
+    assert pause < BOUND, f"{pause * 1000:.1f} ms"
 
 
 @pytest.mark.anyio
