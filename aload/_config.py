@@ -7,6 +7,7 @@ from a `LoaderConfig`, so a running epoch never sees an argument that was not va
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,11 @@ class LoaderConfig:
     to_device: ToDevice | None
     device_transform: Callable[[Any], Any] | None
     pin_memory_device: str = ""
+
+    @property
+    def process_context(self) -> multiprocessing.context.BaseContext:
+        """The context process workers start with: the one given, else the default (torch's)."""
+        return self.multiprocessing_context or resolve_context(None)
 
     @property
     def depth(self) -> int:
@@ -200,18 +206,18 @@ def resolve_config(
     asynchronous = is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__"))
     # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
     prefetch_factor = _check_prefetch_factor(prefetch_factor, num_workers > 0 or asynchronous)
-    if worker_mode == "process" and num_workers > 0:
-        context = multiprocessing_context or resolve_context(None)
-        if sends_by_pickle(context):  # else forked workers inherit them: nothing to check
-            check_picklable(
-                {
-                    # An async dataset is read on aload's loop: its workers never get it.
-                    "the dataset": None if asynchronous else dataset,
-                    "collate_fn": collate_fn,
-                    "worker_init_fn": worker_init_fn,
-                    "transform": transform,
-                }
-            )
+    uses_processes = worker_mode == "process" and num_workers > 0
+    if uses_processes and sends_by_pickle(multiprocessing_context or resolve_context(None)):
+        # Forked workers inherit these; the other start methods pickle them.
+        check_picklable(
+            {
+                # An async dataset is read on aload's loop: its workers never get it.
+                "the dataset": None if asynchronous else dataset,
+                "collate_fn": collate_fn,
+                "worker_init_fn": worker_init_fn,
+                "transform": transform,
+            }
+        )
     if distributed:
         _check_distributed(iterable, sampler, batch_sampler)
     # Every rank must shuffle alike: the seed comes from the user's generator, or is torch's 0.

@@ -38,7 +38,6 @@ from .workers import WorkerPool
 from .workers.inline import InlinePool
 from .workers.loop import LoopPool
 from .workers.process import ProcessPool
-from .workers.start_method import resolve_context
 from .workers.thread import ThreadPool
 
 T_co = TypeVar("T_co", covariant=True)
@@ -333,14 +332,14 @@ class DataLoader(Generic[T_co]):
         with replaying_draws(start if resumed else None):
             if config.asynchronous:
                 seed = self._base_seed(start, resumed)
-                loop_pool = self._loop_pool(config, seed, blocking, reads, finish)
+                loop_pool = self._loop_pool(config, seed, blocking, reads)
                 pool, owns_pool = loop_pool, True
                 source, read = self._async_plan(finish, reads, delivered, loop_pool)
             else:
-                plan = self._process_plan(delivered)
+                plan = self._process_plan(delivered) if config.worker_mode == "process" else None
                 pool, owns_pool = self._pool(config, blocking, start, resumed, plan)
                 source, read = self._plan(finish, reads, delivered)
-                if isinstance(pool, ProcessPool):
+                if isinstance(pool, ProcessPool) and plan is not None:
                     read = ProcessRead(plan, reads)
             # An inline pool loads at submit time: submitting (or copying) ahead would load
             # before yielding.
@@ -406,8 +405,9 @@ class DataLoader(Generic[T_co]):
             lambda dataset: map_reader(dataset, finish, batched=config.auto_collation, reads=reads),
         )
 
-    def _process_plan(self, delivered: Delivered) -> ReaderPlan:
-        """What process workers build their reader from (they pin nothing: the parent does)."""
+    def _process_plan(self, delivered: Delivered, finish_only: bool = False) -> ReaderPlan:
+        """What process workers build their reader from (they pin nothing: the parent does);
+        `finish_only`: they get samples read on aload's loop, to transform and collate."""
         config = self._config
         return ReaderPlan(
             finish=Finish(config.collate_fn, config.transform, pin=False),
@@ -419,6 +419,23 @@ class DataLoader(Generic[T_co]):
             drop_last=config.drop_last,
             num_streams=config.stream_count,
             skip=dict(delivered.per_worker),
+            finish_only=finish_only,
+        )
+
+    def _process_pool(
+        self, dataset: Any, base_seed: int, plan: ReaderPlan, blocking: bool
+    ) -> ProcessPool:
+        """Worker processes reading by `plan`; for `async for` they start in the background."""
+        config = self._config
+        return ProcessPool(
+            config.num_workers,
+            config.process_context,
+            dataset,
+            config.worker_init_fn,
+            base_seed,
+            plan,
+            pin=self._pin,
+            background=not blocking,
         )
 
     def _async_plan(
@@ -465,7 +482,7 @@ class DataLoader(Generic[T_co]):
         return start, delivered, resumed
 
     def _loop_pool(
-        self, config: LoaderConfig, base_seed: int, blocking: bool, reads: Reads, finish: Finish
+        self, config: LoaderConfig, base_seed: int, blocking: bool, reads: Reads
     ) -> LoopPool:
         """aload's event loop for an async dataset, with CPU workers for the batches' finish
         (threads, or processes that get each batch's samples and transform and collate them).
@@ -475,23 +492,9 @@ class DataLoader(Generic[T_co]):
         """
         cpu: WorkerPool | None = None
         if config.num_workers and config.worker_mode == "process":
-            plan = ReaderPlan(
-                finish=Finish(config.collate_fn, config.transform, pin=False),
-                batched=config.batch_size is not None,
-                retry=config.retry,
-                max_skipped=config.max_skipped,
-                finish_only=True,
-            )
-            cpu = ProcessPool(
-                config.num_workers,
-                config.multiprocessing_context or resolve_context(None),
-                None,  # the workers finish samples read on aload's loop: no dataset there
-                config.worker_init_fn,
-                base_seed,
-                plan,
-                pin=finish.pin,
-                background=not blocking,
-            )
+            plan = self._process_plan(Delivered(), finish_only=True)
+            # The workers finish samples read on aload's loop: they never get the dataset.
+            cpu = self._process_pool(None, base_seed, plan, blocking)
             return LoopPool(config.dataset, cpu, config.max_concurrency, ProcessRead(plan, reads))
         if config.num_workers:
             setup = worker_setup(
@@ -510,10 +513,10 @@ class DataLoader(Generic[T_co]):
         blocking: bool,
         start: dict[str, Any],
         resumed: bool,
-        plan: ReaderPlan,
+        plan: ReaderPlan | None,
     ) -> tuple[WorkerPool, bool]:
-        """The workers for one epoch, and whether the epoch owns (and so stops) them. Worker
-        processes read by `plan`; for `async for` they start in the background."""
+        """The workers for one epoch, and whether the epoch owns (and so stops) them; with a
+        `plan` (worker_mode="process"), worker processes that read by it."""
         with self._pool_lock:
             return self._pool_locked(config, blocking, start, resumed, plan)
 
@@ -523,7 +526,7 @@ class DataLoader(Generic[T_co]):
         blocking: bool,
         start: dict[str, Any],
         resumed: bool,
-        plan: ReaderPlan,
+        plan: ReaderPlan | None,
     ) -> tuple[WorkerPool, bool]:
         persistent = self._persistent_pool
         if persistent is not None:
@@ -537,17 +540,8 @@ class DataLoader(Generic[T_co]):
                 return InlinePool(), True
             return ThreadPool(1, dedicated_queues=config.iterable), True
         pool: WorkerPool
-        if config.worker_mode == "process":
-            pool = ProcessPool(
-                config.num_workers,
-                config.multiprocessing_context or resolve_context(None),
-                config.dataset,
-                config.worker_init_fn,
-                base_seed,
-                plan,
-                pin=self._pin,
-                background=not blocking,
-            )
+        if plan is not None:  # worker_mode="process"
+            pool = self._process_pool(config.dataset, base_seed, plan, blocking)
         else:
             pool = ThreadPool(
                 config.num_workers,

@@ -19,8 +19,8 @@ from pathlib import Path
 import anyio
 import pytest
 import torch
-from conftest import Indexed, flatten, heartbeat
-from loop_pauses import BOUND, MODES  # the modes, measured in a fresh process
+from conftest import Indexed, flatten
+from loop_pauses import BOUND, MODES, best_pause  # the modes, measured in a fresh process
 
 import aload
 
@@ -50,17 +50,8 @@ def allowed_pause() -> float:
 
 
 async def longest_pause(run) -> float:
-    """The longest pause of a heartbeat on this loop while `await run()` runs. A pause that
-    aload causes happens every time; on a busy 2-core machine the scheduler adds the odd
-    one: a second try decides."""
-    pauses = []
-    for _ in range(2):
-        async with heartbeat() as beat:
-            await run()
-        pauses.append(beat.longest_gap)
-        if pauses[-1] < allowed_pause():
-            break
-    return min(pauses)
+    """The pause of this loop while `await run()` runs: the better of two tries."""
+    return await best_pause(run, allowed_pause(), tries=2)
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from aload.bench.memory import descendants
+from aload.bench.memory import descendants, rollup_kib
 from aload.bench.runner import progress
 
 # Each loader: its family (torch or aload) and the arguments that make it.
@@ -107,16 +106,7 @@ class FreshResult:
 
 def tree_pss_kib(root: int) -> int:
     """The PSS of `root` and every process below it, in KiB."""
-    total = 0
-    for pid in [root, *descendants(root)]:
-        try:
-            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        total += next(
-            (int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0
-        )
-    return total
+    return sum(rollup_kib(pid, "Pss:") for pid in [root, *descendants(root)])
 
 
 def run_fresh(case: str, loader: str, scale: float, interval: float = 0.05) -> dict[str, float]:

@@ -54,13 +54,19 @@ def descendants(root: int, exclude: int = -1) -> list[int]:
     return found
 
 
-def private_kib(pid: int) -> int:
-    """A process's private memory (USS) in KiB; 0 for a process that is gone."""
+def rollup_kib(pid: int, prefix: str) -> int:
+    """The sum of a process's `smaps_rollup` lines that start with `prefix`, in KiB (walks
+    its page tables); 0 for a process that is gone."""
     try:
         text = (PROC / str(pid) / "smaps_rollup").read_text()
     except OSError:
         return 0
-    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_"))
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def private_kib(pid: int) -> int:
+    """A process's private memory (USS) in KiB; 0 for a process that is gone."""
+    return rollup_kib(pid, "Private_")
 
 
 def status_kib(pid: int, field: str) -> int:

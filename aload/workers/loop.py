@@ -67,10 +67,11 @@ class LoopPool:
         stop_at_exit(pool=self, thread=self._thread)
 
     def submit(self, job: Job, worker: int | None = None) -> None:
-        with self._lock:
-            if self._waiting is not None:
-                self._waiting.append(job)
-                return
+        if self._waiting is not None:  # only until the loop is up: then no lock per batch
+            with self._lock:
+                if self._waiting is not None:
+                    self._waiting.append(job)
+                    return
         if self._start_error is not None:
             job.fail(self._start_error)
             return

@@ -81,8 +81,8 @@ class ProcessPool:
         self._pin = pin
         self._lock = threading.Lock()
         self._closed = False
-        self._started = False
-        self._waiting: list[tuple[Job, int | None]] = []  # submitted before the start ended
+        # Jobs submitted before the workers run; None once they do.
+        self._waiting: list[tuple[Job, int | None]] | None = []
         self._outstanding: list[dict[int, Any]] = [{} for _ in range(num_workers)]
         self._dead: dict[int, int | None] = {}  # worker -> exit code, recorded by the collector
         self._failure: BaseException | None = None  # why the pool gave up, if it did
@@ -152,8 +152,7 @@ class ProcessPool:
         finally:
             del self._worker_args  # the parent's references to the dataset stay its own
         with self._lock:
-            self._started = True
-            waiting, self._waiting = self._waiting, []
+            waiting, self._waiting = self._waiting or [], None
             if self._closed:
                 self._stop_workers()
         for job, worker in waiting:
@@ -178,7 +177,7 @@ class ProcessPool:
             if self._failure is not None:
                 job.fail(_pool_failed(self._failure))
                 return
-            if not self._started:
+            if self._waiting is not None:
                 self._waiting.append((job, worker))
                 return
             if worker is None:
@@ -204,10 +203,12 @@ class ProcessPool:
                 return
             self._closed = True
             self._closed_at = time.monotonic()
-            waiting, self._waiting = self._waiting, []
-            if self._started:  # else the start stops them as soon as it ends
+            waiting = self._waiting
+            if waiting is None:  # started; else the start stops them as soon as it ends
                 self._stop_workers()
-        for job, _ in waiting:
+            else:
+                self._waiting = []
+        for job, _ in waiting or []:
             job.fail(RuntimeError("aload worker processes were shut down before this batch"))
 
     def _stop_workers(self) -> None:
@@ -274,8 +275,8 @@ class ProcessPool:
         with self._lock:
             self._failure = error
             jobs = [job for outstanding in self._outstanding for job in outstanding.values()]
-            jobs += [job for job, _ in self._waiting]
-            self._waiting = []
+            jobs += [job for job, _ in self._waiting or []]
+            self._waiting = None
             for outstanding in self._outstanding:
                 outstanding.clear()
         for job in jobs:
