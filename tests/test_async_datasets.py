@@ -154,6 +154,21 @@ def test_an_async_datasets_transform_runs_on_worker_processes(method):
         assert 1 <= len(pids) <= 2
 
 
+def plus_1000(sample):
+    return sample + 1000
+
+
+def test_worker_processes_transform_each_sample_of_a_batch_sampler_batch():
+    """A batch_sampler batches too (torch's auto-collation): the processes transform each
+    sample, then collate, into torch's batches."""
+    batches = torch.utils.data.BatchSampler(range(12), batch_size=4, drop_last=False)
+    ours = aload.DataLoader(
+        Remote(12), batch_sampler=batches, num_workers=2, worker_mode="process", transform=plus_1000
+    )
+    theirs = torch.utils.data.DataLoader([i + 1000 for i in range(12)], batch_sampler=batches)
+    assert [b.tolist() for b in ours] == [b.tolist() for b in theirs]
+
+
 @pytest.mark.anyio
 async def test_cpu_heavy_transform_never_blocks_the_callers_loop(anyio_backend):
     def transform(sample):
