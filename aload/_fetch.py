@@ -8,6 +8,7 @@ otherwise (retried, or skipped within the failure budget, as the loader was told
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -93,8 +94,7 @@ def map_reader(
     read = reads.retrying(dataset.__getitem__)
     if not batched:
         return lambda job: finish.sample(read(job.indices))
-    plain = finish.collate_fn is default_collate and finish.transform is None
-    gather = vectorized_gather(dataset, pin=finish.pin) if plain else None
+    gather = batch_gather(dataset, finish)
     if gather is not None:
         return lambda job: finish.batch(gather(torch.as_tensor(job.indices, dtype=torch.long)))
     getitems = getattr(dataset, "__getitems__", None)
@@ -117,6 +117,14 @@ def map_reader(
     return read_each
 
 
+def batch_gather(dataset: Any, finish: Finish) -> Gather | None:
+    """The one-operation read of a whole batch, where it gives what the samples collated
+    would (no transform, torch's `default_collate`); else None."""
+    if finish.collate_fn is not default_collate or finish.transform is not None:
+        return None
+    return vectorized_gather(dataset, pin=finish.pin)
+
+
 def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:
     """Return a one-operation batch read equal to `default_collate` of the samples, or None.
 
@@ -127,7 +135,7 @@ def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:
     kind = type(dataset)
     if isinstance(dataset, torch.Tensor):
         if dataset.layout is torch.strided and dataset.dim() >= 1:
-            return (lambda index: pinned_rows(dataset, index)) if pin else dataset.__getitem__
+            return (lambda index: pinned_rows(dataset, index)) if pin else partial(rows, dataset)
         return None
     if isinstance(dataset, np.ndarray):
         if dataset.ndim >= 2 and (dataset.dtype.kind in "biuf"):
@@ -138,21 +146,35 @@ def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:
         if all(t.layout is torch.strided for t in tensors):
             if pin:
                 return lambda index: [pinned_rows(t, index) for t in tensors]
-            return lambda index: [t[index] for t in tensors]
+            return lambda index: [rows(t, index) for t in tensors]
         return None
     if kind.__getitem__ is Subset.__getitem__ and kind.__getitems__ is Subset.__getitems__:
         inner = vectorized_gather(dataset.dataset, pin)
         if inner is None:
             return None
         positions = torch.as_tensor(dataset.indices, dtype=torch.long)
-        return lambda index: inner(positions[index])
+        return lambda index: inner(rows(positions, index))
     return None
+
+
+def rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[index]` for a 1-D index: `index_select` gives the same tensor, about 3x as fast
+    as advanced indexing for batches of a few hundred rows. It refuses negative indices,
+    which indexing counts from the end: those (and the error for a bad index) take the
+    indexing path."""
+    try:
+        return torch.index_select(tensor, 0, index)
+    except IndexError:
+        return tensor[index]
 
 
 def pinned_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`tensor[index]` for a 1-D index, written straight into pinned host memory."""
     out = torch.empty((len(index), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
-    return torch.index_select(tensor, 0, index, out=out)
+    try:
+        return torch.index_select(tensor, 0, index, out=out)
+    except IndexError:  # negative indices (see `rows`)
+        return out.copy_(tensor[index])
 
 
 class _Exhausted:
@@ -176,6 +198,8 @@ def is_exhausted(batch: Batch) -> bool:
 
 def describe_indices(indices: Sequence[Any] | Any, limit: int = 16) -> str:
     """Indices for an error message: all of them, or the first `limit` and a count."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.tolist()
     if not isinstance(indices, Sequence) or len(indices) <= limit:
         return repr(indices)
     head = ", ".join(repr(i) for i in indices[:limit])

@@ -26,10 +26,11 @@ from ._checkpoint import (
 from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
-from ._fetch import Finish, map_reader, per_worker_reader
+from ._fetch import Finish, batch_gather, map_reader, per_worker_reader
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
+from ._samplers import fast_index_batches
 from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
 from ._stats import LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
@@ -399,11 +400,24 @@ class DataLoader(Generic[T_co]):
             )
             cap = None if config.in_order else config.max_in_flight
             return WorkerStreams(streams, delivered.next_turn, cap), reader
-        source = IndexBatches(config.index_sampler, delivered)  # type: ignore[arg-type]
+        # Index tensors only for a gather in this process (processes get lists, as in torch).
+        gathers = (
+            config.worker_mode != "process"
+            and config.auto_collation
+            and batch_gather(config.dataset, finish) is not None
+        )
+        source = IndexBatches(self._index_batches(as_tensors=gathers), delivered)
         return source, per_worker_reader(
             config.dataset,
             lambda dataset: map_reader(dataset, finish, batched=config.auto_collation, reads=reads),
         )
+
+    def _index_batches(self, as_tensors: bool = False) -> Iterable[Any]:
+        """The epoch's index batches: cut from torch's draws for the default samplers
+        (`_samplers`), as tensors where the read gathers with them; else the sampler's own."""
+        index_sampler = self._config.index_sampler
+        fast = fast_index_batches(index_sampler, as_tensors)
+        return index_sampler if fast is None else fast  # type: ignore[return-value]
 
     def _process_plan(self, delivered: Delivered, finish_only: bool = False) -> ReaderPlan:
         """What process workers build their reader from (they pin nothing: the parent does);
@@ -460,7 +474,7 @@ class DataLoader(Generic[T_co]):
             reads=reads,
             pool=pool,
         )
-        return IndexBatches(config.index_sampler, delivered), reader  # type: ignore[arg-type]
+        return IndexBatches(self._index_batches(), delivered), reader
 
     def _start_epoch(self) -> tuple[dict[str, Any], Delivered, bool]:
         """Begin the next epoch, or replay the one a loaded state describes: its start, the
