@@ -106,8 +106,9 @@ def test_loader_over_default_samplers_gives_torchs_batches(dataset, kwargs):
                   for _ in range(2)]  # fmt: skip
         return epochs, generator.get_state()
 
-    (ours, our_state), (theirs, their_state) = run(aload.DataLoader, **kwargs), run(
-        tud.DataLoader, **torch_kwargs
+    (ours, our_state), (theirs, their_state) = (
+        run(aload.DataLoader, **kwargs),
+        run(tud.DataLoader, **torch_kwargs),
     )
     assert ours == theirs
     assert torch.equal(our_state, their_state)
