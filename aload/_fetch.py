@@ -17,6 +17,7 @@ from torch.utils.data import Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from ._cuda import pin_batch
+from ._intra_op import on_one_thread
 from ._retry import Reads
 from ._worker_info import collate_in_thread, worker_dataset
 
@@ -96,6 +97,7 @@ def map_reader(
         return lambda job: finish.sample(read(job.indices))
     gather = batch_gather(dataset, finish)
     if gather is not None:
+        gather = on_one_thread(gather)
         return lambda job: finish.batch(gather(torch.as_tensor(job.indices, dtype=torch.long)))
     getitems = getattr(dataset, "__getitems__", None)
     if getitems:
@@ -123,6 +125,15 @@ def batch_gather(dataset: Any, finish: Finish) -> Gather | None:
     if finish.collate_fn is not default_collate or finish.transform is not None:
         return None
     return vectorized_gather(dataset, pin=finish.pin)
+
+
+def batch_bytes(dataset: Any, finish: Finish, batch_size: int) -> int | None:
+    """The bytes of a batch read by one in-memory gather, or None when reads are not that."""
+    gather = batch_gather(dataset, finish)
+    if gather is None or len(dataset) == 0:
+        return None
+    row = gather(torch.zeros(1, dtype=torch.long))
+    return batch_size * sum(t.nbytes for t in (row if isinstance(row, list) else [row]))
 
 
 def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:

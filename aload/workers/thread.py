@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
+from .._intra_op import use_one_thread
 from . import Job
 from ._exit import stop_at_exit
 
@@ -120,6 +121,7 @@ class ThreadPool:
 def _work(
     worker_id: int, queue: SimpleQueue[Job | None], setup: Callable[[int], None] | None
 ) -> None:
+    use_one_thread()  # one intra-op thread, as torch's worker processes have
     setup_error: BaseException | None = None
     if setup is not None:
         try:

@@ -1,0 +1,51 @@
+"""Loader work runs with one torch intra-op thread, as in torch's worker processes, and the
+caller's own setting is left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils.data as tud
+from conftest import flatten
+from torch.utils.data import Dataset, TensorDataset
+
+import aload
+
+OPENMP = "OpenMP" in torch.__config__.parallel_info()
+needs_a_team = pytest.mark.skipif(
+    not OPENMP or torch.get_num_threads() < 2,
+    reason="needs torch on OpenMP with more than one intra-op thread",
+)
+
+
+class IntraOpThreads(Dataset):
+    """Each sample: how many intra-op threads a torch op in the worker would use."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.get_num_threads()
+
+
+@needs_a_team
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_workers_use_one_intra_op_thread_as_torchs_do(mode):
+    before = torch.get_num_threads()
+    theirs = set(flatten(tud.DataLoader(IntraOpThreads(), batch_size=2, num_workers=2)))
+    ours = aload.DataLoader(IntraOpThreads(), batch_size=2, num_workers=2, worker_mode=mode)
+    assert set(flatten(ours)) == theirs == {1}
+    assert torch.get_num_threads() == before
+
+
+@needs_a_team
+@pytest.mark.anyio
+async def test_gathers_on_the_callers_thread_leave_its_setting(anyio_backend):
+    before = torch.get_num_threads()
+    data = TensorDataset(torch.randn(4096, 64))
+    for workers in (0, 2):
+        loader = aload.DataLoader(data, batch_size=256, shuffle=True, num_workers=workers)
+        assert sum(len(b[0]) for b in loader) == 4096
+        assert torch.get_num_threads() == before
+        assert sum([len(b[0]) async for b in loader]) == 4096
+        assert torch.get_num_threads() == before
