@@ -39,6 +39,9 @@ with contextlib.suppress(ImportError):
 if TYPE_CHECKING:
     from ._device import DeviceStage
 
+# `async for` over batches that are already there gives other tasks a turn this often.
+_YIELD_EVERY = 0.001
+
 _WAIT = object()
 _END = object()
 
@@ -266,12 +269,16 @@ class Epoch:
         self._closed = False
         self.length = length
         self._check_yielded = check_yielded
+        self._turn_due = 0.0  # when `anext` next gives other tasks a turn, at the latest
 
     # -- async -------------------------------------------------------------------------------
 
     async def anext(self) -> Any:
         # A checkpoint in two halves: cancellation is checked before a batch is taken, and
         # the turn given to other tasks after it is shielded, so no taken batch is lost.
+        # While batches are ready without waiting, the turn is given once per `_YIELD_EVERY`
+        # rather than per batch: other tasks still run every millisecond, and a loop over
+        # small ready batches does not pay a pass of the event loop for each.
         await anyio.lowlevel.checkpoint_if_cancelled()
         asked_at = self._meter.asked()
         deadline = None
@@ -286,8 +293,11 @@ class Epoch:
         if batch is _END:
             await self.aclose()
             raise StopAsyncIteration
-        if not waited:
+        now = time.monotonic()
+        if not waited and now >= self._turn_due:
             await anyio.lowlevel.cancel_shielded_checkpoint()
+        if waited or now >= self._turn_due:
+            self._turn_due = now + _YIELD_EVERY
         return batch
 
     async def aclose(self) -> None:

@@ -245,6 +245,11 @@ class _Totals:
 
 def count_samples(indices: Any, batch: Any) -> int:
     """Samples in a batch: its indices where known, else the batch's leading size."""
+    kind = type(indices)
+    if kind is list:  # the common cases first: this runs once per batch
+        return len(indices)
+    if kind is torch.Tensor:
+        return int(indices.shape[0]) if indices.dim() else 1
     if indices is not None:
         return len(indices) if isinstance(indices, Sequence | torch.Tensor) else 1
     return _leading_size(batch)

@@ -26,7 +26,7 @@ from ._checkpoint import (
 from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
-from ._fetch import Finish, batch_gather, map_reader, per_worker_reader
+from ._fetch import Finish, batch_bytes, batch_gather, map_reader, per_worker_reader
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
@@ -42,6 +42,10 @@ from .workers.process import ProcessPool
 from .workers.thread import ThreadPool
 
 T_co = TypeVar("T_co", covariant=True)
+
+# A batch gathered from memory in at most this many bytes (~10-50 µs of copying) is read on
+# the consumer's thread: a hand-off to a worker thread and back costs about as much.
+IN_PLACE_GATHER_BYTES = 256 * 1024
 
 # torch refuses to change these once the loader is built: they decide the batches.
 _FIXED = ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers")
@@ -179,6 +183,28 @@ class DataLoader(Generic[T_co]):
             self._stage = DeviceStage(config.device, config.to_device, config.device_transform)
         to_gpu = config.device is not None and config.device.type == "cuda"
         self._pin = pinning_enabled(config.pin_memory) or to_gpu
+        self._gathers_in_place = self._small_gathers(config)
+
+    def _small_gathers(self, config: LoaderConfig) -> bool:
+        """Whether each batch is an in-memory gather so small (`IN_PLACE_GATHER_BYTES`) that
+        handing it to a worker thread costs more than doing it: then the consumer's thread
+        (or loop) gathers it, as it would with 0 workers. No user code runs in such a read,
+        so nothing can tell; a `worker_init_fn` or pinning keeps the workers."""
+        if (
+            config.worker_mode != "thread"
+            or config.iterable
+            or config.asynchronous
+            or not config.auto_collation
+            or config.worker_init_fn is not None
+            or self._pin
+        ):
+            return False
+        batch_size = config.batch_size or getattr(config.batch_sampler, "batch_size", None)
+        if not isinstance(batch_size, int):
+            return False
+        finish = Finish(config.collate_fn, config.transform, pin=False)
+        size = batch_bytes(config.dataset, finish, batch_size)
+        return size is not None and size <= IN_PLACE_GATHER_BYTES
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Attributes as torch has them: those that decide the batches cannot change (torch's
@@ -549,12 +575,14 @@ class DataLoader(Generic[T_co]):
                 return persistent, False
             self.close()  # a worker process died: start a whole pool again
         base_seed = self._base_seed(start, resumed)
-        if config.num_workers == 0:
+        pool: WorkerPool
+        if self._gathers_in_place:  # persistent too: the base seed is drawn once, as torch's
+            pool = InlinePool()
+        elif config.num_workers == 0:
             if blocking and config.timeout == 0:
                 return InlinePool(), True
             return ThreadPool(1, dedicated_queues=config.iterable), True
-        pool: WorkerPool
-        if plan is not None:  # worker_mode="process"
+        elif plan is not None:  # worker_mode="process"
             pool = self._process_pool(config.dataset, base_seed, plan, blocking)
         else:
             pool = ThreadPool(

@@ -319,3 +319,22 @@ def test_loaders_epochs_can_interleave_with_itertools():
     loader = aload.DataLoader(Indexed(9), batch_size=3, num_workers=2)
     pairs = list(itertools.islice(zip(loader, loader, strict=True), 2))
     assert [a.tolist() for a, _ in pairs] == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_small_in_memory_batches_keep_a_worker_init_fn_and_torchs_batches():
+    """Batches gathered from memory in a few KiB are read on the consumer's thread, where a
+    worker thread would cost more than the read; a `worker_init_fn` still gets its workers,
+    and the batches are torch's either way."""
+    data = TensorDataset(torch.arange(64.0))
+    started = []
+
+    def make(cls, **kwargs):
+        torch.manual_seed(1)
+        loader = cls(data, batch_size=8, shuffle=True, num_workers=2, **kwargs)
+        return [b[0].tolist() for b in loader]
+
+    assert make(aload.DataLoader) == make(tud.DataLoader)
+    assert make(aload.DataLoader, worker_init_fn=started.append) == make(
+        torch.utils.data.DataLoader
+    )
+    assert sorted(started) == [0, 1]
