@@ -68,6 +68,12 @@ def test_suite_writes_tables_and_json_with_every_loader(tmp_path):
             assert row["vs_best_torch"] > 0
         best_torch = [r["vs_best_torch"] for r in results if r["family"] == "torch"]
         assert max(best_torch) == pytest.approx(1.0)
+    # The tensor workload's limit is its work by hand; the memory workload has none.
+    limit = [r for r in by_workload["tensor"] if r["family"] == "limit"]
+    assert len(limit) == 1
+    assert limit[0]["of_the_limit"] == pytest.approx(1.0)
+    assert all(r["of_the_limit"] > 0 for r in by_workload["tensor"])
+    assert all(r["of_the_limit"] is None for r in by_workload["memory"])
     memory = {r["loader"]: r["median_peak_mib"] for r in by_workload["memory"]}
     # 400,000 records read by forked workers are copied into them; threads share them.
     assert memory["torch workers=2"] > 30
@@ -157,3 +163,34 @@ def test_help_explains_every_workload_and_column(tmp_path):
         assert f"\n  {name} " in done.stdout, name
     for column in ("samples/s", "vs best torch", "first batch", "peak memory", "loop pause"):
         assert f"\n  {column} " in done.stdout, column
+
+
+def spinners() -> list[int]:
+    """Processes spinning `while True: pass` (the --busy option's)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"while True: pass" in cmdline.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@linux_only
+def test_busy_runs_a_training_step_workload_beside_spinning_processes(tmp_path):
+    before = spinners()
+    done = bench(
+        "--workloads", "train-numpy", "--busy", "--repeats", "1", "--scale", "0.1",
+        "--json", "out.json", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "every core kept busy" in done.stdout
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["environment"]["busy"] is True
+    (workload,) = report["workloads"]
+    families = [r["family"] for r in workload["results"]]
+    assert families == ["limit", "torch", "aload thread", "aload process"]
+    assert all(r["error"] is None and r["of_the_limit"] > 0 for r in workload["results"])
+    assert spinners() == before  # the busy processes end with the run

@@ -10,6 +10,7 @@ in a new Python process, as a user's script meets it.
     python -m aload.bench                            # the whole suite, 3 repeats
     python -m aload.bench --workloads tensor io --repeats 5 --json results.json
     python -m aload.bench --workloads memory --scale 2
+    python -m aload.bench --workloads tensor --busy  # while other processes take every core
     python -m aload.bench --workloads startup records loop # only fresh-process cases
     python -m aload.bench --workloads --plot workers.png   # only the sweep over worker counts
 """
@@ -17,9 +18,12 @@ in a new Python process, as a user's script meets it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 
 from aload.bench.fresh import CASES, fresh_table, measure_fresh
@@ -28,6 +32,18 @@ from aload.bench.plot import draw, sweep
 from aload.bench.report import document, environment, table
 from aload.bench.runner import Result, measure, prepare, stats_cost_us
 from aload.bench.workloads import WORKLOADS, Settings, Workload
+
+
+@contextlib.contextmanager
+def busy_cores(count: int) -> Iterator[None]:
+    """`count` other processes spinning on the CPU for as long as the block runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def _workloads_help() -> str:
@@ -39,6 +55,8 @@ def _workloads_help() -> str:
         "columns:",
         "  samples/s        median over the runs of one epoch each, building the loader included",
         "  vs best torch    that, over the fastest torch configuration in the same table",
+        "  of the limit     that, over the workload's limit: its work done by hand with no",
+        "                   loader (the `limit` row; the train-* limit: the steps alone)",
         "  first batch      milliseconds from building the loader to holding its first batch",
         "  peak memory      MiB the run added: this process's peak RSS, plus each worker's peak",
         "                   private memory (USS); peak PSS: the whole process tree's, sampled",
@@ -63,6 +81,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="FILE", help="also write every run as JSON ('-': stdout)")
     parser.add_argument(
+        "--busy",
+        action="store_true",
+        help="keep every core busy with another process while the suite runs (a machine "
+        "that trains)",
+    )
+    parser.add_argument(
         "--plot", metavar="FILE.png", help="sweep worker counts on --plot-workload and draw it"
     )
     parser.add_argument("--plot-workload", default="io", choices=list(WORKLOADS))
@@ -85,13 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     # The tables go to stdout; with `--json -` they go to stderr so that stdout stays JSON.
     out = sys.stderr if args.json == "-" else sys.stdout
     settings = Settings(scale=args.scale, workers=args.workers)
-    env = environment(args.repeats)
-    print(f"{env['versions']}, {env['cpus']} CPUs, {args.repeats} repeats, medians", file=out)
+    env = {**environment(args.repeats), "busy": args.busy}
+    busy = f", every core kept busy by {env['cpus']} other processes" if args.busy else ""
+    print(f"{env['versions']}, {env['cpus']} CPUs, {args.repeats} repeats, medians{busy}", file=out)
     suites: list[tuple[Workload, list[Result]]] = []
     swept: list[Result] | None = None
     started = time.perf_counter()
     prepare()
-    with TreeMemory() as memory:
+    with busy_cores(env["cpus"] if args.busy else 0), TreeMemory() as memory:
         for name in [name for name in args.workloads if name in WORKLOADS]:
             workload = WORKLOADS[name](settings)
             results = measure(workload, args.repeats, memory)

@@ -10,26 +10,29 @@ from typing import Any
 
 import torch
 
-from aload.bench.runner import Result, best_torch
+from aload.bench.runner import Result, best_torch, limit_of
 from aload.bench.workloads import Workload
 
 
 def table(workload: Workload, results: list[Result]) -> str:
-    reference = best_torch(results)
+    reference, limit = best_torch(results), limit_of(results)
     lines = [
         f"\n**{workload.name}**: {workload.description}",
         "",
-        "| loader | samples/s | vs best torch | first batch (ms) | peak memory (MiB) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| loader | samples/s | vs best torch | of the limit | first batch (ms) "
+        "| peak memory (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if r.error is not None:
-            lines.append(f"| {r.loader} | failed: {r.error} | | | |")
+            lines.append(f"| {r.loader} | failed: {r.error} | | | | |")
             continue
         ratio = f"{r.throughput / reference:.2f}x" if reference else "n/a"
+        share = f"{r.throughput / limit:.2f}" if limit else ""
         memory = "n/a" if r.memory is None else f"{r.memory:,.0f}"
         lines.append(
-            f"| {r.loader} | {r.throughput:,.0f} | {ratio} | {r.first_batch:,.1f} | {memory} |"
+            f"| {r.loader} | {r.throughput:,.0f} | {ratio} | {share} | {r.first_batch:,.1f} "
+            f"| {memory} |"
         )
     return "\n".join(lines)
 
@@ -58,7 +61,7 @@ def document(
 ) -> dict[str, Any]:
     """Everything measured, with medians and ratios beside the raw runs."""
 
-    def row(r: Result, reference: float | None) -> dict[str, Any]:
+    def row(r: Result, reference: float | None, limit: float | None = None) -> dict[str, Any]:
         ratio = r.throughput / reference if reference and r.error is None else None
         return {
             **asdict(r),
@@ -66,6 +69,7 @@ def document(
             "median_first_batch_ms": r.first_batch,
             "median_peak_mib": r.memory,
             "vs_best_torch": ratio,
+            "of_the_limit": r.throughput / limit if limit and r.error is None else None,
         }
 
     return {
@@ -74,7 +78,7 @@ def document(
             {
                 "name": w.name,
                 "description": w.description,
-                "results": [row(r, best_torch(results)) for r in results],
+                "results": [row(r, best_torch(results), limit_of(results)) for r in results],
             }
             for w, results in suites
         ],

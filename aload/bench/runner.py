@@ -114,3 +114,9 @@ def stats_cost_us(batches: int = 100_000) -> float:
         meter.delivered(256, 2, 4)
         meter.handed_over(asked_at)
     return (time.perf_counter() - started) / batches * 1e6
+
+
+def limit_of(results: list[Result]) -> float | None:
+    """The median samples/s of the workload's limit (its work done by hand, no loader)."""
+    limits = [r.throughput for r in results if r.family == "limit" and r.error is None]
+    return limits[0] if limits else None

@@ -11,9 +11,13 @@ import torch
 import torch.utils.data as tud
 
 from aload.bench import datasets as ds
+from aload.bench import training
 from aload.bench.contenders import (
     Contender,
     aload_loader,
+    limit_asyncio,
+    limit_gather,
+    limit_threads,
     spdl_pipeline,
     torch_loader,
     torchdata_nodes,
@@ -90,7 +94,8 @@ def _tensor(s: Settings) -> Workload:
     """An in-memory TensorDataset, shuffled: the loader's own overhead per batch."""
     n = s.items(100_000)
     data = tud.TensorDataset(torch.randn(n, 64), torch.randint(0, 10, (n,)))
-    contenders = [c for w in s.counts(0, 2) for c in _every_loader(data, 256, w, shuffle=True)]
+    contenders = [limit_gather(data, 256)]
+    contenders += [c for w in s.counts(0, 2) for c in _every_loader(data, 256, w, shuffle=True)]
     return Workload("tensor", f"TensorDataset {n:,} x 64, batch 256, shuffled", contenders)
 
 
@@ -102,7 +107,7 @@ def _io(s: Settings) -> Workload:
     return Workload(
         "io",
         f"2 ms blocking read per item, {n:,} items, batch 32 (threads are cheap: 32 of them)",
-        _every_loader(data, 32, processes, threads=threads),
+        [limit_threads(data, 32, threads), *_every_loader(data, 32, processes, threads=threads)],
     )
 
 
@@ -111,7 +116,7 @@ def _async(s: Settings) -> Workload:
     n = s.items(4096)
     awaited, blocking = ds.AwaitingDataset(n, 0.002), ds.SleepDataset(n, 0.002)
     (processes,) = s.counts(8)
-    contenders = [torch_loader(blocking, processes, batch_size=32)]
+    contenders = [limit_asyncio(awaited, 256), torch_loader(blocking, processes, batch_size=32)]
     for concurrency in (64, 256):
         for asynchronous in (False, True):
             contenders.append(
@@ -205,6 +210,26 @@ def _memory(s: Settings) -> Workload:
     )
 
 
+def _train(work: Callable[[int, float], Any], kind: str) -> Callable[[Settings], Workload]:
+    def build(s: Settings) -> Workload:
+        n, per_item = s.items(1024), 0.0002
+        (w,) = s.counts(2)
+        _data, contenders = training.training_contenders(work(n, per_item), w, per_item)
+        return Workload(
+            f"train-{kind}",
+            f"a training step (MLP, SGD, torch's intra-op threads) per batch of 32; items "
+            f"take ~0.2 ms of {kind} work each, {n:,} items; the step about as long as a "
+            f"batch takes {w} workers",
+            contenders,
+        )
+
+    build.__doc__ = (
+        f"A training step per batch, items of ~0.2 ms {kind} work: how much the loader "
+        "slows training (the limit: the steps alone)."
+    )
+    return build
+
+
 WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "tensor": _tensor,
     "io": _io,
@@ -213,4 +238,6 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "python": _python,
     "images": _images,
     "memory": _memory,
+    "train-python": _train(training.python_work, "python"),
+    "train-numpy": _train(training.numpy_work, "numpy"),
 }

@@ -1,0 +1,116 @@
+"""The loader beside a training step: each batch feeds a real forward, backward and optimizer
+step of a small MLP on the CPU (torch's intra-op threads, as a user's loop has them).
+
+The limit is the same steps over batches already in memory; a loader's share of it says how
+much it slows training down (step-time inflation = 1 / share - 1). The step is sized to take
+about as long as the loader's workers need to prepare a batch, where contention shows most.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.utils.data as tud
+
+from aload.bench import datasets as ds
+from aload.bench.contenders import Contender, Drained, aload_loader, batch_len, torch_loader
+
+FEATURES = 256
+BATCH = 32
+
+
+class Featurized(tud.Dataset):
+    """(features, label) items whose preparation does `work[index]`'s work first."""
+
+    def __init__(self, work: Any) -> None:
+        self.work = work
+        self.rows = torch.randn(1024, FEATURES, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self.work[index]
+        return self.rows[index % 1024], index % 10
+
+
+class Step:
+    """One SGD step of an MLP (FEATURES -> width -> width -> 10) on a batch."""
+
+    def __init__(self, width: int) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(FEATURES, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, 10),
+        )
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
+
+    def __call__(self, batch: Any) -> None:
+        features, labels = batch
+        loss = torch.nn.functional.cross_entropy(self.model(features), labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+
+def step_for(seconds: float) -> Step:
+    """A step that takes about `seconds` here (its width calibrated, from 256 up)."""
+    batch = (torch.randn(BATCH, FEATURES), torch.randint(0, 10, (BATCH,)))
+    width = 256
+    for _ in range(3):
+        step = Step(width)
+        step(batch)
+        started = time.perf_counter()
+        for _ in range(20):
+            step(batch)
+        took = (time.perf_counter() - started) / 20
+        width = max(16, int(width * (seconds / took) ** 0.5))  # cost grows as width squared
+    return Step(width)
+
+
+def train(step: Step) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
+    """A drive that runs `step` on every batch of a fresh loader (`for`)."""
+
+    def drive(make: Callable[[], Iterable[Any]]) -> Drained:
+        started = time.perf_counter()
+        samples, first = 0, None
+        for batch in make():
+            first = first or time.perf_counter() - started
+            step(batch)
+            samples += batch_len(batch)
+        return Drained(samples, first or 0.0, time.perf_counter() - started)
+
+    return drive
+
+
+def training_contenders(
+    work: Any, workers: int, per_item_s: float
+) -> tuple[Featurized, list[Contender]]:
+    """The limit (steps over batches in memory), torch's loader in processes, aload's in
+    threads and in processes, each driving the same step."""
+    data = Featurized(work)
+    step = step_for(per_item_s * BATCH / workers)
+    in_memory = list(tud.DataLoader(data, batch_size=BATCH))
+    drive = train(step)
+    limit = Contender("limit", 0, lambda: in_memory, drive, "the steps alone, data in memory")
+    loaders = [
+        torch_loader(data, workers, batch_size=BATCH),
+        aload_loader(data, workers, batch_size=BATCH),
+        aload_loader(data, workers, batch_size=BATCH, worker_mode="process"),
+    ]
+    driven = [Contender(c.family, c.workers, c.make, drive, c.detail) for c in loaders]
+    return data, [limit, *driven]
+
+
+def python_work(n: int, per_item_s: float) -> Any:
+    return ds.PythonDataset(n, ds.python_rounds_for(per_item_s))
+
+
+def numpy_work(n: int, per_item_s: float) -> Any:
+    return ds.NumpyDataset(n, ds.numpy_size_for(per_item_s))
