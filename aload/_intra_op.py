@@ -16,18 +16,18 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 import torch
 
-T = TypeVar("T")
+P = ParamSpec("P")
 R = TypeVar("R")
 
 
 @functools.cache
 def _openmp() -> tuple[Callable[[int], None], Callable[[], int]] | None:
     """`omp_set_num_threads` and `omp_get_max_threads` of the runtime torch uses, or None."""
-    if "OpenMP" not in torch.__config__.parallel_info():
+    if not torch._C.has_openmp:
         return None
     try:
         runtime = ctypes.CDLL(None)
@@ -48,20 +48,21 @@ def use_one_thread() -> None:
         openmp[0](1)
 
 
-def on_one_thread(function: Callable[[T], R]) -> Callable[[T], R]:
+def on_one_thread(function: Callable[P, R]) -> Callable[P, R]:
     """`function`, with its torch ops on the calling thread alone; the thread's own setting
-    comes back after each call (the consumer's thread gathers batches with it)."""
+    comes back after each call (the consumer's thread gathers batches and draws the
+    sampler's permutations with it: with the cores busy, a team would wait for its members)."""
     openmp = _openmp()
     if openmp is None:
         return function
     set_threads, max_threads = openmp
 
-    def call(argument: T) -> R:
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
         torch.get_num_threads()
         before = max_threads()
         set_threads(1)
         try:
-            return function(argument)
+            return function(*args, **kwargs)
         finally:
             set_threads(before)
 
