@@ -98,7 +98,16 @@ def map_reader(
     gather = batch_gather(dataset, finish)
     if gather is not None:
         gather = on_one_thread(gather)
-        return lambda job: finish.batch(gather(torch.as_tensor(job.indices, dtype=torch.long)))
+        finished = finish.batch if finish.pin else None
+
+        def read_gathered(job: JobState) -> Batch:
+            index = job.indices
+            if type(index) is not torch.Tensor:  # lists from samplers without a fast path
+                index = torch.as_tensor(index, dtype=torch.long)
+            batch = gather(index)
+            return batch if finished is None else finished(batch)
+
+        return read_gathered
     getitems = getattr(dataset, "__getitems__", None)
     if getitems:
         read_batch = reads.retrying(getitems)

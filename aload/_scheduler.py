@@ -145,7 +145,9 @@ class IndexBatches:
 
     def __init__(self, index_sampler: Iterable[Any], delivered: Delivered) -> None:
         self._batches = enumerate(index_sampler)
-        self._delivered = delivered
+        # Only batches delivered before this epoch started (a resumed one) are skipped: the
+        # source is always ahead of what the epoch delivers.
+        self._delivered = delivered if delivered.prefix or delivered.beyond else None
         self._primed: tuple[int, Any, int | None] | None = None
         self.done = False
 
@@ -158,8 +160,9 @@ class IndexBatches:
         if self._primed is not None:
             primed, self._primed = self._primed, None
             return primed
+        delivered = self._delivered
         for seq, indices in self._batches:
-            if seq not in self._delivered:
+            if delivered is None or seq not in delivered:
                 return seq, indices, None
         self.done = True
         return None
