@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import asdict
-from importlib import metadata
 from typing import Any
 
 import torch
 
+import aload
 from aload.bench.runner import Result, best_torch, limit_of
 from aload.bench.workloads import Workload
 
@@ -38,7 +38,7 @@ def table(workload: Workload, results: list[Result]) -> str:
 
 
 def environment(repeats: int) -> dict[str, Any]:
-    versions = {"torch": torch.__version__, "aload": metadata.version("aload")}
+    versions = {"torch": torch.__version__, "aload": aload.__version__}
     for peer in ("torchdata", "spdl"):
         try:
             module = __import__(peer)

@@ -2,8 +2,9 @@
 step of a small MLP on the CPU (torch's intra-op threads, as a user's loop has them).
 
 The limit is the same steps over batches already in memory; a loader's share of it says how
-much it slows training down (step-time inflation = 1 / share - 1). The step is sized to take
-about as long as the loader's workers need to prepare a batch, where contention shows most.
+much it slows training down (step-time inflation = 1 / share - 1), timed from the first batch
+on. The step is sized to take about as long as the loader's workers need to prepare a batch,
+where contention shows most.
 """
 
 from __future__ import annotations
@@ -75,16 +76,22 @@ def step_for(seconds: float) -> Step:
 
 
 def train(step: Step) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
-    """A drive that runs `step` on every batch of a fresh loader (`for`)."""
+    """A drive that runs `step` on every batch of a fresh loader (`for`) and times the steps
+    after the first batch arrived: the step time of a running job, start-up left out (the
+    first batch column has it)."""
 
     def drive(make: Callable[[], Iterable[Any]]) -> Drained:
         started = time.perf_counter()
         samples, first = 0, None
         for batch in make():
-            first = first or time.perf_counter() - started
+            if first is None:
+                first = time.perf_counter()
+            else:
+                samples += batch_len(batch)
             step(batch)
-            samples += batch_len(batch)
-        return Drained(samples, first or 0.0, time.perf_counter() - started)
+        if first is None:
+            return Drained(0, 0.0, time.perf_counter() - started)
+        return Drained(samples, first - started, time.perf_counter() - first)
 
     return drive
 

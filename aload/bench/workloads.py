@@ -212,14 +212,14 @@ def _memory(s: Settings) -> Workload:
 
 def _train(work: Callable[[int, float], Any], kind: str) -> Callable[[Settings], Workload]:
     def build(s: Settings) -> Workload:
-        n, per_item = s.items(1024), 0.0002
+        n, per_item = s.items(4096), 0.0002
         (w,) = s.counts(2)
         _data, contenders = training.training_contenders(work(n, per_item), w, per_item)
         return Workload(
             f"train-{kind}",
             f"a training step (MLP, SGD, torch's intra-op threads) per batch of 32; items "
             f"take ~0.2 ms of {kind} work each, {n:,} items; the step about as long as a "
-            f"batch takes {w} workers",
+            f"batch takes {w} workers; samples/s from the first batch on",
             contenders,
         )
 
