@@ -73,7 +73,9 @@ class DataLoader(Generic[T_co]):
             `drop_last`).
         num_workers: worker threads. 0 loads one batch at a time: on demand in the calling
             thread for `for` (as torch does), in one helper thread for `async for` (the next
-            batch loads while the loop body runs).
+            batch loads while the loop body runs). Batches that are one small gather from
+            in-memory tensors (at most 256 KiB) are read by the consumer either way: a trip
+            to a worker costs more. Workers run torch ops on one intra-op thread, as torch's.
         collate_fn: merges samples into a batch; torch's `default_collate` by default.
         pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
         drop_last: drop the last incomplete batch.
