@@ -12,6 +12,7 @@ repeating or skipping a sample.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def main() -> None:
     try:
         anyio.run(train, args)
     finally:
+        # DistributedDataParallel keeps itself in a reference cycle: collect it while the
+        # process group and the interpreter are alive, or gloo may abort the exit (SIGABRT,
+        # "terminate called without an active exception"), with or without a loader.
+        gc.collect()
         dist.destroy_process_group()
 
 
