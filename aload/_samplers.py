@@ -1,7 +1,7 @@
 """Index batches of torch's default samplers, cut from one permutation instead of per index.
 
 torch's `BatchSampler(RandomSampler(...))` yields one Python int at a time through two
-generators (~40 µs for a batch of 256); the same batches are slices of the `randperm` it
+generators (20-40 µs for a batch of 256); the same batches are slices of the `randperm` it
 draws. `fast_index_batches` draws exactly what torch's samplers draw from the generator (or
 the global RNG), at the same points of the iteration, so batches, the generator's state after
 them, and so resume, stay identical to torch's for the same seed. Any other sampler, or a
