@@ -136,11 +136,9 @@ def batch_gather(dataset: Any, finish: Finish) -> Gather | None:
     return vectorized_gather(dataset, pin=finish.pin)
 
 
-def batch_bytes(dataset: Any, finish: Finish, batch_size: int) -> int | None:
-    """The bytes of a batch read by one in-memory gather, or None when reads are not that."""
-    gather = batch_gather(dataset, finish)
-    if gather is None or len(dataset) == 0:
-        return None
+def batch_bytes(gather: Gather, batch_size: int) -> int:
+    """The bytes of a batch of `batch_size` rows read by `gather` (from a dataset of at least
+    one row): one row's, gathered once, times the batch size."""
     row = gather(torch.zeros(1, dtype=torch.long))
     return batch_size * sum(t.nbytes for t in (row if isinstance(row, list) else [row]))
 

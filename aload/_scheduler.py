@@ -297,9 +297,9 @@ class Epoch:
             await self.aclose()
             raise StopAsyncIteration
         now = time.monotonic()
-        if not waited and now >= self._turn_due:
-            await anyio.lowlevel.cancel_shielded_checkpoint()
-        if waited or now >= self._turn_due:
+        if waited or now >= self._turn_due:  # waiting gave other tasks their turn already
+            if not waited:
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             self._turn_due = now + _YIELD_EVERY
         return batch
 

@@ -26,7 +26,7 @@ from ._checkpoint import (
 from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
-from ._fetch import Finish, batch_bytes, batch_gather, map_reader, per_worker_reader
+from ._fetch import Finish, Gather, batch_bytes, batch_gather, map_reader, per_worker_reader
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
@@ -185,28 +185,26 @@ class DataLoader(Generic[T_co]):
             self._stage = DeviceStage(config.device, config.to_device, config.device_transform)
         to_gpu = config.device is not None and config.device.type == "cuda"
         self._pin = pinning_enabled(config.pin_memory) or to_gpu
-        self._gathers_in_place = self._small_gathers(config)
+        # Batches read by one in-memory gather in this process (processes get lists, as in
+        # torch): their indices come as tensors, and small ones are read in place.
+        gather = None
+        if config.worker_mode != "process" and config.auto_collation and not config.iterable:
+            finish = Finish(config.collate_fn, config.transform, pin=False)
+            gather = batch_gather(config.dataset, finish)
+        self._gathers = gather is not None
+        self._gathers_in_place = gather is not None and self._small_gathers(config, gather)
 
-    def _small_gathers(self, config: LoaderConfig) -> bool:
-        """Whether each batch is an in-memory gather so small (`IN_PLACE_GATHER_BYTES`) that
-        handing it to a worker thread costs more than doing it: then the consumer's thread
-        (or loop) gathers it, as it would with 0 workers. No user code runs in such a read,
-        so nothing can tell; a `worker_init_fn` or pinning keeps the workers."""
-        if (
-            config.worker_mode != "thread"
-            or config.iterable
-            or config.asynchronous
-            or not config.auto_collation
-            or config.worker_init_fn is not None
-            or self._pin
-        ):
+    def _small_gathers(self, config: LoaderConfig, gather: Gather) -> bool:
+        """Whether each gathered batch is so small (`IN_PLACE_GATHER_BYTES`) that handing it
+        to a worker thread costs more than reading it: then the consumer's thread (or loop)
+        gathers it, as it would with 0 workers. No user code runs in such a read, so nothing
+        can tell; a `worker_init_fn` or pinning keeps the workers."""
+        if config.worker_init_fn is not None or self._pin:
             return False
         batch_size = config.batch_size or getattr(config.batch_sampler, "batch_size", None)
         if not isinstance(batch_size, int):
             return False
-        finish = Finish(config.collate_fn, config.transform, pin=False)
-        size = batch_bytes(config.dataset, finish, batch_size)
-        return size is not None and size <= IN_PLACE_GATHER_BYTES
+        return len(config.dataset) > 0 and batch_bytes(gather, batch_size) <= IN_PLACE_GATHER_BYTES
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Attributes as torch has them: those that decide the batches cannot change (torch's
@@ -428,13 +426,7 @@ class DataLoader(Generic[T_co]):
             )
             cap = None if config.in_order else config.max_in_flight
             return WorkerStreams(streams, delivered.next_turn, cap), reader
-        # Index tensors only for a gather in this process (processes get lists, as in torch).
-        gathers = (
-            config.worker_mode != "process"
-            and config.auto_collation
-            and batch_gather(config.dataset, finish) is not None
-        )
-        source = IndexBatches(self._index_batches(as_tensors=gathers), delivered)
+        source = IndexBatches(self._index_batches(as_tensors=self._gathers), delivered)
         return source, per_worker_reader(
             config.dataset,
             lambda dataset: map_reader(dataset, finish, batched=config.auto_collation, reads=reads),
@@ -558,41 +550,31 @@ class DataLoader(Generic[T_co]):
         plan: ReaderPlan | None,
     ) -> tuple[WorkerPool, bool]:
         """The workers for one epoch, and whether the epoch owns (and so stops) them; with a
-        `plan` (worker_mode="process"), worker processes that read by it."""
+        `plan` (worker_mode="process"), worker processes that read by it. Under a lock:
+        epochs started at once share one persistent pool."""
         with self._pool_lock:
-            return self._pool_locked(config, blocking, start, resumed, plan)
-
-    def _pool_locked(
-        self,
-        config: LoaderConfig,
-        blocking: bool,
-        start: dict[str, Any],
-        resumed: bool,
-        plan: ReaderPlan | None,
-    ) -> tuple[WorkerPool, bool]:
-        persistent = self._persistent_pool
-        if persistent is not None:
-            if not (isinstance(persistent, ProcessPool) and persistent.broken):
-                start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
-                return persistent, False
-            self.close()  # a worker process died: start a whole pool again
-        base_seed = self._base_seed(start, resumed)
-        pool: WorkerPool
-        if self._gathers_in_place:  # persistent too: the base seed is drawn once, as torch's
-            pool = InlinePool()
-        elif config.num_workers == 0:
-            if blocking and config.timeout == 0:
-                return InlinePool(), True
-            return ThreadPool(1, dedicated_queues=config.iterable), True
-        elif plan is not None:  # worker_mode="process"
-            pool = self._process_pool(config.dataset, base_seed, plan, blocking)
-        else:
-            pool = ThreadPool(
-                config.num_workers,
-                worker_setup(config.num_workers, base_seed, config.dataset, config.worker_init_fn),
-                dedicated_queues=config.iterable,
-            )
-        if config.persistent_workers:
-            self._persistent_pool, self._persistent_seed = pool, base_seed
-            return pool, False
-        return pool, True
+            persistent = self._persistent_pool
+            if persistent is not None:
+                if not (isinstance(persistent, ProcessPool) and persistent.broken):
+                    start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
+                    return persistent, False
+                self.close()  # a worker process died: start a whole pool again
+            base_seed = self._base_seed(start, resumed)
+            pool: WorkerPool
+            if self._gathers_in_place:  # persistent too: the base seed is drawn once
+                pool = InlinePool()
+            elif config.num_workers == 0:
+                if blocking and config.timeout == 0:
+                    return InlinePool(), True
+                return ThreadPool(1, dedicated_queues=config.iterable), True
+            elif plan is not None:  # worker_mode="process"
+                pool = self._process_pool(config.dataset, base_seed, plan, blocking)
+            else:
+                setup = worker_setup(
+                    config.num_workers, base_seed, config.dataset, config.worker_init_fn
+                )
+                pool = ThreadPool(config.num_workers, setup, dedicated_queues=config.iterable)
+            if config.persistent_workers:
+                self._persistent_pool, self._persistent_seed = pool, base_seed
+                return pool, False
+            return pool, True

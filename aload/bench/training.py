@@ -9,6 +9,7 @@ where contention shows most.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -96,9 +97,7 @@ def train(step: Step) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
     return drive
 
 
-def training_contenders(
-    work: Any, workers: int, per_item_s: float
-) -> tuple[Featurized, list[Contender]]:
+def training_contenders(work: Any, workers: int, per_item_s: float) -> list[Contender]:
     """The limit (steps over batches in memory), torch's loader in processes, aload's in
     threads and in processes, each driving the same step."""
     data = Featurized(work)
@@ -111,8 +110,7 @@ def training_contenders(
         aload_loader(data, workers, batch_size=BATCH),
         aload_loader(data, workers, batch_size=BATCH, worker_mode="process"),
     ]
-    driven = [Contender(c.family, c.workers, c.make, drive, c.detail) for c in loaders]
-    return data, [limit, *driven]
+    return [limit, *(dataclasses.replace(c, drive=drive) for c in loaders)]
 
 
 def python_work(n: int, per_item_s: float) -> Any:

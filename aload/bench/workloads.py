@@ -214,7 +214,7 @@ def _train(work: Callable[[int, float], Any], kind: str) -> Callable[[Settings],
     def build(s: Settings) -> Workload:
         n, per_item = s.items(4096), 0.0002
         (w,) = s.counts(2)
-        _data, contenders = training.training_contenders(work(n, per_item), w, per_item)
+        contenders = training.training_contenders(work(n, per_item), w, per_item)
         return Workload(
             f"train-{kind}",
             f"a training step (MLP, SGD, torch's intra-op threads) per batch of 32; items "
