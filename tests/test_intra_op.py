@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import flatten
+from conftest import flatten, heartbeat
 from torch.utils.data import Dataset, TensorDataset
 
 import aload
@@ -47,5 +47,7 @@ async def test_gathers_on_the_callers_thread_leave_its_setting(anyio_backend):
         loader = aload.DataLoader(data, batch_size=256, shuffle=True, num_workers=workers)
         assert sum(len(b[0]) for b in loader) == 4096
         assert torch.get_num_threads() == before
-        assert sum([len(b[0]) async for b in loader]) == 4096
+        async with heartbeat() as beat:
+            assert sum([len(b[0]) async for b in loader]) == 4096
+        assert beat.longest_gap < 0.035
         assert torch.get_num_threads() == before
