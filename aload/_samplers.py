@@ -50,16 +50,23 @@ def _sequential(sampler: SequentialSampler) -> Iterator[torch.Tensor]:
 
 def _permutations(sampler: RandomSampler) -> Iterator[torch.Tensor]:
     """`RandomSampler.__iter__`'s draws, each permutation drawn when torch's would be: the
-    seed when iteration starts, the next permutation when the last one is used up."""
+    seed when iteration starts, the next permutation when the last one is used up.
+
+    torch always draws a last permutation for the remainder of `num_samples`, even an empty
+    one. From the caller's generator it is drawn too (it moves the generator's state); from
+    the private generator torch seeds when there is none, nobody can see it: skipped."""
     n = len(sampler.data_source)
     generator = sampler.generator
+    private = generator is None
     if generator is None:
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
         generator = torch.Generator()
         generator.manual_seed(seed)
     for _ in range(sampler.num_samples // n):
         yield _randperm(n, generator=generator)
-    yield _randperm(n, generator=generator)[: sampler.num_samples % n]
+    remainder = sampler.num_samples % n
+    if remainder or not private:
+        yield _randperm(n, generator=generator)[:remainder]
 
 
 def _cut(

@@ -45,8 +45,14 @@ def test_random_batches_and_draws_match_torchs(n, batch_size, drop_last, num_sam
 
 
 @pytest.mark.parametrize(("batch_size", "drop_last"), CUTS)
-def test_global_rng_and_sequential_batches_match_torchs(batch_size, drop_last):
-    for make in (lambda: RandomSampler(range(50)), lambda: SequentialSampler(range(50))):
+@pytest.mark.parametrize("num_samples", [None, 100, 123])
+def test_global_rng_and_sequential_batches_match_torchs(batch_size, drop_last, num_samples):
+    # Without a generator, torch's last (possibly empty) permutation comes from a private
+    # generator: skipping it must change neither the batches nor the global RNG.
+    for make in (
+        lambda: RandomSampler(range(50), num_samples=num_samples),
+        lambda: SequentialSampler(range(50)),
+    ):
         torch.manual_seed(3)
         theirs = [list(b) for b in BatchSampler(make(), batch_size, drop_last)]
         their_next = torch.rand(1).item()
