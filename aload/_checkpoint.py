@@ -41,10 +41,13 @@ class Delivered:
 
     def add(self, seq: int, worker: int | None, counted: bool) -> None:
         """Record batch `seq` as yielded (`counted`: it held samples, not an empty stream)."""
-        self.beyond.add(seq)
-        while self.prefix in self.beyond:
-            self.beyond.remove(self.prefix)
+        if seq == self.prefix and not self.beyond:  # in order: the usual case
             self.prefix += 1
+        else:
+            self.beyond.add(seq)
+            while self.prefix in self.beyond:
+                self.beyond.remove(self.prefix)
+                self.prefix += 1
         if worker is not None:
             self.next_turn = worker + 1
             if counted:

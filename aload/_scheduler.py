@@ -27,7 +27,7 @@ from anyio import RunFinishedError
 
 from ._checkpoint import Delivered
 from ._errors import LoaderTimeoutError
-from ._fetch import Abandoned, describe_indices, is_exhausted
+from ._fetch import EXHAUSTED, Abandoned, describe_indices
 from ._stats import EpochMeter, count_samples
 from .workers import WorkerPool
 
@@ -101,6 +101,14 @@ class _Job:
             self.fail(error)
             return
         self.deliver(value)
+
+    def run_here(self) -> None:
+        """`run`, for a job read by the consumer as it takes it: nothing can cancel it, and
+        the outcome stays on the job (nobody else waits for it)."""
+        try:
+            self.value = self.read(self)
+        except BaseException as error:
+            self.error = error
 
     async def arun(self) -> None:
         """`run`, for a job whose read is a coroutine (async datasets, on aload's loop)."""
@@ -236,7 +244,7 @@ class Epoch:
         pool: WorkerPool,
         owns_pool: bool,
         max_in_flight: int,
-        prefetch: bool,
+        in_place: bool,
         in_order: bool,
         timeout: float,
         delivered: Delivered,
@@ -246,8 +254,9 @@ class Epoch:
         length: Callable[[], int] | None = None,
         check_yielded: Callable[[int], None] | None = None,
     ) -> None:
-        """`length` answers `len()` of the epoch; `check_yielded` is told how many batches
-        have been yielded, after each."""
+        """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
+        each batch is read when it is taken, and nothing ahead of it. `length` answers `len()`
+        of the epoch; `check_yielded` is told how many batches have been yielded, after each."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
@@ -255,7 +264,7 @@ class Epoch:
         self._pool = pool
         self._owns_pool = owns_pool
         self._max_in_flight = max_in_flight
-        self._prefetch = prefetch
+        self._in_place = in_place
         self._in_order = in_order
         self._timeout = timeout
         self._mailbox = _Mailbox()
@@ -265,7 +274,7 @@ class Epoch:
         self._ready_by_seq: dict[int, _Job] = {}
         self._ready_fifo: deque[_Job] = deque()
         self._stage = stage
-        self._stage_depth = stage_depth
+        self._stage_depth = 0 if in_place else stage_depth
         self._staged: deque[_Job] = deque()
         self._next_seq = 0
         self._source_done = False
@@ -273,6 +282,9 @@ class Epoch:
         self.length = length
         self._check_yielded = check_yielded
         self._turn_due = 0.0  # when `anext` next gives other tasks a turn, at the latest
+        # The running backend's cancellation check, found at the first `anext` (finding it
+        # costs as much as the check): an epoch is iterated on one event loop.
+        self._checkpoint_if_cancelled: Callable[[], Coroutine[Any, Any, None]] | None = None
 
     # -- async -------------------------------------------------------------------------------
 
@@ -282,7 +294,12 @@ class Epoch:
         # While batches are ready without waiting, the turn is given once per `_YIELD_EVERY`
         # rather than per batch: other tasks still run every millisecond, and a loop over
         # small ready batches does not pay a pass of the event loop for each.
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        checkpoint_if_cancelled = self._checkpoint_if_cancelled
+        if checkpoint_if_cancelled is None:
+            backend = anyio.lowlevel.current_token().backend_class
+            checkpoint_if_cancelled = backend.checkpoint_if_cancelled
+            self._checkpoint_if_cancelled = checkpoint_if_cancelled
+        await checkpoint_if_cancelled()
         asked_at = self._meter.asked()
         deadline = None
         waited = False
@@ -415,7 +432,7 @@ class Epoch:
     def _poll(self) -> Any:
         """The next batch if one is due; else `_WAIT` (workers are on it) or `_END`."""
         while not self._closed:
-            job = self._take() if self._stage is None else self._take_staged()
+            job = self._take_one() if self._stage is None else self._take_staged()
             if job is None:
                 if self._source_done and not self._in_flight:
                     self._delivered.complete = True
@@ -427,18 +444,27 @@ class Epoch:
                 error.add_note(f"aload: raised while loading {job.describe()}")
                 raise error
             batch = job.value
-            has_samples = not is_exhausted(batch)
-            if has_samples and self._stage is not None:
+            if batch is EXHAUSTED:  # a worker's stream ended: nothing to yield
+                self._delivered.add(job.seq, job.worker, counted=False)
+                continue
+            if self._stage is not None:
                 batch = self._stage.hand_over(batch)
-            self._delivered.add(job.seq, job.worker, counted=has_samples)
-            if has_samples:
-                waiting = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
-                samples = count_samples(job.indices, batch)
-                self._meter.delivered(samples, waiting, len(self._in_flight))
-                if self._check_yielded is not None:
-                    self._check_yielded(self._meter.batches)
-                return batch
+            self._delivered.add(job.seq, job.worker, counted=True)
+            meter = self._meter
+            meter.delivered(count_samples(job.indices, batch), self._ready(), len(self._in_flight))
+            if self._check_yielded is not None:
+                self._check_yielded(meter.batches)
+            return batch
         return _END
+
+    def _ready(self) -> int:
+        """Batches read and waiting to be yielded."""
+        return len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
+
+    def _take_one(self) -> _Job | None:
+        # Not a bound method kept on the epoch: that would be a cycle, and a dropped epoch
+        # (and the loader its `length` holds) must be freed at once, not at the next GC.
+        return self._take_in_place() if self._in_place else self._take()
 
     def _take(self) -> _Job | None:
         """Submit what the bound allows, then return the next finished job that is due."""
@@ -454,8 +480,19 @@ class Epoch:
             job = self._ready_fifo.popleft() if self._ready_fifo else None
         if job is not None:
             del self._in_flight[job.seq]
-            if self._prefetch:
-                self._fill()
+            self._fill()
+        return job
+
+    def _take_in_place(self) -> _Job | None:
+        """`_take` for a pool that reads in place: the next job, read now. None jobs are in
+        flight, and the source already skips the batches delivered before a resume."""
+        spec = self._source.next()
+        if spec is None:
+            self._source_done = True
+            return None
+        job = _Job(*spec, self._read, self._mailbox)
+        job.run_here()
+        self._source.returned(job.worker, job.value is EXHAUSTED)
         return job
 
     def _take_staged(self) -> _Job | None:
@@ -463,8 +500,8 @@ class Epoch:
         `stage_depth` batches ahead of the one returned, so the copy of the next batch runs
         while the loop body works on this one."""
         staged = self._staged
-        while len(staged) <= self._stage_depth and (job := self._take()) is not None:
-            if job.error is None and not is_exhausted(job.value):
+        while len(staged) <= self._stage_depth and (job := self._take_one()) is not None:
+            if job.error is None and job.value is not EXHAUSTED:
                 try:
                     job.value = self._stage.issue(job.value)  # type: ignore[union-attr]
                 except Exception as error:
@@ -486,7 +523,7 @@ class Epoch:
         done = self._mailbox.done
         while done:
             job = done.popleft()
-            self._source.returned(job.worker, job.error is None and is_exhausted(job.value))
+            self._source.returned(job.worker, job.value is EXHAUSTED)
             if self._in_order:
                 self._ready_by_seq[job.seq] = job
             else:

@@ -381,14 +381,14 @@ class DataLoader(Generic[T_co]):
             read=read,
             pool=pool,
             owns_pool=owns_pool,
-            max_in_flight=1 if inline else config.max_in_flight,
-            prefetch=not inline,
+            max_in_flight=config.max_in_flight,
+            in_place=inline,
             in_order=config.in_order,
             timeout=config.timeout,
             delivered=delivered,
             meter=meter,
             stage=self._stage,
-            stage_depth=0 if inline else config.depth,
+            stage_depth=config.depth,
             length=self.__len__,
             check_yielded=check,
         )
@@ -427,6 +427,8 @@ class DataLoader(Generic[T_co]):
             cap = None if config.in_order else config.max_in_flight
             return WorkerStreams(streams, delivered.next_turn, cap), reader
         source = IndexBatches(self._index_batches(as_tensors=self._gathers), delivered)
+        if self._gathers_in_place:  # read on the consumer's thread: no worker replica
+            return source, map_reader(config.dataset, finish, batched=True, reads=reads)
         return source, per_worker_reader(
             config.dataset,
             lambda dataset: map_reader(dataset, finish, batched=config.auto_collation, reads=reads),

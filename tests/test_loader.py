@@ -338,3 +338,22 @@ def test_small_in_memory_batches_keep_a_worker_init_fn_and_torchs_batches():
         torch.utils.data.DataLoader
     )
     assert sorted(started) == [0, 1]
+
+
+def test_a_bad_index_in_a_small_in_memory_batch_raises_torchs_error_and_the_epoch_goes_on():
+    """Read on the consumer's thread, a batch with an index out of range raises what torch's
+    loader raises, naming the batch's indices; the batches after it still come."""
+    data = TensorDataset(torch.arange(10.0))
+    order = [0, 1, 2, 99, 3, 4]
+    with pytest.raises(IndexError) as theirs:
+        list(tud.DataLoader(data, sampler=order, batch_size=2))
+    loader = aload.DataLoader(data, sampler=order, batch_size=2, num_workers=2)
+    assert loader._gathers_in_place  # the path under test
+    it = iter(loader)
+    assert next(it)[0].tolist() == [0.0, 1.0]
+    with pytest.raises(type(theirs.value)) as ours:
+        next(it)
+    assert "indices [2, 99]" in str(ours.value.__notes__)
+    assert next(it)[0].tolist() == [3.0, 4.0]
+    with pytest.raises(StopIteration):
+        next(it)
