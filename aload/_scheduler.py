@@ -445,21 +445,18 @@ class Epoch:
                 raise error
             batch = job.value
             if batch is EXHAUSTED:  # a worker's stream ended: nothing to yield
-                self._delivered.add(job.seq, job.worker, counted=False)
+                self._delivered.add(job.seq, job.worker, False)
                 continue
             if self._stage is not None:
                 batch = self._stage.hand_over(batch)
-            self._delivered.add(job.seq, job.worker, counted=True)
+            self._delivered.add(job.seq, job.worker, True)
+            ready = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
             meter = self._meter
-            meter.delivered(count_samples(job.indices, batch), self._ready(), len(self._in_flight))
+            meter.delivered(count_samples(job.indices, batch), ready, len(self._in_flight))
             if self._check_yielded is not None:
                 self._check_yielded(meter.batches)
             return batch
         return _END
-
-    def _ready(self) -> int:
-        """Batches read and waiting to be yielded."""
-        return len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
 
     def _take_one(self) -> _Job | None:
         # Not a bound method kept on the epoch: that would be a cycle, and a dropped epoch
@@ -492,7 +489,8 @@ class Epoch:
             return None
         job = _Job(*spec, self._read, self._mailbox)
         job.run_here()
-        self._source.returned(job.worker, job.value is EXHAUSTED)
+        if job.worker is not None:  # a worker's stream (map-style batches have no worker)
+            self._source.returned(job.worker, job.value is EXHAUSTED)
         return job
 
     def _take_staged(self) -> _Job | None:

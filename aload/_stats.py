@@ -248,8 +248,8 @@ def count_samples(indices: Any, batch: Any) -> int:
     kind = type(indices)
     if kind is list:  # the common cases first: this runs once per batch
         return len(indices)
-    if kind is torch.Tensor:
-        return int(indices.shape[0]) if indices.dim() else 1
+    if kind is torch.Tensor:  # 1-D (a batch), or 0-D (one index)
+        return indices.numel()
     if indices is not None:
         return len(indices) if isinstance(indices, Sequence | torch.Tensor) else 1
     return _leading_size(batch)
