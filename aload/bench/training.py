@@ -10,6 +10,7 @@ where contention shows most.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -61,19 +62,40 @@ class Step:
         self.optimizer.step()
 
 
+def _step_seconds(step: Step, batch: Any) -> float:
+    step(batch)
+    runs = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(10):
+            step(batch)
+        runs.append((time.perf_counter() - started) / 10)
+    return statistics.median(runs)
+
+
 def step_for(seconds: float) -> Step:
-    """A step that takes about `seconds` here (its width calibrated, from 256 up)."""
+    """A step that takes `seconds` here, within 5% where the width allows (calibrated from a
+    width of 256: the cost grows about as the width squared, less where threads help)."""
     batch = (torch.randn(BATCH, FEATURES), torch.randint(0, 10, (BATCH,)))
     width = 256
-    for _ in range(3):
+    for _ in range(8):
         step = Step(width)
-        step(batch)
-        started = time.perf_counter()
-        for _ in range(20):
-            step(batch)
-        took = (time.perf_counter() - started) / 20
-        width = max(16, int(width * (seconds / took) ** 0.5))  # cost grows as width squared
+        took = _step_seconds(step, batch)
+        if abs(took / seconds - 1) < 0.05:
+            return step
+        width = max(16, round(width * (seconds / took) ** 0.5))
     return Step(width)
+
+
+def batch_seconds(data: tud.Dataset, workers: int) -> float:
+    """How long `workers` workers take for a batch of `data`, at best: one batch's items read
+    and collated on this thread (the median of 5), divided among them."""
+    runs = []
+    for start in range(0, 5 * BATCH, BATCH):
+        started = time.perf_counter()
+        tud.default_collate([data[i] for i in range(start, start + BATCH)])
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs) / workers
 
 
 def train(step: Step) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
@@ -97,11 +119,13 @@ def train(step: Step) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
     return drive
 
 
-def training_contenders(work: Any, workers: int, per_item_s: float) -> list[Contender]:
+def training_contenders(work: Any, workers: int) -> tuple[list[Contender], float]:
     """The limit (steps over batches in memory), torch's loader in processes, aload's in
-    threads and in processes, each driving the same step."""
+    threads and in processes, each driving the same step; and the step's length, as long
+    as `workers` take for a batch at best."""
     data = Featurized(work)
-    step = step_for(per_item_s * BATCH / workers)
+    seconds = batch_seconds(data, workers)
+    step = step_for(seconds)
     in_memory = list(tud.DataLoader(data, batch_size=BATCH))
     drive = train(step)
     limit = Contender("limit", 0, lambda: in_memory, drive, "the steps alone, data in memory")
@@ -110,7 +134,7 @@ def training_contenders(work: Any, workers: int, per_item_s: float) -> list[Cont
         aload_loader(data, workers, batch_size=BATCH),
         aload_loader(data, workers, batch_size=BATCH, worker_mode="process"),
     ]
-    return [limit, *(dataclasses.replace(c, drive=drive) for c in loaders)]
+    return [limit, *(dataclasses.replace(c, drive=drive) for c in loaders)], seconds
 
 
 def python_work(n: int, per_item_s: float) -> Any:

@@ -214,12 +214,12 @@ def _train(work: Callable[[int, float], Any], kind: str) -> Callable[[Settings],
     def build(s: Settings) -> Workload:
         n, per_item = s.items(4096), 0.0002
         (w,) = s.counts(2)
-        contenders = training.training_contenders(work(n, per_item), w, per_item)
+        contenders, step_s = training.training_contenders(work(n, per_item), w)
         return Workload(
             f"train-{kind}",
             f"a training step (MLP, SGD, torch's intra-op threads) per batch of 32; items "
-            f"take ~0.2 ms of {kind} work each, {n:,} items; the step about as long as a "
-            f"batch takes {w} workers; samples/s from the first batch on",
+            f"take ~0.2 ms of {kind} work each, {n:,} items; the step {step_s * 1000:.1f} ms, "
+            f"as long as a batch takes {w} workers at best; samples/s from the first batch on",
             contenders,
         )
 
