@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -166,12 +167,12 @@ def test_help_explains_every_workload_and_column(tmp_path):
 
 
 def spinners() -> list[int]:
-    """Processes spinning `while True: pass` (the --busy option's)."""
+    """Processes spinning for the --busy option."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                if b"while True: pass" in cmdline.read():
+                if b"aload --busy" in cmdline.read():
                     found.append(int(pid))
         except OSError:
             continue
@@ -194,3 +195,22 @@ def test_busy_runs_a_training_step_workload_beside_spinning_processes(tmp_path):
     assert families == ["limit", "torch", "aload thread", "aload process"]
     assert all(r["error"] is None and r["of_the_limit"] > 0 for r in workload["results"])
     assert spinners() == before  # the busy processes end with the run
+
+
+@linux_only
+def test_a_killed_busy_bench_leaves_no_spinner_behind(tmp_path):
+    before = spinners()
+    bench_process = subprocess.Popen(
+        [sys.executable, "-m", "aload.bench", "--workloads", "tensor", "--busy"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while len(spinners()) <= len(before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(spinners()) > len(before)
+    bench_process.kill()  # no cleanup runs
+    bench_process.wait()
+    deadline = time.monotonic() + 5
+    while spinners() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spinners() == before

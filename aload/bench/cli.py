@@ -33,11 +33,14 @@ from aload.bench.report import document, environment, table
 from aload.bench.runner import Result, measure, prepare, stats_cost_us
 from aload.bench.workloads import WORKLOADS, Settings, Workload
 
+# Spins until its parent is gone: a bench killed without its cleanup leaves no spinner behind.
+SPIN = "import os; parent = os.getppid()\nwhile os.getppid() == parent: pass  # aload --busy"
+
 
 @contextlib.contextmanager
 def busy_cores(count: int) -> Iterator[None]:
     """`count` other processes spinning on the CPU for as long as the block runs."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(count)]
     try:
         yield
     finally:

@@ -23,6 +23,7 @@ from aload.bench.contenders import Contender, Drained, aload_loader, batch_len, 
 
 FEATURES = 256
 BATCH = 32
+MAX_WIDTH = 4096
 
 
 class Featurized(tud.Dataset):
@@ -83,7 +84,9 @@ def step_for(seconds: float) -> Step:
         took = _step_seconds(step, batch)
         if abs(took / seconds - 1) < 0.05:
             return step
-        width = max(16, round(width * (seconds / took) ** 0.5))
+        # At most 2x per round, within 16-4096: a noisy (busy) timing cannot run away.
+        scale = min(2.0, max(0.5, (seconds / took) ** 0.5))
+        width = min(MAX_WIDTH, max(16, round(width * scale)))
     return Step(width)
 
 
