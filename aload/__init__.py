@@ -4,6 +4,8 @@ from importlib import metadata as _metadata
 
 from ._errors import LoaderTimeoutError as LoaderTimeoutError
 from ._retry import Retry as Retry
+from ._sample_random import SampleRandom as SampleRandom
+from ._sample_random import sample_random as sample_random
 from ._stats import EpochStats as EpochStats
 from ._stats import LoaderStats as LoaderStats
 from ._worker_info import WorkerInfo as WorkerInfo
@@ -26,11 +28,13 @@ __all__ = [
     "LoaderTimeoutError",
     "Padded",
     "Retry",
+    "SampleRandom",
     "WorkerInfo",
     "default_collate",
     "default_convert",
     "get_worker_info",
     "pad_collate",
+    "sample_random",
 ]
 
 # Show aload's own public names as `aload.X`, not as the private module that defines them.

@@ -14,6 +14,7 @@ import anyio
 
 from ._fetch import EXHAUSTED, Batch, Finish, JobState
 from ._retry import Reads
+from ._sample_random import BatchKey, EpochSeeds, reading
 from .workers.loop import LoopPool
 
 _SKIPPED: Any = object()
@@ -37,7 +38,14 @@ class AsyncMapReader:
     """
 
     def __init__(
-        self, dataset: Any, finish: Finish, *, batched: bool, reads: Reads, pool: LoopPool
+        self,
+        dataset: Any,
+        finish: Finish,
+        *,
+        batched: bool,
+        reads: Reads,
+        pool: LoopPool,
+        seeds: EpochSeeds | None = None,
     ) -> None:
         self._getitem = reads.aretrying(dataset.__getitem__)
         getitems = getattr(dataset, "__getitems__", None)
@@ -47,25 +55,37 @@ class AsyncMapReader:
         self._batched = batched
         self._reads = reads
         self._pool = pool
+        self._seeds = seeds
 
     async def __call__(self, job: JobState) -> Batch:
         if not self._batched:
             (sample,) = await self._pool.read_all(self._read_one, [job.indices])
-            return await self._pool.run_cpu(partial(self._finish.sample, sample), sample)
+            finish = partial(self._finish.keyed_sample, sample, job.indices, self._seeds)
+            return await self._pool.run_cpu(finish, (sample, job.indices))
         if self._getitems is not None:
-            samples = await self._getitems(job.indices)
+            with reading(self._seeds) as current:
+                if current is not None:
+                    current.key = BatchKey(job.indices)
+                samples = await self._getitems(job.indices)
+            keys = job.indices
         else:
             read = await self._pool.read_all(self._read_one, job.indices)
-            samples = [sample for sample in read if sample is not _SKIPPED]
-        return await self._pool.run_cpu(partial(self._finish.samples, samples), samples)
+            kept = [i for i, sample in enumerate(read) if sample is not _SKIPPED]
+            samples = [read[i] for i in kept]
+            keys = [job.indices[i] for i in kept]
+        finish = partial(self._finish.keyed, samples, keys, self._seeds)
+        return await self._pool.run_cpu(finish, (samples, keys))
 
     async def _read_one(self, index: Any) -> Any:
-        try:
-            return await self._getitem(index)
-        except Exception as error:
-            if self._batched and self._reads.may_skip(index, error):
-                return _SKIPPED
-            raise
+        with reading(self._seeds) as current:
+            if current is not None:
+                current.key = index
+            try:
+                return await self._getitem(index)
+            except Exception as error:
+                if self._batched and self._reads.may_skip(index, error):
+                    return _SKIPPED
+                raise
 
 
 class AsyncStreamReader:
@@ -98,8 +118,10 @@ class AsyncStreamReader:
         if samples is None:
             return EXHAUSTED
         if self._batch_size is None:
-            return await self._pool.run_cpu(partial(self._finish.sample, samples[0]), samples[0])
-        return await self._pool.run_cpu(partial(self._finish.samples, samples), samples)
+            finish = partial(self._finish.keyed_sample, samples[0], None, None)
+            return await self._pool.run_cpu(finish, (samples[0], None))
+        finish = partial(self._finish.keyed, samples, None, None)
+        return await self._pool.run_cpu(finish, (samples, None))
 
     async def _next_samples(self) -> list[Any] | None:
         if self._finished:

@@ -19,6 +19,7 @@ from torch.utils.data._utils.collate import default_collate
 from ._cuda import pin_batch
 from ._intra_op import on_one_thread
 from ._retry import Reads
+from ._sample_random import BatchKey, EpochSeeds, Reading, reading
 from ._worker_info import collate_in_thread, worker_dataset
 
 Batch = Any
@@ -51,11 +52,43 @@ class Finish:
         self.transform = transform
         self.pin = pin
 
-    def samples(self, samples: list[Any]) -> Batch:
-        """A batch from its samples."""
-        if self.transform is not None:
-            samples = [self.transform(sample) for sample in samples]
+    def samples(
+        self,
+        samples: list[Any],
+        keys: Sequence[Any] | None = None,
+        current: Reading | None = None,
+    ) -> Batch:
+        """A batch from its samples; with the `current` reading, each sample's transform sees
+        its key (its index, from `keys`) and the collate the batch's."""
+        transform = self.transform
+        if current is None:
+            if transform is not None:
+                samples = [transform(sample) for sample in samples]
+            return self.batch(collate_in_thread(self.collate_fn, samples))
+        assert keys is not None
+        if transform is not None:
+            transformed = []
+            for key, sample in zip(keys, samples, strict=True):
+                current.key = key
+                transformed.append(transform(sample))
+            samples = transformed
+        current.key = BatchKey(keys)
         return self.batch(collate_in_thread(self.collate_fn, samples))
+
+    def keyed(
+        self, samples: list[Any], keys: Sequence[Any] | None, seeds: EpochSeeds | None
+    ) -> Batch:
+        """`samples`, for samples read elsewhere (an async dataset's, on aload's loop): their
+        `keys` (indices) name them to `sample_random()`; None, for a stream's."""
+        with reading(None if keys is None else seeds) as current:
+            return self.samples(samples, keys, current)
+
+    def keyed_sample(self, sample: Any, key: Any, seeds: EpochSeeds | None) -> Batch:
+        """`sample`, for a sample read elsewhere, as `keyed`."""
+        with reading(None if key is None else seeds) as current:
+            if current is not None:
+                current.key = key
+            return self.sample(sample)
 
     def sample(self, sample: Any) -> Batch:
         """A single sample, when batching is off (`batch_size=None`)."""
@@ -89,12 +122,25 @@ def per_worker_reader(
 
 
 def map_reader(
-    dataset: Any, finish: Finish, *, batched: bool, reads: Reads
+    dataset: Any,
+    finish: Finish,
+    *,
+    batched: bool,
+    reads: Reads,
+    seeds: EpochSeeds | None = None,
 ) -> Callable[[JobState], Batch]:
-    """Return the function that turns one job's indices into one finished batch."""
+    """Return the function that turns one job's indices into one finished batch; with
+    `seeds`, user code reading a sample sees its own `sample_random()`."""
     read = reads.retrying(dataset.__getitem__)
     if not batched:
-        return lambda job: finish.sample(read(job.indices))
+
+        def read_one(job: JobState) -> Batch:
+            with reading(seeds) as current:
+                if current is not None:
+                    current.key = job.indices
+                return finish.sample(read(job.indices))
+
+        return read_one
     gather = batch_gather(dataset, finish)
     if gather is not None:
         gather = on_one_thread(gather)
@@ -111,19 +157,33 @@ def map_reader(
     getitems = getattr(dataset, "__getitems__", None)
     if getitems:
         read_batch = reads.retrying(getitems)
-        return lambda job: finish.samples(read_batch(job.indices))
+
+        def read_whole(job: JobState) -> Batch:
+            with reading(seeds) as current:
+                if current is not None:
+                    current.key = BatchKey(job.indices)
+                return finish.samples(read_batch(job.indices), job.indices, current)
+
+        return read_whole
 
     def read_each(job: JobState) -> Batch:
         samples = []
-        for index in job.indices:
-            if job.cancelled:
-                raise Abandoned
-            try:
-                samples.append(read(index))
-            except Exception as error:
-                if not reads.may_skip(index, error):
-                    raise
-        return finish.samples(samples)
+        with reading(seeds) as current:
+            read_from: list[Any] | None = None if current is None else []
+            for index in job.indices:
+                if job.cancelled:
+                    raise Abandoned
+                if current is not None:
+                    current.key = index
+                try:
+                    samples.append(read(index))
+                except Exception as error:
+                    if not reads.may_skip(index, error):
+                        raise
+                else:
+                    if read_from is not None:
+                        read_from.append(index)
+            return finish.samples(samples, read_from, current)
 
     return read_each
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ._fetch import Batch, Finish, map_reader
 from ._retry import Reads, Retry
+from ._sample_random import EpochSeeds
 from ._stream import StreamReader
 
 
@@ -29,15 +30,20 @@ class ReaderPlan:
     drop_last: bool = False
     num_streams: int = 1
     skip: dict[int, int] = field(default_factory=dict)
-    # Jobs carry samples already read (an async dataset's, on aload's loop), not indices:
-    # the workers only transform and collate them.
+    # Jobs carry samples already read (an async dataset's, on aload's loop) and their
+    # indices, not indices alone: the workers only transform and collate them.
     finish_only: bool = False
+    epoch: int = 0
 
-    def build(self, dataset: Any, reads: Reads) -> Callable[[Any], Batch]:
-        """The reader for this plan, over `dataset`, retrying and skipping through `reads`."""
-        if self.finish_only:
-            finish = self.finish.samples if self.batched else self.finish.sample
-            return lambda job: finish(job.indices)
+    def build(self, dataset: Any, reads: Reads, base_seed: int) -> Callable[[Any], Batch]:
+        """The reader for this plan, over `dataset`, retrying and skipping through `reads`;
+        samples see their `sample_random()` seeded from `base_seed` and the plan's epoch."""
+        seeds = EpochSeeds(base_seed, self.epoch)
+        if self.finish_only:  # a job's "indices" are its samples and their indices
+            finish = self.finish
+            if self.batched:
+                return lambda job: finish.keyed(job.indices[0], job.indices[1], seeds)
+            return lambda job: finish.keyed_sample(job.indices[0], job.indices[1], seeds)
         if self.stream:
             return StreamReader(
                 dataset,
@@ -47,7 +53,7 @@ class ReaderPlan:
                 self.num_streams,
                 skip=self.skip,
             )
-        return map_reader(dataset, self.finish, batched=self.batched, reads=reads)
+        return map_reader(dataset, self.finish, batched=self.batched, reads=reads, seeds=seeds)
 
 
 @dataclass(frozen=True)

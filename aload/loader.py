@@ -30,6 +30,7 @@ from ._fetch import Finish, Gather, batch_bytes, batch_gather, map_reader, per_w
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
+from ._sample_random import EpochSeeds
 from ._samplers import fast_index_batches
 from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
 from ._stats import LoaderStats, StatsKeeper
@@ -359,13 +360,19 @@ class DataLoader(Generic[T_co]):
         with replaying_draws(start if resumed else None):
             if config.asynchronous:
                 seed = self._base_seed(start, resumed)
-                loop_pool = self._loop_pool(config, seed, blocking, reads)
+                seeds = EpochSeeds(seed, start["epoch"])
+                loop_pool = self._loop_pool(config, seeds, blocking, reads)
                 pool, owns_pool = loop_pool, True
-                source, read = self._async_plan(finish, reads, delivered, loop_pool)
+                source, read = self._async_plan(finish, reads, delivered, loop_pool, seeds)
             else:
-                plan = self._process_plan(delivered) if config.worker_mode == "process" else None
+                plan = None
+                if config.worker_mode == "process":
+                    plan = self._process_plan(delivered, start["epoch"])
                 pool, owns_pool = self._pool(config, blocking, start, resumed, plan)
-                source, read = self._plan(finish, reads, delivered)
+                # Samples' seeds come from the epoch's base seed: drawn for the pool (or
+                # the persistent pool's), in every mode, as torch draws it.
+                seeds = EpochSeeds(start["base_seed"], start["epoch"])
+                source, read = self._plan(finish, reads, delivered, seeds)
                 if isinstance(pool, ProcessPool) and plan is not None:
                     read = ProcessRead(plan, reads)
             # An inline pool loads at submit time: submitting (or copying) ahead would load
@@ -411,7 +418,9 @@ class DataLoader(Generic[T_co]):
         except TypeError:
             return None
 
-    def _plan(self, finish: Finish, reads: Reads, delivered: Delivered) -> tuple[JobSource, Any]:
+    def _plan(
+        self, finish: Finish, reads: Reads, delivered: Delivered, seeds: EpochSeeds
+    ) -> tuple[JobSource, Any]:
         """Which jobs an epoch of a plain dataset has, and how a worker reads one."""
         config = self._config
         if config.iterable:
@@ -431,7 +440,9 @@ class DataLoader(Generic[T_co]):
             return source, map_reader(config.dataset, finish, batched=True, reads=reads)
         return source, per_worker_reader(
             config.dataset,
-            lambda dataset: map_reader(dataset, finish, batched=config.auto_collation, reads=reads),
+            lambda dataset: map_reader(
+                dataset, finish, batched=config.auto_collation, reads=reads, seeds=seeds
+            ),
         )
 
     def _index_batches(self, as_tensors: bool = False) -> Iterable[Any]:
@@ -441,7 +452,9 @@ class DataLoader(Generic[T_co]):
         fast = fast_index_batches(index_sampler, as_tensors)
         return index_sampler if fast is None else fast  # type: ignore[return-value]
 
-    def _process_plan(self, delivered: Delivered, finish_only: bool = False) -> ReaderPlan:
+    def _process_plan(
+        self, delivered: Delivered, epoch: int, finish_only: bool = False
+    ) -> ReaderPlan:
         """What process workers build their reader from (they pin nothing: the parent does);
         `finish_only`: they get samples read on aload's loop, to transform and collate."""
         config = self._config
@@ -456,6 +469,7 @@ class DataLoader(Generic[T_co]):
             num_streams=config.stream_count,
             skip=dict(delivered.per_worker),
             finish_only=finish_only,
+            epoch=epoch,
         )
 
     def _process_pool(
@@ -475,7 +489,12 @@ class DataLoader(Generic[T_co]):
         )
 
     def _async_plan(
-        self, finish: Finish, reads: Reads, delivered: Delivered, pool: LoopPool
+        self,
+        finish: Finish,
+        reads: Reads,
+        delivered: Delivered,
+        pool: LoopPool,
+        seeds: EpochSeeds,
     ) -> tuple[JobSource, Any]:
         """Which jobs an epoch of an async dataset has, and how aload's loop reads one."""
         config = self._config
@@ -495,6 +514,7 @@ class DataLoader(Generic[T_co]):
             batched=config.auto_collation,
             reads=reads,
             pool=pool,
+            seeds=seeds,
         )
         return IndexBatches(self._index_batches(), delivered), reader
 
@@ -518,7 +538,7 @@ class DataLoader(Generic[T_co]):
         return start, delivered, resumed
 
     def _loop_pool(
-        self, config: LoaderConfig, base_seed: int, blocking: bool, reads: Reads
+        self, config: LoaderConfig, seeds: EpochSeeds, blocking: bool, reads: Reads
     ) -> LoopPool:
         """aload's event loop for an async dataset, with CPU workers for the batches' finish
         (threads, or processes that get each batch's samples and transform and collate them).
@@ -528,14 +548,14 @@ class DataLoader(Generic[T_co]):
         """
         cpu: WorkerPool | None = None
         if config.num_workers and config.worker_mode == "process":
-            plan = self._process_plan(Delivered(), finish_only=True)
+            plan = self._process_plan(Delivered(), seeds.epoch, finish_only=True)
             # The workers finish samples read on aload's loop: they never get the dataset.
-            cpu = self._process_pool(None, base_seed, plan, blocking)
+            cpu = self._process_pool(None, seeds.base_seed, plan, blocking)
             return LoopPool(config.dataset, cpu, config.max_concurrency, ProcessRead(plan, reads))
         if config.num_workers:
             setup = worker_setup(
                 config.num_workers,
-                base_seed,
+                seeds.base_seed,
                 config.dataset,
                 config.worker_init_fn,
                 replicate=False,  # its reads share aload's loop, not a worker each

@@ -187,7 +187,8 @@ class ProcessPool:
                 return
             try:
                 if self._plans[worker] is not read.plan:  # a new epoch: where it starts
-                    self._tasks[worker].send_bytes(pickle.dumps(("epoch", read.plan.skip)))
+                    message = ("epoch", read.plan.skip, read.plan.epoch)
+                    self._tasks[worker].send_bytes(pickle.dumps(message))
                     self._plans[worker] = read.plan
                 self._outstanding[worker][id(job)] = job
                 self._tasks[worker].send((id(job), job.indices))  # type: ignore[attr-defined]
@@ -454,7 +455,7 @@ def _work(
         except BaseException as error:
             init_error = error
     reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
-    reader = None if init_error else plan.build(dataset, reads)
+    reader = None if init_error else plan.build(dataset, reads, base_seed)
     while True:
         try:
             message = tasks.recv_bytes()
@@ -465,8 +466,8 @@ def _work(
             return
         if task[0] == "epoch":  # the next epoch: a fresh budget, and where it starts
             reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
-            plan = dataclasses.replace(plan, skip=task[1])
-            reader = None if init_error else plan.build(dataset, reads)
+            plan = dataclasses.replace(plan, skip=task[1], epoch=task[2])
+            reader = None if init_error else plan.build(dataset, reads, base_seed)
             continue
         key, indices = task
         if abandon.value:
