@@ -19,7 +19,7 @@ from torch.utils.data._utils.collate import default_collate
 from ._cuda import pin_batch
 from ._intra_op import on_one_thread
 from ._retry import Reads
-from ._sample_random import BatchKey, EpochSeeds, Reading, reading
+from ._sample_random import BatchKey, EpochSeeds, Reading, leave, reading
 from ._worker_info import collate_in_thread, worker_dataset
 
 Batch = Any
@@ -168,8 +168,10 @@ def map_reader(
 
     def read_each(job: JobState) -> Batch:
         samples = []
-        with reading(seeds) as current:
-            read_from: list[Any] | None = None if current is None else []
+        skipped: list[int] = []
+        current = None if seeds is None else Reading(seeds)
+        token = None if current is None else current.enter()
+        try:
             for index in job.indices:
                 if job.cancelled:
                     raise Abandoned
@@ -180,10 +182,14 @@ def map_reader(
                 except Exception as error:
                     if not reads.may_skip(index, error):
                         raise
-                else:
-                    if read_from is not None:
-                        read_from.append(index)
-            return finish.samples(samples, read_from, current)
+                    skipped.append(len(samples) + len(skipped))  # its position
+            keys = job.indices
+            if skipped:  # the samples' own indices (a batch may hold an index twice)
+                keys = [index for at, index in enumerate(keys) if at not in skipped]
+            return finish.samples(samples, keys, current)
+        finally:
+            if token is not None:
+                leave(token)
 
     return read_each
 

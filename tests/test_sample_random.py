@@ -181,3 +181,25 @@ def test_an_iterable_datasets_samples_have_no_index_to_seed_from():
     with pytest.raises(RuntimeError, match="map-style") as raised:
         list(aload.DataLoader(Stream(), batch_size=None))
     assert any("aload: raised while loading" in note for note in raised.value.__notes__)
+
+
+def test_a_skipped_sample_leaves_each_other_sample_its_own_generators():
+    class Flaky(Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, index):
+            if index == 5:
+                raise ValueError("unreadable")
+            return index, aload.sample_random().seed
+
+    def transform(sample):
+        index, seed = sample
+        assert aload.sample_random().seed == seed, f"sample {index} got another's generators"
+        return index
+
+    loader = aload.DataLoader(
+        Flaky(), batch_size=4, sampler=[4, 5, 4, 6, 0, 1, 2, 3], transform=transform,
+        max_skipped=1,
+    )  # fmt: skip
+    assert [b.tolist() for b in loader] == [[4, 4, 6], [0, 1, 2, 3]]
