@@ -578,7 +578,13 @@ class DataLoader(Generic[T_co]):
             persistent = self._persistent_pool
             if persistent is not None:
                 if not (isinstance(persistent, ProcessPool) and persistent.broken):
-                    start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
+                    if resumed and start["drew_base_seed"]:
+                        # The epoch first ran with a pool it started, which drew a base seed
+                        # before the sampler drew: draw it again, or the sampler's draws
+                        # (and so the order) would not be the ones the epoch made.
+                        draw_base_seed(config.generator)
+                    else:
+                        start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
                     return persistent, False
                 self.close()  # a worker process died: start a whole pool again
             base_seed = self._base_seed(start, resumed)

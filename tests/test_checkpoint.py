@@ -320,3 +320,27 @@ def test_user_samplers_with_a_generator_resume_exactly(sampling):
     resumed = make()
     resumed.load_state_dict(state)
     assert head + as_lists(resumed) == as_lists(reference)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_persistent_workers_resume_a_state_on_the_same_loader(mode):
+    """The loader whose pool started with the saved epoch loads its state: the resumed epoch
+    must draw the base seed again before the sampler draws, as the epoch did."""
+
+    def make():
+        return aload.DataLoader(
+            Indexed(40), batch_size=4, shuffle=True, num_workers=2, worker_mode=mode,
+            persistent_workers=True, generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+
+    whole = as_lists(make())
+    loader = make()
+    head, state = head_and_state(loader, 3)
+    loader.load_state_dict(state)
+    assert head + as_lists(loader) == whole
+    # ... and the epoch after it is the whole run's second epoch too.
+    both = make()
+    expected = [as_lists(both), as_lists(both)]
+    assert as_lists(loader) == expected[1]
+    both.close()
+    loader.close()
