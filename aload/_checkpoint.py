@@ -12,7 +12,7 @@ caller's RNG is then put back: resuming neither consumes nor changes it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,9 @@ class Delivered:
     per_worker: dict[int, int] = field(default_factory=dict)
     next_turn: int = 0
     complete: bool = False
+    # Stream workers with stateful datasets or iterators: their states after their last
+    # delivered batch (resuming loads them instead of fast-forwarding).
+    states: dict[int, Any] = field(default_factory=dict)
 
     def add(self, seq: int, worker: int | None, counted: bool) -> None:
         """Record batch `seq` as yielded (`counted`: it held samples, not an empty stream)."""
@@ -62,6 +65,7 @@ class Delivered:
             "beyond": sorted(self.beyond),
             "per_worker": dict(self.per_worker),
             "next_turn": self.next_turn,
+            "states": dict(self.states),
         }
 
     @classmethod
@@ -69,7 +73,8 @@ class Delivered:
         """Restore; for streams only the per-worker counts carry over (batch numbers restart)."""
         per_worker = {int(k): v for k, v in state["per_worker"].items()}
         if streams:
-            return cls(per_worker=per_worker, next_turn=state["next_turn"])
+            states = {int(k): v for k, v in state.get("states", {}).items()}
+            return cls(per_worker=per_worker, next_turn=state["next_turn"], states=states)
         return cls(state["prefix"], set(state["beyond"]))
 
 
@@ -105,9 +110,12 @@ def capture_start(config: LoaderConfig, epoch: int, *, starting: bool) -> dict[s
         else:
             samplers.append({})
     dataset = config.dataset
-    dataset_state = (
-        dataset.state_dict() if config.iterable and hasattr(dataset, "state_dict") else None
-    )
+    dataset_state = None
+    if config.iterable and hasattr(dataset, "state_dict"):
+        # What workers copy their dataset from (a worker none of whose batches is delivered
+        # resumes from it). A state made by `__iter__` does not exist yet: nothing to keep.
+        with suppress(AttributeError):
+            dataset_state = dataset.state_dict()
     own = config.generator
     return {
         "epoch": epoch,

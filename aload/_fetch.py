@@ -36,6 +36,7 @@ class JobState(Protocol):
     indices: Any
     worker: int | None
     cancelled: bool
+    state: Any  # a stream worker's states after this batch, set by the reader (`_stream`)
 
 
 class Finish:

@@ -14,7 +14,7 @@ from typing import Any
 from ._fetch import Batch, Finish, map_reader
 from ._retry import Reads, Retry
 from ._sample_random import EpochSeeds
-from ._stream import StreamReader
+from ._stream import StreamReader, WorkerState
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ReaderPlan:
     drop_last: bool = False
     num_streams: int = 1
     skip: dict[int, int] = field(default_factory=dict)
+    states: dict[int, WorkerState] = field(default_factory=dict)
     # Jobs carry samples already read (an async dataset's, on aload's loop) and their
     # indices, not indices alone: the workers only transform and collate them.
     finish_only: bool = False
@@ -52,6 +53,7 @@ class ReaderPlan:
                 self.finish,
                 self.num_streams,
                 skip=self.skip,
+                states=self.states,
             )
         return map_reader(dataset, self.finish, batched=self.batched, reads=reads, seeds=seeds)
 

@@ -71,7 +71,17 @@ class _Mailbox:
 class _Job:
     """One batch to load: its position in the epoch, its indices (or worker), its outcome."""
 
-    __slots__ = ("cancelled", "error", "indices", "mailbox", "read", "seq", "value", "worker")
+    __slots__ = (
+        "cancelled",
+        "error",
+        "indices",
+        "mailbox",
+        "read",
+        "seq",
+        "state",
+        "value",
+        "worker",
+    )
 
     def __init__(
         self,
@@ -89,6 +99,7 @@ class _Job:
         self.cancelled = False
         self.value: Any = None
         self.error: BaseException | None = None
+        self.state: Any = None
 
     def run(self) -> None:
         if self.cancelled:
@@ -450,6 +461,8 @@ class Epoch:
             if self._stage is not None:
                 batch = self._stage.hand_over(batch)
             self._delivered.add(job.seq, job.worker, True)
+            if job.state is not None:  # where this worker's stream stands after the batch
+                self._delivered.states[job.worker or 0] = job.state
             ready = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
             meter = self._meter
             meter.delivered(count_samples(job.indices, batch), ready, len(self._in_flight))
@@ -490,6 +503,7 @@ class Epoch:
         job = _Job(*spec, self._read, self._mailbox)
         job.run_here()
         if job.worker is not None:  # a worker's stream (map-style batches have no worker)
+            self._arrived(job)
             self._source.returned(job.worker, job.value is EXHAUSTED)
         return job
 
@@ -517,10 +531,19 @@ class Epoch:
             self._in_flight[job.seq] = job
             self._pool.submit(job, job.worker)
 
+    def _arrived(self, job: _Job) -> None:
+        """A stream worker's first batch brings where its stream started: the state to resume
+        it from until one of its batches is delivered."""
+        if job.state is not None and job.worker is not None:
+            initial = job.state.pop("initial", None)
+            if initial is not None:
+                self._delivered.states.setdefault(job.worker, initial)
+
     def _collect(self) -> None:
         done = self._mailbox.done
         while done:
             job = done.popleft()
+            self._arrived(job)
             self._source.returned(job.worker, job.value is EXHAUSTED)
             if self._in_order:
                 self._ready_by_seq[job.seq] = job

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -11,6 +12,9 @@ from typing import Any
 from ._fetch import EXHAUSTED, Abandoned, Batch, Finish, JobState
 from ._worker_info import worker_dataset
 
+WorkerState = dict[str, Any]
+"""A worker's stream states after a batch: its dataset's and its iterator's `state_dict()`."""
+
 
 class StreamReader:
     """One epoch of an iterable dataset: each worker reads its own iterator, in batches.
@@ -18,7 +22,13 @@ class StreamReader:
     Each worker's iterator is created in that worker's thread on its first job, so the
     dataset's `__iter__` sees that worker's `get_worker_info()`. A one-shot iterator (a
     generator, a file) cannot be copied per worker; its workers take turns under a lock.
-    `skip` fast-forwards each worker's stream by that many batches, when resuming.
+
+    Where the worker's dataset (its replica, its process's copy) or its iterator has
+    `state_dict()`, each batch carries their states as they stand after it (`job.state`; the
+    first batch also the states right after `iter()`, for a checkpoint none of the worker's
+    batches reached): resuming loads a worker's states into its dataset before `iter()` and
+    into its iterator after, as torchdata's StatefulDataLoader does. A worker without them is
+    fast-forwarded instead: `skip` batches re-read and dropped.
     """
 
     def __init__(
@@ -29,15 +39,19 @@ class StreamReader:
         finish: Finish,
         num_streams: int,
         skip: dict[int, int] | None = None,
+        states: dict[int, WorkerState] | None = None,
     ) -> None:
         self._dataset = dataset
         self._batch_size = batch_size
         self._drop_last = drop_last
         self._finish = finish
         self._iterators: list[Iterator[Any] | None] = [None] * num_streams
+        self._stateful: list[tuple[Any, Any]] = [(None, None)] * num_streams
+        self._initial: list[WorkerState | None] = [None] * num_streams
         self._finished = [False] * num_streams
         self._shared_lock = threading.Lock() if isinstance(dataset, Iterator) else None
         self._skip = skip or {}
+        self._states = states or {}
 
     def __call__(self, job: JobState) -> Batch:
         worker = job.worker or 0
@@ -45,34 +59,79 @@ class StreamReader:
             return EXHAUSTED
         iterator = self._iterators[worker]
         if iterator is None:
-            own = worker_dataset()  # a thread worker's replica; a process has its own copy
-            iterator = self._iterators[worker] = iter(self._dataset if own is None else own)
-            # Resuming: re-read and drop what this worker delivered before the checkpoint.
-            per_batch = self._batch_size or 1
-            for _ in islice(iterator, self._skip.get(worker, 0) * per_batch):
-                pass
+            iterator = self._iterators[worker] = self._start(worker)
         if self._shared_lock is None:
             return self._next_batch(worker, iterator, job)
         with self._shared_lock:
             return self._next_batch(worker, iterator, job)
 
+    def _start(self, worker: int) -> Iterator[Any]:
+        """The worker's iterator, where its stream stood at the checkpoint when resuming."""
+        own = worker_dataset()  # a thread worker's replica; a process has its own copy
+        source = self._dataset if own is None else own
+        state = self._states.get(worker)
+        if state is not None and "dataset" in state:
+            source.load_state_dict(state["dataset"])
+        iterator = iter(source)
+        if state is not None and "iterator" in state:
+            iterator.load_state_dict(state["iterator"])
+        stateful_iterator = iterator is not source and hasattr(iterator, "state_dict")
+        self._stateful[worker] = (
+            source if hasattr(source, "state_dict") else None,
+            iterator if stateful_iterator else None,
+        )
+        if state is None:  # re-read and drop what this worker delivered before
+            per_batch = self._batch_size or 1
+            for _ in islice(iterator, self._skip.get(worker, 0) * per_batch):
+                pass
+        # Where the stream starts: the state of a worker none of whose batches is delivered.
+        # A state made by `__iter__`'s body does not exist before the first sample: then
+        # such a worker resumes from the dataset the resumed loader holds.
+        with contextlib.suppress(AttributeError):
+            self._initial[worker] = self._snapshot(worker)
+        return iterator
+
+    def _snapshot(self, worker: int) -> WorkerState | None:
+        """The worker's dataset and iterator states, as they stand now (after a batch)."""
+        dataset, iterator = self._stateful[worker]
+        if dataset is None and iterator is None:
+            return None
+        state: WorkerState = {}
+        if dataset is not None:
+            state["dataset"] = dataset.state_dict()
+        if iterator is not None:
+            state["iterator"] = iterator.state_dict()
+        return state
+
     def _next_batch(self, worker: int, iterator: Iterator[Any], job: JobState) -> Batch:
-        if self._batch_size is None:
-            for sample in islice(iterator, 1):
-                return self._finish.sample(sample)
-            self._finished[worker] = True
+        samples = self._next_samples(worker, iterator, job)
+        if samples is None:
             return EXHAUSTED
+        state = self._snapshot(worker)
+        initial, self._initial[worker] = self._initial[worker], None
+        if state is not None and initial is not None:
+            state["initial"] = initial  # goes with the worker's first batch
+        job.state = state
+        if self._batch_size is None:
+            return self._finish.sample(samples[0])
+        return self._finish.samples(samples)
+
+    def _next_samples(
+        self, worker: int, iterator: Iterator[Any], job: JobState
+    ) -> list[Any] | None:
+        """The worker's next batch of samples (one, unbatched); None once its stream ends."""
+        wanted = self._batch_size or 1
         samples = []
         for sample in iterator:
             samples.append(sample)
-            if len(samples) == self._batch_size:
-                return self._finish.samples(samples)
+            if len(samples) == wanted:
+                return samples
             if job.cancelled:
                 raise Abandoned
         self._finished[worker] = True
         if not samples or self._drop_last:
-            return EXHAUSTED
-        return self._finish.samples(samples)
+            return None
+        return samples
 
 
 def length_check(dataset: Any, reported: int, num_workers: int) -> Callable[[int], None]:

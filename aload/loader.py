@@ -432,6 +432,7 @@ class DataLoader(Generic[T_co]):
                 finish,
                 streams,
                 skip=dict(delivered.per_worker),
+                states=dict(delivered.states),
             )
             cap = None if config.in_order else config.max_in_flight
             return WorkerStreams(streams, delivered.next_turn, cap), reader
@@ -468,6 +469,7 @@ class DataLoader(Generic[T_co]):
             drop_last=config.drop_last,
             num_streams=config.stream_count,
             skip=dict(delivered.per_worker),
+            states=dict(delivered.states),
             finish_only=finish_only,
             epoch=epoch,
         )

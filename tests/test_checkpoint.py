@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import Indexed, Shards
+from conftest import Indexed, Shards, flatten
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import (
@@ -229,22 +229,28 @@ def test_sampler_with_its_own_state_is_asked_for_it():
 
 
 class EpochShuffledStream(Shards):
-    """Shuffles its shard by an epoch its user sets; `state_dict` carries that epoch."""
+    """Shuffles its shard by an epoch its user sets; its state says that epoch and how far
+    its worker's stream has gone (as torchdata asks of a stateful stream)."""
 
     def __init__(self, n):
         super().__init__(n)
         self.epoch = 0
+        self.position = 0
 
     def __iter__(self):
         items = list(super().__iter__())
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(self.epoch))
-        return iter([items[i] for i in order.tolist()])
+        shuffled = [items[i] for i in order.tolist()]
+        while self.position < len(shuffled):
+            self.position += 1
+            yield shuffled[self.position - 1]
+        self.position = 0
 
     def state_dict(self):
-        return {"epoch": self.epoch}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state):
-        self.epoch = state["epoch"]
+        self.epoch, self.position = state["epoch"], state["position"]
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
@@ -260,12 +266,15 @@ def test_iterable_dataset_resumes_each_worker_stream(workers, stop):
     assert head + as_lists(resumed) == whole
 
 
+@pytest.mark.parametrize("mode", ["thread", "process"])
 @pytest.mark.parametrize("in_order", [True, False])
-def test_iterable_dataset_with_its_own_state_replays_it(in_order):
+def test_iterable_dataset_with_its_own_state_resumes_from_it(in_order, mode):
     def make(epoch):
         dataset = EpochShuffledStream(40)
         dataset.epoch = epoch
-        return aload.DataLoader(dataset, batch_size=4, num_workers=2, in_order=in_order)
+        return aload.DataLoader(
+            dataset, batch_size=4, num_workers=2, in_order=in_order, worker_mode=mode
+        )
 
     whole = as_lists(make(epoch=3))
     head, state = head_and_state(make(epoch=3), 3)
@@ -344,3 +353,118 @@ def test_persistent_workers_resume_a_state_on_the_same_loader(mode):
     assert as_lists(loader) == expected[1]
     both.close()
     loader.close()
+
+
+class Positioned:
+    """An iterator over draws from its own generator, seeded when it is made (so re-reading
+    the stream gives other samples): only its `state_dict()` can resume it."""
+
+    def __init__(self, count):
+        self.count, self.position = count, 0
+        self.generator = torch.Generator().manual_seed(time.time_ns() % (1 << 62))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.position == self.count:
+            raise StopIteration
+        self.position += 1
+        return int(torch.randint(1 << 30, (), generator=self.generator))
+
+    def state_dict(self):
+        return {"position": self.position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+        self.generator.set_state(state["generator"])
+
+
+class IteratorWithState(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return Positioned(10)
+
+
+@pytest.mark.parametrize(("workers", "mode"), [(0, "thread"), (2, "thread"), (2, "process")])
+def test_an_iterators_own_state_resumes_it(workers, mode):
+    loader = aload.DataLoader(
+        IteratorWithState(), batch_size=3, num_workers=workers, worker_mode=mode
+    )
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(3)]
+    state = saved_and_loaded(loader.state_dict())
+    rest = [b.tolist() for b in it]  # the uninterrupted tail
+    resumed = aload.DataLoader(
+        IteratorWithState(), batch_size=3, num_workers=workers, worker_mode=mode
+    )
+    resumed.load_state_dict(state)
+    assert as_lists(resumed) == rest
+    assert len(flatten(head + rest)) == 10 * max(1, workers)
+
+
+class CountingStream(torch.utils.data.IterableDataset):
+    """Counts its passes in the copy its worker holds (a new pass starts at position 0), and
+    yields (pass, item) numbers: a resumed worker must go on with its own count."""
+
+    def __init__(self, n):
+        self.n, self.passes, self.position = n, 0, 0
+
+    def __iter__(self):
+        if self.position == 0:
+            self.passes += 1
+        info = aload.get_worker_info()
+        items = list(range(info.id, self.n, info.num_workers))
+        while self.position < len(items):
+            self.position += 1
+            yield self.passes * 1000 + items[self.position - 1]
+        self.position = 0
+
+    def state_dict(self):
+        return {"passes": self.passes, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.passes, self.position = state["passes"], state["position"]
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_persistent_workers_state_in_their_own_copy_resumes(mode):
+    def make():
+        return aload.DataLoader(
+            CountingStream(24), batch_size=4, num_workers=2, worker_mode=mode,
+            persistent_workers=True,
+        )  # fmt: skip
+
+    reference = make()
+    as_lists(reference)
+    second = as_lists(reference)
+    reference.close()
+    assert second[0][0] // 1000 == 2  # the workers' own copies count passes
+    loader = make()
+    as_lists(loader)
+    head, state = head_and_state(loader, 2)
+    loader.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + as_lists(resumed) == second
+    resumed.close()
+
+
+class StateAfterIter(torch.utils.data.IterableDataset):
+    """Its state exists only once `__iter__` ran."""
+
+    def __iter__(self):
+        for self.position in range(10):
+            yield self.position
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+@pytest.mark.parametrize(("workers", "mode"), [(0, "thread"), (1, "thread"), (1, "process")])
+def test_a_state_that_exists_only_after_iter_is_not_asked_for_before(workers, mode):
+    loader = aload.DataLoader(StateAfterIter(), batch_size=4, num_workers=workers, worker_mode=mode)
+    assert flatten(as_lists(loader)) == list(range(10))
+    assert flatten(as_lists(loader)) == list(range(10))

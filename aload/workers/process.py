@@ -187,7 +187,7 @@ class ProcessPool:
                 return
             try:
                 if self._plans[worker] is not read.plan:  # a new epoch: where it starts
-                    message = ("epoch", read.plan.skip, read.plan.epoch)
+                    message = ("epoch", read.plan.skip, read.plan.epoch, read.plan.states)
                     self._tasks[worker].send_bytes(pickle.dumps(message))
                     self._plans[worker] = read.plan
                 self._outstanding[worker][id(job)] = job
@@ -315,7 +315,7 @@ class ProcessPool:
 
     def _receive(self, worker: int, open_results: dict[int, Connection]) -> None:
         try:
-            key, ok, payload, report = self._results[worker].recv()
+            key, ok, payload, report, state = self._results[worker].recv()
         except OSError as error:
             if error.errno == errno.EMFILE:  # the pipe is fine; this process is out of files
                 raise
@@ -335,6 +335,7 @@ class ProcessPool:
             job.fail(error)
             return
         if ok:
+            job.state = state
             job.deliver(pin_batch(payload) if self._pin else payload)
         else:
             job.fail(_rebuild_error(payload, worker, self._processes[worker].pid))
@@ -414,12 +415,13 @@ def _pool_failed(error: BaseException) -> RuntimeError:
 class _Task:
     """What a reader sees of a job, inside a worker process."""
 
-    __slots__ = ("_abandon", "indices", "worker")
+    __slots__ = ("_abandon", "indices", "state", "worker")
 
     def __init__(self, indices: Any, worker: int, abandon: Any) -> None:
         self.indices = indices
         self.worker = worker
         self._abandon = abandon
+        self.state: Any = None
 
     @property
     def cancelled(self) -> bool:
@@ -466,7 +468,7 @@ def _work(
             return
         if task[0] == "epoch":  # the next epoch: a fresh budget, and where it starts
             reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
-            plan = dataclasses.replace(plan, skip=task[1], epoch=task[2])
+            plan = dataclasses.replace(plan, skip=task[1], epoch=task[2], states=task[3])
             reader = None if init_error else plan.build(dataset, reads, base_seed)
             continue
         key, indices = task
@@ -475,12 +477,13 @@ def _work(
         try:
             if init_error is not None:
                 raise init_error
-            batch = reader(_Task(indices, worker_id, abandon))  # type: ignore[misc]
-            results.send((key, True, batch, _wire_report(reads)))
+            task = _Task(indices, worker_id, abandon)
+            batch = reader(task)  # type: ignore[misc]
+            results.send((key, True, batch, _wire_report(reads), task.state))
         except Abandoned:
             continue
         except BaseException as error:
-            results.send((key, False, _wire_error(error), _wire_report(reads)))
+            results.send((key, False, _wire_error(error), _wire_report(reads), None))
 
 
 def _wire_report(reads: Reads) -> Any:
