@@ -1,13 +1,12 @@
 """aload: an async-first data loader for PyTorch."""
 
-from importlib import metadata as _metadata
-
 from ._errors import LoaderTimeoutError as LoaderTimeoutError
 from ._retry import Retry as Retry
 from ._sample_random import SampleRandom as SampleRandom
 from ._sample_random import sample_random as sample_random
 from ._stats import EpochStats as EpochStats
 from ._stats import LoaderStats as LoaderStats
+from ._version import VERSION as _VERSION
 from ._worker_info import WorkerInfo as WorkerInfo
 from ._worker_info import get_worker_info as get_worker_info
 from .collate import Padded as Padded
@@ -16,10 +15,7 @@ from .collate import default_convert as default_convert
 from .collate import pad_collate as pad_collate
 from .loader import DataLoader as DataLoader
 
-try:
-    __version__ = _metadata.version("aload")  # one source: pyproject.toml
-except _metadata.PackageNotFoundError:  # run from a checkout that was never installed
-    __version__ = "0.0.0+unknown"
+__version__ = _VERSION
 
 __all__ = [
     "DataLoader",

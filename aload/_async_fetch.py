@@ -14,7 +14,7 @@ import anyio
 
 from ._fetch import EXHAUSTED, Batch, Finish, JobState
 from ._retry import Reads
-from ._sample_random import BatchKey, EpochSeeds, reading
+from ._sample_random import BatchKey, EpochSeeds, fetcher_reading, reading
 from .workers.loop import LoopPool
 
 _SKIPPED: Any = object()
@@ -77,15 +77,17 @@ class AsyncMapReader:
         return await self._pool.run_cpu(finish, (samples, keys))
 
     async def _read_one(self, index: Any) -> Any:
-        with reading(self._seeds) as current:
-            if current is not None:
-                current.key = index
-            try:
-                return await self._getitem(index)
-            except Exception as error:
-                if self._batched and self._reads.may_skip(index, error):
-                    return _SKIPPED
-                raise
+        if self._seeds is not None:
+            # Runs in a fetcher task of aload's loop, one read at a time: the task keeps one
+            # Reading in its own context, pointed at each sample as it is read.
+            current = fetcher_reading()
+            current.seeds, current.key = self._seeds, index
+        try:
+            return await self._getitem(index)
+        except Exception as error:
+            if self._batched and self._reads.may_skip(index, error):
+                return _SKIPPED
+            raise
 
 
 class AsyncStreamReader:

@@ -91,14 +91,14 @@ class Reading:
     def __init__(self, seeds: EpochSeeds, key: Any = None) -> None:
         self.seeds = seeds
         self.key = key
-        self._random: tuple[Any, SampleRandom] | None = None
+        self._random: tuple[EpochSeeds, Any, SampleRandom] | None = None
 
     def random(self) -> SampleRandom:
         cached = self._random
-        if cached is not None and cached[0] is self.key:
-            return cached[1]
+        if cached is not None and cached[0] is self.seeds and cached[1] is self.key:
+            return cached[2]
         made = SampleRandom(self.seeds.seed_of(self.key))
-        self._random = (self.key, made)
+        self._random = (self.seeds, self.key, made)
         return made
 
     def enter(self) -> Token[Reading | None]:
@@ -126,6 +126,16 @@ def reading(seeds: EpochSeeds | None) -> Iterator[Reading | None]:
         yield current
     finally:
         leave(token)
+
+
+def fetcher_reading() -> Reading:
+    """The calling task's own Reading, made the first time: for a task that reads one sample
+    after another and lives as long as the epoch's loop (it is never unset)."""
+    current = _reading.get()
+    if current is None:
+        current = Reading(EpochSeeds(0, 0))
+        current.enter()
+    return current
 
 
 class BatchKey:

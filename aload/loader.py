@@ -35,6 +35,7 @@ from ._samplers import fast_index_batches
 from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
 from ._stats import LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
+from ._version import VERSION
 from ._worker_info import draw_base_seed, worker_setup
 from .workers import WorkerPool
 from .workers.inline import InlinePool
@@ -300,6 +301,7 @@ class DataLoader(Generic[T_co]):
             delivered = Delivered()
         return {
             "format": FORMAT,
+            "aload": VERSION,
             "fingerprint": fingerprint(self._config),
             "start": start,
             "delivered": delivered.to_dict(),
@@ -313,8 +315,15 @@ class DataLoader(Generic[T_co]):
                 other arguments, or cannot be replayed.
             RuntimeError: when an epoch of this loader is still running.
         """
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+        if not isinstance(state, dict) or "format" not in state:
             raise ValueError("state must be a dict returned by aload's DataLoader.state_dict()")
+        if state["format"] != FORMAT:
+            saved_by = f" by aload {state['aload']}" if "aload" in state else ""
+            raise ValueError(
+                f"cannot resume: the state was saved{saved_by} in state format "
+                f"{state['format']!r}, and this aload reads format {FORMAT}: resume with the "
+                "aload version that saved it"
+            )
         if self._running_epochs():
             raise RuntimeError(
                 "load_state_dict() was called while an epoch is running: close it first "

@@ -468,3 +468,16 @@ def test_a_state_that_exists_only_after_iter_is_not_asked_for_before(workers, mo
     loader = aload.DataLoader(StateAfterIter(), batch_size=4, num_workers=workers, worker_mode=mode)
     assert flatten(as_lists(loader)) == list(range(10))
     assert flatten(as_lists(loader)) == list(range(10))
+
+
+def test_a_state_of_another_format_is_refused_naming_the_version_that_saved_it():
+    loader = aload.DataLoader(Indexed(8), batch_size=2)
+    state = saved_and_loaded(loader.state_dict())
+    assert state["aload"] == aload.__version__
+    state["format"], state["aload"] = 99, "9.9.9"
+    with pytest.raises(
+        ValueError, match=r"saved by aload 9\.9\.9 in state format 99.*reads format 1"
+    ):
+        loader.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"returned by aload's DataLoader\.state_dict"):
+        loader.load_state_dict({"epoch": 3})

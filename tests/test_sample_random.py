@@ -128,9 +128,11 @@ async def test_an_async_dataset_draws_as_the_same_dataset_read_by_threads(anyio_
     torch.manual_seed(11)
     loader = aload.DataLoader(AsyncAugmented(), batch_size=4, shuffle=True, num_workers=2)
     async with heartbeat() as beat:
-        read = [b async for b in loader]
+        read = [[b async for b in loader] for _ in range(2)]
     assert beat.longest_gap < 0.5
-    assert by_index(read) == by_index(epochs(11, num_workers=2)[0])
+    expected = epochs(11, epochs=2, num_workers=2)
+    assert [by_index(e) for e in read] == [by_index(e) for e in expected]
+    assert by_index(read[0]) != by_index(read[1])
 
 
 @settings(max_examples=12, deadline=None)
