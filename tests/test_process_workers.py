@@ -380,3 +380,49 @@ def test_a_script_without_a_main_guard_gets_one_error_that_says_the_fix(tmp_path
     assert 'if __name__ == "__main__":' in done.stderr
     assert "bootstrapping phase" not in done.stderr  # multiprocessing's own, once per worker
     assert done.stderr.count("Traceback") == 1
+
+
+KILLED_MID_EPOCH = r"""
+import multiprocessing, os, signal, sys
+import aload
+sys.path.insert(0, sys.argv[1])
+from conftest import Indexed
+
+loader = aload.DataLoader(Indexed(400, delay=0.01), batch_size=4, num_workers=2,
+                          worker_mode="process")
+it = iter(loader)
+next(it)
+print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no cleanup runs
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_workers_of_a_killed_loader_process_exit_on_their_own(tmp_path):
+    """Siblings forked with copies of each other's pipe ends keep every pipe open, so a
+    worker must notice by itself that its parent is gone (torch's use a watchdog too)."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_EPOCH)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, str(script), tests], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    workers = [int(pid) for pid in done.stdout.split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [pid for pid in workers if running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert alive == []

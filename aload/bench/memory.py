@@ -171,6 +171,8 @@ def _serve(root: int, interval: float) -> None:
         # page tables to walk, and it competes with the run for the CPU.
         pause = max(interval, 9 * workers.sample())
         if not ready:
+            if not os.path.exists(f"/proc/{root}"):  # the run was killed: no one will ask
+                return
             continue
         command = sys.stdin.readline().strip()
         if not command:

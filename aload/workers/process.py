@@ -24,6 +24,7 @@ import multiprocessing
 import multiprocessing.heap  # imported here, not on a caller's loop at the first start
 import multiprocessing.popen_fork
 import multiprocessing.sharedctypes
+import os
 import pickle
 import random
 import signal
@@ -49,6 +50,7 @@ from ._exit import stop_at_exit
 from .start_method import NO_MAIN_GUARD_EXIT, main_guard_help, refuse_start_in_bootstrap
 
 _GRACE_SECONDS = 5.0  # how long a worker may finish its task after shutdown before it is killed
+_PARENT_CHECK_SECONDS = 1.0  # how often an idle worker checks that its parent still lives
 
 
 class ProcessPool:
@@ -458,8 +460,15 @@ def _work(
             init_error = error
     reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
     reader = None if init_error else plan.build(dataset, reads, base_seed)
+    parent = os.getppid()
     while True:
         try:
+            # A parent killed outright (SIGKILL, the OOM killer) closes no pipe while a
+            # sibling, forked with copies of its ends, lives: so look at who the parent is.
+            if not tasks.poll(_PARENT_CHECK_SECONDS):
+                if os.getppid() != parent:
+                    return
+                continue
             message = tasks.recv_bytes()
         except (EOFError, OSError):  # the parent is gone: so are we
             return
