@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,14 +34,18 @@ from aload.bench.report import document, environment, table
 from aload.bench.runner import Result, measure, prepare, stats_cost_us
 from aload.bench.workloads import WORKLOADS, Settings, Workload
 
-# Spins until its parent is gone: a bench killed without its cleanup leaves no spinner behind.
-SPIN = "import os; parent = os.getppid()\nwhile os.getppid() == parent: pass  # aload --busy"
+# Spins while the bench that started it (argv[1]) is its parent: a bench killed without its
+# cleanup, even before the spinner's Python is up, leaves no spinner behind.
+SPIN = (
+    "import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent: pass  # aload --busy"
+)
 
 
 @contextlib.contextmanager
 def busy_cores(count: int) -> Iterator[None]:
     """`count` other processes spinning on the CPU for as long as the block runs."""
-    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(count)]
+    command = [sys.executable, "-c", SPIN, str(os.getpid())]
+    spinners = [subprocess.Popen(command) for _ in range(count)]
     try:
         yield
     finally:
