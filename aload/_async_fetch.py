@@ -63,9 +63,7 @@ class AsyncMapReader:
             finish = partial(self._finish.keyed_sample, sample, job.indices, self._seeds)
             return await self._pool.run_cpu(finish, (sample, job.indices))
         if self._getitems is not None:
-            with reading(self._seeds) as current:
-                if current is not None:
-                    current.key = BatchKey(job.indices)
+            with reading(self._seeds, BatchKey(job.indices)):
                 samples = await self._getitems(job.indices)
             keys = job.indices
         else:
@@ -80,8 +78,7 @@ class AsyncMapReader:
         if self._seeds is not None:
             # Runs in a fetcher task of aload's loop, one read at a time: the task keeps one
             # Reading in its own context, pointed at each sample as it is read.
-            current = fetcher_reading()
-            current.seeds, current.key = self._seeds, index
+            fetcher_reading(self._seeds, index)
         try:
             return await self._getitem(index)
         except Exception as error:

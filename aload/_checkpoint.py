@@ -22,6 +22,9 @@ from ._config import LoaderConfig
 
 FORMAT = 1
 
+STREAM_START = "start"
+"""The key of a stream worker's first batch's state under which its state at `iter()` rides."""
+
 
 @dataclass
 class Delivered:
@@ -55,6 +58,14 @@ class Delivered:
             self.next_turn = worker + 1
             if counted:
                 self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
+
+    def arrived(self, worker: int, state: dict[str, Any]) -> None:
+        """A stream worker's batch came back (not yet delivered). Its first brings, under
+        `STREAM_START`, the state right after `iter()`: where to resume that worker from
+        until one of its batches is delivered."""
+        start = state.pop(STREAM_START, None)
+        if start is not None:
+            self.states.setdefault(worker, start)
 
     def __contains__(self, seq: int) -> bool:
         return seq < self.prefix or seq in self.beyond

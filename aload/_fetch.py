@@ -86,9 +86,7 @@ class Finish:
 
     def keyed_sample(self, sample: Any, key: Any, seeds: EpochSeeds | None) -> Batch:
         """`sample`, for a sample read elsewhere, as `keyed`."""
-        with reading(None if key is None else seeds) as current:
-            if current is not None:
-                current.key = key
+        with reading(None if key is None else seeds, key):
             return self.sample(sample)
 
     def sample(self, sample: Any) -> Batch:
@@ -136,9 +134,7 @@ def map_reader(
     if not batched:
 
         def read_one(job: JobState) -> Batch:
-            with reading(seeds) as current:
-                if current is not None:
-                    current.key = job.indices
+            with reading(seeds, job.indices):
                 return finish.sample(read(job.indices))
 
         return read_one
@@ -160,9 +156,7 @@ def map_reader(
         read_batch = reads.retrying(getitems)
 
         def read_whole(job: JobState) -> Batch:
-            with reading(seeds) as current:
-                if current is not None:
-                    current.key = BatchKey(job.indices)
+            with reading(seeds, BatchKey(job.indices)) as current:
                 return finish.samples(read_batch(job.indices), job.indices, current)
 
         return read_whole
@@ -274,11 +268,6 @@ class _Exhausted:
 
 EXHAUSTED: Any = _Exhausted()
 """What a stream reader returns when its worker's stream has no batch left."""
-
-
-def is_exhausted(batch: Batch) -> bool:
-    """Whether a worker's stream had no batch left to give."""
-    return batch is EXHAUSTED
 
 
 def describe_indices(indices: Sequence[Any] | Any, limit: int = 16) -> str:

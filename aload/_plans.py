@@ -36,6 +36,11 @@ class ReaderPlan:
     finish_only: bool = False
     epoch: int = 0
 
+    def for_epoch(self) -> dict[str, Any]:
+        """What changes from one epoch to the next: sent to running (persistent) workers,
+        which `dataclasses.replace` their plan with it."""
+        return {"skip": self.skip, "states": self.states, "epoch": self.epoch}
+
     def build(self, dataset: Any, reads: Reads, base_seed: int) -> Callable[[Any], Batch]:
         """The reader for this plan, over `dataset`, retrying and skipping through `reads`;
         samples see their `sample_random()` seeded from `base_seed` and the plan's epoch."""

@@ -114,13 +114,13 @@ _reading: ContextVar[Reading | None] = ContextVar("aload_reading", default=None)
 
 
 @contextmanager
-def reading(seeds: EpochSeeds | None) -> Iterator[Reading | None]:
-    """A `Reading` of one batch, current in this thread (or task) for the block; None, and
-    nothing set, without seeds."""
+def reading(seeds: EpochSeeds | None, key: Any = None) -> Iterator[Reading | None]:
+    """A `Reading` of one batch (at `key`), current in this thread (or task) for the block;
+    None, and nothing set, without seeds or with no key to name."""
     if seeds is None:
         yield None
         return
-    current = Reading(seeds)
+    current = Reading(seeds, key)
     token = current.enter()
     try:
         yield current
@@ -128,14 +128,15 @@ def reading(seeds: EpochSeeds | None) -> Iterator[Reading | None]:
         leave(token)
 
 
-def fetcher_reading() -> Reading:
-    """The calling task's own Reading, made the first time: for a task that reads one sample
-    after another and lives as long as the epoch's loop (it is never unset)."""
+def fetcher_reading(seeds: EpochSeeds, key: Any) -> None:
+    """Point the calling task's own Reading at `key`, making it the first time: for a task
+    that reads one sample after another and lives as long as the epoch's loop (it is never
+    unset)."""
     current = _reading.get()
     if current is None:
-        current = Reading(EpochSeeds(0, 0))
-        current.enter()
-    return current
+        Reading(seeds, key).enter()
+    else:
+        current.seeds, current.key = seeds, key
 
 
 class BatchKey:

@@ -503,7 +503,8 @@ class Epoch:
         job = _Job(*spec, self._read, self._mailbox)
         job.run_here()
         if job.worker is not None:  # a worker's stream (map-style batches have no worker)
-            self._arrived(job)
+            if job.state is not None:
+                self._delivered.arrived(job.worker, job.state)
             self._source.returned(job.worker, job.value is EXHAUSTED)
         return job
 
@@ -531,19 +532,12 @@ class Epoch:
             self._in_flight[job.seq] = job
             self._pool.submit(job, job.worker)
 
-    def _arrived(self, job: _Job) -> None:
-        """A stream worker's first batch brings where its stream started: the state to resume
-        it from until one of its batches is delivered."""
-        if job.state is not None and job.worker is not None:
-            initial = job.state.pop("initial", None)
-            if initial is not None:
-                self._delivered.states.setdefault(job.worker, initial)
-
     def _collect(self) -> None:
         done = self._mailbox.done
         while done:
             job = done.popleft()
-            self._arrived(job)
+            if job.state is not None and job.worker is not None:
+                self._delivered.arrived(job.worker, job.state)
             self._source.returned(job.worker, job.value is EXHAUSTED)
             if self._in_order:
                 self._ready_by_seq[job.seq] = job

@@ -84,22 +84,34 @@ async def heartbeat() -> AsyncIterator[Heartbeat]:
         tg.cancel_scope.cancel()
 
 
+def saved_and_loaded(state):
+    """`state` after a trip through `torch.save` and `torch.load`, as a checkpoint makes it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def take_and_save(loader, stop: int, settle: float = 0.0):
+    """The first `stop` batches of an epoch of `loader`, and its state then, saved and loaded
+    (the epoch is closed after). `settle` pauses before saving, so later batches are
+    prefetched (and staged) first."""
+    it = iter(loader)
+    head = [next(it) for _ in range(stop)]
+    time.sleep(settle)
+    state = saved_and_loaded(loader.state_dict())
+    it.close()
+    return head, state
+
+
 def assert_resumes_exactly(make, stop: int, settle: float = 0.0) -> None:
     """The shared save/resume check: `stop` batches from one loader, then a fresh loader from
-    its state (through torch.save), must give exactly the batches of one whole epoch.
-    `settle` pauses before saving, so later batches are prefetched (and staged) first."""
+    its state (through torch.save), must give exactly the batches of one whole epoch."""
     whole = [b.tolist() for b in make()]
-    loader = make()
-    it = iter(loader)
-    head = [next(it).tolist() for _ in range(stop)]
-    time.sleep(settle)
-    buffer = io.BytesIO()
-    torch.save(loader.state_dict(), buffer)
-    it.close()
-    buffer.seek(0)
+    head, state = take_and_save(make(), stop, settle)
     resumed = make()
-    resumed.load_state_dict(torch.load(buffer))
-    assert head + [b.tolist() for b in resumed] == whole
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in head] + [b.tolist() for b in resumed] == whole
 
 
 def aload_threads() -> list[threading.Thread]:

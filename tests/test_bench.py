@@ -31,6 +31,13 @@ def bench(*args: str, cwd) -> subprocess.CompletedProcess[str]:
     )
 
 
+def bench_report(*args: str, tmp_path) -> tuple[str, dict]:
+    """Run `python -m aload.bench` with `--json`; its table and its JSON report."""
+    done = bench(*args, "--json", "out.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, json.loads((tmp_path / "out.json").read_text())
+
+
 @linux_only
 def test_tree_memory_sees_a_child_process_allocate():
     allocate = "import time; block = bytearray(96 * 2**20); time.sleep(0.5)"
@@ -48,14 +55,11 @@ def test_tree_memory_sees_a_child_process_allocate():
 
 @linux_only
 def test_suite_writes_tables_and_json_with_every_loader(tmp_path):
-    done = bench(
-        "--workloads", "tensor", "memory", "--repeats", "2", "--scale", "0.4",
-        "--json", "out.json", cwd=tmp_path,
+    stdout, report = bench_report(
+        "--workloads", "tensor", "memory", "--repeats", "2", "--scale", "0.4", tmp_path=tmp_path
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "| torch workers=2 |" in done.stdout
-    assert "| aload thread workers=2, async for |" in done.stdout
-    report = json.loads((tmp_path / "out.json").read_text())
+    assert "| torch workers=2 |" in stdout
+    assert "| aload thread workers=2, async for |" in stdout
     assert report["environment"]["repeats"] == 2
     assert 0 < report["stats_cost_us_per_batch"] < 50
     by_workload = {w["name"]: w["results"] for w in report["workloads"]}
@@ -129,17 +133,12 @@ def test_a_failing_loader_is_reported_and_the_others_still_run():
 
 @linux_only
 def test_fresh_process_cases_report_each_loader_from_its_own_process(tmp_path):
-    done = bench(
-        "--workloads", "records", "loop", "--repeats", "1", "--scale", "0.05",
-        "--json", "out.json", cwd=tmp_path,
+    stdout, report = bench_report(
+        "--workloads", "records", "loop", "--repeats", "1", "--scale", "0.05", tmp_path=tmp_path
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "**records** (fresh processes)" in done.stdout
-    assert "| aload processes, forkserver |" in done.stdout
-    fresh = {
-        (r["case"], r["loader"]): r
-        for r in json.loads((tmp_path / "out.json").read_text())["fresh"]
-    }
+    assert "**records** (fresh processes)" in stdout
+    assert "| aload processes, forkserver |" in stdout
+    fresh = {(r["case"], r["loader"]): r for r in report["fresh"]}
     assert {case for case, _ in fresh} == {"records", "loop"}
     for result in fresh.values():
         assert result["error"] is None, result
@@ -182,13 +181,11 @@ def spinners() -> list[int]:
 @linux_only
 def test_busy_runs_a_training_step_workload_beside_spinning_processes(tmp_path):
     before = spinners()
-    done = bench(
+    stdout, report = bench_report(
         "--workloads", "train-numpy", "--busy", "--repeats", "1", "--scale", "0.1",
-        "--json", "out.json", cwd=tmp_path,
+        tmp_path=tmp_path,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "every core kept busy" in done.stdout
-    report = json.loads((tmp_path / "out.json").read_text())
+    assert "every core kept busy" in stdout
     assert report["environment"]["busy"] is True
     (workload,) = report["workloads"]
     families = [r["family"] for r in workload["results"]]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 import time
 
 import pytest
 import torch
-from conftest import Indexed, Shards, flatten
+from conftest import Indexed, Shards, flatten, saved_and_loaded, take_and_save
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import (
@@ -30,23 +29,13 @@ class Jittery(Indexed):
         return index
 
 
-def saved_and_loaded(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer)
-
-
 def as_lists(batches):
     return [b.tolist() for b in batches]
 
 
 def head_and_state(loader, stop):
-    it = iter(loader)
-    head = [next(it).tolist() for _ in range(stop)]
-    state = loader.state_dict()
-    it.close()
-    return head, saved_and_loaded(state)
+    head, state = take_and_save(loader, stop)
+    return as_lists(head), state
 
 
 @settings(max_examples=60, deadline=None)

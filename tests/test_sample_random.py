@@ -4,13 +4,11 @@ worker mode, order, and after resume."""
 
 from __future__ import annotations
 
-import io
-
 import anyio
 import anyio.lowlevel
 import pytest
 import torch
-from conftest import heartbeat
+from conftest import heartbeat, take_and_save
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import Dataset
@@ -156,15 +154,9 @@ def test_a_resumed_epoch_draws_what_the_whole_epoch_drew(stop, workers, in_order
         )
 
     whole = by_index(list(make()))
-    loader = make()
-    it = iter(loader)
-    head = [next(it) for _ in range(stop)]
-    buffer = io.BytesIO()
-    torch.save(loader.state_dict(), buffer)
-    it.close()
-    buffer.seek(0)
+    head, state = take_and_save(make(), stop)
     resumed = make()
-    resumed.load_state_dict(torch.load(buffer))
+    resumed.load_state_dict(state)
     assert by_index(head + list(resumed)) == whole
 
 

@@ -189,7 +189,7 @@ class ProcessPool:
                 return
             try:
                 if self._plans[worker] is not read.plan:  # a new epoch: where it starts
-                    message = ("epoch", read.plan.skip, read.plan.epoch, read.plan.states)
+                    message = ("epoch", read.plan.for_epoch())
                     self._tasks[worker].send_bytes(pickle.dumps(message))
                     self._plans[worker] = read.plan
                 self._outstanding[worker][id(job)] = job
@@ -477,7 +477,7 @@ def _work(
             return
         if task[0] == "epoch":  # the next epoch: a fresh budget, and where it starts
             reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
-            plan = dataclasses.replace(plan, skip=task[1], epoch=task[2], states=task[3])
+            plan = dataclasses.replace(plan, **task[1])
             reader = None if init_error else plan.build(dataset, reads, base_seed)
             continue
         key, indices = task
