@@ -7,6 +7,12 @@ which batches reached the consumer, counted when they are yielded (never when pr
 Resuming restores the start and skips the delivered batches, so head + resumed tail is exactly
 one uninterrupted epoch. Draws from the global RNG are replayed from the recorded state and the
 caller's RNG is then put back: resuming neither consumes nor changes it.
+
+The state has one part per training rank (one part without `distributed=True`), gathered from
+every rank when it is saved, so that each rank's state is the same whole: it is what
+`torch.distributed.checkpoint` keeps once, and what a resume on another number of ranks
+re-splits (`_elastic`). Its keys never depend on progress: the parts are one tuple, a value DCP
+stores whole, so a fresh loader's `state_dict()` is the template DCP loads into.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ._config import LoaderConfig
+from ._version import VERSION
 
-FORMAT = 1
+FORMAT = 2
+"""The state format this aload writes; it reads this one and 1 (one rank's part, unwrapped)."""
 
 STREAM_START = "start"
 """The key of a stream worker's first batch's state under which its state at `iter()` rides."""
@@ -171,9 +180,13 @@ def replaying_draws(start: dict[str, Any] | None) -> Iterator[None]:
 
 
 def fingerprint(config: LoaderConfig) -> dict[str, Any]:
-    """What a state must agree with to describe this loader's epochs."""
+    """What a state must agree with to describe this loader's epochs (with
+    `distributed=True`, the same on every rank: each rank's part is found by its rank)."""
     index_sampler = config.index_sampler
     sampler = config.sampler
+    replicas = None
+    if not config.distributed:  # a DistributedSampler of the caller's: one rank's state
+        replicas = [getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)]
     return {
         "dataset_length": None if config.iterable else len(config.dataset),
         "batch_size": config.batch_size,
@@ -181,26 +194,98 @@ def fingerprint(config: LoaderConfig) -> dict[str, Any]:
         "sampler": None if sampler is None else type(sampler).__name__,
         "batches_per_epoch": _length(index_sampler),
         "stream_workers": config.stream_count if config.iterable else None,
-        "replicas": [getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)],
+        "replicas": replicas,
     }
+
+
+def whole_state(config: LoaderConfig, part: dict[str, Any]) -> dict[str, Any]:
+    """The state of the loader whose own part (start, delivered) is `part`: with
+    `distributed=True`, every rank's part, gathered (a collective: every rank calls it)."""
+    parts: list[dict[str, Any] | None] = [part]
+    if config.distributed and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, part)
+    return {
+        "format": FORMAT,
+        "aload": VERSION,
+        "fingerprint": fingerprint(config),
+        "ranks": tuple(parts),  # DCP keeps a tuple whole: the keys stay those of any state
+    }
+
+
+def readable(state: Any, config: LoaderConfig) -> dict[str, Any]:
+    """`state` in this aload's format, or a ValueError saying why it cannot be read."""
+    if not isinstance(state, dict) or "format" not in state:
+        raise ValueError("state must be a dict returned by aload's DataLoader.state_dict()")
+    if state["format"] == 1:  # one rank's part, unwrapped
+        part = {"start": state["start"], "delivered": state["delivered"]}
+        saved = dict(state["fingerprint"])
+        parts: list[dict[str, Any] | None] = [part]
+        if config.distributed and saved["replicas"][0] is not None:
+            world, rank = saved["replicas"]
+            parts = [None] * world
+            parts[rank] = part
+            saved["replicas"] = None
+        return {**state, "format": FORMAT, "fingerprint": saved, "ranks": tuple(parts)}
+    if state["format"] != FORMAT:
+        saved_by = f" by aload {state['aload']}" if "aload" in state else ""
+        raise ValueError(
+            f"cannot resume: the state was saved{saved_by} in state format "
+            f"{state['format']!r}, and this aload reads formats 1 and {FORMAT}: resume with "
+            "the aload version that saved it"
+        )
+    return state
+
+
+def rank_part(state: dict[str, Any], config: LoaderConfig) -> dict[str, Any]:
+    """This rank's part of a whole state: its own, or, saved by another number of ranks, the
+    rest of the epoch re-split over this world (a `resplit` stage added to its start)."""
+    parts = state["ranks"]
+    if not config.distributed:
+        return parts[0]
+    sampler = config.sampler
+    world, rank = sampler.num_replicas, sampler.rank  # type: ignore[union-attr]
+    if len(parts) == world:
+        if parts[rank] is None:
+            raise ValueError(
+                f"cannot resume rank {rank}: the state (aload's format 1) holds another "
+                "rank's part only; load each rank's own state"
+            )
+        return parts[rank]
+    if any(part is None for part in parts):
+        raise ValueError(
+            f"cannot resume on {world} ranks: the state (aload's format 1) holds one rank's "
+            f"part of {len(parts)}; resume on {len(parts)} ranks"
+        )
+    if not any(part["delivered"]["prefix"] or part["delivered"]["beyond"] for part in parts):
+        return {"start": parts[0]["start"], "delivered": Delivered().to_dict()}
+    start = dict(parts[rank % len(parts)]["start"])
+    stage = {"world": len(parts), "delivered": [part["delivered"] for part in parts]}
+    start["resplit"] = [*parts[0]["start"].get("resplit", []), stage]
+    return {"start": start, "delivered": Delivered().to_dict()}
 
 
 def check_resumable(state: dict[str, Any], config: LoaderConfig) -> None:
     """Raise ValueError if `state` was saved by a loader of other settings, or cannot replay."""
     saved = state["fingerprint"]
+    world = len(state["ranks"])
+    elastic = config.distributed and world != config.sampler.num_replicas  # type: ignore[union-attr]
     for key, value in fingerprint(config).items():
+        if elastic and key == "batches_per_epoch":  # a rank's share: re-split on resume
+            continue
         if saved.get(key) != value:
             raise ValueError(
                 f"cannot resume: the state was saved with {key}={saved.get(key)!r}, "
                 f"but this DataLoader has {key}={value!r}"
             )
-    for sampler in state["start"]["samplers"]:
-        if "unreplayable" in sampler:
-            raise ValueError(
-                f"cannot resume: the {sampler['unreplayable']} draws from a generator that is "
-                "not a torch.Generator, so its order cannot be replayed; give it a "
-                "torch.Generator or state_dict()/load_state_dict() methods"
-            )
+    for part in state["ranks"]:
+        for sampler in [] if part is None else part["start"]["samplers"]:
+            if "unreplayable" in sampler:
+                raise ValueError(
+                    f"cannot resume: the {sampler['unreplayable']} draws from a generator that "
+                    "is not a torch.Generator, so its order cannot be replayed; give it a "
+                    "torch.Generator or state_dict()/load_state_dict() methods"
+                )
 
 
 def _length(sized: Any) -> int | None:

@@ -15,17 +15,19 @@ from torch.utils.data import Sampler
 
 from ._async_fetch import AsyncMapReader, AsyncStreamReader
 from ._checkpoint import (
-    FORMAT,
     Delivered,
     capture_start,
     check_resumable,
-    fingerprint,
+    rank_part,
+    readable,
     replaying_draws,
     restore_start,
+    whole_state,
 )
 from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
+from ._elastic import resplit_indices
 from ._fetch import Finish, Gather, batch_bytes, batch_gather, map_reader, per_worker_reader
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
@@ -35,7 +37,6 @@ from ._samplers import fast_index_batches
 from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
 from ._stats import LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
-from ._version import VERSION
 from ._worker_info import draw_base_seed, worker_setup
 from .workers import WorkerPool
 from .workers.inline import InlinePool
@@ -283,8 +284,12 @@ class DataLoader(Generic[T_co]):
     def state_dict(self) -> dict[str, Any]:
         """Where the loader stands: the current epoch's start and the batches yielded so far.
 
-        Counts batches yielded to the consumer, not those prefetched. A small picklable dict:
-        save it with `torch.save` beside the model. Between epochs, it describes the next one.
+        Counts batches yielded to the consumer, not those prefetched. A small dict of plain
+        data: save it with `torch.save` beside the model, or hand the loader itself to
+        `torch.distributed.checkpoint` (it is a `Stateful`). Between epochs, it describes the
+        next one. With `distributed=True` it holds every rank's part, gathered from the ranks
+        (a collective: call it on every rank, as DCP does), so any rank's copy resumes the
+        whole job, on this number of ranks or another.
         """
         if self._resume is not None:
             return self._resume
@@ -299,31 +304,21 @@ class DataLoader(Generic[T_co]):
         else:
             start = capture_start(self._config, self._next_epoch, starting=False)
             delivered = Delivered()
-        return {
-            "format": FORMAT,
-            "aload": VERSION,
-            "fingerprint": fingerprint(self._config),
-            "start": start,
-            "delivered": delivered.to_dict(),
-        }
+        return whole_state(self._config, {"start": start, "delivered": delivered.to_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()`: the next epoch started continues where it left off.
+
+        With `distributed=True`, a state saved by another number of ranks resumes too: the
+        batches no rank delivered are dealt to these ranks as torch's `DistributedSampler`
+        deals an epoch.
 
         Raises:
             ValueError: when the state was saved by a loader with another dataset length or
                 other arguments, or cannot be replayed.
             RuntimeError: when an epoch of this loader is still running.
         """
-        if not isinstance(state, dict) or "format" not in state:
-            raise ValueError("state must be a dict returned by aload's DataLoader.state_dict()")
-        if state["format"] != FORMAT:
-            saved_by = f" by aload {state['aload']}" if "aload" in state else ""
-            raise ValueError(
-                f"cannot resume: the state was saved{saved_by} in state format "
-                f"{state['format']!r}, and this aload reads format {FORMAT}: resume with the "
-                "aload version that saved it"
-            )
+        state = readable(state, self._config)
         if self._running_epochs():
             raise RuntimeError(
                 "load_state_dict() was called while an epoch is running: close it first "
@@ -372,7 +367,7 @@ class DataLoader(Generic[T_co]):
                 seeds = EpochSeeds(seed, start["epoch"])
                 loop_pool = self._loop_pool(config, seeds, blocking, reads)
                 pool, owns_pool = loop_pool, True
-                source, read = self._async_plan(finish, reads, delivered, loop_pool, seeds)
+                source, read = self._async_plan(finish, reads, start, delivered, loop_pool, seeds)
             else:
                 plan = None
                 if config.worker_mode == "process":
@@ -381,7 +376,7 @@ class DataLoader(Generic[T_co]):
                 # Samples' seeds come from the epoch's base seed: drawn for the pool (or
                 # the persistent pool's), in every mode, as torch draws it.
                 seeds = EpochSeeds(start["base_seed"], start["epoch"])
-                source, read = self._plan(finish, reads, delivered, seeds)
+                source, read = self._plan(finish, reads, start, delivered, seeds)
                 if isinstance(pool, ProcessPool) and plan is not None:
                     read = ProcessRead(plan, reads)
             # An inline pool loads at submit time: submitting (or copying) ahead would load
@@ -428,7 +423,12 @@ class DataLoader(Generic[T_co]):
             return None
 
     def _plan(
-        self, finish: Finish, reads: Reads, delivered: Delivered, seeds: EpochSeeds
+        self,
+        finish: Finish,
+        reads: Reads,
+        start: dict[str, Any],
+        delivered: Delivered,
+        seeds: EpochSeeds,
     ) -> tuple[JobSource, Any]:
         """Which jobs an epoch of a plain dataset has, and how a worker reads one."""
         config = self._config
@@ -445,7 +445,7 @@ class DataLoader(Generic[T_co]):
             )
             cap = None if config.in_order else config.max_in_flight
             return WorkerStreams(streams, delivered.next_turn, cap), reader
-        source = IndexBatches(self._index_batches(as_tensors=self._gathers), delivered)
+        source = IndexBatches(self._index_batches(start, as_tensors=self._gathers), delivered)
         if self._gathers_in_place:  # read on the consumer's thread: no worker replica
             return source, map_reader(config.dataset, finish, batched=True, reads=reads)
         return source, per_worker_reader(
@@ -455,10 +455,21 @@ class DataLoader(Generic[T_co]):
             ),
         )
 
-    def _index_batches(self, as_tensors: bool = False) -> Iterable[Any]:
+    def _index_batches(self, start: dict[str, Any], as_tensors: bool = False) -> Iterable[Any]:
         """The epoch's index batches: cut from torch's draws for the default samplers
-        (`_samplers`), as tensors where the read gathers with them; else the sampler's own."""
-        index_sampler = self._config.index_sampler
+        (`_samplers`), as tensors where the read gathers with them; else the sampler's own;
+        for an epoch resumed on another number of ranks, this rank's share of its rest."""
+        config = self._config
+        if start.get("resplit"):
+            indices = resplit_indices(
+                config.sampler,  # type: ignore[arg-type]
+                start["epoch"],
+                start["resplit"],
+                config.batch_size,  # type: ignore[arg-type]
+                config.drop_last,
+            )
+            return tud.BatchSampler(indices, config.batch_size, config.drop_last)  # type: ignore[arg-type]
+        index_sampler = config.index_sampler
         fast = fast_index_batches(index_sampler, as_tensors)
         return index_sampler if fast is None else fast  # type: ignore[return-value]
 
@@ -503,6 +514,7 @@ class DataLoader(Generic[T_co]):
         self,
         finish: Finish,
         reads: Reads,
+        start: dict[str, Any],
         delivered: Delivered,
         pool: LoopPool,
         seeds: EpochSeeds,
@@ -527,7 +539,7 @@ class DataLoader(Generic[T_co]):
             pool=pool,
             seeds=seeds,
         )
-        return IndexBatches(self._index_batches(), delivered), reader
+        return IndexBatches(self._index_batches(start), delivered), reader
 
     def _start_epoch(self) -> tuple[dict[str, Any], Delivered, bool]:
         """Begin the next epoch, or replay the one a loaded state describes: its start, the
@@ -536,9 +548,10 @@ class DataLoader(Generic[T_co]):
         resumed = self._resume is not None
         if self._resume is not None:
             state, self._resume = self._resume, None
-            start = dict(state["start"])
+            part = rank_part(state, config)
+            start = dict(part["start"])
             restore_start(config, start)
-            delivered = Delivered.from_dict(state["delivered"], streams=config.iterable)
+            delivered = Delivered.from_dict(part["delivered"], streams=config.iterable)
         else:
             start = capture_start(config, self._next_epoch, starting=True)
             delivered = Delivered()

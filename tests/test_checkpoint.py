@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 
 import pytest
 import torch
@@ -465,8 +466,69 @@ def test_a_state_of_another_format_is_refused_naming_the_version_that_saved_it()
     assert state["aload"] == aload.__version__
     state["format"], state["aload"] = 99, "9.9.9"
     with pytest.raises(
-        ValueError, match=r"saved by aload 9\.9\.9 in state format 99.*reads format 1"
+        ValueError, match=r"saved by aload 9\.9\.9 in state format 99.*reads formats 1 and 2"
     ):
         loader.load_state_dict(state)
     with pytest.raises(ValueError, match=r"returned by aload's DataLoader\.state_dict"):
         loader.load_state_dict({"epoch": 3})
+
+
+def test_a_state_saved_in_format_1_still_resumes():
+    def make():
+        generator = torch.Generator().manual_seed(5)
+        return aload.DataLoader(Indexed(30), batch_size=4, shuffle=True, generator=generator)
+
+    whole = as_lists(make())
+    head, state = head_and_state(make(), 3)
+    (part,) = state["ranks"]
+    older = {"format": 1, "aload": "0.4.0", "fingerprint": state["fingerprint"], **part}
+    resumed = make()
+    resumed.load_state_dict(older)
+    assert head + as_lists(resumed) == whole
+
+
+def dcp_round_trip(loader, fresh, path):
+    """Save `loader` with torch.distributed.checkpoint and load the checkpoint into `fresh`,
+    as a training job hands its loaders to DCP: the loader itself is the `Stateful`."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # DCP warns that it runs without a process group
+        warnings.simplefilter("ignore")
+        dcp.save({"loader": loader}, checkpoint_id=str(path))
+        dcp.load({"loader": fresh}, checkpoint_id=str(path))
+
+
+DCP_LOADERS = {
+    "shuffled, a generator": lambda: aload.DataLoader(
+        Jittery(37), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3)
+    ),
+    "global RNG, out of order": lambda: aload.DataLoader(
+        Jittery(37), batch_size=4, shuffle=True, num_workers=3, in_order=False
+    ),
+    "a stream with its own state": lambda: aload.DataLoader(
+        EpochShuffledStream(40), batch_size=4, num_workers=2
+    ),
+    "an iterator with its own state, processes": lambda: aload.DataLoader(
+        IteratorWithState(), batch_size=3, num_workers=2, worker_mode="process"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DCP_LOADERS))
+def test_torch_distributed_checkpoint_saves_and_loads_the_loader(name, tmp_path):
+    """DCP loads into the keys of the fresh loader's state: they must not depend on how far
+    the saved epoch got, or what it saved would be dropped without a word."""
+    make = DCP_LOADERS[name]
+    loader = make()
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(4)]
+    fresh = make()
+    dcp_round_trip(loader, fresh, tmp_path)
+    rest = [batch.tolist() for batch in it]  # the uninterrupted epoch's tail
+    tail = as_lists(fresh)
+    assert head
+    assert rest
+    if loader.in_order:
+        assert tail == rest
+    else:
+        assert sorted(flatten(tail)) == sorted(flatten(rest))
