@@ -20,19 +20,46 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from ._config import LoaderConfig
 from ._version import VERSION
+
+if TYPE_CHECKING:  # the config's module reads datasets: it imports the readers, which use this
+    from ._config import LoaderConfig
 
 FORMAT = 2
 """The state format this aload writes; it reads this one and 1 (one rank's part, unwrapped)."""
 
-STREAM_START = "start"
-"""The key of a stream worker's first batch's state under which its state at `iter()` rides."""
+
+def has_state(obj: Any) -> bool:
+    """Whether a checkpoint resumes `obj`'s own state (it has `state_dict()` and
+    `load_state_dict()`); a dataset that is an `nn.Module` is not asked: that is its weights."""
+    return (
+        callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+        and not isinstance(obj, torch.nn.Module)
+    )
+
+
+@dataclass(frozen=True)
+class DatasetResume:
+    """What a map-style dataset's copies resume from: each worker's state (`{"dataset": ...}`)
+    after its last delivered batch or before its first, else the epoch's starting state."""
+
+    start: Any
+    workers: dict[int, Any]
+
+    def state_for(self, worker: int) -> Any:
+        own = self.workers.get(worker)
+        return self.start if own is None else own["dataset"]
+
+
+WORKER_START = "start"
+"""The key under which a worker's first batch brings the worker's state before it: where to
+resume a worker none of whose batches was delivered."""
 
 
 @dataclass
@@ -42,7 +69,8 @@ class Delivered:
     Map-style batches are named by their position in the sampler's order: every position
     below `prefix`, plus those in `beyond` (batches that finished out of order). Iterable
     datasets count per worker stream, since each worker reads its own stream in order, and
-    `next_turn` says which worker's stream comes next.
+    `next_turn` says which worker's stream comes next. `states`: each worker's dataset state
+    (and a stream's iterator's) after its last delivered batch.
     """
 
     prefix: int = 0
@@ -50,8 +78,6 @@ class Delivered:
     per_worker: dict[int, int] = field(default_factory=dict)
     next_turn: int = 0
     complete: bool = False
-    # Stream workers with stateful datasets or iterators: their states after their last
-    # delivered batch (resuming loads them instead of fast-forwarding).
     states: dict[int, Any] = field(default_factory=dict)
 
     def add(self, seq: int, worker: int | None, counted: bool) -> None:
@@ -68,11 +94,17 @@ class Delivered:
             if counted:
                 self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
 
-    def arrived(self, worker: int, state: dict[str, Any]) -> None:
-        """A stream worker's batch came back (not yet delivered). Its first brings, under
-        `STREAM_START`, the state right after `iter()`: where to resume that worker from
-        until one of its batches is delivered."""
-        start = state.pop(STREAM_START, None)
+    def keep(self, worker: int | None, state: Any) -> None:
+        """Keep the state a delivered batch's worker stands at after it."""
+        worker, state = _owner(worker, state)
+        self.states[worker] = state
+
+    def arrived(self, worker: int | None, state: Any) -> None:
+        """A batch with a worker state came back (not yet delivered). A worker's first brings,
+        under `WORKER_START`, its state before the batch: where to resume that worker from
+        until one of its batches is delivered (`iter()`'s for a stream)."""
+        worker, state = _owner(worker, state)
+        start = state.pop(WORKER_START, None)
         if start is not None:
             self.states.setdefault(worker, start)
 
@@ -92,10 +124,18 @@ class Delivered:
     def from_dict(cls, state: dict[str, Any], *, streams: bool) -> Delivered:
         """Restore; for streams only the per-worker counts carry over (batch numbers restart)."""
         per_worker = {int(k): v for k, v in state["per_worker"].items()}
+        states = {int(k): v for k, v in state.get("states", {}).items()}
         if streams:
-            states = {int(k): v for k, v in state.get("states", {}).items()}
             return cls(per_worker=per_worker, next_turn=state["next_turn"], states=states)
-        return cls(state["prefix"], set(state["beyond"]))
+        return cls(state["prefix"], set(state["beyond"]), states=states)
+
+
+def _owner(worker: int | None, state: Any) -> tuple[int, Any]:
+    """The worker a batch's state is of: a stream batch's own; a map-style batch has no worker
+    until read, and its state names the one that read it, `(worker, state)`."""
+    if worker is None:
+        return state
+    return worker, state
 
 
 def _samplers(config: LoaderConfig) -> Iterator[Any]:
@@ -131,7 +171,7 @@ def capture_start(config: LoaderConfig, epoch: int, *, starting: bool) -> dict[s
             samplers.append({})
     dataset = config.dataset
     dataset_state = None
-    if config.iterable and hasattr(dataset, "state_dict"):
+    if has_state(dataset):
         # What workers copy their dataset from (a worker none of whose batches is delivered
         # resumes from it). A state made by `__iter__` does not exist yet: nothing to keep.
         with suppress(AttributeError):

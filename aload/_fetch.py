@@ -8,6 +8,7 @@ otherwise (retried, or skipped within the failure budget, as the loader was told
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from functools import partial
 from typing import Any, Protocol
 
@@ -16,11 +17,12 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+from ._checkpoint import WORKER_START, DatasetResume, has_state
 from ._cuda import pin_batch
 from ._intra_op import on_one_thread
 from ._retry import Reads
 from ._sample_random import BatchKey, EpochSeeds, Reading, leave, reading
-from ._worker_info import collate_in_thread, worker_dataset
+from ._worker_info import collate_in_thread, get_worker_info, worker_dataset
 
 Batch = Any
 Gather = Callable[[torch.Tensor], Any]
@@ -36,7 +38,7 @@ class JobState(Protocol):
     indices: Any
     worker: int | None
     cancelled: bool
-    state: Any  # a stream worker's states after this batch, set by the reader (`_stream`)
+    state: Any  # the worker's dataset state after this batch, set by a reader that keeps it
 
 
 class Finish:
@@ -104,16 +106,16 @@ def per_worker_reader(
     dataset: Any, build: Callable[[Any], Callable[[JobState], Batch]]
 ) -> Callable[[JobState], Batch]:
     """A reader that reads each thread worker's own replica of `dataset` (see `replica`),
-    with `build(replica)` made once per replica; outside a thread worker it reads `dataset`."""
-    shared = build(dataset)
+    with `build(replica)` made once per replica, in the worker that reads it; outside a
+    thread worker it reads `dataset`."""
     readers: dict[int, Callable[[JobState], Batch]] = {}
 
     def read(job: JobState) -> Batch:
         own = worker_dataset()
-        if own is None or own is dataset:
-            return shared(job)
+        if own is None:
+            own = dataset
         reader = readers.get(id(own))
-        if reader is None:
+        if reader is None:  # built where it reads: a resumed copy loads its worker's state
             reader = readers[id(own)] = build(own)
         return reader(job)
 
@@ -127,10 +129,46 @@ def map_reader(
     batched: bool,
     reads: Reads,
     seeds: EpochSeeds | None = None,
+    resume: DatasetResume | None = None,
 ) -> Callable[[JobState], Batch]:
     """Return the function that turns one job's indices into one finished batch; with
-    `seeds`, user code reading a sample sees its own `sample_random()`."""
+    `seeds`, user code reading a sample sees its own `sample_random()`.
+
+    A dataset with its own state (`has_state`) is first put where this worker's copy stood
+    (`resume`), and each batch carries the state after it (the first, the one before it too),
+    as `(worker, {"dataset": ...})`.
+    """
     read = reads.retrying(dataset.__getitem__)
+    if has_state(dataset):
+        info = get_worker_info()  # readers are built in the worker that uses them
+        worker = 0 if info is None else info.id
+        if resume is not None and (state := resume.state_for(worker)) is not None:
+            dataset.load_state_dict(state)
+        plain = _plain_map_reader(dataset, finish, read, batched, reads, seeds)
+        before = [{"dataset": dataset.state_dict()}]  # goes with this copy's first batch
+
+        def read_keeping_state(job: JobState) -> Batch:
+            batch = plain(job)
+            state = {"dataset": dataset.state_dict()}
+            if before:
+                with suppress(IndexError):  # another thread sharing the copy took it
+                    state[WORKER_START] = before.pop()
+            job.state = (worker, state)
+            return batch
+
+        return read_keeping_state
+    return _plain_map_reader(dataset, finish, read, batched, reads, seeds)
+
+
+def _plain_map_reader(
+    dataset: Any,
+    finish: Finish,
+    read: Callable[[Any], Any],
+    batched: bool,
+    reads: Reads,
+    seeds: EpochSeeds | None,
+) -> Callable[[JobState], Batch]:
+    """`map_reader` without the dataset's own state."""
     if not batched:
 
         def read_one(job: JobState) -> Batch:

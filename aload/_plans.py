@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._checkpoint import DatasetResume
 from ._fetch import Batch, Finish, map_reader
 from ._retry import Reads, Retry
 from ._sample_random import EpochSeeds
@@ -35,11 +36,18 @@ class ReaderPlan:
     # indices, not indices alone: the workers only transform and collate them.
     finish_only: bool = False
     epoch: int = 0
+    # A resumed epoch of a map-style dataset with its own state: where each copy stood.
+    dataset_resume: DatasetResume | None = None
 
     def for_epoch(self) -> dict[str, Any]:
         """What changes from one epoch to the next: sent to running (persistent) workers,
         which `dataclasses.replace` their plan with it."""
-        return {"skip": self.skip, "states": self.states, "epoch": self.epoch}
+        return {
+            "skip": self.skip,
+            "states": self.states,
+            "epoch": self.epoch,
+            "dataset_resume": self.dataset_resume,
+        }
 
     def build(self, dataset: Any, reads: Reads, base_seed: int) -> Callable[[Any], Batch]:
         """The reader for this plan, over `dataset`, retrying and skipping through `reads`;
@@ -60,7 +68,14 @@ class ReaderPlan:
                 skip=self.skip,
                 states=self.states,
             )
-        return map_reader(dataset, self.finish, batched=self.batched, reads=reads, seeds=seeds)
+        return map_reader(
+            dataset,
+            self.finish,
+            batched=self.batched,
+            reads=reads,
+            seeds=seeds,
+            resume=self.dataset_resume,
+        )
 
 
 @dataclass(frozen=True)

@@ -461,8 +461,8 @@ class Epoch:
             if self._stage is not None:
                 batch = self._stage.hand_over(batch)
             self._delivered.add(job.seq, job.worker, True)
-            if job.state is not None:  # where this worker's stream stands after the batch
-                self._delivered.states[job.worker or 0] = job.state
+            if job.state is not None:  # where the batch's worker stands after it
+                self._delivered.keep(job.worker, job.state)
             ready = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
             meter = self._meter
             meter.delivered(count_samples(job.indices, batch), ready, len(self._in_flight))
@@ -502,9 +502,9 @@ class Epoch:
             return None
         job = _Job(*spec, self._read, self._mailbox)
         job.run_here()
+        if job.state is not None:
+            self._delivered.arrived(job.worker, job.state)
         if job.worker is not None:  # a worker's stream (map-style batches have no worker)
-            if job.state is not None:
-                self._delivered.arrived(job.worker, job.state)
             self._source.returned(job.worker, job.value is EXHAUSTED)
         return job
 
@@ -536,7 +536,7 @@ class Epoch:
         done = self._mailbox.done
         while done:
             job = done.popleft()
-            if job.state is not None and job.worker is not None:
+            if job.state is not None:
                 self._delivered.arrived(job.worker, job.state)
             self._source.returned(job.worker, job.value is EXHAUSTED)
             if self._in_order:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
-from ._checkpoint import STREAM_START
+from ._checkpoint import WORKER_START
 from ._fetch import EXHAUSTED, Abandoned, Batch, Finish, JobState
 from ._worker_info import worker_dataset
 
@@ -111,7 +111,7 @@ class StreamReader:
         state = self._snapshot(worker)
         initial, self._initial[worker] = self._initial[worker], None
         if state is not None and initial is not None:
-            state[STREAM_START] = initial  # goes with the worker's first batch
+            state[WORKER_START] = initial  # goes with the worker's first batch
         job.state = state
         if self._batch_size is None:
             return self._finish.sample(samples[0])

@@ -15,9 +15,11 @@ from torch.utils.data import Sampler
 
 from ._async_fetch import AsyncMapReader, AsyncStreamReader
 from ._checkpoint import (
+    DatasetResume,
     Delivered,
     capture_start,
     check_resumable,
+    has_state,
     rank_part,
     readable,
     replaying_draws,
@@ -303,7 +305,9 @@ class DataLoader(Generic[T_co]):
             start, delivered = self._progress
         else:
             start = capture_start(self._config, self._next_epoch, starting=False)
-            delivered = Delivered()
+            if self._persistent_pool is not None:  # the next epoch draws no base seed
+                start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
+            delivered = self._next_delivered()
         return whole_state(self._config, {"start": start, "delivered": delivered.to_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -326,6 +330,18 @@ class DataLoader(Generic[T_co]):
             )
         check_resumable(state, self._config)
         self._resume = state
+
+    def _next_delivered(self) -> Delivered:
+        """The next epoch's record, empty but for where persistent copies of a map-style
+        dataset stand: where the last epoch left them (a stream's state after `iter()` comes
+        with its first batch instead)."""
+        delivered = Delivered()
+        last = self._progress
+        persistent = self._persistent_pool is not None and not self._config.iterable
+        # After an epoch left early they read ahead into batches nobody saw: unknown.
+        if persistent and last is not None and last[1].complete:
+            delivered.states = dict(last[1].states)
+        return delivered
 
     def _running_epochs(self) -> int:
         return sum(1 for epoch in self._epochs if epoch.running)
@@ -370,13 +386,14 @@ class DataLoader(Generic[T_co]):
                 source, read = self._async_plan(finish, reads, start, delivered, loop_pool, seeds)
             else:
                 plan = None
+                resume = self._dataset_resume(start, delivered) if resumed else None
                 if config.worker_mode == "process":
-                    plan = self._process_plan(delivered, start["epoch"])
+                    plan = self._process_plan(delivered, start["epoch"], resume)
                 pool, owns_pool = self._pool(config, blocking, start, resumed, plan)
                 # Samples' seeds come from the epoch's base seed: drawn for the pool (or
                 # the persistent pool's), in every mode, as torch draws it.
                 seeds = EpochSeeds(start["base_seed"], start["epoch"])
-                source, read = self._plan(finish, reads, start, delivered, seeds)
+                source, read = self._plan(finish, reads, start, delivered, seeds, resume)
                 if isinstance(pool, ProcessPool) and plan is not None:
                     read = ProcessRead(plan, reads)
             # An inline pool loads at submit time: submitting (or copying) ahead would load
@@ -429,6 +446,7 @@ class DataLoader(Generic[T_co]):
         start: dict[str, Any],
         delivered: Delivered,
         seeds: EpochSeeds,
+        resume: DatasetResume | None,
     ) -> tuple[JobSource, Any]:
         """Which jobs an epoch of a plain dataset has, and how a worker reads one."""
         config = self._config
@@ -451,7 +469,12 @@ class DataLoader(Generic[T_co]):
         return source, per_worker_reader(
             config.dataset,
             lambda dataset: map_reader(
-                dataset, finish, batched=config.auto_collation, reads=reads, seeds=seeds
+                dataset,
+                finish,
+                batched=config.auto_collation,
+                reads=reads,
+                seeds=seeds,
+                resume=resume,
             ),
         )
 
@@ -473,8 +496,18 @@ class DataLoader(Generic[T_co]):
         fast = fast_index_batches(index_sampler, as_tensors)
         return index_sampler if fast is None else fast  # type: ignore[return-value]
 
+    def _dataset_resume(self, start: dict[str, Any], delivered: Delivered) -> DatasetResume | None:
+        """Where a resumed epoch's copies of a map-style dataset with its own state stood."""
+        if self._config.iterable or not has_state(self._config.dataset):
+            return None
+        return DatasetResume(start["dataset"], dict(delivered.states))
+
     def _process_plan(
-        self, delivered: Delivered, epoch: int, finish_only: bool = False
+        self,
+        delivered: Delivered,
+        epoch: int,
+        resume: DatasetResume | None = None,
+        finish_only: bool = False,
     ) -> ReaderPlan:
         """What process workers build their reader from (they pin nothing: the parent does);
         `finish_only`: they get samples read on aload's loop, to transform and collate."""
@@ -492,6 +525,7 @@ class DataLoader(Generic[T_co]):
             states=dict(delivered.states),
             finish_only=finish_only,
             epoch=epoch,
+            dataset_resume=resume,
         )
 
     def _process_pool(
@@ -554,7 +588,7 @@ class DataLoader(Generic[T_co]):
             delivered = Delivered.from_dict(part["delivered"], streams=config.iterable)
         else:
             start = capture_start(config, self._next_epoch, starting=True)
-            delivered = Delivered()
+            delivered = self._next_delivered()
         self._next_epoch = start["epoch"] + 1
         if config.distributed:
             config.sampler.set_epoch(start["epoch"])  # type: ignore[union-attr]

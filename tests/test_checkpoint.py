@@ -532,3 +532,83 @@ def test_torch_distributed_checkpoint_saves_and_loads_the_loader(name, tmp_path)
         assert tail == rest
     else:
         assert sorted(flatten(tail)) == sorted(flatten(rest))
+
+
+class Drawing(torch.utils.data.Dataset):
+    """A map-style dataset that draws from its own generator on every read and checkpoints
+    it (item i is i * 1000 + a draw): a resumed tail matches only if its state resumes."""
+
+    def __init__(self, n):
+        self.n = n
+        self.generator = torch.Generator().manual_seed(1)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return index * 1000 + int(torch.randint(1000, (), generator=self.generator))
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+DRAWING_SETUPS = [(0, "thread", False), (1, "thread", False), (1, "thread", True)]
+DRAWING_SETUPS += [(1, "process", False), (1, "process", True)]
+
+
+@pytest.mark.parametrize(("workers", "mode", "persistent"), DRAWING_SETUPS)
+@pytest.mark.parametrize("stop", [0, 3])
+def test_a_map_style_datasets_own_state_resumes(workers, mode, persistent, stop):
+    def make(loader_class=aload.DataLoader, **extra):
+        return loader_class(
+            Drawing(30),
+            batch_size=4,
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=persistent,
+            generator=torch.Generator().manual_seed(2),
+            **extra,
+        )
+
+    def two_epochs(loader):
+        return [as_lists(loader), as_lists(loader)]
+
+    whole = two_epochs(make(worker_mode=mode))
+    if mode == "process" or workers == 0:  # a thread's replica shares the caller's generator
+        assert whole == two_epochs(make(torch.utils.data.DataLoader))
+    loader = make(worker_mode=mode)
+    as_lists(loader)  # the second epoch is saved: persistent copies have drawn in the first
+    between = saved_and_loaded(loader.state_dict())
+    head, state = take_and_save(loader, stop, settle=0.05)  # workers read ahead of the head
+    resumed = make(worker_mode=mode)
+    resumed.load_state_dict(state)
+    assert as_lists(head) + as_lists(resumed) == whole[1]
+    # Persistent workers take a state on the loader they run in, too.
+    loader.load_state_dict(state)
+    assert as_lists(head) + as_lists(loader) == whole[1]
+    resumed = make(worker_mode=mode)  # a state saved between the epochs: the next one whole
+    resumed.load_state_dict(between)
+    assert as_lists(resumed) == whole[1]
+
+
+def test_a_dataset_that_is_a_module_is_not_asked_for_its_weights():
+    class Embedded(torch.nn.Module, torch.utils.data.Dataset):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(10, 2)
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return index
+
+    loader = aload.DataLoader(Embedded(), batch_size=5)
+    head, state = take_and_save(loader, 1)
+    assert "table.weight" not in repr(state)
+    resumed = aload.DataLoader(Embedded(), batch_size=5)
+    resumed.load_state_dict(state)
+    assert as_lists(head) + as_lists(resumed) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
