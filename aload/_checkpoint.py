@@ -17,6 +17,7 @@ stores whole, so a fresh loader's `state_dict()` is the template DCP loads into.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class DatasetResume:
         own = self.workers.get(worker)
         return self.start if own is None else own["dataset"]
 
+
+ENDED = "ended"
+"""Set in a stream worker's state once its stream ended: a resume reads nothing more from it."""
 
 WORKER_START = "start"
 """The key under which a worker's first batch brings the worker's state before it: where to
@@ -130,6 +134,19 @@ class Delivered:
         return cls(state["prefix"], set(state["beyond"]), states=states)
 
 
+def as_text(rng_state: torch.Tensor) -> str:
+    """A generator's state as text (base64), so that a state is plain data: JSON, YAML or a
+    DCP leaf hold it as well as `torch.save` does."""
+    return base64.b64encode(rng_state.numpy().tobytes()).decode("ascii")
+
+
+def as_tensor(rng_state: str | torch.Tensor) -> torch.Tensor:
+    """A generator's state from `as_text` (or as format 1 kept it: a tensor)."""
+    if isinstance(rng_state, torch.Tensor):
+        return rng_state
+    return torch.frombuffer(bytearray(base64.b64decode(rng_state)), dtype=torch.uint8)
+
+
 def _owner(worker: int | None, state: Any) -> tuple[int, Any]:
     """The worker a batch's state is of: a stream batch's own; a map-style batch has no worker
     until read, and its state names the one that read it, `(worker, state)`."""
@@ -164,7 +181,7 @@ def capture_start(config: LoaderConfig, epoch: int, *, starting: bool) -> dict[s
         if hasattr(sampler, "state_dict") and hasattr(sampler, "load_state_dict"):
             samplers.append({"state_dict": sampler.state_dict()})
         elif isinstance(generator, torch.Generator):
-            samplers.append({"generator": generator.get_state()})
+            samplers.append({"generator": as_text(generator.get_state())})
         elif generator is not None:
             samplers.append({"unreplayable": type(sampler).__name__})
         else:
@@ -179,8 +196,8 @@ def capture_start(config: LoaderConfig, epoch: int, *, starting: bool) -> dict[s
     own = config.generator
     return {
         "epoch": epoch,
-        "generator": None if own is None else own.get_state(),
-        "global_rng": torch.get_rng_state() if own is None and starting else None,
+        "generator": None if own is None else as_text(own.get_state()),
+        "global_rng": as_text(torch.get_rng_state()) if own is None and starting else None,
         "samplers": samplers,
         "dataset": dataset_state,
         "base_seed": None,
@@ -192,12 +209,12 @@ def restore_start(config: LoaderConfig, start: dict[str, Any]) -> None:
     """Put the generators, samplers and dataset back as they were when the epoch started
     (the global RNG is replayed separately, by `replaying_draws`)."""
     if start["generator"] is not None and config.generator is not None:
-        config.generator.set_state(start["generator"])
+        config.generator.set_state(as_tensor(start["generator"]))
     for sampler, saved in zip(_samplers(config), start["samplers"], strict=True):
         if "state_dict" in saved:
             sampler.load_state_dict(saved["state_dict"])
         elif "generator" in saved:
-            sampler.generator.set_state(saved["generator"])
+            sampler.generator.set_state(as_tensor(saved["generator"]))
     if start["dataset"] is not None:
         config.dataset.load_state_dict(start["dataset"])
 
@@ -212,7 +229,7 @@ def replaying_draws(start: dict[str, Any] | None) -> Iterator[None]:
         yield
         return
     callers = torch.get_rng_state()
-    torch.set_rng_state(recorded)
+    torch.set_rng_state(as_tensor(recorded))
     try:
         yield
     finally:

@@ -457,6 +457,8 @@ class Epoch:
             batch = job.value
             if batch is EXHAUSTED:  # a worker's stream ended: nothing to yield
                 self._delivered.add(job.seq, job.worker, False)
+                if job.state is not None:
+                    self._delivered.keep(job.worker, job.state)
                 continue
             if self._stage is not None:
                 batch = self._stage.hand_over(batch)

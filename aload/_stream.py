@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
-from ._checkpoint import WORKER_START
+from ._checkpoint import ENDED, WORKER_START
 from ._fetch import EXHAUSTED, Abandoned, Batch, Finish, JobState
 from ._worker_info import worker_dataset
 
@@ -60,6 +60,10 @@ class StreamReader:
             return EXHAUSTED
         iterator = self._iterators[worker]
         if iterator is None:
+            state = self._states.get(worker)
+            if state is not None and state.get(ENDED):  # its stream ended before the save
+                self._finished[worker] = True
+                return EXHAUSTED
             iterator = self._iterators[worker] = self._start(worker)
         if self._shared_lock is None:
             return self._next_batch(worker, iterator, job)
@@ -106,13 +110,16 @@ class StreamReader:
 
     def _next_batch(self, worker: int, iterator: Iterator[Any], job: JobState) -> Batch:
         samples = self._next_samples(worker, iterator, job)
-        if samples is None:
-            return EXHAUSTED
         state = self._snapshot(worker)
+        if state is not None and self._finished[worker]:
+            # Its state may say "start over" now: a resume must not read this stream again.
+            state[ENDED] = True
         initial, self._initial[worker] = self._initial[worker], None
         if state is not None and initial is not None:
             state[WORKER_START] = initial  # goes with the worker's first batch
         job.state = state
+        if samples is None:
+            return EXHAUSTED
         if self._batch_size is None:
             return self._finish.sample(samples[0])
         return self._finish.samples(samples)

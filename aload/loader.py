@@ -317,30 +317,32 @@ class DataLoader(Generic[T_co]):
         batches no rank delivered are dealt to these ranks as torch's `DistributedSampler`
         deals an epoch.
 
+        An epoch still running ends (its iterator stops, its workers are told to stop), as
+        torchdata's `StatefulDataLoader` drops its iterator: the next epoch started resumes.
+
         Raises:
             ValueError: when the state was saved by a loader with another dataset length or
                 other arguments, or cannot be replayed.
-            RuntimeError: when an epoch of this loader is still running.
         """
         state = readable(state, self._config)
-        if self._running_epochs():
-            raise RuntimeError(
-                "load_state_dict() was called while an epoch is running: close it first "
-                "(it.close() or leave its loop); the next epoch started resumes the state"
-            )
         check_resumable(state, self._config)
+        for epoch in list(self._epochs):  # as torchdata's StatefulDataLoader drops its iterator
+            epoch.stop()
         self._resume = state
 
     def _next_delivered(self) -> Delivered:
-        """The next epoch's record, empty but for where persistent copies of a map-style
-        dataset stand: where the last epoch left them (a stream's state after `iter()` comes
-        with its first batch instead)."""
+        """The next epoch's record, empty but for where persistent workers' copies of the
+        dataset stand: where the last epoch left them (a stream's iterator is made anew)."""
         delivered = Delivered()
         last = self._progress
-        persistent = self._persistent_pool is not None and not self._config.iterable
         # After an epoch left early they read ahead into batches nobody saw: unknown.
-        if persistent and last is not None and last[1].complete:
-            delivered.states = dict(last[1].states)
+        if self._persistent_pool is None or last is None or not last[1].complete:
+            return delivered
+        for worker, state in last[1].states.items():
+            if not self._config.iterable:
+                delivered.states[worker] = state
+            elif "dataset" in state:
+                delivered.states[worker] = {"dataset": state["dataset"]}
         return delivered
 
     def _running_epochs(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 import warnings
@@ -130,6 +131,39 @@ def test_state_is_small_and_picklable():
     state = loader.state_dict()
     it.close()
     assert len(pickle.dumps(state)) < 16_384
+
+
+JSON_LOADERS = {
+    "the global RNG, out of order": lambda: aload.DataLoader(
+        Jittery(37), batch_size=4, shuffle=True, num_workers=3, in_order=False
+    ),
+    "a generator, a sampler of its own": lambda: aload.DataLoader(
+        Jittery(37), batch_size=4, sampler=RandomSampler(range(37), generator=torch.Generator())
+    ),
+    "streams with their own state": lambda: aload.DataLoader(
+        EpochShuffledStream(40), batch_size=4, num_workers=2
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(JSON_LOADERS))
+def test_a_state_is_plain_data_that_json_keeps(name):
+    """Plain data: a state that went through JSON (generators' states are text; the keys of
+    per-worker maps come back as strings) resumes exactly."""
+    make = JSON_LOADERS[name]
+    loader = make()
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(3)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    rest = [batch.tolist() for batch in it]
+    resumed = make()
+    resumed.load_state_dict(state)
+    tail = as_lists(resumed)
+    assert head
+    if loader.in_order:
+        assert tail == rest
+    else:
+        assert sorted(flatten(tail)) == sorted(flatten(rest))
 
 
 @pytest.mark.parametrize(
@@ -612,3 +646,58 @@ def test_a_dataset_that_is_a_module_is_not_asked_for_its_weights():
     resumed = aload.DataLoader(Embedded(), batch_size=5)
     resumed.load_state_dict(state)
     assert as_lists(head) + as_lists(resumed) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+class RestartingStream(torch.utils.data.IterableDataset):
+    """Workers read their own slice, of different sizes; a stream that ended resets its
+    position, and counts its passes, so its state after the end says "start a new pass": a
+    resume must know the stream ended, and persistent copies must go on counting."""
+
+    def __init__(self, sizes):
+        self.sizes, self.position, self.passes = sizes, 0, 0
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, sizes = (0, [sum(self.sizes)]) if info is None else (info.id, self.sizes)
+        start = sum(sizes[:worker])
+        while self.position < sizes[worker]:
+            self.position += 1
+            yield self.passes * 1000 + start + self.position - 1
+        self.position = 0
+        self.passes += 1
+
+    def state_dict(self):
+        return {"position": self.position, "passes": self.passes}
+
+    def load_state_dict(self, state):
+        self.position, self.passes = state["position"], state["passes"]
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("stop", [0, 3, 5, 9])
+def test_a_stream_that_ended_is_not_read_again_and_persistent_copies_go_on(mode, persistent, stop):
+    def make():
+        return aload.DataLoader(
+            RestartingStream([10, 30]),
+            batch_size=4,
+            num_workers=2,
+            worker_mode=mode,
+            persistent_workers=persistent,
+        )
+
+    loader = make()
+    whole = [as_lists(loader) for _ in range(3)]
+    if persistent:  # each worker's copy counts its own passes
+        assert {i // 1000 for i in flatten(whole[2])} == {2}
+    loader = make()
+    as_lists(loader)
+    between = saved_and_loaded(loader.state_dict())
+    head, state = take_and_save(loader, stop)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert as_lists(head) + as_lists(resumed) == whole[1]
+    assert as_lists(resumed) == whole[2]
+    resumed = make()
+    resumed.load_state_dict(between)
+    assert as_lists(resumed) == whole[1]

@@ -156,16 +156,22 @@ def test_state_dict_refuses_to_mix_two_live_epochs():
     second.close()
 
 
-def test_load_state_dict_while_an_epoch_runs_is_refused():
-    loader = aload.DataLoader(Indexed(8), batch_size=2)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_loading_a_state_while_an_epoch_runs_ends_that_epoch(mode):
+    """As torchdata's StatefulDataLoader drops its iterator: the running epoch stops, and the
+    next epoch started is the loaded one."""
+    generator = torch.Generator().manual_seed(3)
+    loader = aload.DataLoader(
+        Indexed(8), batch_size=2, shuffle=True, num_workers=2, worker_mode=mode, generator=generator
+    )
     state = loader.state_dict()
+    expected = flatten(loader)  # the epoch the state describes
     it = iter(loader)
     next(it)
-    with pytest.raises(RuntimeError, match="while an epoch is running"):
-        loader.load_state_dict(state)
-    it.close()
     loader.load_state_dict(state)
-    assert flatten(loader) == list(range(8))
+    with pytest.raises(StopIteration):
+        next(it)
+    assert flatten(loader) == expected
 
 
 @pytest.mark.usefixtures("process_services")
