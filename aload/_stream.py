@@ -6,12 +6,13 @@ import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from itertools import islice
 from typing import Any
 
-from ._checkpoint import ENDED, WORKER_START
+from ._checkpoint import ENDED, WORKER_START, has_state
 from ._fetch import EXHAUSTED, Abandoned, Batch, Finish, JobState
-from ._worker_info import worker_dataset
+from ._worker_info import one_shot, worker_dataset
+
+_END = object()  # what next() returns once a stream ends
 
 WorkerState = dict[str, Any]
 """A worker's stream states after a batch: its dataset's and its iterator's `state_dict()`."""
@@ -50,7 +51,7 @@ class StreamReader:
         self._stateful: list[tuple[Any, Any]] = [(None, None)] * num_streams
         self._initial: list[WorkerState | None] = [None] * num_streams
         self._finished = [False] * num_streams
-        self._shared_lock = threading.Lock() if isinstance(dataset, Iterator) else None
+        self._shared_lock = threading.Lock() if one_shot(dataset) else None
         self._skip = skip or {}
         self._states = states or {}
 
@@ -80,15 +81,16 @@ class StreamReader:
         iterator = iter(source)
         if state is not None and "iterator" in state:
             iterator.load_state_dict(state["iterator"])
-        stateful_iterator = iterator is not source and hasattr(iterator, "state_dict")
+        # A dataset that is its own iterator keeps one state, the iterator's: it is loaded
+        # after iter(), which may be what makes it (as torchdata keeps it).
         self._stateful[worker] = (
-            source if hasattr(source, "state_dict") else None,
-            iterator if stateful_iterator else None,
+            source if iterator is not source and has_state(source) else None,
+            iterator if has_state(iterator) else None,
         )
         if state is None:  # re-read and drop what this worker delivered before
-            per_batch = self._batch_size or 1
-            for _ in islice(iterator, self._skip.get(worker, 0) * per_batch):
-                pass
+            for _ in range(self._skip.get(worker, 0) * (self._batch_size or 1)):
+                if next(iterator, _END) is _END:
+                    break
         # Where the stream starts: the state of a worker none of whose batches is delivered.
         # A state made by `__iter__`'s body does not exist before the first sample: then
         # such a worker resumes from the dataset the resumed loader holds.
@@ -130,7 +132,9 @@ class StreamReader:
         """The worker's next batch of samples (one, unbatched); None once its stream ends."""
         wanted = self._batch_size or 1
         samples = []
-        for sample in iterator:
+        # next(), not a for loop: that calls iter() again, and a dataset that is its own
+        # iterator may start over in __iter__ (torch's fetcher calls next() too).
+        while (sample := next(iterator, _END)) is not _END:
             samples.append(sample)
             if len(samples) == wanted:
                 return samples

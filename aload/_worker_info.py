@@ -127,7 +127,8 @@ def replica(dataset: Any) -> Any:
     kind = type(dataset)
     if (
         kind.__module__ == "builtins"
-        or isinstance(dataset, torch.Tensor | np.ndarray | Iterator)
+        or isinstance(dataset, torch.Tensor | np.ndarray)
+        or one_shot(dataset)
         or not hasattr(dataset, "__dict__")
     ):
         return dataset
@@ -139,6 +140,13 @@ def replica(dataset: Any) -> Any:
     twin = object.__new__(kind)
     twin.__dict__.update(dataset.__dict__)
     return twin
+
+
+def one_shot(dataset: Any) -> bool:
+    """An iterator that is not a torch Dataset (a generator, a file): it cannot be copied per
+    worker, so thread workers share it. A Dataset that is its own iterator is copied, as each
+    of torch's worker processes gets its own."""
+    return isinstance(dataset, Iterator) and not isinstance(dataset, torch.utils.data.Dataset)
 
 
 def draw_base_seed(generator: torch.Generator | None) -> int:

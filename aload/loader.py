@@ -499,10 +499,16 @@ class DataLoader(Generic[T_co]):
         return index_sampler if fast is None else fast  # type: ignore[return-value]
 
     def _dataset_resume(self, start: dict[str, Any], delivered: Delivered) -> DatasetResume | None:
-        """Where a resumed epoch's copies of a map-style dataset with its own state stood."""
+        """Where a resumed epoch's copies of a map-style dataset with its own state stood.
+
+        A copy none of whose batches was delivered starts as the epoch started: new copies
+        are made from the caller's dataset, which holds that state already (loading it again,
+        after the epoch's first draws, could undo them); running persistent copies load it.
+        """
         if self._config.iterable or not has_state(self._config.dataset):
             return None
-        return DatasetResume(start["dataset"], dict(delivered.states))
+        start_state = start["dataset"] if self._persistent_pool is not None else None
+        return DatasetResume(start_state, dict(delivered.states))
 
     def _process_plan(
         self,

@@ -59,6 +59,36 @@ def test_sharded_iterable_dataset_gives_torchs_samples_once_each(mode, num_worke
         assert ours == theirs  # one stream: torch's order too
 
 
+class OwnIterator(IterableDataset):
+    """A dataset that is its own iterator, and starts over in `__iter__` (a common recipe):
+    a loader must call iter() once per stream and next() after, as torch's fetcher does."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        info = torch_get_worker_info()
+        self.position, self.step = (0, 1) if info is None else (info.id, info.num_workers)
+        return self
+
+    def __next__(self):
+        if self.position >= self.n:
+            raise StopIteration
+        self.position += self.step
+        return self.position - self.step
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_dataset_that_is_its_own_iterator_is_read_as_torch_reads_it(mode, num_workers):
+    ds = OwnIterator(23)
+    theirs = samples(tud.DataLoader(ds, batch_size=4, num_workers=num_workers))
+    ours = samples(aload_loader(ds, mode, batch_size=4, num_workers=num_workers))
+    assert ours == theirs
+    assert sorted(ours) == list(range(23))
+
+
 @pytest.mark.anyio
 async def test_async_for_gives_torchs_shards_and_random_stream(anyio_backend):
     """The same samples and the same draws as torch's `for`, while the loop keeps beating."""
