@@ -71,6 +71,13 @@ class StreamReader:
         with self._shared_lock:
             return self._next_batch(worker, iterator, job)
 
+    def start_now(self) -> WorkerState | None:
+        """Start the only stream on the calling thread now (a single-process epoch, as
+        torch's starts it): the state it starts from, or None for a stream without one."""
+        self._iterators[0] = self._start(0)
+        initial, self._initial[0] = self._initial[0], None
+        return initial
+
     def _start(self, worker: int) -> Iterator[Any]:
         """The worker's iterator, where its stream stood at the checkpoint when resuming."""
         own = worker_dataset()  # a thread worker's replica; a process has its own copy

@@ -7,6 +7,7 @@ import math
 import threading
 import weakref
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -15,6 +16,7 @@ from torch.utils.data import Sampler
 
 from ._async_fetch import AsyncMapReader, AsyncStreamReader
 from ._checkpoint import (
+    WORKER_START,
     DatasetResume,
     Delivered,
     capture_start,
@@ -403,6 +405,17 @@ class DataLoader(Generic[T_co]):
             inline = isinstance(pool, InlinePool)
             if resumed or config.num_workers > 0:
                 source.prime()
+        if not config.iterable and not resumed and has_state(config.dataset):
+            # Where reading starts: after the epoch's draws (the dataset may checkpoint
+            # torch's global RNG, which they moved).
+            with suppress(AttributeError):
+                start["dataset"] = config.dataset.state_dict()
+        if inline and isinstance(read, StreamReader):
+            # torch calls iter(dataset) when a single-process epoch starts: so does this one
+            # (its errors are raised here, and a state saved before the first batch has it).
+            first = read.start_now()
+            if first is not None:
+                delivered.arrived(0, {WORKER_START: first})
         check = None
         if config.iterable and self._iterable_length_read is not None:
             check = length_check(config.dataset, self._iterable_length_read, config.num_workers)

@@ -701,3 +701,69 @@ def test_a_stream_that_ended_is_not_read_again_and_persistent_copies_go_on(mode,
     resumed = make()
     resumed.load_state_dict(between)
     assert as_lists(resumed) == whole[1]
+
+
+class GlobalDraws(torch.utils.data.Dataset):
+    """Draws from torch's global RNG on each read and checkpoints that RNG as its own state
+    (as torchdata's own test datasets do): its reads must resume right after the epoch's draws."""
+
+    def __len__(self):
+        return 30
+
+    def __getitem__(self, index):
+        return index * 1000 + int(torch.randint(1000, ()))
+
+    def state_dict(self):
+        return {"rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state):
+        torch.set_rng_state(state["rng"])
+
+
+class GlobalDrawsStream(torch.utils.data.IterableDataset):
+    """The same, for a stream whose iterator holds the state."""
+
+    def __iter__(self):
+        return GlobalDrawsIterator()
+
+
+class GlobalDrawsIterator:
+    def __init__(self):
+        self.position = 0
+
+    def __next__(self):
+        if self.position == 20:
+            raise StopIteration
+        self.position += 1
+        return int(torch.randint(1000, ()))
+
+    def state_dict(self):
+        return {"position": self.position, "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+        torch.set_rng_state(state["rng"])
+
+
+def global_draws_loader(stream: bool) -> aload.DataLoader:
+    if stream:
+        return aload.DataLoader(GlobalDrawsStream(), batch_size=4)
+    order = RandomSampler(range(30), generator=torch.Generator().manual_seed(1))
+    return aload.DataLoader(GlobalDraws(), batch_size=4, sampler=order)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("stop", [0, 2])
+def test_a_single_process_epoch_of_a_dataset_that_checkpoints_the_global_rng_resumes(stream, stop):
+    """Its state is taken where its reads start (after the epoch's own draws; for a stream,
+    at iter(loader), when torch calls iter(dataset)), so the resumed reads draw the same."""
+    loader = global_draws_loader(stream)
+    it = iter(loader)
+    for _ in range(stop):
+        next(it)
+    state = loader.state_dict()
+    rest = [batch.tolist() for batch in it]
+    torch.manual_seed(99)  # the resumed run's RNG is elsewhere: the state brings it back
+    resumed = global_draws_loader(stream)
+    resumed.load_state_dict(state)
+    assert as_lists(resumed) == rest

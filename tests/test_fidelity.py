@@ -89,6 +89,18 @@ def test_a_dataset_that_is_its_own_iterator_is_read_as_torch_reads_it(mode, num_
     assert sorted(ours) == list(range(23))
 
 
+class RefusesToStart(IterableDataset):
+    def __iter__(self):
+        raise FileNotFoundError("shard-00.tar")
+
+
+def test_a_single_process_epoch_calls_iter_on_the_dataset_when_it_starts_as_torch_does():
+    with pytest.raises(FileNotFoundError, match="shard-00"):
+        iter(tud.DataLoader(RefusesToStart(), batch_size=2))
+    with pytest.raises(FileNotFoundError, match="shard-00"):
+        iter(aload.DataLoader(RefusesToStart(), batch_size=2))
+
+
 @pytest.mark.anyio
 async def test_async_for_gives_torchs_shards_and_random_stream(anyio_backend):
     """The same samples and the same draws as torch's `for`, while the loop keeps beating."""
