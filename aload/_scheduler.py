@@ -264,10 +264,14 @@ class Epoch:
         stage_depth: int = 0,
         length: Callable[[], int] | None = None,
         check_yielded: Callable[[int], None] | None = None,
+        deal_over: int = 0,
     ) -> None:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
         each batch is read when it is taken, and nothing ahead of it. `length` answers `len()`
-        of the epoch; `check_yielded` is told how many batches have been yielded, after each."""
+        of the epoch; `check_yielded` is told how many batches have been yielded, after each.
+        `deal_over`: batch `seq` goes to worker `seq % deal_over`, as torch deals batches to
+        its worker processes (so each worker's own RNG draws what torch's would); 0: to
+        whichever worker is free."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
@@ -292,6 +296,7 @@ class Epoch:
         self._closed = False
         self.length = length
         self._check_yielded = check_yielded
+        self._deal_over = deal_over
         self._turn_due = 0.0  # when `anext` next gives other tasks a turn, at the latest
         # The running backend's cancellation check, found at the first `anext` (finding it
         # costs as much as the check): an epoch is iterated on one event loop.
@@ -532,7 +537,10 @@ class Epoch:
                 return
             job = _Job(*spec, self._read, self._mailbox)
             self._in_flight[job.seq] = job
-            self._pool.submit(job, job.worker)
+            worker = job.worker
+            if worker is None and self._deal_over:
+                worker = job.seq % self._deal_over
+            self._pool.submit(job, worker)
 
     def _collect(self) -> None:
         done = self._mailbox.done

@@ -320,7 +320,8 @@ class DataLoader(Generic[T_co]):
         deals an epoch.
 
         An epoch still running ends (its iterator stops, its workers are told to stop), as
-        torchdata's `StatefulDataLoader` drops its iterator: the next epoch started resumes.
+        torchdata's `StatefulDataLoader` drops its iterator: the next epoch started resumes,
+        on new persistent workers too.
 
         Raises:
             ValueError: when the state was saved by a loader with another dataset length or
@@ -330,6 +331,11 @@ class DataLoader(Generic[T_co]):
         check_resumable(state, self._config)
         for epoch in list(self._epochs):  # as torchdata's StatefulDataLoader drops its iterator
             epoch.stop()
+        # Resumed as a fresh loader resumes it, by new workers: running ones have read (and
+        # drawn from their own RNGs) past what the state describes.
+        pool, self._persistent_pool = self._persistent_pool, None
+        if pool is not None:
+            pool.shutdown()
         self._resume = state
 
     def _next_delivered(self) -> Delivered:
@@ -434,9 +440,19 @@ class DataLoader(Generic[T_co]):
             stage_depth=config.depth,
             length=self.__len__,
             check_yielded=check,
+            deal_over=self._deal_over(pool),
         )
         self._epochs.add(epoch)
         return EpochIterator(epoch)
+
+    def _deal_over(self, pool: WorkerPool) -> int:
+        """Over how many workers an epoch deals its batches in turn, as torch does: worker
+        processes reading map-style batches in order (each process draws from its own RNG,
+        so which batches it reads decides what it draws); else 0, any free worker."""
+        config = self._config
+        if isinstance(pool, ProcessPool) and not config.iterable and config.in_order:
+            return config.num_workers
+        return 0
 
     def _base_seed(self, start: dict[str, Any], resumed: bool) -> int:
         """The base seed of workers started now, drawn as torch draws it (from `generator`,

@@ -767,3 +767,22 @@ def test_a_single_process_epoch_of_a_dataset_that_checkpoints_the_global_rng_res
     resumed = global_draws_loader(stream)
     resumed.load_state_dict(state)
     assert as_lists(resumed) == rest
+
+
+def test_a_state_loaded_into_running_persistent_workers_is_resumed_by_new_ones():
+    """Running workers have drawn from their own RNGs past what the state describes: the
+    state is resumed as a fresh loader resumes it."""
+    loader = aload.DataLoader(
+        GlobalDraws(),
+        batch_size=4,
+        num_workers=2,
+        worker_mode="process",
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(4),
+    )
+    state = saved_and_loaded(loader.state_dict())
+    expected = as_lists(loader)
+    it = iter(loader)
+    next(it)
+    loader.load_state_dict(state)
+    assert as_lists(loader) == expected

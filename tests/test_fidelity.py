@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +100,31 @@ def test_a_single_process_epoch_calls_iter_on_the_dataset_when_it_starts_as_torc
         iter(tud.DataLoader(RefusesToStart(), batch_size=2))
     with pytest.raises(FileNotFoundError, match="shard-00"):
         iter(aload.DataLoader(RefusesToStart(), batch_size=2))
+
+
+class AugmentsFromTheGlobalRng(Dataset):
+    """Draws from torch's global RNG, as torchvision's random transforms do; the first batch
+    is slow, so a worker that is free first would take batches out of turn."""
+
+    def __len__(self):
+        return 48
+
+    def __getitem__(self, index):
+        if index < 4:
+            time.sleep(0.02)
+        return index * 1000 + int(torch.randint(1000, ()))
+
+
+def test_worker_processes_read_torchs_batches_so_they_draw_what_torchs_draw():
+    """torch deals batch k to worker k % num_workers; each process's RNG is its own, so which
+    batches a worker reads decides what its augmentations draw."""
+
+    def two_epochs(loader_class, **extra):
+        torch.manual_seed(5)
+        loader = loader_class(AugmentsFromTheGlobalRng(), batch_size=4, num_workers=2, **extra)
+        return [samples(loader), samples(loader)]
+
+    assert two_epochs(aload.DataLoader, worker_mode="process") == two_epochs(tud.DataLoader)
 
 
 @pytest.mark.anyio
