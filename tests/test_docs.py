@@ -61,6 +61,8 @@ def test_the_pages_have_the_blocks_this_test_expects():
     assert {"index.md", "async-datasets.md", "gpu.md", "checkpoints.md"} <= with_blocks
 
 
+# The DCP block runs in one process, which DCP warns about (the guide says so).
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_every_block_runs_and_prints_what_the_text_says(
     sample_store, tmp_path, monkeypatch, capsys
 ):
