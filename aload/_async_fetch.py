@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 
+from ._checkpoint import ENDED, WORKER_START, DatasetResume, has_state
 from ._fetch import EXHAUSTED, Batch, Finish, JobState
 from ._retry import Reads
 from ._sample_random import BatchKey, EpochSeeds, fetcher_reading, reading
@@ -34,7 +35,8 @@ class AsyncMapReader:
 
     Item reads go to the loop pool's fetchers, so all batches in flight share its
     `max_concurrency`; a read that still fails after retries is dropped if the failure
-    budget allows, else it fails the batch.
+    budget allows, else it fails the batch. A dataset with its own state is put back where a
+    resumed epoch left it (`resume`), and each batch carries the state after its reads.
     """
 
     def __init__(
@@ -46,7 +48,12 @@ class AsyncMapReader:
         reads: Reads,
         pool: LoopPool,
         seeds: EpochSeeds | None = None,
+        resume: DatasetResume | None = None,
     ) -> None:
+        self._dataset = dataset
+        self._stateful = has_state(dataset)
+        self._resume = resume
+        self._before: dict[str, Any] | None = None
         self._getitem = reads.aretrying(dataset.__getitem__)
         getitems = getattr(dataset, "__getitems__", None)
         async_getitems = getitems if inspect.iscoroutinefunction(getitems) else None
@@ -58,21 +65,55 @@ class AsyncMapReader:
         self._seeds = seeds
 
     async def __call__(self, job: JobState) -> Batch:
+        if self._stateful:
+            self._start_state()
+        after: dict[str, Any] = {}  # the dataset's state after this batch's last read
+        read_one = self._read_one if not self._stateful else partial(self._read_noting, after)
         if not self._batched:
-            (sample,) = await self._pool.read_all(self._read_one, [job.indices])
+            (sample,) = await self._pool.read_all(read_one, [job.indices])
+            self._keep_state(job, after)
             finish = partial(self._finish.keyed_sample, sample, job.indices, self._seeds)
             return await self._pool.run_cpu(finish, (sample, job.indices))
         if self._getitems is not None:
             with reading(self._seeds, BatchKey(job.indices)):
                 samples = await self._getitems(job.indices)
+            if self._stateful:
+                after["dataset"] = self._dataset.state_dict()
             keys = job.indices
         else:
-            read = await self._pool.read_all(self._read_one, job.indices)
+            read = await self._pool.read_all(read_one, job.indices)
             kept = [i for i, sample in enumerate(read) if sample is not _SKIPPED]
             samples = [read[i] for i in kept]
             keys = [job.indices[i] for i in kept]
+        self._keep_state(job, after)
         finish = partial(self._finish.keyed, samples, keys, self._seeds)
         return await self._pool.run_cpu(finish, (samples, keys))
+
+    def _start_state(self) -> None:
+        """At the first batch, on aload's loop: load where a resumed epoch left the dataset,
+        and note the state reads start from (it goes with the first batch)."""
+        resume, self._resume = self._resume, None
+        if resume is not None and (state := resume.state_for(0)) is not None:
+            self._dataset.load_state_dict(state)
+        if self._before is None:
+            self._before = {"dataset": self._dataset.state_dict()}
+
+    async def _read_noting(self, after: dict[str, Any], index: Any) -> Any:
+        """`_read_one`, noting the dataset's state as the read ends (before any other read
+        can move it, with `max_concurrency=1`: reads of other batches overlap otherwise)."""
+        try:
+            return await self._read_one(index)
+        finally:
+            after["dataset"] = self._dataset.state_dict()
+
+    def _keep_state(self, job: JobState, after: dict[str, Any]) -> None:
+        """The batch carries the dataset's state after its last read."""
+        if not self._stateful:
+            return
+        state = dict(after)
+        if self._before:
+            state[WORKER_START], self._before = self._before, {}
+        job.state = (0, state)
 
     async def _read_one(self, index: Any) -> Any:
         if self._seeds is not None:
@@ -98,6 +139,7 @@ class AsyncStreamReader:
         drop_last: bool,
         pool: LoopPool,
         skip: int = 0,
+        state: dict[str, Any] | None = None,
     ) -> None:
         self._dataset = dataset
         self._finish = finish
@@ -105,7 +147,10 @@ class AsyncStreamReader:
         self._drop_last = drop_last
         self._pool = pool
         self._skip = skip
+        self._state = state  # where a resumed stream stood (its dataset's, its iterator's)
         self._iterator: Any = None
+        self._stateful: tuple[Any, Any] = (None, None)
+        self._initial: dict[str, Any] | None = None
         self._finished = False
         self._lock: anyio.Lock | None = None
 
@@ -114,6 +159,7 @@ class AsyncStreamReader:
             self._lock = anyio.Lock()
         async with self._lock:  # one stream: batches are taken from it one after another
             samples = await self._next_samples()
+            job.state = self._snapshot()
         if samples is None:
             return EXHAUSTED
         if self._batch_size is None:
@@ -129,9 +175,10 @@ class AsyncStreamReader:
         samples: list[Any] = []
         try:
             if self._iterator is None:
-                self._iterator = aiter(self._dataset)
-                for _ in range(self._skip * wanted):  # resuming: drop what was delivered
-                    await anext(self._iterator)
+                if self._state is not None and self._state.get(ENDED):
+                    self._finished = True  # it ended before the save
+                    return None
+                await self._start()
             while len(samples) < wanted:
                 samples.append(await anext(self._iterator))
         except StopAsyncIteration:
@@ -139,3 +186,40 @@ class AsyncStreamReader:
         if not samples or (self._finished and self._drop_last and self._batch_size):
             return None
         return samples
+
+    async def _start(self) -> None:
+        """Open the stream where it stood: the dataset's state loaded before `aiter()`, the
+        iterator's after (as for streams read by workers), or else the delivered batches read
+        again and dropped."""
+        dataset, state = self._dataset, self._state
+        if state is not None and "dataset" in state:
+            dataset.load_state_dict(state["dataset"])
+        self._iterator = iterator = aiter(dataset)
+        if state is not None and "iterator" in state:
+            iterator.load_state_dict(state["iterator"])
+        self._stateful = (
+            dataset if iterator is not dataset and has_state(dataset) else None,
+            iterator if has_state(iterator) else None,
+        )
+        if state is None:
+            for _ in range(self._skip * (self._batch_size or 1)):
+                await anext(iterator)
+        self._initial = self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        """The stream's states as they stand now (after a batch); the first batch's also
+        brings the one it started from."""
+        dataset, iterator = self._stateful
+        if dataset is None and iterator is None:
+            return None
+        state: dict[str, Any] = {}
+        if dataset is not None:
+            state["dataset"] = dataset.state_dict()
+        if iterator is not None:
+            state["iterator"] = iterator.state_dict()
+        if self._finished:
+            state[ENDED] = True
+        initial, self._initial = self._initial, None
+        if initial is not None:
+            state[WORKER_START] = initial
+        return state

@@ -393,7 +393,9 @@ class DataLoader(Generic[T_co]):
                 seeds = EpochSeeds(seed, start["epoch"])
                 loop_pool = self._loop_pool(config, seeds, blocking, reads)
                 pool, owns_pool = loop_pool, True
-                source, read = self._async_plan(finish, reads, start, delivered, loop_pool, seeds)
+                source, read = self._async_plan(
+                    finish, reads, start, delivered, loop_pool, seeds, resumed
+                )
             else:
                 plan = None
                 resume = self._dataset_resume(start, delivered) if resumed else None
@@ -589,6 +591,7 @@ class DataLoader(Generic[T_co]):
         delivered: Delivered,
         pool: LoopPool,
         seeds: EpochSeeds,
+        resumed: bool,
     ) -> tuple[JobSource, Any]:
         """Which jobs an epoch of an async dataset has, and how aload's loop reads one."""
         config = self._config
@@ -600,6 +603,7 @@ class DataLoader(Generic[T_co]):
                 config.drop_last,
                 pool,
                 skip=delivered.per_worker.get(0, 0),
+                state=delivered.states.get(0),
             )
             return WorkerStreams(1, delivered.next_turn), reader
         reader = AsyncMapReader(
@@ -609,6 +613,7 @@ class DataLoader(Generic[T_co]):
             reads=reads,
             pool=pool,
             seeds=seeds,
+            resume=self._dataset_resume(start, delivered) if resumed else None,
         )
         return IndexBatches(self._index_batches(start), delivered), reader
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 import anyio
 import pytest
 import torch
-from conftest import assert_resumes_exactly, flatten
+from conftest import assert_resumes_exactly, flatten, heartbeat
 
 import aload
 
@@ -366,3 +366,71 @@ def test_async_dataset_resumes_mid_epoch():
         )
 
     assert_resumes_exactly(make, stop=5)
+
+
+class RemoteWithNoise(Remote):
+    """An async map-style dataset that adds noise from a generator it checkpoints."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.generator = torch.Generator().manual_seed(0)
+
+    async def __getitem__(self, index):
+        noise = int(torch.randint(1000, (), generator=self.generator))
+        return await super().__getitem__(index) * 1000 + noise
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+class RemoteStream:
+    """An async stream that counts where it stands, and starts over (a new pass) once it
+    ends: its state must resume it, and a stream that ended is not read again."""
+
+    def __init__(self, n):
+        self.n, self.position, self.passes = n, 0, 0
+
+    async def __aiter__(self):
+        while self.position < self.n:
+            await anyio.sleep(0.0005)
+            self.position += 1
+            yield self.passes * 1000 + self.position - 1
+        self.position = 0
+        self.passes += 1
+
+    def state_dict(self):
+        return {"position": self.position, "passes": self.passes}
+
+    def load_state_dict(self, state):
+        self.position, self.passes = state["position"], state["passes"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stop", [0, 3, 6])
+@pytest.mark.parametrize("kind", ["map-style", "stream"])
+async def test_an_async_datasets_own_state_resumes(anyio_backend, kind, stop):
+    def make():
+        if kind == "stream":
+            return aload.DataLoader(RemoteStream(22), batch_size=4)
+        return aload.DataLoader(
+            RemoteWithNoise(30),
+            batch_size=4,
+            shuffle=True,
+            max_concurrency=1,  # one read at a time: the draws keep their order
+            generator=torch.Generator().manual_seed(2),
+        )
+
+    async with heartbeat() as beat:
+        loader = make()
+        batches = aiter(loader)
+        head = [(await anext(batches)).tolist() for _ in range(stop)]
+        state = loader.state_dict()
+        rest = [batch.tolist() async for batch in batches]
+        resumed = make()
+        resumed.load_state_dict(state)
+        assert [batch.tolist() async for batch in resumed] == rest
+        assert head + rest == [batch.tolist() async for batch in make()]
+    assert beat.longest_gap < 0.25
