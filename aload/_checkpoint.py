@@ -47,15 +47,15 @@ def has_state(obj: Any) -> bool:
 
 @dataclass(frozen=True)
 class DatasetResume:
-    """What a map-style dataset's copies resume from: each worker's state (`{"dataset": ...}`)
-    after its last delivered batch or before its first, else the epoch's starting state."""
+    """Where a resumed epoch's copies of a map-style dataset stood: each worker's state
+    (`{"dataset": ...}`) after its last delivered batch, or before its first. A worker with
+    none starts from its new copy, made from the caller's dataset as the epoch started."""
 
-    start: Any
     workers: dict[int, Any]
 
     def state_for(self, worker: int) -> Any:
         own = self.workers.get(worker)
-        return self.start if own is None else own["dataset"]
+        return None if own is None else own["dataset"]
 
 
 ENDED = "ended"

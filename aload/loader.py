@@ -398,7 +398,7 @@ class DataLoader(Generic[T_co]):
                 )
             else:
                 plan = None
-                resume = self._dataset_resume(start, delivered) if resumed else None
+                resume = self._dataset_resume(delivered) if resumed else None
                 if config.worker_mode == "process":
                     plan = self._process_plan(delivered, start["epoch"], resume)
                 pool, owns_pool = self._pool(config, blocking, start, resumed, plan)
@@ -529,17 +529,12 @@ class DataLoader(Generic[T_co]):
         fast = fast_index_batches(index_sampler, as_tensors)
         return index_sampler if fast is None else fast  # type: ignore[return-value]
 
-    def _dataset_resume(self, start: dict[str, Any], delivered: Delivered) -> DatasetResume | None:
-        """Where a resumed epoch's copies of a map-style dataset with its own state stood.
-
-        A copy none of whose batches was delivered starts as the epoch started: new copies
-        are made from the caller's dataset, which holds that state already (loading it again,
-        after the epoch's first draws, could undo them); running persistent copies load it.
-        """
+    def _dataset_resume(self, delivered: Delivered) -> DatasetResume | None:
+        """Where a resumed epoch's copies of a map-style dataset with its own state stood
+        (its workers are new: loading a state stops persistent ones)."""
         if self._config.iterable or not has_state(self._config.dataset):
             return None
-        start_state = start["dataset"] if self._persistent_pool is not None else None
-        return DatasetResume(start_state, dict(delivered.states))
+        return DatasetResume(dict(delivered.states))
 
     def _process_plan(
         self,
@@ -613,7 +608,7 @@ class DataLoader(Generic[T_co]):
             reads=reads,
             pool=pool,
             seeds=seeds,
-            resume=self._dataset_resume(start, delivered) if resumed else None,
+            resume=self._dataset_resume(delivered) if resumed else None,
         )
         return IndexBatches(self._index_batches(start), delivered), reader
 
