@@ -19,7 +19,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ._checkpoint import WORKER_START, DatasetResume, has_state
 from ._cuda import pin_batch
-from ._intra_op import on_one_thread
+from ._intra_op import SERIAL_ELEMENTS, on_one_thread
 from ._retry import Reads
 from ._sample_random import BatchKey, EpochSeeds, Reading, leave, reading
 from ._worker_info import collate_in_thread, get_worker_info, worker_dataset
@@ -178,14 +178,17 @@ def _plain_map_reader(
         return read_one
     gather = batch_gather(dataset, finish)
     if gather is not None:
-        gather = on_one_thread(gather)
+        alone = on_one_thread(gather)
+        # Fewer rows than this make ops too small for torch to parallelise: the thread's
+        # setting need not change (three calls into the OpenMP runtime, ~1 us a batch).
+        serial_rows = SERIAL_ELEMENTS // max(1, row_elements(gather))
         finished = finish.batch if finish.pin else None
 
         def read_gathered(job: JobState) -> Batch:
             index = job.indices
             if type(index) is not torch.Tensor:  # lists from samplers without a fast path
                 index = torch.as_tensor(index, dtype=torch.long)
-            batch = gather(index)
+            batch = gather(index) if len(index) < serial_rows else alone(index)
             return batch if finished is None else finished(batch)
 
         return read_gathered
@@ -235,11 +238,25 @@ def batch_gather(dataset: Any, finish: Finish) -> Gather | None:
     return vectorized_gather(dataset, pin=finish.pin)
 
 
-def batch_bytes(gather: Gather, batch_size: int) -> int:
-    """The bytes of a batch of `batch_size` rows read by `gather` (from a dataset of at least
-    one row): one row's, gathered once, times the batch size."""
+def _one_row(gather: Gather) -> list[torch.Tensor]:
+    """The tensors of one row read by `gather` (from a dataset of at least one row)."""
     row = gather(torch.zeros(1, dtype=torch.long))
-    return batch_size * sum(t.nbytes for t in (row if isinstance(row, list) else [row]))
+    return row if isinstance(row, list) else [row]
+
+
+def batch_bytes(gather: Gather, batch_size: int) -> int:
+    """The bytes of a batch of `batch_size` rows read by `gather`: one row's times the batch
+    size."""
+    return batch_size * sum(t.nbytes for t in _one_row(gather))
+
+
+def row_elements(gather: Gather) -> int:
+    """The elements of the widest tensor of a row read by `gather` (0 for an empty dataset):
+    each tensor is gathered by its own op."""
+    try:
+        return max(t.numel() for t in _one_row(gather))
+    except IndexError:
+        return 0
 
 
 def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:

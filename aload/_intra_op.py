@@ -20,6 +20,10 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
+SERIAL_ELEMENTS = 32768
+"""torch's grain size (`at::internal::GRAIN_SIZE`): an op on fewer elements runs on the calling
+thread without a team, so it has none to wait for and needs no setting changed."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 

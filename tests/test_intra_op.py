@@ -51,3 +51,30 @@ async def test_gathers_on_the_callers_thread_leave_its_setting(anyio_backend):
             assert sum([len(b[0]) async for b in loader]) == 4096
         assert beat.longest_gap < 0.035
         assert torch.get_num_threads() == before
+
+
+class SeesItsThreads(torch.Tensor):
+    """Notes how many intra-op threads each `index_select` on it may use."""
+
+    seen: list[int] = []  # noqa: RUF012 - one list for the test
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.index_select:
+            cls.seen.append(torch.get_num_threads())
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@needs_a_team
+@pytest.mark.parametrize(("width", "expected"), [(64, "the caller's"), (512, 1)])
+def test_a_gather_big_enough_to_run_on_a_team_runs_on_the_callers_thread_alone(width, expected):
+    """256 rows of 64 floats are below torch's grain: the op runs on the calling thread with
+    no team, and the setting is left alone; 256 rows of 512 would fan out, so they get one."""
+    before = torch.get_num_threads()
+    SeesItsThreads.seen.clear()
+    data = TensorDataset(torch.randn(1024, width).as_subclass(SeesItsThreads))
+    loader = aload.DataLoader(data, batch_size=256, num_workers=0)
+    assert sum(len(b[0]) for b in loader) == 1024
+    gathered = SeesItsThreads.seen[-4:]  # the epoch's four batches
+    assert gathered == [before if expected == "the caller's" else expected] * 4
+    assert torch.get_num_threads() == before
