@@ -188,7 +188,7 @@ def _plain_map_reader(
             index = job.indices
             if type(index) is not torch.Tensor:  # lists from samplers without a fast path
                 index = torch.as_tensor(index, dtype=torch.long)
-            batch = gather(index) if len(index) < serial_rows else alone(index)
+            batch = gather(index) if index.numel() < serial_rows else alone(index)
             return batch if finished is None else finished(batch)
 
         return read_gathered

@@ -84,8 +84,8 @@ def _cut(
             yield torch.cat((carry, chunk[:need]))
             chunk, carry = chunk[need:], None
         whole = len(chunk) - len(chunk) % batch_size
-        for start in range(0, whole, batch_size):
-            yield chunk[start : start + batch_size]
+        if whole:  # one call makes every view (half the cost of slicing them one by one)
+            yield from chunk[:whole].split(batch_size)
         if whole < len(chunk):
             carry = chunk[whole:]
     if carry is not None and len(carry) and not drop_last:

@@ -448,7 +448,12 @@ class Epoch:
     def _poll(self) -> Any:
         """The next batch if one is due; else `_WAIT` (workers are on it) or `_END`."""
         while not self._closed:
-            job = self._take_one() if self._stage is None else self._take_staged()
+            if self._stage is not None:
+                job = self._take_staged()
+            elif self._in_place:  # (a call less per batch than through `_take_one`)
+                job = self._take_in_place()
+            else:
+                job = self._take()
             if job is None:
                 if self._source_done and not self._in_flight:
                     self._delivered.complete = True
@@ -470,9 +475,12 @@ class Epoch:
             self._delivered.add(job.seq, job.worker, True)
             if job.state is not None:  # where the batch's worker stands after it
                 self._delivered.keep(job.worker, job.state)
-            ready = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
             meter = self._meter
-            meter.delivered(count_samples(job.indices, batch), ready, len(self._in_flight))
+            if self._in_place:  # nothing is read ahead
+                meter.delivered(count_samples(job.indices, batch), len(self._staged), 0)
+            else:
+                ready = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
+                meter.delivered(count_samples(job.indices, batch), ready, len(self._in_flight))
             if self._check_yielded is not None:
                 self._check_yielded(meter.batches)
             return batch
