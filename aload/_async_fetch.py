@@ -16,6 +16,7 @@ from ._checkpoint import ENDED, WORKER_START, DatasetResume, has_state
 from ._fetch import EXHAUSTED, Batch, Finish, JobState
 from ._retry import Reads
 from ._sample_random import BatchKey, EpochSeeds, fetcher_reading, reading
+from ._stream import snapshot, stateful_parts
 from .workers.loop import LoopPool
 
 _SKIPPED: Any = object()
@@ -197,10 +198,7 @@ class AsyncStreamReader:
         self._iterator = iterator = aiter(dataset)
         if state is not None and "iterator" in state:
             iterator.load_state_dict(state["iterator"])
-        self._stateful = (
-            dataset if iterator is not dataset and has_state(dataset) else None,
-            iterator if has_state(iterator) else None,
-        )
+        self._stateful = stateful_parts(dataset, iterator)
         if state is None:
             for _ in range(self._skip * (self._batch_size or 1)):
                 await anext(iterator)
@@ -209,17 +207,5 @@ class AsyncStreamReader:
     def _snapshot(self) -> dict[str, Any] | None:
         """The stream's states as they stand now (after a batch); the first batch's also
         brings the one it started from."""
-        dataset, iterator = self._stateful
-        if dataset is None and iterator is None:
-            return None
-        state: dict[str, Any] = {}
-        if dataset is not None:
-            state["dataset"] = dataset.state_dict()
-        if iterator is not None:
-            state["iterator"] = iterator.state_dict()
-        if self._finished:
-            state[ENDED] = True
         initial, self._initial = self._initial, None
-        if initial is not None:
-            state[WORKER_START] = initial
-        return state
+        return snapshot(self._stateful, self._finished, initial)

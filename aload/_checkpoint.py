@@ -188,9 +188,10 @@ def capture_start(config: LoaderConfig, epoch: int, *, starting: bool) -> dict[s
             samplers.append({})
     dataset = config.dataset
     dataset_state = None
-    if has_state(dataset):
-        # What workers copy their dataset from (a worker none of whose batches is delivered
-        # resumes from it). A state made by `__iter__` does not exist yet: nothing to keep.
+    # What workers copy their dataset from (a worker none of whose batches is delivered
+    # resumes from it). A state made by `__iter__` does not exist yet: nothing to keep. A
+    # starting map-style epoch takes it once its draws are made (the loader's `_epoch`).
+    if has_state(dataset) and (config.iterable or not starting):
         with suppress(AttributeError):
             dataset_state = dataset.state_dict()
     own = config.generator

@@ -88,12 +88,7 @@ class StreamReader:
         iterator = iter(source)
         if state is not None and "iterator" in state:
             iterator.load_state_dict(state["iterator"])
-        # A dataset that is its own iterator keeps one state, the iterator's: it is loaded
-        # after iter(), which may be what makes it (as torchdata keeps it).
-        self._stateful[worker] = (
-            source if iterator is not source and has_state(source) else None,
-            iterator if has_state(iterator) else None,
-        )
+        self._stateful[worker] = stateful_parts(source, iterator)
         if state is None:  # re-read and drop what this worker delivered before
             for _ in range(self._skip.get(worker, 0) * (self._batch_size or 1)):
                 if next(iterator, _END) is _END:
@@ -107,26 +102,12 @@ class StreamReader:
 
     def _snapshot(self, worker: int) -> WorkerState | None:
         """The worker's dataset and iterator states, as they stand now (after a batch)."""
-        dataset, iterator = self._stateful[worker]
-        if dataset is None and iterator is None:
-            return None
-        state: WorkerState = {}
-        if dataset is not None:
-            state["dataset"] = dataset.state_dict()
-        if iterator is not None:
-            state["iterator"] = iterator.state_dict()
-        return state
+        return snapshot(self._stateful[worker])
 
     def _next_batch(self, worker: int, iterator: Iterator[Any], job: JobState) -> Batch:
         samples = self._next_samples(worker, iterator, job)
-        state = self._snapshot(worker)
-        if state is not None and self._finished[worker]:
-            # Its state may say "start over" now: a resume must not read this stream again.
-            state[ENDED] = True
         initial, self._initial[worker] = self._initial[worker], None
-        if state is not None and initial is not None:
-            state[WORKER_START] = initial  # goes with the worker's first batch
-        job.state = state
+        job.state = snapshot(self._stateful[worker], self._finished[worker], initial)
         if samples is None:
             return EXHAUSTED
         if self._batch_size is None:
@@ -151,6 +132,37 @@ class StreamReader:
         if not samples or self._drop_last:
             return None
         return samples
+
+
+def stateful_parts(source: Any, iterator: Any) -> tuple[Any, Any]:
+    """Which of a stream's dataset and iterator keep a state (None for one that does not).
+    A dataset that is its own iterator keeps one state, the iterator's: it is loaded after
+    iter(), which may be what makes it (as torchdata keeps it)."""
+    return (
+        source if iterator is not source and has_state(source) else None,
+        iterator if has_state(iterator) else None,
+    )
+
+
+def snapshot(
+    parts: tuple[Any, Any], ended: bool = False, initial: WorkerState | None = None
+) -> WorkerState | None:
+    """A stream's states as they stand now (`stateful_parts`); None when it keeps none.
+    `ended`: its stream ended, so a resume reads nothing more from it (its state may say
+    "start over"); `initial`: the state it started from, which goes with its first batch."""
+    dataset, iterator = parts
+    if dataset is None and iterator is None:
+        return None
+    state: WorkerState = {}
+    if dataset is not None:
+        state["dataset"] = dataset.state_dict()
+    if iterator is not None:
+        state["iterator"] = iterator.state_dict()
+    if ended:
+        state[ENDED] = True
+    if initial is not None:
+        state[WORKER_START] = initial
+    return state
 
 
 def length_check(dataset: Any, reported: int, num_workers: int) -> Callable[[int], None]:

@@ -44,6 +44,20 @@ class Indexed(Dataset):
         return index
 
 
+class PassesState:
+    """A stream's state as `position` (samples read this pass) and `passes` (passes ended):
+    for test datasets that start a new pass once one ends."""
+
+    position: int
+    passes: int
+
+    def state_dict(self):
+        return {"position": self.position, "passes": self.passes}
+
+    def load_state_dict(self, state):
+        self.position, self.passes = state["position"], state["passes"]
+
+
 class Shards(IterableDataset):
     """Each worker reads every num_workers-th item, starting at its id."""
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 import anyio
 import pytest
 import torch
-from conftest import assert_resumes_exactly, flatten, heartbeat
+from conftest import PassesState, assert_resumes_exactly, flatten, heartbeat
 
 import aload
 
@@ -386,7 +386,7 @@ class RemoteWithNoise(Remote):
         self.generator.set_state(state["generator"])
 
 
-class RemoteStream:
+class RemoteStream(PassesState):
     """An async stream that counts where it stands, and starts over (a new pass) once it
     ends: its state must resume it, and a stream that ended is not read again."""
 
@@ -400,12 +400,6 @@ class RemoteStream:
             yield self.passes * 1000 + self.position - 1
         self.position = 0
         self.passes += 1
-
-    def state_dict(self):
-        return {"position": self.position, "passes": self.passes}
-
-    def load_state_dict(self, state):
-        self.position, self.passes = state["position"], state["passes"]
 
 
 @pytest.mark.anyio

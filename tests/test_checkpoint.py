@@ -9,7 +9,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import Indexed, Shards, flatten, saved_and_loaded, take_and_save
+from conftest import (
+    Indexed,
+    PassesState,
+    Shards,
+    flatten,
+    saved_and_loaded,
+    take_and_save,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import (
@@ -648,7 +655,7 @@ def test_a_dataset_that_is_a_module_is_not_asked_for_its_weights():
     assert as_lists(head) + as_lists(resumed) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 
 
-class RestartingStream(torch.utils.data.IterableDataset):
+class RestartingStream(PassesState, torch.utils.data.IterableDataset):
     """Workers read their own slice, of different sizes; a stream that ended resets its
     position, and counts its passes, so its state after the end says "start a new pass": a
     resume must know the stream ended, and persistent copies must go on counting."""
@@ -665,12 +672,6 @@ class RestartingStream(torch.utils.data.IterableDataset):
             yield self.passes * 1000 + start + self.position - 1
         self.position = 0
         self.passes += 1
-
-    def state_dict(self):
-        return {"position": self.position, "passes": self.passes}
-
-    def load_state_dict(self, state):
-        self.position, self.passes = state["position"], state["passes"]
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
