@@ -358,6 +358,7 @@ class Epoch:
                 token.backend_class.run_sync_soon(arrived.set, (), token.native_token)
 
         self._mailbox.waiters.add(wake)
+        self._pool.begin()
         try:
             if self._mailbox.done or self._closed:
                 return
@@ -407,6 +408,7 @@ class Epoch:
     def _wait_blocking(self, deadline: float | None) -> None:
         arrived = threading.Event()
         self._mailbox.waiters.add(arrived.set)
+        self._pool.begin()
         try:
             if self._mailbox.done or self._closed:
                 return

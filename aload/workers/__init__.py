@@ -26,6 +26,11 @@ class WorkerPool(Protocol):
     def submit(self, job: Job, worker: int | None = None) -> None:
         """Queue `job`, on worker `worker` when the pool has one queue per worker."""
 
+    def begin(self) -> None:
+        """The consumer waits for a result: start what the pool held back until then (a
+        process pool's forks, which hold the GIL, so as not to stall the consumer's thread
+        while it sets up its epoch)."""
+
     def shutdown(self) -> None:
         """Ask every worker to stop after its current job, failing jobs still queued (and any
         submitted later); does not wait."""

@@ -12,6 +12,9 @@ class InlinePool:
     def submit(self, job: Job, worker: int | None = None) -> None:
         job.run()
 
+    def begin(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         pass
 

@@ -119,6 +119,10 @@ class LoopPool:
             raise call.error
         return call.value
 
+    def begin(self) -> None:
+        if self._cpu is not None:
+            self._cpu.begin()
+
     def shutdown(self) -> None:
         with self._lock:
             self._closing = True

@@ -99,7 +99,11 @@ class ProcessPool:
         # workers read it once per item, without a lock.
         self._abandon = context.Value("b", 0, lock=False)
         self._worker_args = (num_workers, base_seed, dataset, worker_init_fn, plan, self._abandon)
+        # A background start waits for the consumer's first wait (`begin`): a fork holds the
+        # GIL, and forking while the caller's thread still sets up its epoch would stall it.
+        self._begun = threading.Event()
         if not background:
+            self._begun.set()
             self._start()
         self._collector = threading.Thread(
             target=self._run, args=(background,), name="aload-worker-collector", daemon=True
@@ -163,12 +167,16 @@ class ProcessPool:
     def _run(self, start: bool) -> None:
         """The collector thread: start the workers if asked, then collect until they end."""
         if start:
+            self._begun.wait()
             try:
                 self._start(background=True)
             except BaseException as error:
                 self._give_up(error)
                 return
         self._collect()
+
+    def begin(self) -> None:
+        self._begun.set()
 
     def submit(self, job: Job, worker: int | None = None) -> None:
         read: ProcessRead = job.read  # type: ignore[attr-defined]
@@ -206,6 +214,7 @@ class ProcessPool:
                 return
             self._closed = True
             self._closed_at = time.monotonic()
+            self._begun.set()  # a start not begun yet ends at once
             waiting = self._waiting
             if waiting is None:  # started; else the start stops them as soon as it ends
                 self._stop_workers()

@@ -76,6 +76,9 @@ class ThreadPool:
             stop_at_exit(thread=thread)
         self._started = wanted
 
+    def begin(self) -> None:
+        pass  # threads start as their first job comes
+
     def shutdown(self) -> None:
         """Stop every thread after its current job; queued jobs fail rather than vanish."""
         with self._lock:
