@@ -78,8 +78,9 @@ class Heartbeat:
         self.beats = 0
         self.longest_gap = 0.0
 
-    async def run(self) -> None:
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         last = time.perf_counter()
+        task_status.started()
         while True:
             await anyio.sleep(0.001)
             now = time.perf_counter()
@@ -90,10 +91,11 @@ class Heartbeat:
 
 @contextlib.asynccontextmanager
 async def heartbeat() -> AsyncIterator[Heartbeat]:
-    """Run a `Heartbeat` on the current loop for the body of the `async with`."""
+    """Run a `Heartbeat` on the current loop for the body of the `async with`, beating
+    before the body starts (so a stall in the body's first synchronous stretch counts)."""
     beat = Heartbeat()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(beat.run)
+        await tg.start(beat.run)
         yield beat
         tg.cancel_scope.cancel()
 
