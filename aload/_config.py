@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from ._device import ToDevice, resolve_device
 from ._retry import NO_RETRY, Retry
 from .workers.start_method import check_picklable, resolve_context, sends_by_pickle
 
-WORKER_MODES = ("thread", "process")
+WORKER_MODES = ("thread", "process", "ray")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +63,7 @@ class LoaderConfig:
     to_device: ToDevice | None
     device_transform: Callable[[Any], Any] | None
     pin_memory_device: str = ""
+    ray_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def process_context(self) -> multiprocessing.context.BaseContext:
@@ -129,6 +130,7 @@ def resolve_config(
     to_device: ToDevice | None = None,
     device_transform: Callable[[Any], Any] | None = None,
     pin_memory_device: str = "",
+    ray_options: Mapping[str, Any] | None = None,
 ) -> LoaderConfig:
     """Check the arguments as `torch.utils.data.DataLoader` does and fill in the defaults.
 
@@ -204,6 +206,7 @@ def resolve_config(
 
     iterable = _is_iterable_style(dataset)
     asynchronous = is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__"))
+    _check_ray(worker_mode, num_workers, asynchronous, ray_options)
     # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
     prefetch_factor = _check_prefetch_factor(prefetch_factor, num_workers > 0 or asynchronous)
     uses_processes = worker_mode == "process" and num_workers > 0
@@ -298,6 +301,7 @@ def resolve_config(
         asynchronous=asynchronous,
         multiprocessing_context=multiprocessing_context,
         device=resolved_device,
+        ray_options=dict(ray_options or {}),
         to_device=to_device,
         device_transform=device_transform,
         pin_memory_device=pin_memory_device,
@@ -331,6 +335,26 @@ def _check_prefetch_factor(prefetch_factor: object, prefetching: bool) -> int | 
     if prefetch_factor == 0:
         raise ValueError("prefetch_factor option should be positive: 0 would never load a batch")
     return prefetch_factor  # type: ignore[return-value]
+
+
+def _check_ray(worker_mode: str, num_workers: int, asynchronous: bool, ray_options: Any) -> None:
+    if ray_options is not None:
+        if worker_mode != "ray":
+            raise ValueError(f"ray_options is for worker_mode='ray', got {worker_mode!r}")
+        if not isinstance(ray_options, Mapping):
+            raise TypeError(
+                "ray_options must be a mapping of Ray actor options (num_cpus=, resources=, "
+                f"scheduling_strategy=, ...), got {type(ray_options).__name__}"
+            )
+    if worker_mode != "ray":
+        return
+    if num_workers == 0:
+        raise ValueError("worker_mode='ray' reads on num_workers Ray actors: give num_workers > 0")
+    if asynchronous:
+        raise ValueError(
+            "worker_mode='ray' reads map-style and iterable datasets; an async dataset is read "
+            "on aload's event loop: use worker_mode='thread' or 'process'"
+        )
 
 
 def _check_distributed(iterable: bool, sampler: object, batch_sampler: object) -> None:

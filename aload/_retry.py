@@ -65,6 +65,7 @@ class Reads:
         self._lock = threading.Lock()
         self.retries = 0
         self.skipped: list[Any] = []
+        self.replaced = 0  # workers that died and were replaced (Ray actors)
         # In a worker process, skips are reported to the parent, which owns the epoch's
         # budget and logs them: the worker keeps each skip's error for its report.
         self._in_worker_process = in_worker_process
@@ -137,6 +138,11 @@ class Reads:
         for index, error in skipped:
             if not self.may_skip(index, error):
                 raise error
+
+    def count_replaced(self) -> None:
+        """A worker died and another took its place; its batches ran again."""
+        with self._lock:
+            self.replaced += 1
 
     def _count_retry(self) -> None:
         with self._lock:

@@ -38,6 +38,8 @@ class EpochStats:
         in_flight: batches submitted but not yet handed over, now.
         retries: reads retried after a transient error.
         skipped: samples dropped from their batch within the failure budget.
+        workers_replaced: workers that died and were replaced, their batches read again
+            (Ray actors).
         finished: whether the epoch ran to its end.
     """
 
@@ -53,6 +55,7 @@ class EpochStats:
     retries: int
     skipped: int
     finished: bool
+    workers_replaced: int = 0
 
     @property
     def samples_per_second(self) -> float:
@@ -173,6 +176,7 @@ class EpochMeter:
             in_flight=self.in_flight,
             retries=self.reads.retries,
             skipped=len(self.reads.skipped),
+            workers_replaced=self.reads.replaced,
             finished=self.finished,
         )
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any, Generic, TypeVar
 
@@ -46,6 +46,7 @@ from .workers import WorkerPool
 from .workers.inline import InlinePool
 from .workers.loop import LoopPool
 from .workers.process import ProcessPool
+from .workers.ray_actors import RayPool
 from .workers.thread import ThreadPool
 
 T_co = TypeVar("T_co", covariant=True)
@@ -101,6 +102,8 @@ class DataLoader(Generic[T_co]):
         worker_mode: how workers run: "thread" (the default: they share the dataset and start
             at once), or "process", for datasets whose Python code holds the GIL. Process
             workers get the dataset once, at start; batches come back through shared memory.
+            "ray": `num_workers` actors on the Ray cluster this process is connected to
+            (`ray.init()` first), for more CPUs than this machine has.
         multiprocessing_context: for process workers: "fork", "spawn", "forkserver" or a
             context. The default, "forkserver", is safe in a process that runs an event loop and
             threads; its first start imports aload once in the fork server. Accepted and
@@ -128,6 +131,8 @@ class DataLoader(Generic[T_co]):
             object with a `to()` method). It runs on the copy stream: pass `non_blocking=True`.
         device_transform: called on each batch once it is on `device`, on the copy stream
             (normalization, augmentation on the GPU), so it overlaps the training step too.
+        ray_options: for `worker_mode="ray"`: Ray's options for each actor, in Ray's words
+            (`num_cpus` (1 by default), `resources`, `scheduling_strategy`, ...).
 
     `state_dict()` at any point of an epoch, and `load_state_dict()` on a fresh loader with the
     same arguments, resume with exactly the batches not yet yielded, in the same order.
@@ -166,6 +171,7 @@ class DataLoader(Generic[T_co]):
         device: str | int | torch.device | None = None,
         to_device: ToDevice | None = None,
         device_transform: Callable[[Any], Any] | None = None,
+        ray_options: Mapping[str, Any] | None = None,
     ) -> None:
         arguments = dict(locals())  # every argument, kept to check again when one is set
         del arguments["self"], arguments["progress"]
@@ -195,7 +201,7 @@ class DataLoader(Generic[T_co]):
         # Batches read by one in-memory gather in this process (processes get lists, as in
         # torch): their indices come as tensors, and small ones are read in place.
         gather = None
-        if config.worker_mode != "process" and config.auto_collation and not config.iterable:
+        if config.worker_mode == "thread" and config.auto_collation and not config.iterable:
             finish = Finish(config.collate_fn, config.transform, pin=False)
             gather = batch_gather(config.dataset, finish)
         self._gathers = gather is not None
@@ -248,6 +254,7 @@ class DataLoader(Generic[T_co]):
     persistent_workers = property(lambda self: self._config.persistent_workers)
     in_order = property(lambda self: self._config.in_order)
     worker_mode = property(lambda self: self._config.worker_mode)
+    ray_options = property(lambda self: dict(self._config.ray_options))
     distributed = property(lambda self: self._config.distributed)
     transform = property(lambda self: self._config.transform)
     retry = property(lambda self: self._config.retry)
@@ -399,14 +406,14 @@ class DataLoader(Generic[T_co]):
             else:
                 plan = None
                 resume = self._dataset_resume(delivered) if resumed else None
-                if config.worker_mode == "process":
+                if config.worker_mode in ("process", "ray"):
                     plan = self._process_plan(delivered, start["epoch"], resume)
                 pool, owns_pool = self._pool(config, blocking, start, resumed, plan)
                 # Samples' seeds come from the epoch's base seed: drawn for the pool (or
                 # the persistent pool's), in every mode, as torch draws it.
                 seeds = EpochSeeds(start["base_seed"], start["epoch"])
                 source, read = self._plan(finish, reads, start, delivered, seeds, resume)
-                if isinstance(pool, ProcessPool) and plan is not None:
+                if isinstance(pool, ProcessPool | RayPool) and plan is not None:
                     read = ProcessRead(plan, reads)
             # An inline pool loads at submit time: submitting (or copying) ahead would load
             # before yielding.
@@ -452,7 +459,7 @@ class DataLoader(Generic[T_co]):
         processes reading map-style batches in order (each process draws from its own RNG,
         so which batches it reads decides what it draws); else 0, any free worker."""
         config = self._config
-        if isinstance(pool, ProcessPool) and not config.iterable and config.in_order:
+        if isinstance(pool, ProcessPool | RayPool) and not config.iterable and config.in_order:
             return config.num_workers
         return 0
 
@@ -690,6 +697,17 @@ class DataLoader(Generic[T_co]):
                 if blocking and config.timeout == 0:
                     return InlinePool(), True
                 return ThreadPool(1, dedicated_queues=config.iterable), True
+            elif plan is not None and config.worker_mode == "ray":
+                pool = RayPool(
+                    config.num_workers,
+                    config.dataset,
+                    config.worker_init_fn,
+                    base_seed,
+                    plan,
+                    dict(config.ray_options),
+                    pin=self._pin,
+                    background=not blocking,
+                )
             elif plan is not None:  # worker_mode="process"
                 pool = self._process_pool(config.dataset, base_seed, plan, blocking)
             else:

@@ -440,6 +440,33 @@ class _Task:
         return bool(self._abandon.value)
 
 
+def start_worker(
+    worker_id: int,
+    num_workers: int,
+    base_seed: int,
+    dataset: Any,
+    worker_init_fn: Callable[[int], None] | None,
+    mode: str = "process",
+) -> BaseException | None:
+    """Make this process a worker as torch's are made: seeded (`random`, torch, numpy), one
+    intra-op thread, its info in torch's slot, then `worker_init_fn`; its error, if it raised
+    (each batch then fails with it, as in torch)."""
+    seed = base_seed + worker_id
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(torch_worker._generate_state(base_seed, worker_id))
+    torch.set_num_threads(1)
+    # One info, in torch's own slot: torch's get_worker_info and aload's both return it.
+    info = WorkerInfo(worker_id, num_workers, seed, dataset, mode=mode)
+    torch_worker._worker_info = info  # type: ignore[assignment] # same fields, and more
+    if worker_init_fn is not None:
+        try:
+            worker_init_fn(worker_id)
+        except BaseException as error:
+            return error
+    return None
+
+
 def _work(
     worker_id: int,
     num_workers: int,
@@ -453,20 +480,7 @@ def _work(
 ) -> None:
     """A worker process: seed as torch does, then read batches until told to stop (once
     `abandon` is set, queued batches are skipped and the one being read stops early)."""
-    seed = base_seed + worker_id
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(torch_worker._generate_state(base_seed, worker_id))
-    torch.set_num_threads(1)
-    # One info, in torch's own slot: torch's get_worker_info and aload's both return it.
-    info = WorkerInfo(worker_id, num_workers, seed, dataset, mode="process")
-    torch_worker._worker_info = info  # type: ignore[assignment] # same fields, and more
-    init_error = None
-    if worker_init_fn is not None:
-        try:
-            worker_init_fn(worker_id)
-        except BaseException as error:
-            init_error = error
+    init_error = start_worker(worker_id, num_workers, base_seed, dataset, worker_init_fn)
     reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
     reader = None if init_error else plan.build(dataset, reads, base_seed)
     parent = os.getppid()

@@ -1,0 +1,263 @@
+"""worker_mode="ray": batches read by Ray actors on a real local cluster, with the contract of
+process workers: torch's samplers and order, exactly once, resume, errors, retries, and an
+actor that dies mid-epoch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import torch.utils.data as tud
+from conftest import Indexed, flatten, heartbeat
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+import aload
+
+ray = pytest.importorskip("ray")
+
+
+def test_without_a_cluster_it_says_how_to_start_or_join_one(monkeypatch):
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    loader = aload.DataLoader(Indexed(8), batch_size=2, num_workers=2, worker_mode="ray")
+    with pytest.raises(RuntimeError, match=r"ray\.init\(\).*ray\.init\(address='auto'\)"):
+        list(loader)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 2 CPUs for this module's tests, stopped after them."""
+    # The actors import this module's datasets by name: they find them as the tests do.
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    yield
+    ray.shutdown()
+
+
+def loader_on_ray(dataset, **kwargs):
+    return aload.DataLoader(dataset, num_workers=2, worker_mode="ray", **kwargs)
+
+
+@pytest.mark.usefixtures("cluster")
+@pytest.mark.parametrize("in_order", [True, False])
+def test_the_samples_of_torchs_sampler_once_each_epoch(in_order):
+    data = TensorDataset(torch.arange(90))
+
+    def epochs(loader):
+        return [[int(i) for b in loader for i in b[0]] for _ in range(2)]
+
+    ours = loader_on_ray(
+        data,
+        batch_size=8,
+        shuffle=True,
+        in_order=in_order,
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(4),
+    )
+    theirs = tud.DataLoader(
+        data,
+        batch_size=8,
+        shuffle=True,
+        num_workers=2,
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(4),
+    )
+    got, expected = epochs(ours), epochs(theirs)
+    ours.close()
+    if in_order:
+        assert got == expected
+    else:
+        assert [sorted(epoch) for epoch in got] == [sorted(epoch) for epoch in expected]
+
+
+class Sharded(IterableDataset):
+    """torch's recipe: each worker reads its share, by torch's `get_worker_info()`."""
+
+    def __iter__(self):
+        info = tud.get_worker_info()
+        return iter(range(info.id, 23, info.num_workers))
+
+
+@pytest.mark.usefixtures("cluster")
+def test_an_iterable_dataset_is_sharded_by_torchs_worker_info_on_the_actors():
+    theirs = flatten(tud.DataLoader(Sharded(), batch_size=3, num_workers=2))
+    ours = flatten(loader_on_ray(Sharded(), batch_size=3))
+    assert ours == theirs
+    assert sorted(ours) == list(range(23))
+
+
+@pytest.mark.usefixtures("cluster")
+def test_a_state_saved_mid_epoch_resumes_exactly():
+    def make():
+        return loader_on_ray(
+            Indexed(40), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)
+        )
+
+    whole = [b.tolist() for b in make()]
+    loader = make()
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(3)]
+    state = loader.state_dict()
+    it.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + [b.tolist() for b in resumed] == whole
+
+
+class FailsAt(Dataset):
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, index):
+        if index == 13:
+            raise KeyError(f"no sample {index}")
+        return index
+
+
+@pytest.mark.usefixtures("cluster")
+def test_an_error_keeps_its_type_and_names_the_batch_and_the_actor():
+    with pytest.raises(KeyError, match="no sample 13") as raised:
+        list(loader_on_ray(FailsAt(), batch_size=4))
+    notes = "\n".join(raised.value.__notes__)
+    assert "aload Ray actor" in notes
+    assert "__getitem__" in notes  # the actor's traceback
+    assert "indices [12, 13, 14, 15]" in notes
+
+
+class Flaky(Dataset):
+    """Every index fails once with a transient error, then reads; index 7 always fails."""
+
+    def __init__(self):
+        self.failed: set[int] = set()
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        if index == 7:
+            raise ValueError("index 7 is broken")
+        if index not in self.failed:
+            self.failed.add(index)
+            raise ConnectionError("try again")
+        return index
+
+
+@pytest.mark.usefixtures("cluster")
+def test_retries_and_the_failure_budget_count_across_actors():
+    loader = loader_on_ray(
+        Flaky(),
+        batch_size=4,
+        retry=aload.Retry(attempts=2, backoff=0, on=(ConnectionError,)),
+        max_skipped=1,
+    )
+    assert sorted(flatten(loader)) == [i for i in range(16) if i != 7]
+    assert loader.stats.epoch.retries == 15
+    assert loader.stats.epoch.skipped == 1
+
+
+class SlowWithPid(Dataset):
+    """Each sample is (index, the reading process's pid), read in 20 ms."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        time.sleep(0.02)
+        return index, os.getpid()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("cluster")
+def test_an_actor_killed_mid_epoch_loses_no_sample_and_is_replaced():
+    loader = loader_on_ray(SlowWithPid(), batch_size=4, shuffle=True)
+    seen = []
+    for number, (indices, pids) in enumerate(loader):
+        seen += indices.tolist()
+        if number == 2:
+            os.kill(int(pids[0]), signal.SIGKILL)  # the actor's process, mid-epoch
+    assert sorted(seen) == list(range(64))
+    assert loader.stats.epoch.workers_replaced == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("cluster")
+async def test_async_for_over_ray_actors_keeps_the_loop_running(anyio_backend):
+    """The dataset (16 MB here) goes to the object store, and the actors start, off the
+    caller's thread: there, they paused the loop 36-58 ms (7-12 ms now)."""
+    data = TensorDataset(torch.arange(1024), torch.zeros(1024, 4096))
+    loader = loader_on_ray(data, batch_size=64, shuffle=True)
+    async with heartbeat() as beat:
+        got = [int(i) for batch in [b async for b in loader] for i in batch[0]]
+    assert sorted(got) == list(range(1024))
+    assert beat.longest_gap < 0.03, f"{beat.longest_gap * 1000:.1f} ms"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_workers": 0}, ValueError, "num_workers > 0"),
+        ({"worker_mode": "thread", "ray_options": {}}, ValueError, "ray_options is for"),
+        ({"ray_options": 4}, TypeError, "ray_options must be a mapping"),
+    ],
+)
+def test_ray_arguments_are_checked_when_the_loader_is_made(kwargs, error, message):
+    arguments = {"num_workers": 2, "worker_mode": "ray", **kwargs}
+    with pytest.raises(error, match=message):
+        aload.DataLoader(Indexed(8), **arguments)
+
+
+@pytest.mark.usefixtures("cluster")
+def test_a_dataset_the_actors_cannot_import_says_how_to_ship_it(tmp_path, monkeypatch):
+    (tmp_path / "only_here.py").write_text(
+        "class Numbers:\n"
+        "    def __len__(self):\n        return 8\n"
+        "    def __getitem__(self, index):\n        return index\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from only_here import Numbers
+
+    with pytest.raises(RuntimeError, match=r"could not start.*importable on the cluster"):
+        list(loader_on_ray(Numbers(), batch_size=2))
+
+
+class HoldsALock(Dataset):
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return index
+
+
+@pytest.mark.usefixtures("cluster")
+def test_a_dataset_that_cannot_be_pickled_is_named_with_a_way_out():
+    with pytest.raises(TypeError, match=r"object store, but it could not be pickled.*'thread'"):
+        list(loader_on_ray(HoldsALock(), batch_size=2))
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("cluster")
+async def test_an_async_epoch_left_before_it_waits_starts_no_actor(anyio_backend):
+    """`async for` starts the actors when it first waits: an epoch dropped before that
+    puts nothing in the object store and leaves no actor behind."""
+    before = len(ray.util.list_named_actors(all_namespaces=True))
+    loader = loader_on_ray(Indexed(8), batch_size=2)
+    epoch = aiter(loader)
+    pool = epoch._epoch._pool
+    del epoch
+    assert pool.join(5)
+    assert pool._actors == []
+    assert sorted(flatten([b async for b in loader])) == list(range(8))
+    assert len(ray.util.list_named_actors(all_namespaces=True)) == before
