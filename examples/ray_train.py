@@ -51,6 +51,7 @@ def train_loop(config: dict) -> None:
         batch_size=BATCH_SIZE,
         shuffle=True,
         num_workers=2,
+        worker_mode="ray",  # each rank's batches read by 2 Ray actors, anywhere on the cluster
         distributed=True,  # this rank's share, as torch's DistributedSampler deals it
         generator=torch.Generator().manual_seed(config["seed"]),
     )
@@ -120,6 +121,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # 2 CPUs for the ranks, 4 for their loaders' actors (here, on this machine's cores).
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     main()
     ray.shutdown()

@@ -58,7 +58,7 @@ def run_blocks(page: Path, namespace: dict) -> None:
 def test_the_pages_have_the_blocks_this_test_expects():
     assert len(python_blocks(ROOT / "README.md")) == 1  # the quickstart
     with_blocks = {page.name for page in PAGES if python_blocks(page)}
-    assert {"index.md", "async-datasets.md", "gpu.md", "checkpoints.md"} <= with_blocks
+    assert {"index.md", "async-datasets.md", "gpu.md", "checkpoints.md", "ray.md"} <= with_blocks
 
 
 # The DCP block runs in one process, which DCP warns about (the guide says so).
@@ -79,5 +79,6 @@ def test_every_block_runs_and_prints_what_the_text_says(
     assert "the same batches as torch's loader: True" in printed
     assert "1024 samples over HTTP" in printed
     assert "147 batches left" in printed
+    assert "10000 samples read by 2 Ray actors" in printed
     if torch.cuda.is_available():
         assert re.search(r"loss [\d.]+ on cuda:0", printed)

@@ -261,3 +261,67 @@ async def test_an_async_epoch_left_before_it_waits_starts_no_actor(anyio_backend
     assert pool._actors == []
     assert sorted(flatten([b async for b in loader])) == list(range(8))
     assert len(ray.util.list_named_actors(all_namespaces=True)) == before
+
+
+@pytest.mark.usefixtures("cluster")
+@pytest.mark.parametrize("in_order", [True, False])
+def test_resume_mid_epoch_gives_each_sample_once_in_either_order(in_order):
+    def make():
+        return loader_on_ray(
+            Indexed(64),
+            batch_size=4,
+            shuffle=True,
+            in_order=in_order,
+            generator=torch.Generator().manual_seed(3),
+        )
+
+    loader = make()
+    it = iter(loader)
+    head = flatten(next(it) for _ in range(5))
+    state = loader.state_dict()
+    it.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    tail = flatten(resumed)
+    assert sorted(head + tail) == list(range(64))
+    if in_order:
+        assert head + tail == flatten(make())
+
+
+@pytest.mark.usefixtures("cluster")
+def test_an_iterable_dataset_resumes_on_new_actors():
+    def make():
+        return loader_on_ray(Sharded(), batch_size=3)
+
+    whole = flatten(make())
+    loader = make()
+    it = iter(loader)
+    head = flatten(next(it) for _ in range(3))
+    state = loader.state_dict()
+    it.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + flatten(resumed) == whole
+
+
+class KillsItsReader(Dataset):
+    """Index 5 ends the process that reads it, as an out-of-memory kill would."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        if index == 5:
+            os._exit(1)
+        return index
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("cluster")
+def test_a_batch_that_kills_two_actors_raises_naming_both():
+    loader = loader_on_ray(KillsItsReader(), batch_size=4)
+    with pytest.raises(RuntimeError, match=r"indices \[4, 5, 6, 7\]\) failed on two actors") as got:
+        list(loader)
+    message = str(got.value)
+    assert message.count("aload Ray actor") == 2
+    assert loader.stats.epoch.workers_replaced == 2

@@ -62,6 +62,19 @@ def drain_async(make: Callable[[], Any]) -> Drained:
     return anyio.run(run)
 
 
+def drain_warm(make: Callable[[], Any]) -> Drained:
+    """Build a loader with workers that stay, read one epoch untimed (the workers start),
+    then time the next: what a loop over many epochs pays per epoch."""
+    loader = make()
+    for _ in loader:
+        pass
+    drained = drain(lambda: loader)
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
+    return drained
+
+
 @dataclass(frozen=True)
 class Contender:
     """One loader configuration: `family` names the loader, `workers` its degree of parallelism."""

@@ -68,6 +68,19 @@ class PythonDataset(tud.Dataset):
         return torch.tensor([total, index])
 
 
+class IndexDataset(tud.Dataset):
+    """No work at all: each item is its index, so a batch's cost is the loader's own."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
 class ImageDataset(tud.Dataset):
     """Image-sized samples, 3 x 224 x 224 float32, copied out of a small in-memory pool."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,6 +17,7 @@ from aload.bench import training
 from aload.bench.contenders import (
     Contender,
     aload_loader,
+    drain_warm,
     limit_asyncio,
     limit_gather,
     limit_threads,
@@ -210,6 +213,55 @@ def _memory(s: Settings) -> Workload:
     )
 
 
+def _warm_rows(data: Any, workers: int, batch_size: int) -> list[Contender]:
+    """torch's worker processes, aload's and Ray actors, each timed on an epoch after the
+    first (persistent workers: Ray actors take seconds to start, as a cluster's do)."""
+    kw: dict[str, Any] = {"batch_size": batch_size, "persistent_workers": True}
+    rows = [
+        torch_loader(data, workers, **kw),
+        aload_loader(data, workers, worker_mode="process", **kw),
+        aload_loader(data, workers, worker_mode="ray", **kw),
+    ]
+    return [dataclasses.replace(row, drive=drain_warm) for row in rows]
+
+
+def _connect_ray(workers: int) -> None:
+    """A local Ray cluster with a CPU per actor, started before anything is timed."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+
+
+def _ray(s: Settings) -> Workload:
+    """The python workload's items on Ray actors: on one machine, the object store's cost."""
+    n = s.items(1024)
+    (w,) = s.counts(2)
+    _connect_ray(w)
+    return Workload(
+        "ray",
+        f"~0.5 ms of pure-Python work per item, {n:,} items, batch 32, on {w} Ray actors of a "
+        f"local cluster against {w} worker processes; the epoch after the first (workers "
+        "kept). One machine: this measures Ray's overhead, not scale-out. Actors' memory is "
+        "not counted (they are the cluster's processes, not this one's children)",
+        _warm_rows(ds.PythonDataset(n, s.python_rounds), w, 32),
+    )
+
+
+def _ray_overhead(s: Settings) -> Workload:
+    """Items that cost nothing, on Ray actors: each batch's round trip, alone."""
+    n = s.items(8192)
+    (w,) = s.counts(2)
+    _connect_ray(w)
+    return Workload(
+        "ray-overhead",
+        f"items that cost nothing (their index), {n:,} items, batch 32, on {w} Ray actors "
+        f"against {w} worker processes, the epoch after the first: 32 / (samples/s) is each "
+        "batch's round trip (through the object store for Ray)",
+        _warm_rows(ds.IndexDataset(n), w, 32),
+    )
+
+
 def _train(work: Callable[[int, float], Any], kind: str) -> Callable[[Settings], Workload]:
     def build(s: Settings) -> Workload:
         n, per_item = s.items(4096), 0.0002
@@ -241,3 +293,5 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "train-python": _train(training.python_work, "python"),
     "train-numpy": _train(training.numpy_work, "numpy"),
 }
+if importlib.util.find_spec("ray") is not None:  # pip install 'aload[ray]'
+    WORKLOADS.update({"ray": _ray, "ray-overhead": _ray_overhead})

@@ -309,7 +309,8 @@ class RayPool:
             failed.__cause__ = error
             sent.job.fail(failed)
             return
-        where = f"aload Ray actor {sent.worker} ({type(error).__name__}: {error})"
+        first_line = str(error).strip().splitlines()[0]  # Ray's whole message is the cause's
+        where = f"aload Ray actor {sent.worker} ({type(error).__name__}: {first_line})"
         with self._sending:
             with self._lock:
                 if self._closed:
