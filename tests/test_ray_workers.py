@@ -325,3 +325,25 @@ def test_a_batch_that_kills_two_actors_raises_naming_both():
     message = str(got.value)
     assert message.count("aload Ray actor") == 2
     assert loader.stats.epoch.workers_replaced == 2
+
+
+class ReadsItsEnvironment(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return os.environ.get("ALOAD_TEST_MARK", "unset")
+
+
+@pytest.mark.usefixtures("cluster")
+def test_ray_options_reach_the_actors_in_rays_own_words():
+    """`ray_options` is passed to each actor's `.options()`: here a `runtime_env` and a
+    fraction of a CPU, as Ray spells them."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    options = {
+        "num_cpus": 0.5,
+        "runtime_env": {"env_vars": {"ALOAD_TEST_MARK": "from ray_options", "PYTHONPATH": tests}},
+    }
+    loader = loader_on_ray(ReadsItsEnvironment(), batch_size=2, ray_options=options)
+    assert [x for batch in loader for x in batch] == ["from ray_options"] * 4
+    assert loader.ray_options == options
