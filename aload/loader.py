@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any, Generic, TypeVar
 
+import anyio
 import torch
 import torch.utils.data as tud
 from torch.utils.data import Sampler
@@ -370,6 +371,23 @@ class DataLoader(Generic[T_co]):
             pool.shutdown()
             pool.join()
 
+    async def aclose(self) -> None:
+        """`close()` for async code: stop persistent workers and wait for them to end
+        without blocking the event loop."""
+        pool, self._persistent_pool = self._persistent_pool, None
+        if pool is not None:
+            pool.shutdown()
+            delay = 0.0002
+            while pool.alive:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    async def __aenter__(self) -> DataLoader:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     def __del__(self) -> None:
         # A dropped loader is like a dropped file: its persistent workers stop (without
         # waiting here: a process pool's collector reaps them).
@@ -688,7 +706,10 @@ class DataLoader(Generic[T_co]):
                     else:
                         start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
                     return persistent, False
-                self.close()  # a worker process died: start a whole pool again
+                # A worker process died: start a whole pool again. The broken one stops
+                # on its own (its collector reaps it): waiting here would stall the caller.
+                self._persistent_pool = None
+                persistent.shutdown()
             base_seed = self._base_seed(start, resumed)
             pool: WorkerPool
             if self._gathers_in_place:  # persistent too: the base seed is drawn once

@@ -86,9 +86,27 @@ async def test_replacing_a_broken_persistent_pool_does_not_pause_the_loop(anyio_
         os.kill(loader._persistent_pool._processes[0].pid, signal.SIGKILL)
         await anyio.sleep(0.2)  # the collector sees the death: the pool is broken
         assert sorted(flatten([b async for b in loader])) == list(range(64))
-        loader.close()
+        await loader.aclose()
 
     pause = await longest_pause(replace_a_broken_pool)
+    assert pause < allowed_pause(), f"{pause * 1000:.1f} ms"
+
+
+@pytest.mark.anyio
+async def test_async_with_stops_persistent_workers_without_pausing_the_loop(anyio_backend):
+
+    async def two_epochs_then_close():
+        async with aload.DataLoader(
+            Indexed(64), batch_size=8, num_workers=2, worker_mode="process", persistent_workers=True
+        ) as loader:
+            for _ in range(2):
+                assert sorted(flatten([b async for b in loader])) == list(range(64))
+            pool = loader._persistent_pool
+        assert not pool.alive
+        assert loader._persistent_pool is None
+        assert not multiprocessing.active_children()
+
+    pause = await longest_pause(two_epochs_then_close)
     assert pause < allowed_pause(), f"{pause * 1000:.1f} ms"
 
 
