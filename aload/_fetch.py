@@ -7,6 +7,8 @@ otherwise (retried, or skipped within the failure budget, as the loader was told
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
@@ -41,9 +43,35 @@ class JobState(Protocol):
     state: Any  # the worker's dataset state after this batch, set by a reader that keeps it
 
 
+_finishing = threading.local()  # seconds this thread spent finishing batches, not yet taken
+
+
+def finish_seconds() -> float:
+    """Seconds this thread spent in `Finish` (transform, collate, pin) since the last call:
+    whoever runs a job takes them after it, to tell the collate stage from the reads."""
+    spent = getattr(_finishing, "seconds", 0.0)
+    _finishing.seconds = 0.0
+    return spent
+
+
+def timed(method: Callable[..., Batch]) -> Callable[..., Batch]:
+    """`method`, adding the time it takes to this thread's `finish_seconds()`."""
+
+    def run(*args: Any) -> Batch:
+        started = time.perf_counter()
+        try:
+            return method(*args)
+        finally:
+            _finishing.seconds = getattr(_finishing, "seconds", 0.0) + time.perf_counter() - started
+
+    run.__doc__ = method.__doc__
+    return run
+
+
 class Finish:
     """What follows the reads of a batch, on the same worker: transform each sample, collate,
-    pin. Kept in one place so every kind of reader ends a batch the same way."""
+    pin. Kept in one place so every kind of reader ends a batch the same way. Each entry
+    point counts its time (`finish_seconds`): the loader's stats name this stage."""
 
     def __init__(
         self,
@@ -55,6 +83,7 @@ class Finish:
         self.transform = transform
         self.pin = pin
 
+    @timed
     def samples(
         self,
         samples: list[Any],
@@ -67,7 +96,7 @@ class Finish:
         if current is None:
             if transform is not None:
                 samples = [transform(sample) for sample in samples]
-            return self.batch(collate_in_thread(self.collate_fn, samples))
+            return self._pinned(collate_in_thread(self.collate_fn, samples))
         assert keys is not None
         if transform is not None:
             transformed = []
@@ -76,7 +105,7 @@ class Finish:
                 transformed.append(transform(sample))
             samples = transformed
         current.key = BatchKey(keys)
-        return self.batch(collate_in_thread(self.collate_fn, samples))
+        return self._pinned(collate_in_thread(self.collate_fn, samples))
 
     def keyed(
         self, samples: list[Any], keys: Sequence[Any] | None, seeds: EpochSeeds | None
@@ -91,14 +120,19 @@ class Finish:
         with reading(None if key is None else seeds, key):
             return self.sample(sample)
 
+    @timed
     def sample(self, sample: Any) -> Batch:
         """A single sample, when batching is off (`batch_size=None`)."""
         if self.transform is not None:
             sample = self.transform(sample)
-        return self.batch(collate_in_thread(self.collate_fn, sample))
+        return self._pinned(collate_in_thread(self.collate_fn, sample))
 
+    @timed
     def batch(self, batch: Batch) -> Batch:
         """A batch that is already collated."""
+        return self._pinned(batch)
+
+    def _pinned(self, batch: Batch) -> Batch:
         return pin_batch(batch) if self.pin else batch
 
 

@@ -15,7 +15,8 @@ def progress_available(requested: bool) -> bool:
 
 
 def watch_progress(meter: EpochMeter, total: int | None) -> None:
-    """Show the epoch's batches on a bar, with samples/s and the wait share in its postfix."""
+    """Show the epoch's batches on a bar, with samples/s, the wait share and the bottleneck
+    stage in its postfix."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=f"epoch {meter.epoch}", unit="batch", leave=True)
@@ -23,7 +24,8 @@ def watch_progress(meter: EpochMeter, total: int | None) -> None:
     def on_batch(meter: EpochMeter) -> None:
         stats = meter.snapshot()
         bar.set_postfix_str(
-            f"{stats.samples_per_second:,.0f} samples/s, waiting {stats.wait_fraction:.0%}",
+            f"{stats.samples_per_second:,.0f} samples/s, waiting {stats.wait_fraction:.0%}, "
+            f"bottleneck: {stats.bottleneck}",
             refresh=False,
         )
         bar.update(1)

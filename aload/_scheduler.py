@@ -27,7 +27,7 @@ from anyio import RunFinishedError
 
 from ._checkpoint import Delivered
 from ._errors import LoaderTimeoutError
-from ._fetch import EXHAUSTED, Abandoned, describe_indices
+from ._fetch import EXHAUSTED, Abandoned, describe_indices, finish_seconds
 from ._stats import EpochMeter, count_samples
 from .workers import WorkerPool
 
@@ -79,6 +79,7 @@ class _Job:
         "read",
         "seq",
         "state",
+        "timing",
         "value",
         "worker",
     )
@@ -100,10 +101,14 @@ class _Job:
         self.value: Any = None
         self.error: BaseException | None = None
         self.state: Any = None
+        # (seconds reading, seconds collating) where a worker read it; None when unknown.
+        self.timing: tuple[float, float] | None = None
 
     def run(self) -> None:
         if self.cancelled:
             return
+        finish_seconds()  # what this thread finished before is not this job's
+        started = time.perf_counter()
         try:
             value = self.read(self)
         except Abandoned:
@@ -111,6 +116,8 @@ class _Job:
         except BaseException as error:
             self.fail(error)
             return
+        collating = finish_seconds()
+        self.timing = (time.perf_counter() - started - collating, collating)
         self.deliver(value)
 
     def run_here(self) -> None:
@@ -478,6 +485,8 @@ class Epoch:
             if job.state is not None:  # where the batch's worker stands after it
                 self._delivered.keep(job.worker, job.state)
             meter = self._meter
+            if job.timing is not None:
+                meter.worked(job.timing)
             if self._in_place:  # nothing is read ahead
                 meter.delivered(count_samples(job.indices, batch), len(self._staged), 0)
             else:

@@ -41,6 +41,12 @@ class EpochStats:
         workers_replaced: workers that died and were replaced, their batches read again
             (Ray actors).
         finished: whether the epoch ran to its end.
+        read_seconds: time the workers spent reading samples (`__getitem__`, `__getitems__`,
+            a gather, a stream's `next`), summed over workers.
+        collate_seconds: time the workers spent finishing batches (`transform`,
+            `collate_fn`, pinning), summed over workers.
+        workers: how many workers read and collated at once (0: the consumer's own thread,
+            or aload's loop for async datasets, which these two times do not cover).
     """
 
     epoch: int
@@ -56,6 +62,38 @@ class EpochStats:
     skipped: int
     finished: bool
     workers_replaced: int = 0
+    read_seconds: float = 0.0
+    collate_seconds: float = 0.0
+    workers: int = 0
+
+    @property
+    def worker_busy_fraction(self) -> float:
+        """Share of the workers' time spent reading and collating (1: never idle)."""
+        capacity = self.workers * self.seconds
+        busy = self.read_seconds + self.collate_seconds
+        return min(1.0, busy / capacity) if capacity > 0 else 0.0
+
+    @property
+    def bottleneck(self) -> str | None:
+        """The stage that holds the epoch back (None before its first batch):
+
+        - "training": the loop body; batches are ready when asked for (waiting < 10%).
+        - "read": the workers' reads of samples take the longest; more workers (or faster
+          reads) would help. Also where reads run on the consumer's thread or aload's loop.
+        - "collate": the workers' `transform`, `collate_fn` or pinning take the longest.
+        - "hand-over": the consumer waits while the workers are idle half the time or more:
+          moving batches to the loop costs (large batches through shared memory or Ray's
+          object store), or too few are read ahead (`prefetch_factor`).
+        """
+        if self.batches == 0:
+            return None
+        if self.wait_fraction < 0.1:
+            return "training"
+        if self.workers == 0 or self.read_seconds + self.collate_seconds == 0:
+            return "read"
+        if self.worker_busy_fraction < 0.5:
+            return "hand-over"
+        return "collate" if self.collate_seconds > self.read_seconds else "read"
 
     @property
     def samples_per_second(self) -> float:
@@ -100,10 +138,16 @@ class EpochMeter:
     """Counts one epoch; updated only from the consumer's side of the scheduler."""
 
     def __init__(
-        self, epoch: int, reads: Reads, on_batch: Callable[[EpochMeter], None] | None = None
+        self,
+        epoch: int,
+        reads: Reads,
+        on_batch: Callable[[EpochMeter], None] | None = None,
+        workers: int = 0,
     ) -> None:
         self.epoch = epoch
         self.reads = reads
+        self.workers = workers
+        self.read_seconds = self.collate_seconds = 0.0
         self.on_batch = on_batch
         self.on_end: Callable[[], None] | None = None
         self.batches = self.samples = 0
@@ -129,6 +173,11 @@ class EpochMeter:
         self.wait += now - asked_at
         self.last_handover = now
 
+    def worked(self, timing: tuple[float, float]) -> None:
+        """A worker spent `timing` (seconds reading, seconds collating) on a delivered batch."""
+        self.read_seconds += timing[0]
+        self.collate_seconds += timing[1]
+
     def delivered(self, samples: int, queue_depth: int, in_flight: int) -> None:
         self.batches += 1
         self.samples += samples
@@ -147,13 +196,14 @@ class EpochMeter:
         stats = self.snapshot()
         logger.debug(
             "aload: epoch %d: %d batches, %d samples in %.2f s (%.0f samples/s), "
-            "waited %.0f%% of the time, %d retries, %d skipped",
+            "waited %.0f%% of the time, bottleneck: %s, %d retries, %d skipped",
             stats.epoch,
             stats.batches,
             stats.samples,
             stats.seconds,
             stats.samples_per_second,
             100 * stats.wait_fraction,
+            stats.bottleneck,
             stats.retries,
             stats.skipped,
         )
@@ -178,6 +228,9 @@ class EpochMeter:
             skipped=len(self.reads.skipped),
             workers_replaced=self.reads.replaced,
             finished=self.finished,
+            read_seconds=self.read_seconds,
+            collate_seconds=self.collate_seconds,
+            workers=self.workers,
         )
 
 
@@ -193,8 +246,8 @@ class StatsKeeper:
         self._past = _Totals()
         self._past_skipped: deque[Any] = deque(maxlen=self.SKIPPED_KEPT)
 
-    def new_epoch(self, epoch: int, retry: Retry, max_skipped: int) -> EpochMeter:
-        meter = EpochMeter(epoch, Reads(retry, max_skipped))
+    def new_epoch(self, epoch: int, retry: Retry, max_skipped: int, workers: int = 0) -> EpochMeter:
+        meter = EpochMeter(epoch, Reads(retry, max_skipped), workers=workers)
         self._meters.append(meter)
         if len(self._meters) > self.WINDOW:
             oldest = self._meters.popleft()

@@ -436,6 +436,9 @@ class DataLoader(Generic[T_co]):
             # An inline pool loads at submit time: submitting (or copying) ahead would load
             # before yielding.
             inline = isinstance(pool, InlinePool)
+            # Who reads and collates, for the stats' stages: workers (a thread, for `async
+            # for` without workers), or the consumer itself / aload's loop (not timed).
+            meter.workers = 0 if inline or config.asynchronous else max(1, config.num_workers)
             if resumed or config.num_workers > 0:
                 source.prime()
         if not config.iterable and not resumed and has_state(config.dataset):

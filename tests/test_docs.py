@@ -80,5 +80,6 @@ def test_every_block_runs_and_prints_what_the_text_says(
     assert "1024 samples over HTTP" in printed
     assert "147 batches left" in printed
     assert "10000 samples read by 2 Ray actors" in printed
+    assert "bottleneck: collate" in printed
     if torch.cuda.is_available():
         assert re.search(r"loss [\d.]+ on cuda:0", printed)

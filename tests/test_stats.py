@@ -7,9 +7,12 @@ import time
 
 import anyio
 import pytest
+import torch
 from conftest import Indexed, Shards
+from torch.utils.data import Dataset
 
 import aload
+from aload import EpochStats
 
 
 def test_counts_are_exact_per_epoch_and_over_epochs():
@@ -74,6 +77,7 @@ def test_an_epoch_summary_is_logged_at_debug_level(caplog):
     with caplog.at_level(logging.DEBUG, logger="aload"):
         list(aload.DataLoader(Indexed(12), batch_size=4))
     assert "aload: epoch 0: 3 batches, 12 samples" in caplog.text
+    assert "bottleneck: read" in caplog.text  # 0 workers: the loop reads its own batches
 
 
 def test_progress_bar_shows_batches_rate_and_wait(capsys):
@@ -83,8 +87,79 @@ def test_progress_bar_shows_batches_rate_and_wait(capsys):
     assert "3/3" in shown
     assert "samples/s" in shown
     assert "waiting" in shown
+    assert "bottleneck: " in shown
 
 
 def test_no_progress_bar_unless_asked(capsys):
     list(aload.DataLoader(Indexed(12), batch_size=4))
     assert capsys.readouterr().err == ""
+
+
+class SleepyReads(Dataset):
+    """Each read sleeps `seconds`: a slow disk or decode."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> int:
+        time.sleep(self.seconds)
+        return index
+
+
+def sleepy_collate(samples):
+    time.sleep(0.02)  # a batch-level augmentation, a tokenizer call on the whole batch
+    return torch.tensor(samples)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+@pytest.mark.parametrize(
+    ("stage", "per_item", "collate", "body"),
+    [
+        ("read", 0.005, None, 0.0),
+        ("collate", 0.0, sleepy_collate, 0.0),
+        ("training", 0.0, None, 0.03),
+    ],
+)
+def test_the_slow_stage_is_named_the_bottleneck(mode, stage, per_item, collate, body):
+    """Each case slows one stage down on purpose; the second epoch is measured, its workers
+    already running."""
+    loader = aload.DataLoader(
+        SleepyReads(per_item),
+        batch_size=8,
+        num_workers=2,
+        worker_mode=mode,
+        collate_fn=collate,
+        persistent_workers=True,
+    )
+    for _ in range(2):
+        for _ in loader:
+            time.sleep(body)
+    epoch = loader.stats.epoch
+    loader.close()
+    assert epoch.bottleneck == stage, epoch
+    assert epoch.workers == 2
+    assert epoch.read_seconds >= 64 * per_item * 0.9  # every read counted, in any mode
+    if collate is not None:
+        assert epoch.collate_seconds >= 8 * 0.02 * 0.9
+
+
+def stats_of(**kwargs) -> EpochStats:
+    fields = {
+        "epoch": 0, "batches": 10, "samples": 80, "seconds": 1.0, "wait_seconds": 0.8,
+        "body_seconds": 0.2, "mean_queue_depth": 0.0, "max_queue_depth": 0, "in_flight": 0,
+        "retries": 0, "skipped": 0, "finished": True, "workers": 2,
+    }  # fmt: skip
+    return EpochStats(**{**fields, **kwargs})
+
+
+def test_idle_workers_and_a_waiting_loop_name_the_hand_over():
+    """Batches that take longer to move than to make (large ones through shared memory)."""
+    assert stats_of(read_seconds=0.3, collate_seconds=0.1).bottleneck == "hand-over"
+    assert stats_of(read_seconds=1.5, collate_seconds=0.1).bottleneck == "read"
+    assert stats_of(read_seconds=1.5, collate_seconds=0.1, wait_seconds=0.01).bottleneck == (
+        "training"
+    )
+    assert stats_of(batches=0).bottleneck is None

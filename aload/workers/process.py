@@ -41,7 +41,7 @@ import torch.multiprocessing  # registers the reductions that send tensors via s
 import torch.utils.data._utils.worker as torch_worker
 
 from .._cuda import pin_batch
-from .._fetch import Abandoned
+from .._fetch import Abandoned, finish_seconds
 from .._plans import ProcessRead, ReaderPlan
 from .._retry import Reads
 from .._worker_info import WorkerInfo
@@ -326,7 +326,7 @@ class ProcessPool:
 
     def _receive(self, worker: int, open_results: dict[int, Connection]) -> None:
         try:
-            key, ok, payload, report, state = self._results[worker].recv()
+            key, ok, payload, report, state, timing = self._results[worker].recv()
         except OSError as error:
             if error.errno == errno.EMFILE:  # the pipe is fine; this process is out of files
                 raise
@@ -346,7 +346,7 @@ class ProcessPool:
             job.fail(error)
             return
         if ok:
-            job.state = state
+            job.state, job.timing = state, timing
             job.deliver(pin_batch(payload) if self._pin else payload)
         else:
             job.fail(_rebuild_error(payload, worker, self._processes[worker].pid))
@@ -510,12 +510,16 @@ def _work(
             if init_error is not None:
                 raise init_error
             task = _Task(indices, worker_id, abandon)
+            finish_seconds()
+            started = time.perf_counter()
             batch = reader(task)  # type: ignore[misc]
-            results.send((key, True, batch, _wire_report(reads), task.state))
+            collating = finish_seconds()
+            timing = (time.perf_counter() - started - collating, collating)
+            results.send((key, True, batch, _wire_report(reads), task.state, timing))
         except Abandoned:
             continue
         except BaseException as error:
-            results.send((key, False, _wire_error(error), _wire_report(reads), None))
+            results.send((key, False, _wire_error(error), _wire_report(reads), None, None))
 
 
 def _wire_report(reads: Reads) -> Any:

@@ -21,12 +21,13 @@ import dataclasses
 import pickle
 import queue
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from .._cuda import pin_batch
-from .._fetch import Abandoned
+from .._fetch import Abandoned, finish_seconds
 from .._plans import ProcessRead, ReaderPlan
 from .._retry import Reads
 from . import Job
@@ -91,20 +92,25 @@ class RayWorker:
             self._reader = self._plan.build(self._dataset, self._reads, self._base_seed)
 
     def read(self, update: dict[str, Any] | None, indices: Any) -> tuple[Any, ...]:
-        """One batch: `(ok, batch or error, retries and skips, the worker's state)`;
+        """One batch: `(ok, batch or error, retries and skips, the worker's state, (seconds
+        reading, seconds collating))`;
         `update`: the first batch of an epoch brings where that epoch starts."""
         if update is not None:
             self._start_epoch(update)
         if self._init_error is not None:
-            return False, _wire_error(self._init_error), None, None
+            return False, _wire_error(self._init_error), None, None, None
         task = _Task(indices, self._id, _NeverAbandoned)
+        finish_seconds()
+        started = time.perf_counter()
         try:
             batch = self._reader(task)
         except Abandoned:  # pragma: no cover - nothing abandons an actor's task
-            return False, _wire_error(RuntimeError("abandoned")), None, None
+            return False, _wire_error(RuntimeError("abandoned")), None, None, None
         except BaseException as error:
-            return False, _wire_error(error), _wire_report(self._reads), None
-        return True, batch, _wire_report(self._reads), task.state
+            return False, _wire_error(error), _wire_report(self._reads), None, None
+        collating = finish_seconds()
+        timing = (time.perf_counter() - started - collating, collating)
+        return True, batch, _wire_report(self._reads), task.state, timing
 
     def node(self) -> str:
         """Where this actor runs, for errors that name it."""
@@ -282,7 +288,7 @@ class RayPool:
             self._outstanding[sent.worker].pop(id(sent.job), None)
         job = sent.job
         try:
-            ok, payload, report, state = future.result()
+            ok, payload, report, state, timing = future.result()
         except self._ray.exceptions.RayActorError as error:
             # Not here: Ray's callback thread must not call Ray (a kill waits on it).
             self._deaths.put((sent, actor, error))
@@ -297,7 +303,7 @@ class RayPool:
             job.fail(error)
             return
         if ok:
-            job.state = state
+            job.state, job.timing = state, timing
             job.deliver(pin_batch(payload) if self._pin else payload)
         else:
             job.fail(_rebuild_actor_error(payload, sent.worker))
