@@ -161,6 +161,7 @@ class RayPool:
         self._failure: BaseException | None = None  # why the actors could not start
         self._actor_class = ray.remote(RayWorker).options(**{"num_cpus": 1, **options})
         self._actors: list[Any] = []
+        self._stopping: list[Any] = []  # the actors a shutdown took, for the keeper to stop
         self._plans: list[ReaderPlan | None] = [plan] * num_workers
         self._outstanding: list[dict[int, _Sent]] = [{} for _ in range(num_workers)]
         self.replaced = 0
@@ -229,6 +230,8 @@ class RayPool:
                 self._actor_died(*death)
             except BaseException as error:  # the batch must hear of it, not wait forever
                 death[0].job.fail(error)
+        for actor in self._stopping:  # here, not on the consumer's thread (or loop)
+            self._ray.kill(actor, no_restart=True)
 
     def _start(self, worker: int) -> Any:
         dataset, num_workers, base_seed, worker_init_fn, plan = self._start_args
@@ -358,19 +361,18 @@ class RayPool:
             self._when_done(*resent)
 
     def shutdown(self) -> None:
-        """Stop the actors; batches they hold are dropped."""
+        """Stop the actors (on the keeper: a kill waits on Ray); batches they hold are
+        dropped. Does not wait."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            actors, self._actors = self._actors, []
+            self._stopping, self._actors = self._actors, []
             waiting, self._waiting = self._waiting or [], None
         self._begun.set()  # a start not begun yet ends at once
         for job, _ in waiting:
             job.fail(RuntimeError("aload's Ray actors were shut down before this batch"))
-        self._deaths.put(None)
-        for actor in actors:
-            self._ray.kill(actor, no_restart=True)
+        self._deaths.put(None)  # the keeper stops the actors, and ends
 
     def join(self, timeout: float | None = None) -> bool:
         self._keeper.join(timeout)
@@ -378,7 +380,8 @@ class RayPool:
 
     @property
     def alive(self) -> bool:
-        return not self._closed
+        """Until shut down and the keeper has stopped every actor."""
+        return self._keeper.is_alive()
 
     @property
     def alive_workers(self) -> int:
