@@ -7,6 +7,7 @@ pin) on a CPU worker, so CPU work never holds up the reads.
 from __future__ import annotations
 
 import inspect
+import time
 from functools import partial
 from typing import Any
 
@@ -70,14 +71,18 @@ class AsyncMapReader:
             self._start_state()
         after: dict[str, Any] = {}  # the dataset's state after this batch's last read
         read_one = self._read_one if not self._stateful else partial(self._read_noting, after)
+        # Seconds reading (the fetchers' reads count on the pool's read clock), finishing.
+        timing = job.timing = [0.0, 0.0]
         if not self._batched:
             (sample,) = await self._pool.read_all(read_one, [job.indices])
             self._keep_state(job, after)
             finish = partial(self._finish.keyed_sample, sample, job.indices, self._seeds)
-            return await self._pool.run_cpu(finish, (sample, job.indices))
+            return await self._pool.run_cpu(finish, (sample, job.indices), timing)
         if self._getitems is not None:
+            started = time.perf_counter()
             with reading(self._seeds, BatchKey(job.indices)):
                 samples = await self._getitems(job.indices)
+            timing[0] += time.perf_counter() - started
             if self._stateful:
                 after["dataset"] = self._dataset.state_dict()
             keys = job.indices
@@ -88,7 +93,7 @@ class AsyncMapReader:
             keys = [job.indices[i] for i in kept]
         self._keep_state(job, after)
         finish = partial(self._finish.keyed, samples, keys, self._seeds)
-        return await self._pool.run_cpu(finish, (samples, keys))
+        return await self._pool.run_cpu(finish, (samples, keys), timing)
 
     def _start_state(self) -> None:
         """At the first batch, on aload's loop: load where a resumed epoch left the dataset,
@@ -158,16 +163,19 @@ class AsyncStreamReader:
     async def __call__(self, job: JobState) -> Batch:
         if self._lock is None:
             self._lock = anyio.Lock()
+        timing = job.timing = [0.0, 0.0]  # seconds reading, finishing
         async with self._lock:  # one stream: batches are taken from it one after another
+            started = time.perf_counter()
             samples = await self._next_samples()
+            timing[0] = time.perf_counter() - started
             job.state = self._snapshot()
         if samples is None:
             return EXHAUSTED
         if self._batch_size is None:
             finish = partial(self._finish.keyed_sample, samples[0], None, None)
-            return await self._pool.run_cpu(finish, (samples[0], None))
+            return await self._pool.run_cpu(finish, (samples[0], None), timing)
         finish = partial(self._finish.keyed, samples, None, None)
-        return await self._pool.run_cpu(finish, (samples, None))
+        return await self._pool.run_cpu(finish, (samples, None), timing)
 
     async def _next_samples(self) -> list[Any] | None:
         if self._finished:

@@ -41,6 +41,7 @@ class JobState(Protocol):
     worker: int | None
     cancelled: bool
     state: Any  # the worker's dataset state after this batch, set by a reader that keeps it
+    timing: Any  # (seconds reading, seconds collating), set where the batch is read
 
 
 _finishing = threading.local()  # seconds this thread spent finishing batches, not yet taken

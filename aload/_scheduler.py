@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -102,7 +102,7 @@ class _Job:
         self.error: BaseException | None = None
         self.state: Any = None
         # (seconds reading, seconds collating) where a worker read it; None when unknown.
-        self.timing: tuple[float, float] | None = None
+        self.timing: Sequence[float] | None = None
 
     def run(self) -> None:
         if self.cancelled:

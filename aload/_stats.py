@@ -41,12 +41,14 @@ class EpochStats:
         workers_replaced: workers that died and were replaced, their batches read again
             (Ray actors).
         finished: whether the epoch ran to its end.
-        read_seconds: time the workers spent reading samples (`__getitem__`, `__getitems__`,
-            a gather, a stream's `next`), summed over workers.
-        collate_seconds: time the workers spent finishing batches (`transform`,
-            `collate_fn`, pinning), summed over workers.
-        workers: how many workers read and collated at once (0: the consumer's own thread,
-            or aload's loop for async datasets, which these two times do not cover).
+        read_seconds: time spent reading samples (`__getitem__`, `__getitems__`, a gather,
+            a stream's `next`; an async dataset's awaited reads), summed over the readers.
+        collate_seconds: time spent finishing batches (`transform`, `collate_fn`,
+            pinning), summed over the workers.
+        workers: the workers that collate (and read, but for async datasets) at once; 0:
+            the consumer reads its own batches, which neither time covers.
+        read_concurrency: reads at once: `workers`, or an async dataset's
+            `max_concurrency`.
     """
 
     epoch: int
@@ -65,13 +67,25 @@ class EpochStats:
     read_seconds: float = 0.0
     collate_seconds: float = 0.0
     workers: int = 0
+    read_concurrency: int = 0
+
+    @property
+    def read_busy_fraction(self) -> float:
+        """Share of the readers' time spent reading (1: a read in every slot, always)."""
+        return _share(self.read_seconds, self.read_concurrency * self.seconds)
+
+    @property
+    def collate_busy_fraction(self) -> float:
+        """Share of the workers' time spent collating."""
+        return _share(self.collate_seconds, self.workers * self.seconds)
 
     @property
     def worker_busy_fraction(self) -> float:
-        """Share of the workers' time spent reading and collating (1: never idle)."""
-        capacity = self.workers * self.seconds
-        busy = self.read_seconds + self.collate_seconds
-        return min(1.0, busy / capacity) if capacity > 0 else 0.0
+        """Share of the workers' time spent on batches (1: never idle): reading and
+        collating, or for async datasets (read on aload's loop) collating."""
+        if self.read_concurrency == self.workers:  # the same workers read and collate
+            return _share(self.read_seconds + self.collate_seconds, self.workers * self.seconds)
+        return self.collate_busy_fraction
 
     @property
     def bottleneck(self) -> str | None:
@@ -91,9 +105,10 @@ class EpochStats:
             return "training"
         if self.workers == 0 or self.read_seconds + self.collate_seconds == 0:
             return "read"
-        if self.worker_busy_fraction < 0.5:
+        read, collate = self.read_busy_fraction, self.collate_busy_fraction
+        if max(read, collate, self.worker_busy_fraction) < 0.5:
             return "hand-over"
-        return "collate" if self.collate_seconds > self.read_seconds else "read"
+        return "collate" if collate > read else "read"
 
     @property
     def samples_per_second(self) -> float:
@@ -134,6 +149,10 @@ class LoaderStats:
         return self.wait_seconds / total if total > 0 else 0.0
 
 
+def _share(busy: float, capacity: float) -> float:
+    return min(1.0, busy / capacity) if capacity > 0 else 0.0
+
+
 class EpochMeter:
     """Counts one epoch; updated only from the consumer's side of the scheduler."""
 
@@ -146,8 +165,10 @@ class EpochMeter:
     ) -> None:
         self.epoch = epoch
         self.reads = reads
-        self.workers = workers
+        self.workers = self.read_concurrency = workers
         self.read_seconds = self.collate_seconds = 0.0
+        self.read_clock: Any = None  # reads timed elsewhere (aload's fetchers), if any
+        self.read_clock_start = 0.0
         self.on_batch = on_batch
         self.on_end: Callable[[], None] | None = None
         self.batches = self.samples = 0
@@ -173,7 +194,11 @@ class EpochMeter:
         self.wait += now - asked_at
         self.last_handover = now
 
-    def worked(self, timing: tuple[float, float]) -> None:
+    def watch_reads(self, clock: Any) -> None:
+        """Count the reads `clock` (a `ReadClock`: aload's fetchers) times from now on."""
+        self.read_clock, self.read_clock_start = clock, clock.seconds
+
+    def worked(self, timing: Sequence[float]) -> None:
         """A worker spent `timing` (seconds reading, seconds collating) on a delivered batch."""
         self.read_seconds += timing[0]
         self.collate_seconds += timing[1]
@@ -210,6 +235,12 @@ class EpochMeter:
         if self.on_end is not None:
             self.on_end()
 
+    def _read_seconds(self) -> float:
+        watched = 0.0
+        if self.read_clock is not None:
+            watched = self.read_clock.seconds - self.read_clock_start
+        return self.read_seconds + watched
+
     def snapshot(self) -> EpochStats:
         seconds = 0.0
         if self.first_ask is not None:
@@ -228,9 +259,10 @@ class EpochMeter:
             skipped=len(self.reads.skipped),
             workers_replaced=self.reads.replaced,
             finished=self.finished,
-            read_seconds=self.read_seconds,
+            read_seconds=self._read_seconds(),
             collate_seconds=self.collate_seconds,
             workers=self.workers,
+            read_concurrency=self.read_concurrency,
         )
 
 

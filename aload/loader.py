@@ -417,6 +417,7 @@ class DataLoader(Generic[T_co]):
                 seed = self._base_seed(start, resumed)
                 seeds = EpochSeeds(seed, start["epoch"])
                 loop_pool = self._loop_pool(config, seeds, blocking, reads)
+                meter.watch_reads(loop_pool.read_clock)
                 pool, owns_pool = loop_pool, True
                 source, read = self._async_plan(
                     finish, reads, start, delivered, loop_pool, seeds, resumed
@@ -437,8 +438,11 @@ class DataLoader(Generic[T_co]):
             # before yielding.
             inline = isinstance(pool, InlinePool)
             # Who reads and collates, for the stats' stages: workers (a thread, for `async
-            # for` without workers), or the consumer itself / aload's loop (not timed).
-            meter.workers = 0 if inline or config.asynchronous else max(1, config.num_workers)
+            # for` without them), or the consumer itself (not timed); an async dataset's
+            # reads, `max_concurrency` at once on aload's loop, then CPU workers (or the loop).
+            meter.workers = meter.read_concurrency = 0 if inline else max(1, config.num_workers)
+            if config.asynchronous:
+                meter.read_concurrency = config.max_concurrency
             if resumed or config.num_workers > 0:
                 source.prime()
         if not config.iterable and not resumed and has_state(config.dataset):

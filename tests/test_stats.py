@@ -150,7 +150,7 @@ def stats_of(**kwargs) -> EpochStats:
     fields = {
         "epoch": 0, "batches": 10, "samples": 80, "seconds": 1.0, "wait_seconds": 0.8,
         "body_seconds": 0.2, "mean_queue_depth": 0.0, "max_queue_depth": 0, "in_flight": 0,
-        "retries": 0, "skipped": 0, "finished": True, "workers": 2,
+        "retries": 0, "skipped": 0, "finished": True, "workers": 2, "read_concurrency": 2,
     }  # fmt: skip
     return EpochStats(**{**fields, **kwargs})
 
@@ -163,3 +163,68 @@ def test_idle_workers_and_a_waiting_loop_name_the_hand_over():
         "training"
     )
     assert stats_of(batches=0).bottleneck is None
+
+
+def test_async_reads_are_weighed_against_their_own_concurrency():
+    """64 read slots on aload's loop, 2 CPU workers: each stage's share of its own slots."""
+    async_stats = {"read_concurrency": 64, "workers": 2}
+    busy_reads = stats_of(read_seconds=60.0, collate_seconds=0.2, **async_stats)
+    assert busy_reads.bottleneck == "read"
+    assert busy_reads.read_busy_fraction == pytest.approx(60 / 64)
+    busy_decode = stats_of(read_seconds=6.0, collate_seconds=1.9, **async_stats)
+    assert busy_decode.bottleneck == "collate"
+    assert busy_decode.worker_busy_fraction == pytest.approx(0.95)
+    assert stats_of(read_seconds=6.0, collate_seconds=0.2, **async_stats).bottleneck == (
+        "hand-over"
+    )
+
+
+class AwaitedReads:
+    """An async dataset whose reads await `seconds` (a remote store)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return 128
+
+    async def __getitem__(self, index: int) -> int:
+        await anyio.sleep(self.seconds)
+        return index
+
+
+def spin_2_ms(sample):
+    """A decode that holds the CPU (and the GIL) for 2 ms."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < 0.002:
+        pass
+    return sample
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+@pytest.mark.parametrize(
+    ("stage", "read_seconds", "transform", "max_concurrency"),
+    [("read", 0.02, None, 8), ("collate", 0.001, spin_2_ms, 64)],
+)
+def test_an_async_datasets_slow_stage_is_named_too(
+    mode, stage, read_seconds, transform, max_concurrency
+):
+    """Awaited reads on aload's loop (`max_concurrency` at once), then the CPU workers:
+    a slow remote store names the reads, a slow decode the collate stage."""
+    loader = aload.DataLoader(
+        AwaitedReads(read_seconds),
+        batch_size=8,
+        num_workers=2,
+        worker_mode=mode,
+        transform=transform,
+        max_concurrency=max_concurrency,
+        persistent_workers=True,
+    )
+    for _ in range(2):
+        for _ in loader:
+            pass
+    epoch = loader.stats.epoch
+    loader.close()
+    assert epoch.bottleneck == stage, epoch
+    assert (epoch.workers, epoch.read_concurrency) == (2, max_concurrency)
+    assert epoch.read_seconds >= 128 * read_seconds * 0.9  # each awaited read counted

@@ -23,6 +23,7 @@ import anyio
 import anyio.lowlevel
 from anyio import RunFinishedError
 
+from .._fetch import finish_seconds
 from . import Job, WorkerPool
 from ._exit import stop_at_exit
 
@@ -34,6 +35,16 @@ class AsyncJob(Job, Protocol):
 
     async def arun(self) -> None:
         """Do the work and report the outcome; never raises."""
+
+
+class ReadClock:
+    """Seconds the fetchers have spent on reads, summed over fetchers: read by the loader's
+    stats, which keep this small object and not the pool."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
 
 
 class LoopPool:
@@ -56,6 +67,7 @@ class LoopPool:
         self._cpu = cpu
         self._cpu_read = cpu_read  # for worker processes: the plan they finish batches by
         self._max_concurrency = max_concurrency
+        self.read_clock = ReadClock()  # the fetchers' time reading, summed
         # Jobs submitted before the loop is up (the dataset's __aenter__ may take a while)
         # wait here: the caller never waits for the start.
         self._lock = threading.Lock()
@@ -107,16 +119,25 @@ class LoopPool:
             raise batch.error
         return batch.results
 
-    async def run_cpu(self, work: Callable[[], T], samples: Any = None) -> T:
+    async def run_cpu(
+        self, work: Callable[[], T], samples: Any = None, timing: list[float] | None = None
+    ) -> T:
         """Run `work` (which finishes `samples`) on the CPU pool and wait for it without
-        blocking this loop; worker processes get the samples and finish them by their plan."""
+        blocking this loop; worker processes get the samples and finish them by their plan.
+        `timing[1]` gains the seconds the work took where it ran."""
         if self._cpu is None:
-            return work()
+            finish_seconds()
+            value = work()
+            if timing is not None:
+                timing[1] += finish_seconds()
+            return value
         call = _CpuCall(work, self._token, samples, self._cpu_read)
         self._cpu.submit(call)
         await call.done.wait()
         if call.error is not None:
             raise call.error
+        if timing is not None and call.timing is not None:
+            timing[1] += sum(call.timing)  # a worker process reads nothing: all finishing
         return call.value
 
     def begin(self) -> None:
@@ -160,13 +181,16 @@ class LoopPool:
     async def _fetch(self) -> None:
         """One fetcher: does the next item read of any batch, or sleeps until one is queued.
 
-        Taking a queued read costs no turn of the loop; only a read that waits does.
+        Taking a queued read costs no turn of the loop; only a read that waits does. Its
+        busy spells add up in `read_clock` (two clock reads a spell, not per read).
         """
-        requests, idle = self._requests, self._idle
+        requests, idle, clock = self._requests, self._idle, self.read_clock
         while True:
+            started = time.perf_counter()
             while requests:
                 batch, position, item = requests.popleft()
                 await batch.read_one(position, item)
+            clock.seconds += time.perf_counter() - started
             wake = anyio.Event()
             idle.append(wake)
             await wake.wait()
@@ -251,12 +275,19 @@ class _CpuCall:
         self.done = anyio.Event()
         self.value: Any = None
         self.error: BaseException | None = None
+        self.state: Any = None
+        # (seconds reading, seconds finishing) where it ran: a worker thread, or a worker
+        # process (which sets it with the batch).
+        self.timing: tuple[float, float] | None = None
 
     def run(self) -> None:
+        finish_seconds()
+        started = time.perf_counter()
         try:
             self.value = self._work()
         except BaseException as error:
             self.error = error
+        self.timing = (0.0, time.perf_counter() - started)
         self._wake()
 
     def deliver(self, value: Any) -> None:
