@@ -54,6 +54,22 @@ def test_tree_memory_sees_a_child_process_allocate():
 
 
 @linux_only
+def test_the_two_executor_workload_measures_its_limit_and_every_loader(tmp_path):
+    _, report = bench_report(
+        "--workloads", "remote-decode", "--repeats", "1", "--scale", "0.05", tmp_path=tmp_path
+    )  # fmt: skip
+    (workload,) = report["workloads"]
+    rows = workload["results"]
+    assert len(rows) == 5  # the limit, torch, and aload three ways
+    for row in rows:
+        assert row["error"] is None, row
+        assert row["median_samples_per_s"] > 0
+        assert row["of_the_limit"] > 0
+    (limit,) = [row for row in rows if row["family"] == "limit"]
+    assert limit["of_the_limit"] == pytest.approx(1.0)
+
+
+@linux_only
 def test_suite_writes_tables_and_json_with_every_loader(tmp_path):
     stdout, report = bench_report(
         "--workloads", "tensor", "memory", "--repeats", "2", "--scale", "0.4", tmp_path=tmp_path

@@ -81,6 +81,44 @@ class IndexDataset(tud.Dataset):
         return index
 
 
+def python_decode(sample: torch.Tensor, rounds: int) -> torch.Tensor:
+    """Pure-Python work on a sample that holds the GIL (a parser, a tokenizer): `rounds`."""
+    total = int(sample[0])
+    for i in range(rounds):
+        total = (total * 31 + i) % 1_000_003
+    return torch.tensor([total, int(sample[0])])
+
+
+class Decode:
+    """`python_decode` as a picklable transform, for worker processes."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+
+    def __call__(self, sample: torch.Tensor) -> torch.Tensor:
+        return python_decode(sample, self.rounds)
+
+    def index(self, index: int) -> int:
+        """The decode of the sample an awaited read of `index` gives (for the limit: ints
+        in and out, so that its pool moves no tensors)."""
+        sample = torch.full((16,), index, dtype=torch.float32)
+        return int(self(sample)[0])
+
+
+class ReadThenDecode(tud.Dataset):
+    """The blocking form of a remote read then a decode: sleep `seconds`, then `decode`."""
+
+    def __init__(self, n: int, seconds: float, decode: Decode) -> None:
+        self.n, self.seconds, self.decode = n, seconds, decode
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return self.decode(torch.full((16,), index, dtype=torch.float32))
+
+
 class ImageDataset(tud.Dataset):
     """Image-sized samples, 3 x 224 x 224 float32, copied out of a small in-memory pool."""
 

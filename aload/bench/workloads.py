@@ -20,6 +20,7 @@ from aload.bench.contenders import (
     drain_warm,
     limit_asyncio,
     limit_gather,
+    limit_processes,
     limit_threads,
     spdl_pipeline,
     torch_loader,
@@ -138,6 +139,36 @@ def _async(s: Settings) -> Workload:
         "async",
         f"2 ms awaited read per item (blocking for torch), {n:,} items, batch 32",
         contenders,
+    )
+
+
+def _remote_decode(s: Settings) -> Workload:
+    """An awaited 2 ms read, then ~0.5 ms of GIL-holding decode per item: two executors."""
+    n = s.items(2048)
+    (w,) = s.counts(2)
+    decode = ds.Decode(s.python_rounds)
+    awaited = ds.AwaitingDataset(n, 0.002)
+    blocking = ds.ReadThenDecode(n, 0.002, decode)
+    kw: dict[str, Any] = {"batch_size": 32}
+    return Workload(
+        "remote-decode",
+        f"an awaited 2 ms read (blocking for torch), then ~0.5 ms of pure-Python decode per "
+        f"item (holds the GIL), {n:,} items, batch 32; the limit: the decodes alone on {w} "
+        "processes",
+        [
+            limit_processes(decode.index, list(range(n)), w),
+            torch_loader(blocking, 8, **kw),
+            aload_loader(blocking, 8, worker_mode="process", **kw),
+            aload_loader(awaited, w, transform=decode, detail="reads on aload's loop", **kw),
+            aload_loader(
+                awaited,
+                w,
+                worker_mode="process",
+                transform=decode,
+                detail="reads on aload's loop, decode on processes",
+                **kw,
+            ),
+        ],
     )
 
 
@@ -288,6 +319,7 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "async": _async,
     "numpy": _numpy,
     "python": _python,
+    "remote-decode": _remote_decode,
     "images": _images,
     "memory": _memory,
     "train-python": _train(training.python_work, "python"),
