@@ -426,3 +426,49 @@ def test_workers_of_a_killed_loader_process_exit_on_their_own(tmp_path):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert alive == []
+
+
+def sent_to_a_worker(value):
+    """`value` as a worker process unpickles what the parent sends it."""
+    import pickle
+
+    from aload.workers.process import task_bytes
+
+    return pickle.loads(task_bytes(value))
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.arange(16, dtype=torch.float32),
+        torch.arange(24, dtype=torch.int64).reshape(4, 6)[:, ::2],  # a strided view
+        torch.tensor([True, False]),
+        torch.ones(3, dtype=torch.float16),
+        torch.zeros(0, 5),
+    ],
+    ids=["float32", "view", "bool", "float16", "empty"],
+)
+def test_small_samples_reach_a_worker_by_value_and_unchanged(tensor):
+    """Samples an async dataset's CPU stage sends go by value when small: a file
+    descriptor through shared memory per tensor cost more than the copy."""
+    (received,) = sent_to_a_worker([tensor])
+    assert received.dtype == tensor.dtype
+    assert torch.equal(received, tensor)
+    assert not received.is_shared()
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.zeros(128 * 1024),  # 512 KiB: shared memory beats a copy
+        torch.ones(4, dtype=torch.bfloat16),  # numpy has no bfloat16
+        torch.ones(3, requires_grad=True),
+    ],
+    ids=["large", "bfloat16", "requires_grad"],
+)
+def test_other_tensors_reach_a_worker_as_torch_sends_them(tensor):
+    received = sent_to_a_worker(tensor)
+    assert received.dtype == tensor.dtype
+    assert received.requires_grad == tensor.requires_grad
+    assert torch.equal(received.detach(), tensor.detach())
+    assert received.is_shared()

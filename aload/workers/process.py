@@ -33,6 +33,7 @@ import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -201,7 +202,7 @@ class ProcessPool:
                     self._tasks[worker].send_bytes(pickle.dumps(message))
                     self._plans[worker] = read.plan
                 self._outstanding[worker][id(job)] = job
-                self._tasks[worker].send((id(job), job.indices))  # type: ignore[attr-defined]
+                self._tasks[worker].send_bytes(task_bytes((id(job), job.indices)))  # type: ignore[attr-defined]
             except (BrokenPipeError, OSError):
                 self._outstanding[worker].pop(id(job), None)
                 job.fail(self._death(worker, job))
@@ -385,6 +386,41 @@ class ProcessPool:
             with contextlib.suppress(Exception):
                 process.kill()
                 process.join()
+
+
+# Tensors up to this size go to a worker by value; larger ones as torch sends them, through
+# shared memory (a file descriptor each, passed at ~0.2 ms a tensor: more than copying this).
+_BY_VALUE_BYTES = 256 * 1024
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+    }
+)  # fmt: skip
+
+
+class _TaskPickler(ForkingPickler):
+    """torch's pickler for worker processes, but small CPU tensors (the samples an async
+    dataset's CPU stage sends, a batch of 32 at a time) go by value, as numpy arrays: 32
+    tensors of 16 floats took 6.4 ms to send through shared memory, and take ~0.1 ms so."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            type(obj) is torch.Tensor
+            and obj.device.type == "cpu"
+            and obj.layout is torch.strided
+            and obj.dtype in _NUMPY_DTYPES
+            and not obj.requires_grad
+            and not (obj.is_conj() or obj.is_neg())
+            and obj.numel() * obj.element_size() <= _BY_VALUE_BYTES
+        ):
+            return torch.from_numpy, (obj.numpy(),)
+        return NotImplemented
+
+
+def task_bytes(task: Any) -> bytes:
+    """What the parent sends a worker: indices, or the samples to finish."""
+    return bytes(_TaskPickler.dumps(task, pickle.HIGHEST_PROTOCOL))
 
 
 def _signal_name(number: int) -> str:
