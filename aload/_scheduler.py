@@ -46,6 +46,19 @@ _WAIT = object()
 _END = object()
 
 
+async def wait_stopped(pool: WorkerPool, deadline: float | None = None) -> bool:
+    """Wait, without blocking the event loop, until `pool` has no worker left running (or
+    `deadline`, a `time.monotonic()`, passes); whether it stopped. Polls with sleeps that
+    double up to 50 ms: a stopped pool has nothing that could wake a waiter."""
+    delay = 0.0002
+    while pool.alive:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
+
+
 class _Mailbox:
     """Finished jobs, and how to wake the consumers waiting for one (usually one; several
     when tasks or threads share an iterator)."""
@@ -347,14 +360,8 @@ class Epoch:
         """Stop, and wait for the epoch's own workers to end: at most `timeout` when the
         loader has one (a read that hangs cannot be stopped; its thread is left to end)."""
         self.stop()
-        delay = 0.0002
-        deadline = self._deadline()
-        while self._owns_pool and self._pool.alive:
-            if deadline is not None and time.monotonic() >= deadline:
-                self._warn_left_running()
-                return
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        if self._owns_pool and not await wait_stopped(self._pool, self._deadline()):
+            self._warn_left_running()
 
     async def _wait_async(self, deadline: float | None) -> None:
         token = anyio.lowlevel.current_token()

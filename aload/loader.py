@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any, Generic, TypeVar
 
-import anyio
 import torch
 import torch.utils.data as tud
 from torch.utils.data import Sampler
@@ -39,7 +38,14 @@ from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
 from ._sample_random import EpochSeeds
 from ._samplers import fast_index_batches
-from ._scheduler import Epoch, EpochIterator, IndexBatches, JobSource, WorkerStreams
+from ._scheduler import (
+    Epoch,
+    EpochIterator,
+    IndexBatches,
+    JobSource,
+    WorkerStreams,
+    wait_stopped,
+)
 from ._stats import LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
 from ._worker_info import draw_base_seed, worker_setup
@@ -377,10 +383,7 @@ class DataLoader(Generic[T_co]):
         pool, self._persistent_pool = self._persistent_pool, None
         if pool is not None:
             pool.shutdown()
-            delay = 0.0002
-            while pool.alive:
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 0.05)
+            await wait_stopped(pool)
 
     async def __aenter__(self) -> DataLoader:
         return self
