@@ -55,6 +55,16 @@ def finish_seconds() -> float:
     return spent
 
 
+def timed_call(work: Callable[..., Batch], *args: Any) -> tuple[Batch, tuple[float, float]]:
+    """`work(*args)`, and the (seconds reading, seconds collating) it took on this thread:
+    how a worker times the job it runs, for the stats' stages."""
+    finish_seconds()  # what this thread finished before is not this job's
+    started = time.perf_counter()
+    batch = work(*args)
+    collating = finish_seconds()
+    return batch, (time.perf_counter() - started - collating, collating)
+
+
 def timed(method: Callable[..., Batch]) -> Callable[..., Batch]:
     """`method`, adding the time it takes to this thread's `finish_seconds()`."""
 

@@ -27,7 +27,7 @@ from anyio import RunFinishedError
 
 from ._checkpoint import Delivered
 from ._errors import LoaderTimeoutError
-from ._fetch import EXHAUSTED, Abandoned, describe_indices, finish_seconds
+from ._fetch import EXHAUSTED, Abandoned, describe_indices, timed_call
 from ._stats import EpochMeter, count_samples
 from .workers import WorkerPool
 
@@ -120,17 +120,13 @@ class _Job:
     def run(self) -> None:
         if self.cancelled:
             return
-        finish_seconds()  # what this thread finished before is not this job's
-        started = time.perf_counter()
         try:
-            value = self.read(self)
+            value, self.timing = timed_call(self.read, self)
         except Abandoned:
             return
         except BaseException as error:
             self.fail(error)
             return
-        collating = finish_seconds()
-        self.timing = (time.perf_counter() - started - collating, collating)
         self.deliver(value)
 
     def run_here(self) -> None:

@@ -157,15 +157,12 @@ class EpochMeter:
     """Counts one epoch; updated only from the consumer's side of the scheduler."""
 
     def __init__(
-        self,
-        epoch: int,
-        reads: Reads,
-        on_batch: Callable[[EpochMeter], None] | None = None,
-        workers: int = 0,
+        self, epoch: int, reads: Reads, on_batch: Callable[[EpochMeter], None] | None = None
     ) -> None:
         self.epoch = epoch
         self.reads = reads
-        self.workers = self.read_concurrency = workers
+        # Who reads and collates (the loader says, once its pool is chosen): for the stages.
+        self.workers = self.read_concurrency = 0
         self.read_seconds = self.collate_seconds = 0.0
         self.read_clock: Any = None  # reads timed elsewhere (aload's fetchers), if any
         self.read_clock_start = 0.0
@@ -278,8 +275,8 @@ class StatsKeeper:
         self._past = _Totals()
         self._past_skipped: deque[Any] = deque(maxlen=self.SKIPPED_KEPT)
 
-    def new_epoch(self, epoch: int, retry: Retry, max_skipped: int, workers: int = 0) -> EpochMeter:
-        meter = EpochMeter(epoch, Reads(retry, max_skipped), workers=workers)
+    def new_epoch(self, epoch: int, retry: Retry, max_skipped: int) -> EpochMeter:
+        meter = EpochMeter(epoch, Reads(retry, max_skipped))
         self._meters.append(meter)
         if len(self._meters) > self.WINDOW:
             oldest = self._meters.popleft()

@@ -58,6 +58,10 @@ from .workers.thread import ThreadPool
 
 T_co = TypeVar("T_co", covariant=True)
 
+# Pools whose workers are other processes: they build their readers from a plan, and each
+# draws from its own RNG (so batches are dealt to them in torch's turn).
+_READS_BY_PLAN = (ProcessPool, RayPool)
+
 # A batch gathered from memory in at most this many bytes (~10-50 µs of copying) is read on
 # the consumer's thread: a hand-off to a worker thread and back costs about as much.
 IN_PLACE_GATHER_BYTES = 256 * 1024
@@ -372,18 +376,23 @@ class DataLoader(Generic[T_co]):
 
     def close(self) -> None:
         """Stop persistent workers and wait for them to end; the loader can start again."""
-        pool, self._persistent_pool = self._persistent_pool, None
+        pool = self._stop_persistent()
         if pool is not None:
-            pool.shutdown()
             pool.join()
 
     async def aclose(self) -> None:
         """`close()` for async code: stop persistent workers and wait for them to end
         without blocking the event loop."""
+        pool = self._stop_persistent()
+        if pool is not None:
+            await wait_stopped(pool)
+
+    def _stop_persistent(self) -> WorkerPool | None:
+        """Take the persistent pool, its workers told to stop (not waited for)."""
         pool, self._persistent_pool = self._persistent_pool, None
         if pool is not None:
             pool.shutdown()
-            await wait_stopped(pool)
+        return pool
 
     async def __aenter__(self) -> DataLoader:
         return self
@@ -435,7 +444,7 @@ class DataLoader(Generic[T_co]):
                 # the persistent pool's), in every mode, as torch draws it.
                 seeds = EpochSeeds(start["base_seed"], start["epoch"])
                 source, read = self._plan(finish, reads, start, delivered, seeds, resume)
-                if isinstance(pool, ProcessPool | RayPool) and plan is not None:
+                if isinstance(pool, _READS_BY_PLAN) and plan is not None:
                     read = ProcessRead(plan, reads)
             # An inline pool loads at submit time: submitting (or copying) ahead would load
             # before yielding.
@@ -487,7 +496,7 @@ class DataLoader(Generic[T_co]):
         processes reading map-style batches in order (each process draws from its own RNG,
         so which batches it reads decides what it draws); else 0, any free worker."""
         config = self._config
-        if isinstance(pool, ProcessPool | RayPool) and not config.iterable and config.in_order:
+        if isinstance(pool, _READS_BY_PLAN) and not config.iterable and config.in_order:
             return config.num_workers
         return 0
 
@@ -718,8 +727,7 @@ class DataLoader(Generic[T_co]):
                     return persistent, False
                 # A worker process died: start a whole pool again. The broken one stops
                 # on its own (its collector reaps it): waiting here would stall the caller.
-                self._persistent_pool = None
-                persistent.shutdown()
+                self._stop_persistent()
             base_seed = self._base_seed(start, resumed)
             pool: WorkerPool
             if self._gathers_in_place:  # persistent too: the base seed is drawn once

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import Indexed, flatten, heartbeat
+from conftest import Indexed, assert_resumes_exactly, flatten, heartbeat, take_and_save
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import aload
@@ -103,15 +103,7 @@ def test_a_state_saved_mid_epoch_resumes_exactly():
             Indexed(40), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)
         )
 
-    whole = [b.tolist() for b in make()]
-    loader = make()
-    it = iter(loader)
-    head = [next(it).tolist() for _ in range(3)]
-    state = loader.state_dict()
-    it.close()
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert head + [b.tolist() for b in resumed] == whole
+    assert_resumes_exactly(make, stop=3)
 
 
 class FailsAt(Dataset):
@@ -275,17 +267,13 @@ def test_resume_mid_epoch_gives_each_sample_once_in_either_order(in_order):
             generator=torch.Generator().manual_seed(3),
         )
 
-    loader = make()
-    it = iter(loader)
-    head = flatten(next(it) for _ in range(5))
-    state = loader.state_dict()
-    it.close()
+    head, state = take_and_save(make(), stop=5)
     resumed = make()
     resumed.load_state_dict(state)
     tail = flatten(resumed)
-    assert sorted(head + tail) == list(range(64))
+    assert sorted(flatten(head) + tail) == list(range(64))
     if in_order:
-        assert head + tail == flatten(make())
+        assert flatten(head) + tail == flatten(make())
 
 
 @pytest.mark.usefixtures("cluster")
@@ -293,15 +281,7 @@ def test_an_iterable_dataset_resumes_on_new_actors():
     def make():
         return loader_on_ray(Sharded(), batch_size=3)
 
-    whole = flatten(make())
-    loader = make()
-    it = iter(loader)
-    head = flatten(next(it) for _ in range(3))
-    state = loader.state_dict()
-    it.close()
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert head + flatten(resumed) == whole
+    assert_resumes_exactly(make, stop=3)
 
 
 class KillsItsReader(Dataset):
@@ -347,3 +327,34 @@ def test_ray_options_reach_the_actors_in_rays_own_words():
     loader = loader_on_ray(ReadsItsEnvironment(), batch_size=2, ray_options=options)
     assert [x for batch in loader for x in batch] == ["from ray_options"] * 4
     assert loader.ray_options == options
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("cluster")
+@pytest.mark.parametrize("leave", ["break", "drop the loader"])
+def test_leaving_an_epoch_early_stops_every_actor(leave):
+    """The actors' processes end when an epoch is left (or its loader dropped) mid-way:
+    nothing of the pool keeps running on the cluster."""
+    loader = loader_on_ray(SlowWithPid(), batch_size=4, persistent_workers=leave != "break")
+    pids = set()
+    epoch = iter(loader)
+    for _ in range(4):
+        pids.update(int(pid) for pid in next(epoch)[1])
+    pool = epoch._epoch._pool
+    if leave == "break":
+        epoch.close()
+    else:
+        del epoch, loader
+    assert pool.join(30)
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

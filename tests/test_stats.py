@@ -95,6 +95,19 @@ def test_no_progress_bar_unless_asked(capsys):
     assert capsys.readouterr().err == ""
 
 
+def second_epoch_stats(dataset, body: float = 0.0, **kwargs) -> EpochStats:
+    """The stats of a second epoch over `dataset` (batches of 8, 2 workers kept from the
+    first, so their start is not in it), with a loop body of `body` seconds a batch."""
+    loader = aload.DataLoader(
+        dataset, batch_size=8, num_workers=2, persistent_workers=True, **kwargs
+    )
+    for _ in range(2):
+        for _ in loader:
+            time.sleep(body)
+    loader.close()
+    return loader.stats.epoch
+
+
 class SleepyReads(Dataset):
     """Each read sleeps `seconds`: a slow disk or decode."""
 
@@ -126,19 +139,9 @@ def sleepy_collate(samples):
 def test_the_slow_stage_is_named_the_bottleneck(mode, stage, per_item, collate, body):
     """Each case slows one stage down on purpose; the second epoch is measured, its workers
     already running."""
-    loader = aload.DataLoader(
-        SleepyReads(per_item),
-        batch_size=8,
-        num_workers=2,
-        worker_mode=mode,
-        collate_fn=collate,
-        persistent_workers=True,
+    epoch = second_epoch_stats(
+        SleepyReads(per_item), body=body, worker_mode=mode, collate_fn=collate
     )
-    for _ in range(2):
-        for _ in loader:
-            time.sleep(body)
-    epoch = loader.stats.epoch
-    loader.close()
     assert epoch.bottleneck == stage, epoch
     assert epoch.workers == 2
     assert epoch.read_seconds >= 64 * per_item * 0.9  # every read counted, in any mode
@@ -211,20 +214,12 @@ def test_an_async_datasets_slow_stage_is_named_too(
 ):
     """Awaited reads on aload's loop (`max_concurrency` at once), then the CPU workers:
     a slow remote store names the reads, a slow decode the collate stage."""
-    loader = aload.DataLoader(
+    epoch = second_epoch_stats(
         AwaitedReads(read_seconds),
-        batch_size=8,
-        num_workers=2,
         worker_mode=mode,
         transform=transform,
         max_concurrency=max_concurrency,
-        persistent_workers=True,
     )
-    for _ in range(2):
-        for _ in loader:
-            pass
-    epoch = loader.stats.epoch
-    loader.close()
     assert epoch.bottleneck == stage, epoch
     assert (epoch.workers, epoch.read_concurrency) == (2, max_concurrency)
     assert epoch.read_seconds >= 128 * read_seconds * 0.9  # each awaited read counted

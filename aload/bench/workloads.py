@@ -264,33 +264,36 @@ def _connect_ray(workers: int) -> None:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
 
 
+def _on_ray(name: str, items: str, dataset: Callable[[int], Any], count: int) -> Any:
+    """A Ray workload: `dataset(n)`'s items on Ray actors of a local cluster against worker
+    processes, each timed on the epoch after the first (workers kept)."""
+
+    def build(s: Settings) -> Workload:
+        n = s.items(count)
+        (w,) = s.counts(2)
+        _connect_ray(w)
+        return Workload(
+            name,
+            f"{items}, {n:,} items, batch 32, on {w} Ray actors of a local cluster against {w} "
+            "worker processes; the epoch after the first (workers kept). One machine: this "
+            "measures Ray's overhead, not scale-out. Actors' memory is not counted (they are "
+            "the cluster's processes, not this one's children)",
+            _warm_rows(dataset(n), w, 32),
+        )
+
+    return build
+
+
 def _ray(s: Settings) -> Workload:
     """The python workload's items on Ray actors: on one machine, the object store's cost."""
-    n = s.items(1024)
-    (w,) = s.counts(2)
-    _connect_ray(w)
-    return Workload(
-        "ray",
-        f"~0.5 ms of pure-Python work per item, {n:,} items, batch 32, on {w} Ray actors of a "
-        f"local cluster against {w} worker processes; the epoch after the first (workers "
-        "kept). One machine: this measures Ray's overhead, not scale-out. Actors' memory is "
-        "not counted (they are the cluster's processes, not this one's children)",
-        _warm_rows(ds.PythonDataset(n, s.python_rounds), w, 32),
-    )
+    items = "~0.5 ms of pure-Python work per item"
+    return _on_ray("ray", items, lambda n: ds.PythonDataset(n, s.python_rounds), 1024)(s)
 
 
 def _ray_overhead(s: Settings) -> Workload:
-    """Items that cost nothing, on Ray actors: each batch's round trip, alone."""
-    n = s.items(8192)
-    (w,) = s.counts(2)
-    _connect_ray(w)
-    return Workload(
-        "ray-overhead",
-        f"items that cost nothing (their index), {n:,} items, batch 32, on {w} Ray actors "
-        f"against {w} worker processes, the epoch after the first: 32 / (samples/s) is each "
-        "batch's round trip (through the object store for Ray)",
-        _warm_rows(ds.IndexDataset(n), w, 32),
-    )
+    """Items that cost nothing, on Ray actors: each batch's round trip (32 / samples/s)."""
+    items = "items that cost nothing (their index: 32 / samples/s is a batch's round trip)"
+    return _on_ray("ray-overhead", items, ds.IndexDataset, 8192)(s)
 
 
 def _train(work: Callable[[int, float], Any], kind: str) -> Callable[[Settings], Workload]:

@@ -23,7 +23,7 @@ import anyio
 import anyio.lowlevel
 from anyio import RunFinishedError
 
-from .._fetch import finish_seconds
+from .._fetch import timed_call
 from . import Job, WorkerPool
 from ._exit import stop_at_exit
 
@@ -126,10 +126,9 @@ class LoopPool:
         blocking this loop; worker processes get the samples and finish them by their plan.
         `timing[1]` gains the seconds the work took where it ran."""
         if self._cpu is None:
-            finish_seconds()
-            value = work()
+            value, spent = timed_call(work)
             if timing is not None:
-                timing[1] += finish_seconds()
+                timing[1] += sum(spent)  # all of it finishing: the samples are read
             return value
         call = _CpuCall(work, self._token, samples, self._cpu_read)
         self._cpu.submit(call)
@@ -281,13 +280,10 @@ class _CpuCall:
         self.timing: tuple[float, float] | None = None
 
     def run(self) -> None:
-        finish_seconds()
-        started = time.perf_counter()
         try:
-            self.value = self._work()
+            self.value, self.timing = timed_call(self._work)
         except BaseException as error:
             self.error = error
-        self.timing = (0.0, time.perf_counter() - started)
         self._wake()
 
     def deliver(self, value: Any) -> None:

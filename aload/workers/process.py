@@ -42,7 +42,7 @@ import torch.multiprocessing  # registers the reductions that send tensors via s
 import torch.utils.data._utils.worker as torch_worker
 
 from .._cuda import pin_batch
-from .._fetch import Abandoned, finish_seconds
+from .._fetch import Abandoned, timed_call
 from .._plans import ProcessRead, ReaderPlan
 from .._retry import Reads
 from .._worker_info import WorkerInfo
@@ -327,7 +327,7 @@ class ProcessPool:
 
     def _receive(self, worker: int, open_results: dict[int, Connection]) -> None:
         try:
-            key, ok, payload, report, state, timing = self._results[worker].recv()
+            key, reply = self._results[worker].recv()
         except OSError as error:
             if error.errno == errno.EMFILE:  # the pipe is fine; this process is out of files
                 raise
@@ -340,17 +340,8 @@ class ProcessPool:
             job = self._outstanding[worker].pop(key, None)
         if job is None:
             return
-        try:
-            if report is not None:  # retries and skips: one budget for the whole epoch
-                job.read.reads.absorb(report)
-        except BaseException as error:
-            job.fail(error)
-            return
-        if ok:
-            job.state, job.timing = state, timing
-            job.deliver(pin_batch(payload) if self._pin else payload)
-        else:
-            job.fail(_rebuild_error(payload, worker, self._processes[worker].pid))
+        pid = self._processes[worker].pid
+        hand_over(job, reply, self._pin, lambda error: _rebuild_error(error, worker, pid))
 
     def _fail_outstanding(self, worker: int) -> None:
         with self._lock:
@@ -418,9 +409,32 @@ class _TaskPickler(ForkingPickler):
         return NotImplemented
 
 
-def task_bytes(task: Any) -> bytes:
+def task_bytes(task: Any) -> memoryview:
     """What the parent sends a worker: indices, or the samples to finish."""
-    return bytes(_TaskPickler.dumps(task, pickle.HIGHEST_PROTOCOL))
+    return _TaskPickler.dumps(task, pickle.HIGHEST_PROTOCOL)
+
+
+def hand_over(
+    job: Any,
+    reply: tuple[bool, Any, Any, Any, Any],
+    pin: bool,
+    rebuild: Callable[[Any], BaseException],
+) -> None:
+    """A worker's reply to `job` (a process's or a Ray actor's): `(ok, batch or wired error,
+    retries and skips, the worker's state, its timing)`. The epoch's budget takes the retries
+    and skips; then the job gets its batch (pinned here when asked) or the rebuilt error."""
+    ok, payload, report, state, timing = reply
+    try:
+        if report is not None:  # retries and skips: one budget for the whole epoch
+            job.read.reads.absorb(report)
+    except BaseException as error:
+        job.fail(error)
+        return
+    if ok:
+        job.state, job.timing = state, timing
+        job.deliver(pin_batch(payload) if pin else payload)
+    else:
+        job.fail(rebuild(payload))
 
 
 def _signal_name(number: int) -> str:
@@ -503,6 +517,15 @@ def start_worker(
     return None
 
 
+def epoch_reader(
+    plan: ReaderPlan, dataset: Any, base_seed: int, init_error: BaseException | None
+) -> tuple[Reads, Callable[[Any], Any] | None]:
+    """A worker's budget and reader for an epoch (no reader when its start failed: each
+    batch fails with that error, as in torch)."""
+    reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
+    return reads, None if init_error else plan.build(dataset, reads, base_seed)
+
+
 def _work(
     worker_id: int,
     num_workers: int,
@@ -517,8 +540,7 @@ def _work(
     """A worker process: seed as torch does, then read batches until told to stop (once
     `abandon` is set, queued batches are skipped and the one being read stops early)."""
     init_error = start_worker(worker_id, num_workers, base_seed, dataset, worker_init_fn)
-    reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
-    reader = None if init_error else plan.build(dataset, reads, base_seed)
+    reads, reader = epoch_reader(plan, dataset, base_seed, init_error)
     parent = os.getppid()
     while True:
         try:
@@ -535,9 +557,8 @@ def _work(
         if task is None:
             return
         if task[0] == "epoch":  # the next epoch: a fresh budget, and where it starts
-            reads = Reads(plan.retry, plan.max_skipped, in_worker_process=True)
             plan = dataclasses.replace(plan, **task[1])
-            reader = None if init_error else plan.build(dataset, reads, base_seed)
+            reads, reader = epoch_reader(plan, dataset, base_seed, init_error)
             continue
         key, indices = task
         if abandon.value:
@@ -546,16 +567,12 @@ def _work(
             if init_error is not None:
                 raise init_error
             task = _Task(indices, worker_id, abandon)
-            finish_seconds()
-            started = time.perf_counter()
-            batch = reader(task)  # type: ignore[misc]
-            collating = finish_seconds()
-            timing = (time.perf_counter() - started - collating, collating)
-            results.send((key, True, batch, _wire_report(reads), task.state, timing))
+            batch, timing = timed_call(reader, task)  # type: ignore[arg-type]
+            results.send((key, (True, batch, _wire_report(reads), task.state, timing)))
         except Abandoned:
             continue
         except BaseException as error:
-            results.send((key, False, _wire_error(error), _wire_report(reads), None, None))
+            results.send((key, (False, _wire_error(error), _wire_report(reads), None, None)))
 
 
 def _wire_report(reads: Reads) -> Any:

@@ -21,17 +21,21 @@ import dataclasses
 import pickle
 import queue
 import threading
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .._cuda import pin_batch
-from .._fetch import Abandoned, finish_seconds
+from .._fetch import Abandoned, timed_call
 from .._plans import ProcessRead, ReaderPlan
-from .._retry import Reads
 from . import Job
-from .process import _Task, _wire_error, _wire_report, start_worker
+from .process import (
+    _Task,
+    _wire_error,
+    _wire_report,
+    epoch_reader,
+    hand_over,
+    start_worker,
+)
 
 _NEEDS_RAY = (
     "worker_mode='ray' reads batches on a Ray cluster: install it (pip install 'aload[ray]') "
@@ -87,9 +91,9 @@ class RayWorker:
     def _start_epoch(self, update: dict[str, Any] | None) -> None:
         if update is not None:
             self._plan = dataclasses.replace(self._plan, **update)
-        self._reads = Reads(self._plan.retry, self._plan.max_skipped, in_worker_process=True)
-        if self._init_error is None:
-            self._reader = self._plan.build(self._dataset, self._reads, self._base_seed)
+        self._reads, self._reader = epoch_reader(
+            self._plan, self._dataset, self._base_seed, self._init_error
+        )
 
     def read(self, update: dict[str, Any] | None, indices: Any) -> tuple[Any, ...]:
         """One batch: `(ok, batch or error, retries and skips, the worker's state, (seconds
@@ -100,16 +104,12 @@ class RayWorker:
         if self._init_error is not None:
             return False, _wire_error(self._init_error), None, None, None
         task = _Task(indices, self._id, _NeverAbandoned)
-        finish_seconds()
-        started = time.perf_counter()
         try:
-            batch = self._reader(task)
+            batch, timing = timed_call(self._reader, task)  # type: ignore[arg-type] # started
         except Abandoned:  # pragma: no cover - nothing abandons an actor's task
             return False, _wire_error(RuntimeError("abandoned")), None, None, None
         except BaseException as error:
             return False, _wire_error(error), _wire_report(self._reads), None, None
-        collating = finish_seconds()
-        timing = (time.perf_counter() - started - collating, collating)
         return True, batch, _wire_report(self._reads), task.state, timing
 
     def node(self) -> str:
@@ -289,27 +289,16 @@ class RayPool:
         """On Ray's thread: hand the batch (or its error) to the job."""
         with self._lock:
             self._outstanding[sent.worker].pop(id(sent.job), None)
-        job = sent.job
         try:
-            ok, payload, report, state, timing = future.result()
+            reply = future.result()
         except self._ray.exceptions.RayActorError as error:
             # Not here: Ray's callback thread must not call Ray (a kill waits on it).
             self._deaths.put((sent, actor, error))
             return
         except BaseException as error:  # Ray could not run the task
-            job.fail(error)
+            sent.job.fail(error)
             return
-        try:
-            if report is not None:  # retries and skips: one budget for the whole epoch
-                job.read.reads.absorb(report)
-        except BaseException as error:
-            job.fail(error)
-            return
-        if ok:
-            job.state, job.timing = state, timing
-            job.deliver(pin_batch(payload) if self._pin else payload)
-        else:
-            job.fail(_rebuild_actor_error(payload, sent.worker))
+        hand_over(sent.job, reply, self._pin, partial(_rebuild_actor_error, worker=sent.worker))
 
     def _actor_died(self, sent: _Sent, actor: Any, error: Any) -> None:
         """Replace the dead actor, and run its batch again elsewhere: once."""
