@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ._version import VERSION
+from ._worker_info import draw_base_seed
 
 if TYPE_CHECKING:  # the config's module reads datasets: it imports the readers, which use this
     from ._config import LoaderConfig
@@ -224,7 +225,9 @@ def restore_start(config: LoaderConfig, start: dict[str, Any]) -> None:
 def replaying_draws(start: dict[str, Any] | None) -> Iterator[None]:
     """Inside: torch's global RNG stands where it stood when the resumed epoch started, so
     its draws (the workers' base seed, the sampler's seed) repeat; after: the caller's RNG
-    is as it was before."""
+    is as it was before, unless it stands where the saved epoch's stood once its base seed
+    was drawn (a dataset that checkpoints torch's RNG, saved before a single-process epoch
+    started its sampler): then it moves on by the sampler's draws, as that epoch's did."""
     recorded = None if start is None else start.get("global_rng")
     if recorded is None:
         yield
@@ -234,7 +237,18 @@ def replaying_draws(start: dict[str, Any] | None) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.set_rng_state(callers)
+        if not torch.equal(callers, _after_base_seed(start)):  # type: ignore[arg-type]
+            torch.set_rng_state(callers)
+
+
+def _after_base_seed(start: dict[str, Any]) -> torch.Tensor:
+    """The global RNG of a saved epoch once it drew its workers' base seed (from the global
+    RNG when the loader has no generator), before its sampler drew."""
+    replay = torch.Generator()
+    replay.set_state(as_tensor(start["global_rng"]))
+    if start["generator"] is None and start["drew_base_seed"]:
+        draw_base_seed(replay)
+    return replay.get_state()
 
 
 def fingerprint(config: LoaderConfig) -> dict[str, Any]:

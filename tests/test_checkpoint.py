@@ -746,26 +746,31 @@ class GlobalDrawsIterator:
         torch.set_rng_state(state["rng"])
 
 
-def global_draws_loader(stream: bool) -> aload.DataLoader:
-    if stream:
+def global_draws_loader(kind: str) -> aload.DataLoader:
+    if kind == "stream":
         return aload.DataLoader(GlobalDrawsStream(), batch_size=4)
+    if kind == "sampler drawing from the global RNG":  # its seed, at the first batch
+        return aload.DataLoader(GlobalDraws(), batch_size=4, shuffle=True)
     order = RandomSampler(range(30), generator=torch.Generator().manual_seed(1))
     return aload.DataLoader(GlobalDraws(), batch_size=4, sampler=order)
 
 
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kind", ["stream", "own generator", "sampler drawing from the global RNG"])
 @pytest.mark.parametrize("stop", [0, 2])
-def test_a_single_process_epoch_of_a_dataset_that_checkpoints_the_global_rng_resumes(stream, stop):
+def test_a_single_process_epoch_of_a_dataset_that_checkpoints_the_global_rng_resumes(kind, stop):
     """Its state is taken where its reads start (after the epoch's own draws; for a stream,
-    at iter(loader), when torch calls iter(dataset)), so the resumed reads draw the same."""
-    loader = global_draws_loader(stream)
+    at iter(loader), when torch calls iter(dataset)), so the resumed reads draw the same;
+    saved before the first batch, the sampler's draw (torch makes it then) is replayed on
+    the RNG the dataset brings back."""
+    torch.manual_seed(5)
+    loader = global_draws_loader(kind)
     it = iter(loader)
     for _ in range(stop):
         next(it)
     state = loader.state_dict()
     rest = [batch.tolist() for batch in it]
     torch.manual_seed(99)  # the resumed run's RNG is elsewhere: the state brings it back
-    resumed = global_draws_loader(stream)
+    resumed = global_draws_loader(kind)
     resumed.load_state_dict(state)
     assert as_lists(resumed) == rest
 
