@@ -18,11 +18,13 @@ stores whole, so a fresh loader's `state_dict()` is the template DCP loads into.
 from __future__ import annotations
 
 import base64
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -146,6 +148,27 @@ def as_tensor(rng_state: str | torch.Tensor) -> torch.Tensor:
     if isinstance(rng_state, torch.Tensor):
         return rng_state
     return torch.frombuffer(bytearray(base64.b64decode(rng_state)), dtype=torch.uint8)
+
+
+def process_rngs() -> dict[str, Any]:
+    """This process's own random generators (torch's, numpy's, Python's), as plain data: a
+    worker process keeps drawing from them from one epoch to the next when it persists."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "torch": as_text(torch.get_rng_state()),
+        "random": [version, list(internal), gauss],
+        "numpy": [kind, np.asarray(keys).tolist(), position, has_gauss, cached],
+    }
+
+
+def restore_process_rngs(states: dict[str, Any]) -> None:
+    """Put this process's random generators where `process_rngs()` found them."""
+    torch.set_rng_state(as_tensor(states["torch"]))
+    version, internal, gauss = states["random"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
 
 
 def _owner(worker: int | None, state: Any) -> tuple[int, Any]:

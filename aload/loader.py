@@ -358,7 +358,8 @@ class DataLoader(Generic[T_co]):
 
     def _next_delivered(self) -> Delivered:
         """The next epoch's record, empty but for where persistent workers' copies of the
-        dataset stand: where the last epoch left them (a stream's iterator is made anew)."""
+        dataset and their processes' RNGs stand: where the last epoch left them (a stream's
+        iterator is made anew)."""
         delivered = Delivered()
         last = self._progress
         # After an epoch left early they read ahead into batches nobody saw: unknown.
@@ -367,8 +368,10 @@ class DataLoader(Generic[T_co]):
         for worker, state in last[1].states.items():
             if not self._config.iterable:
                 delivered.states[worker] = state
-            elif "dataset" in state:
-                delivered.states[worker] = {"dataset": state["dataset"]}
+            else:  # a stream's iterator is made anew; a worker process's RNGs carry on
+                carried = {key: state[key] for key in ("dataset", "rng") if key in state}
+                if carried:
+                    delivered.states[worker] = carried
         return delivered
 
     def _running_epochs(self) -> int:
