@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
 
 import anyio
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset, IterableDataset
@@ -151,3 +153,33 @@ def no_worker_thread_outlives_a_test():
     """Every test must leave no aload worker thread behind (abandoned epochs end promptly)."""
     yield
     wait_for_no_workers()
+
+
+class ProcessDraws(torch.utils.data.IterableDataset):
+    """A stream of draws from its worker process's own generators (torch's, numpy's,
+    Python's), as random augmentation draws; it keeps no state of its own."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        for k in range(6 if info.id == 0 else 3):  # streams of unequal length
+            yield (info.id, k, int(torch.randint(1000, ())), int(np.random.randint(1000)),
+                   random.randrange(1000))  # fmt: skip
+
+
+def fields(batches):
+    return [[field.tolist() for field in batch] for batch in batches]
+
+
+def assert_worker_rngs_resume_between_epochs(make) -> None:
+    """A persistent loader of `ProcessDraws`: its second epoch draws on from the first, and a
+    loader resumed from the state saved between them gives that second epoch exactly."""
+    loader = make()
+    first = fields(loader)
+    between = saved_and_loaded(loader.state_dict())
+    second = fields(loader)
+    assert second != first  # the workers' RNGs went on
+    loader.close()  # its workers go (Ray's actors hold the CPUs the new ones need)
+    resumed = make()
+    resumed.load_state_dict(between)
+    assert fields(resumed) == second
+    resumed.close()

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import pickle
-import random
 import time
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from conftest import (
     Indexed,
     PassesState,
+    ProcessDraws,
     Shards,
+    assert_worker_rngs_resume_between_epochs,
     flatten,
     saved_and_loaded,
     take_and_save,
@@ -796,27 +796,12 @@ def test_a_state_loaded_into_running_persistent_workers_is_resumed_by_new_ones()
     assert as_lists(loader) == expected
 
 
-class ProcessDraws(torch.utils.data.IterableDataset):
-    """A stream of draws from its worker process's own generators (torch's, numpy's,
-    Python's), as random augmentation draws; it keeps no state of its own."""
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        for k in range(6 if info.id == 0 else 3):  # streams of unequal length
-            yield (info.id, k, int(torch.randint(1000, ())), int(np.random.randint(1000)),
-                   random.randrange(1000))  # fmt: skip
-
-
-def fields(batches):
-    return [[field.tolist() for field in batch] for batch in batches]
-
-
 def test_persistent_worker_processes_rngs_resume_with_a_state_saved_between_epochs():
     """A persistent worker process draws its next epoch from where its RNGs stood after the
     last: the resumed loader's new workers start from there too."""
 
-    def make():
-        return aload.DataLoader(
+    assert_worker_rngs_resume_between_epochs(
+        lambda: aload.DataLoader(
             ProcessDraws(),
             batch_size=2,
             num_workers=2,
@@ -824,14 +809,4 @@ def test_persistent_worker_processes_rngs_resume_with_a_state_saved_between_epoc
             persistent_workers=True,
             generator=torch.Generator().manual_seed(3),
         )
-
-    loader = make()
-    first = fields(loader)
-    between = saved_and_loaded(loader.state_dict())
-    second = fields(loader)
-    assert second != first  # the workers' RNGs went on
-    resumed = make()
-    resumed.load_state_dict(between)
-    assert fields(resumed) == second
-    loader.close()
-    resumed.close()
+    )

@@ -12,7 +12,15 @@ import time
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import Indexed, assert_resumes_exactly, flatten, heartbeat, take_and_save
+from conftest import (
+    Indexed,
+    ProcessDraws,
+    assert_resumes_exactly,
+    assert_worker_rngs_resume_between_epochs,
+    flatten,
+    heartbeat,
+    take_and_save,
+)
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import aload
@@ -282,6 +290,18 @@ def test_an_iterable_dataset_resumes_on_new_actors():
         return loader_on_ray(Sharded(), batch_size=3)
 
     assert_resumes_exactly(make, stop=3)
+
+
+@pytest.mark.usefixtures("cluster")
+def test_persistent_actors_rngs_resume_with_a_state_saved_between_epochs():
+    assert_worker_rngs_resume_between_epochs(
+        lambda: loader_on_ray(
+            ProcessDraws(),
+            batch_size=2,
+            persistent_workers=True,
+            generator=torch.Generator().manual_seed(3),
+        )
+    )
 
 
 class KillsItsReader(Dataset):
