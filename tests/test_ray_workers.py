@@ -24,6 +24,7 @@ from conftest import (
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import aload
+from aload.workers import ray_actors
 
 ray = pytest.importorskip("ray")
 
@@ -302,6 +303,30 @@ def test_persistent_actors_rngs_resume_with_a_state_saved_between_epochs():
             generator=torch.Generator().manual_seed(3),
         )
     )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("cluster")
+def test_actors_waiting_for_room_on_the_cluster_are_reported(monkeypatch, caplog):
+    """Another loader's persistent actors hold both CPUs: the new actors wait, and the
+    loader says why instead of waiting without a word; they start once the CPUs are free."""
+    monkeypatch.setattr(ray_actors, "_START_PATIENCE_SECONDS", 0.5)
+    holder = loader_on_ray(Indexed(8), batch_size=2, persistent_workers=True)
+    assert sorted(flatten(holder)) == list(range(8))
+    waiting = loader_on_ray(Indexed(8), batch_size=2)
+    samples: list[int] = []
+    reader = threading.Thread(target=lambda: samples.extend(flatten(waiting)))
+    with caplog.at_level("WARNING", logger="aload"):
+        reader.start()
+        deadline = time.monotonic() + 30
+        while "have not started" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "2 of aload's 2 Ray actors have not started" in caplog.text
+        assert "close() that loader" in caplog.text
+        assert samples == []
+        holder.close()
+        reader.join(60)
+    assert sorted(samples) == list(range(8))
 
 
 class KillsItsReader(Dataset):

@@ -18,6 +18,7 @@ whose actor dies ends the epoch with an error (resume it from the last `state_di
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 import queue
 import threading
@@ -36,6 +37,11 @@ from .process import (
     hand_over,
     start_worker,
 )
+
+logger = logging.getLogger("aload")
+
+# How long the actors may take to start before the loader says that they wait for room.
+_START_PATIENCE_SECONDS = 10.0
 
 _NEEDS_RAY = (
     "worker_mode='ray' reads batches on a Ray cluster: install it (pip install 'aload[ray]') "
@@ -159,7 +165,9 @@ class RayPool:
         self._lock = threading.Lock()
         self._closed = False
         self._failure: BaseException | None = None  # why the actors could not start
-        self._actor_class = ray.remote(RayWorker).options(**{"num_cpus": 1, **options})
+        self._asks = {"num_cpus": 1, **options}
+        self._actor_class = ray.remote(RayWorker).options(**self._asks)
+        self._started: list[Any] = []  # each actor's first call: it answers once it runs
         self._actors: list[Any] = []
         self._stopping: list[Any] = []  # the actors a shutdown took, for the keeper to stop
         self._plans: list[ReaderPlan | None] = [plan] * num_workers
@@ -203,6 +211,7 @@ class RayPool:
                     plan,
                 )
                 actors = [self._start(worker) for worker in range(num_workers)]
+                self._started = [actor.node.remote() for actor in actors]
             with self._lock:
                 shut = self._closed  # while the actors started
                 if not shut:
@@ -225,6 +234,7 @@ class RayPool:
                 for job, _ in waiting:
                     job.fail(error)
             del setup
+        self._say_if_actors_wait()
         while (death := self._deaths.get()) is not None:
             try:
                 self._actor_died(*death)
@@ -232,6 +242,31 @@ class RayPool:
                 death[0].job.fail(error)
         for actor in self._stopping:  # here, not on the consumer's thread (or loop)
             self._ray.kill(actor, no_restart=True)
+
+    def _say_if_actors_wait(self) -> None:
+        """Log a warning when actors have not started after `_START_PATIENCE_SECONDS`: Ray
+        holds an actor until the cluster has room for what it asks, so the epoch would wait
+        without a word (often for the actors of another loader's persistent pool)."""
+        started, self._started = self._started, []
+        if not started:
+            return
+        _, waiting = self._ray.wait(
+            started, num_returns=len(started), timeout=_START_PATIENCE_SECONDS
+        )
+        if waiting and not self._closed:
+            free = self._ray.available_resources()
+            logger.warning(
+                "%d of aload's %d Ray actors have not started after %g s: the cluster has no "
+                "room for them yet (each asks for %s; free now: %s CPUs, %s GPUs). Another "
+                "loader's persistent actors may hold it: close() that loader, or ask for less "
+                "(fewer num_workers, ray_options={'num_cpus': ...})",
+                len(waiting),
+                len(started),
+                _START_PATIENCE_SECONDS,
+                self._asks,
+                free.get("CPU", 0),
+                free.get("GPU", 0),
+            )
 
     def _start(self, worker: int) -> Any:
         dataset, num_workers, base_seed, worker_init_fn, plan = self._start_args
