@@ -58,7 +58,26 @@ class DatasetResume:
 
     def state_for(self, worker: int) -> Any:
         own = self.workers.get(worker)
-        return None if own is None else own["dataset"]
+        return None if own is None else own.get("dataset")
+
+    def rng_for(self, worker: int) -> Any:
+        """Where a persistent worker process's RNGs stood when its last epoch ended (its
+        `END_REPORT`), if this epoch is the one after it."""
+        own = self.workers.get(worker)
+        return None if own is None else own.get("rng")
+
+
+END_REPORT = "aload: end of epoch"
+"""The indices of the job that asks a persistent worker process, once its epoch's batches are
+sent, where its RNGs and its dataset copy's state stand: where its next epoch starts from."""
+
+
+def end_report(dataset: Any) -> dict[str, Any]:
+    """A worker process's answer to `END_REPORT`."""
+    report: dict[str, Any] = {"rng": process_rngs()}
+    if has_state(dataset):
+        report["dataset"] = dataset.state_dict()
+    return report
 
 
 ENDED = "ended"

@@ -19,12 +19,19 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from ._checkpoint import WORKER_START, DatasetResume, has_state
+from ._checkpoint import (
+    END_REPORT,
+    WORKER_START,
+    DatasetResume,
+    end_report,
+    has_state,
+    restore_process_rngs,
+)
 from ._cuda import pin_batch
 from ._intra_op import SERIAL_ELEMENTS, on_one_thread
 from ._retry import Reads
 from ._sample_random import BatchKey, EpochSeeds, Reading, leave, reading
-from ._worker_info import collate_in_thread, get_worker_info, worker_dataset
+from ._worker_info import collate_in_thread, get_worker_info, in_worker_process, worker_dataset
 
 Batch = Any
 Gather = Callable[[torch.Tensor], Any]
@@ -181,28 +188,58 @@ def map_reader(
 
     A dataset with its own state (`has_state`) is first put where this worker's copy stood
     (`resume`), and each batch carries the state after it (the first, the one before it too),
-    as `(worker, {"dataset": ...})`.
+    as `(worker, {"dataset": ...})`. In a worker process, the process's RNGs are put where
+    they stood at the end of its last epoch (`resume`), and an `END_REPORT` job is answered.
     """
-    read = reads.retrying(dataset.__getitem__)
+    info = get_worker_info()  # readers are built in the worker that uses them
+    worker = 0 if info is None else info.id
+    get_item = reads.retrying(dataset.__getitem__)
     if has_state(dataset):
-        info = get_worker_info()  # readers are built in the worker that uses them
-        worker = 0 if info is None else info.id
-        if resume is not None and (state := resume.state_for(worker)) is not None:
-            dataset.load_state_dict(state)
-        plain = _plain_map_reader(dataset, finish, read, batched, reads, seeds)
-        before = [{"dataset": dataset.state_dict()}]  # goes with this copy's first batch
+        read = _stateful_map_reader(dataset, finish, get_item, batched, reads, seeds, resume)
+    else:
+        read = _plain_map_reader(dataset, finish, get_item, batched, reads, seeds)
+    if not in_worker_process():
+        return read
+    if resume is not None and (rng := resume.rng_for(worker)) is not None:
+        restore_process_rngs(rng)
 
-        def read_keeping_state(job: JobState) -> Batch:
-            batch = plain(job)
-            state = {"dataset": dataset.state_dict()}
-            if before:
-                with suppress(IndexError):  # another thread sharing the copy took it
-                    state[WORKER_START] = before.pop()
-            job.state = (worker, state)
-            return batch
+    def read_or_report(job: JobState) -> Batch:
+        if isinstance(job.indices, str) and job.indices == END_REPORT:
+            job.state = (worker, end_report(dataset))
+            return EXHAUSTED
+        return read(job)
 
-        return read_keeping_state
-    return _plain_map_reader(dataset, finish, read, batched, reads, seeds)
+    return read_or_report
+
+
+def _stateful_map_reader(
+    dataset: Any,
+    finish: Finish,
+    read: Callable[[Any], Any],
+    batched: bool,
+    reads: Reads,
+    seeds: EpochSeeds | None,
+    resume: DatasetResume | None,
+) -> Callable[[JobState], Batch]:
+    """`_plain_map_reader` for a dataset with its own state: resumed where this worker's copy
+    stood, each batch carrying the state after it."""
+    info = get_worker_info()
+    worker = 0 if info is None else info.id
+    if resume is not None and (state := resume.state_for(worker)) is not None:
+        dataset.load_state_dict(state)
+    plain = _plain_map_reader(dataset, finish, read, batched, reads, seeds)
+    before = [{"dataset": dataset.state_dict()}]  # goes with this copy's first batch
+
+    def read_keeping_state(job: JobState) -> Batch:
+        batch = plain(job)
+        state = {"dataset": dataset.state_dict()}
+        if before:
+            with suppress(IndexError):  # another thread sharing the copy took it
+                state[WORKER_START] = before.pop()
+        job.state = (worker, state)
+        return batch
+
+    return read_keeping_state
 
 
 def _plain_map_reader(

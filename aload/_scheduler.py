@@ -14,6 +14,7 @@ a `threading.Event` for a plain `for`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 import warnings
@@ -25,7 +26,7 @@ import anyio
 import anyio.lowlevel
 from anyio import RunFinishedError
 
-from ._checkpoint import Delivered
+from ._checkpoint import END_REPORT, Delivered
 from ._errors import LoaderTimeoutError
 from ._fetch import EXHAUSTED, Abandoned, describe_indices, timed_call
 from ._stats import EpochMeter, count_samples
@@ -178,7 +179,13 @@ class IndexBatches:
     checkpoint are skipped.
     """
 
-    def __init__(self, index_sampler: Iterable[Any], delivered: Delivered) -> None:
+    def __init__(
+        self, index_sampler: Iterable[Any], delivered: Delivered, end_reports: int = 0
+    ) -> None:
+        # `end_reports`: after the last batch, that many `END_REPORT` jobs, one per worker
+        # when dealt in turn (persistent worker processes say where their RNGs stand).
+        if end_reports:
+            index_sampler = itertools.chain(index_sampler, [END_REPORT] * end_reports)
         self._batches = enumerate(index_sampler)
         # Only batches delivered before this epoch started (a resumed one) are skipped: the
         # source is always ahead of what the epoch delivers.
@@ -473,6 +480,8 @@ class Epoch:
                     return _END
                 return _WAIT
             if job.error is not None:
+                if job.indices is END_REPORT:  # the epoch's data is all here: no RNGs kept
+                    continue
                 error, job.error = job.error, None
                 error.add_note(f"aload: raised while loading {job.describe()}")
                 raise error

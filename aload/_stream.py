@@ -10,7 +10,7 @@ from typing import Any
 
 from ._checkpoint import ENDED, WORKER_START, has_state, process_rngs, restore_process_rngs
 from ._fetch import EXHAUSTED, Abandoned, Batch, Finish, JobState
-from ._worker_info import get_worker_info, one_shot, worker_dataset
+from ._worker_info import in_worker_process, one_shot, worker_dataset
 
 _END = object()  # what next() returns once a stream ends
 
@@ -83,7 +83,7 @@ class StreamReader:
         own = worker_dataset()  # a thread worker's replica; a process has its own copy
         source = self._dataset if own is None else own
         state = self._states.get(worker)
-        if state is not None and "rng" in state and _own_process():
+        if state is not None and "rng" in state and in_worker_process():
             restore_process_rngs(state["rng"])  # where this process's ended stream left them
         if state is not None and "dataset" in state:
             source.load_state_dict(state["dataset"])
@@ -111,7 +111,7 @@ class StreamReader:
         initial, self._initial[worker] = self._initial[worker], None
         ended = self._finished[worker]
         job.state = snapshot(self._stateful[worker], ended, initial)
-        if ended and _own_process():
+        if ended and in_worker_process():
             # A worker process's RNGs carry on into its next epoch when it persists: the
             # state saved between epochs takes them, for the resumed loader's new workers.
             job.state = {**(job.state or {ENDED: True}), "rng": process_rngs()}
@@ -139,12 +139,6 @@ class StreamReader:
         if not samples or self._drop_last:
             return None
         return samples
-
-
-def _own_process() -> bool:
-    """Whether this worker has a process of its own (its RNGs are its own, not shared)."""
-    info = get_worker_info()
-    return info is not None and getattr(info, "mode", "thread") != "thread"
 
 
 def stateful_parts(source: Any, iterator: Any) -> tuple[Any, Any]:

@@ -149,6 +149,13 @@ def one_shot(dataset: Any) -> bool:
     return isinstance(dataset, Iterator) and not isinstance(dataset, torch.utils.data.Dataset)
 
 
+def in_worker_process() -> bool:
+    """Whether this is a worker with a process of its own (a process worker, a Ray actor):
+    its RNGs are its own, where thread workers share the caller's."""
+    info = get_worker_info()
+    return info is not None and getattr(info, "mode", "thread") != "thread"
+
+
 def draw_base_seed(generator: torch.Generator | None) -> int:
     """Draw the workers' base seed as torch does when it starts workers: from `generator`, or
     from torch's global RNG when there is none."""

@@ -446,7 +446,10 @@ class DataLoader(Generic[T_co]):
                 # Samples' seeds come from the epoch's base seed: drawn for the pool (or
                 # the persistent pool's), in every mode, as torch draws it.
                 seeds = EpochSeeds(start["base_seed"], start["epoch"])
-                source, read = self._plan(finish, reads, start, delivered, seeds, resume)
+                # Persistent processes dealt batches in turn draw their next epoch from
+                # where this one leaves their RNGs: once its batches are sent, each says where.
+                reports = 0 if owns_pool else self._deal_over(pool)
+                source, read = self._plan(finish, reads, start, delivered, seeds, resume, reports)
                 if isinstance(pool, _READS_BY_PLAN) and plan is not None:
                     read = ProcessRead(plan, reads)
             # An inline pool loads at submit time: submitting (or copying) ahead would load
@@ -527,6 +530,7 @@ class DataLoader(Generic[T_co]):
         delivered: Delivered,
         seeds: EpochSeeds,
         resume: DatasetResume | None,
+        end_reports: int = 0,
     ) -> tuple[JobSource, Any]:
         """Which jobs an epoch of a plain dataset has, and how a worker reads one."""
         config = self._config
@@ -543,7 +547,8 @@ class DataLoader(Generic[T_co]):
             )
             cap = None if config.in_order else config.max_in_flight
             return WorkerStreams(streams, delivered.next_turn, cap), reader
-        source = IndexBatches(self._index_batches(start, as_tensors=self._gathers), delivered)
+        batches = self._index_batches(start, as_tensors=self._gathers)
+        source = IndexBatches(batches, delivered, end_reports)
         if self._gathers_in_place:  # read on the consumer's thread: no worker replica
             return source, map_reader(config.dataset, finish, batched=True, reads=reads)
         return source, per_worker_reader(
@@ -577,11 +582,15 @@ class DataLoader(Generic[T_co]):
         return index_sampler if fast is None else fast  # type: ignore[return-value]
 
     def _dataset_resume(self, delivered: Delivered) -> DatasetResume | None:
-        """Where a resumed epoch's copies of a map-style dataset with its own state stood
-        (its workers are new: loading a state stops persistent ones)."""
-        if self._config.iterable or not has_state(self._config.dataset):
+        """Where a resumed epoch's copies of a map-style dataset with its own state, and the
+        RNGs of persistent worker processes, stood (its workers are new: loading a state
+        stops persistent ones)."""
+        if self._config.iterable:
             return None
-        return DatasetResume(dict(delivered.states))
+        states = delivered.states
+        if not has_state(self._config.dataset) and not any("rng" in s for s in states.values()):
+            return None
+        return DatasetResume(dict(states))
 
     def _process_plan(
         self,

@@ -166,13 +166,25 @@ class ProcessDraws(torch.utils.data.IterableDataset):
                    random.randrange(1000))  # fmt: skip
 
 
+class ProcessDrawsByIndex(Dataset):
+    """The same draws, map-style: what random augmentation in `__getitem__` does."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        return (index, int(torch.randint(1000, ())), int(np.random.randint(1000)),
+                random.randrange(1000))  # fmt: skip
+
+
 def fields(batches):
     return [[field.tolist() for field in batch] for batch in batches]
 
 
 def assert_worker_rngs_resume_between_epochs(make) -> None:
-    """A persistent loader of `ProcessDraws`: its second epoch draws on from the first, and a
-    loader resumed from the state saved between them gives that second epoch exactly."""
+    """A persistent loader over draws from its workers' RNGs (`ProcessDraws`,
+    `ProcessDrawsByIndex`): its second epoch draws on from the first, and a loader resumed from
+    the state saved between them gives that second epoch exactly."""
     loader = make()
     first = fields(loader)
     between = saved_and_loaded(loader.state_dict())

@@ -13,6 +13,7 @@ from conftest import (
     Indexed,
     PassesState,
     ProcessDraws,
+    ProcessDrawsByIndex,
     Shards,
     assert_worker_rngs_resume_between_epochs,
     flatten,
@@ -796,17 +797,18 @@ def test_a_state_loaded_into_running_persistent_workers_is_resumed_by_new_ones()
     assert as_lists(loader) == expected
 
 
-def test_persistent_worker_processes_rngs_resume_with_a_state_saved_between_epochs():
+@pytest.mark.parametrize("dataset", [ProcessDraws, ProcessDrawsByIndex])
+def test_persistent_worker_processes_rngs_resume_with_a_state_saved_between_epochs(dataset):
     """A persistent worker process draws its next epoch from where its RNGs stood after the
     last: the resumed loader's new workers start from there too."""
-
     assert_worker_rngs_resume_between_epochs(
         lambda: aload.DataLoader(
-            ProcessDraws(),
+            dataset(),
             batch_size=2,
             num_workers=2,
             worker_mode="process",
             persistent_workers=True,
             generator=torch.Generator().manual_seed(3),
+            shuffle=None if dataset is ProcessDraws else True,
         )
     )

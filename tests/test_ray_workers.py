@@ -15,6 +15,7 @@ import torch.utils.data as tud
 from conftest import (
     Indexed,
     ProcessDraws,
+    ProcessDrawsByIndex,
     assert_resumes_exactly,
     assert_worker_rngs_resume_between_epochs,
     flatten,
@@ -294,13 +295,15 @@ def test_an_iterable_dataset_resumes_on_new_actors():
 
 
 @pytest.mark.usefixtures("cluster")
-def test_persistent_actors_rngs_resume_with_a_state_saved_between_epochs():
+@pytest.mark.parametrize("dataset", [ProcessDraws, ProcessDrawsByIndex])
+def test_persistent_actors_rngs_resume_with_a_state_saved_between_epochs(dataset):
     assert_worker_rngs_resume_between_epochs(
         lambda: loader_on_ray(
-            ProcessDraws(),
+            dataset(),
             batch_size=2,
             persistent_workers=True,
             generator=torch.Generator().manual_seed(3),
+            shuffle=None if dataset is ProcessDraws else True,
         )
     )
 
