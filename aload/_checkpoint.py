@@ -64,7 +64,7 @@ class DatasetResume:
         """Where a persistent worker process's RNGs stood when its last epoch ended (its
         `END_REPORT`), if this epoch is the one after it."""
         own = self.workers.get(worker)
-        return None if own is None else own.get("rng")
+        return None if own is None else own.get(RNGS)
 
 
 END_REPORT = "aload: end of epoch"
@@ -74,11 +74,15 @@ sent, where its RNGs and its dataset copy's state stand: where its next epoch st
 
 def end_report(dataset: Any) -> dict[str, Any]:
     """A worker process's answer to `END_REPORT`."""
-    report: dict[str, Any] = {"rng": process_rngs()}
+    report: dict[str, Any] = {RNGS: process_rngs()}
     if has_state(dataset):
         report["dataset"] = dataset.state_dict()
     return report
 
+
+RNGS = "rng"
+"""The key of a worker process's RNGs in its state (`process_rngs()`), reported at the end of
+its epoch: where a persistent worker's next epoch draws from."""
 
 ENDED = "ended"
 """Set in a stream worker's state once its stream ended: a resume reads nothing more from it."""

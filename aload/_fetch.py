@@ -194,10 +194,9 @@ def map_reader(
     info = get_worker_info()  # readers are built in the worker that uses them
     worker = 0 if info is None else info.id
     get_item = reads.retrying(dataset.__getitem__)
+    read = _plain_map_reader(dataset, finish, get_item, batched, reads, seeds)
     if has_state(dataset):
-        read = _stateful_map_reader(dataset, finish, get_item, batched, reads, seeds, resume)
-    else:
-        read = _plain_map_reader(dataset, finish, get_item, batched, reads, seeds)
+        read = _keeping_state(dataset, worker, resume, read)
     if not in_worker_process():
         return read
     if resume is not None and (rng := resume.rng_for(worker)) is not None:
@@ -212,26 +211,17 @@ def map_reader(
     return read_or_report
 
 
-def _stateful_map_reader(
-    dataset: Any,
-    finish: Finish,
-    read: Callable[[Any], Any],
-    batched: bool,
-    reads: Reads,
-    seeds: EpochSeeds | None,
-    resume: DatasetResume | None,
+def _keeping_state(
+    dataset: Any, worker: int, resume: DatasetResume | None, read: Callable[[JobState], Batch]
 ) -> Callable[[JobState], Batch]:
-    """`_plain_map_reader` for a dataset with its own state: resumed where this worker's copy
-    stood, each batch carrying the state after it."""
-    info = get_worker_info()
-    worker = 0 if info is None else info.id
+    """`read` of a dataset with its own state: resumed where this worker's copy stood, each
+    batch carrying the state after it."""
     if resume is not None and (state := resume.state_for(worker)) is not None:
         dataset.load_state_dict(state)
-    plain = _plain_map_reader(dataset, finish, read, batched, reads, seeds)
     before = [{"dataset": dataset.state_dict()}]  # goes with this copy's first batch
 
     def read_keeping_state(job: JobState) -> Batch:
-        batch = plain(job)
+        batch = read(job)
         state = {"dataset": dataset.state_dict()}
         if before:
             with suppress(IndexError):  # another thread sharing the copy took it

@@ -8,7 +8,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._checkpoint import ENDED, WORKER_START, has_state, process_rngs, restore_process_rngs
+from ._checkpoint import (
+    ENDED,
+    RNGS,
+    WORKER_START,
+    has_state,
+    process_rngs,
+    restore_process_rngs,
+)
 from ._fetch import EXHAUSTED, Abandoned, Batch, Finish, JobState
 from ._worker_info import in_worker_process, one_shot, worker_dataset
 
@@ -83,8 +90,8 @@ class StreamReader:
         own = worker_dataset()  # a thread worker's replica; a process has its own copy
         source = self._dataset if own is None else own
         state = self._states.get(worker)
-        if state is not None and "rng" in state and in_worker_process():
-            restore_process_rngs(state["rng"])  # where this process's ended stream left them
+        if state is not None and RNGS in state and in_worker_process():
+            restore_process_rngs(state[RNGS])  # where this process's ended stream left them
         if state is not None and "dataset" in state:
             source.load_state_dict(state["dataset"])
         iterator = iter(source)
@@ -114,7 +121,7 @@ class StreamReader:
         if ended and in_worker_process():
             # A worker process's RNGs carry on into its next epoch when it persists: the
             # state saved between epochs takes them, for the resumed loader's new workers.
-            job.state = {**(job.state or {ENDED: True}), "rng": process_rngs()}
+            job.state = {**(job.state or {ENDED: True}), RNGS: process_rngs()}
         if samples is None:
             return EXHAUSTED
         if self._batch_size is None:

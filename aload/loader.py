@@ -16,6 +16,7 @@ from torch.utils.data import Sampler
 
 from ._async_fetch import AsyncMapReader, AsyncStreamReader
 from ._checkpoint import (
+    RNGS,
     WORKER_START,
     DatasetResume,
     Delivered,
@@ -369,7 +370,7 @@ class DataLoader(Generic[T_co]):
             if not self._config.iterable:
                 delivered.states[worker] = state
             else:  # a stream's iterator is made anew; a worker process's RNGs carry on
-                carried = {key: state[key] for key in ("dataset", "rng") if key in state}
+                carried = {key: state[key] for key in ("dataset", RNGS) if key in state}
                 if carried:
                     delivered.states[worker] = carried
         return delivered
@@ -588,7 +589,7 @@ class DataLoader(Generic[T_co]):
         if self._config.iterable:
             return None
         states = delivered.states
-        if not has_state(self._config.dataset) and not any("rng" in s for s in states.values()):
+        if not has_state(self._config.dataset) and not any(RNGS in s for s in states.values()):
             return None
         return DatasetResume(dict(states))
 
