@@ -6,6 +6,8 @@ from ._sample_random import SampleRandom as SampleRandom
 from ._sample_random import sample_random as sample_random
 from ._stats import EpochStats as EpochStats
 from ._stats import LoaderStats as LoaderStats
+from ._tuner import Decision as Decision
+from ._tuner import Tuning as Tuning
 from ._version import VERSION as _VERSION
 from ._worker_info import WorkerInfo as WorkerInfo
 from ._worker_info import get_worker_info as get_worker_info
@@ -19,12 +21,14 @@ __version__ = _VERSION
 
 __all__ = [
     "DataLoader",
+    "Decision",
     "EpochStats",
     "LoaderStats",
     "LoaderTimeoutError",
     "Padded",
     "Retry",
     "SampleRandom",
+    "Tuning",
     "WorkerInfo",
     "default_collate",
     "default_convert",

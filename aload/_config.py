@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,8 @@ class LoaderConfig:
     device_transform: Callable[[Any], Any] | None
     pin_memory_device: str = ""
     ray_options: Mapping[str, Any] = field(default_factory=dict)
+    # num_workers="auto": `num_workers` threads at most; how many read at once is tuned.
+    auto_workers: bool = False
 
     @property
     def process_context(self) -> multiprocessing.context.BaseContext:
@@ -109,7 +112,7 @@ def resolve_config(
     shuffle: bool | None,
     sampler: Sampler[Any] | Iterable[Any] | None,
     batch_sampler: Sampler[list[Any]] | Iterable[list[Any]] | None,
-    num_workers: int,
+    num_workers: int | str,
     collate_fn: Callable[[Any], Any] | None,
     pin_memory: bool,
     drop_last: bool,
@@ -142,6 +145,11 @@ def resolve_config(
         ValueError: for conflicting or out-of-range arguments, with torch's messages.
         TypeError: for arguments of the wrong type, naming the argument and what was expected.
     """
+    auto_workers = num_workers == AUTO
+    if auto_workers:
+        num_workers = _auto_workers(dataset, worker_mode)
+    elif isinstance(num_workers, str):
+        raise TypeError(f"num_workers must be an int or 'auto', got {num_workers!r}")
     _check_int("num_workers", num_workers)
     if num_workers < 0:
         raise ValueError(
@@ -298,6 +306,7 @@ def resolve_config(
         retry=retry or NO_RETRY,
         max_skipped=max_skipped,
         max_concurrency=max_concurrency,
+        auto_workers=auto_workers,
         asynchronous=asynchronous,
         multiprocessing_context=multiprocessing_context,
         device=resolved_device,
@@ -373,6 +382,27 @@ def _check_distributed(iterable: bool, sampler: object, batch_sampler: object) -
             "distributed=True needs an initialized process group: call "
             "torch.distributed.init_process_group() before creating the DataLoader"
         )
+
+
+AUTO = "auto"
+
+
+def _auto_workers(dataset: Any, worker_mode: str) -> int:
+    """The threads `num_workers="auto"` may use: enough for reads that wait (on storage, on
+    the network) to overlap, 32 or twice the cores; the tuner decides how many read at once.
+    Refused where it cannot tune yet, saying what to pass instead."""
+    if worker_mode != "thread":
+        raise ValueError(
+            f"num_workers='auto' tunes thread workers; with worker_mode={worker_mode!r}, "
+            "give num_workers a number"
+        )
+    if _is_iterable_style(dataset) or is_async_map_style(dataset):
+        raise ValueError(
+            "num_workers='auto' tunes the reads of a map-style dataset (__getitem__); an "
+            "iterable dataset is split into num_workers streams, and an async dataset's reads "
+            "are max_concurrency at once: give num_workers a number"
+        )
+    return max(32, 2 * (os.cpu_count() or 1))
 
 
 def _check_int(name: str, value: object) -> None:

@@ -30,6 +30,7 @@ from ._checkpoint import END_REPORT, Delivered
 from ._errors import LoaderTimeoutError
 from ._fetch import EXHAUSTED, Abandoned, describe_indices, timed_call
 from ._stats import EpochMeter, count_samples
+from ._tuner import ConcurrencyTuner
 from .workers import WorkerPool
 
 # anyio imports its asyncio backend on first use, which would be inside a caller's first
@@ -288,19 +289,29 @@ class Epoch:
         length: Callable[[], int] | None = None,
         check_yielded: Callable[[int], None] | None = None,
         deal_over: int = 0,
+        tuner: ConcurrencyTuner | None = None,
     ) -> None:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
         each batch is read when it is taken, and nothing ahead of it. `length` answers `len()`
         of the epoch; `check_yielded` is told how many batches have been yielded, after each.
         `deal_over`: batch `seq` goes to worker `seq % deal_over`, as torch deals batches to
         its worker processes (so each worker's own RNG draws what torch's would); 0: to
-        whichever worker is free."""
+        whichever worker is free. `tuner`: sets the bound on batches in flight as batches
+        are delivered (`num_workers="auto"`), instead of `max_in_flight`."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
         self._read = read
         self._pool = pool
         self._owns_pool = owns_pool
+        self._tuner = tuner
+        if tuner is not None:
+            tuner.restart_window()
+            max_in_flight = tuner.concurrency
+        self._tuner = tuner
+        if tuner is not None:
+            tuner.restart_window()
+            max_in_flight = tuner.concurrency
         self._max_in_flight = max_in_flight
         self._in_place = in_place
         self._in_order = in_order
@@ -504,6 +515,11 @@ class Epoch:
             else:
                 ready = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
                 meter.delivered(count_samples(job.indices, batch), ready, len(self._in_flight))
+                if self._tuner is not None:
+                    self._max_in_flight = self._tuner.observe(
+                        meter.samples, meter.batches, meter.wait
+                    )
+                    meter.workers = meter.read_concurrency = self._max_in_flight
             if self._check_yielded is not None:
                 self._check_yielded(meter.batches)
             return batch

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._retry import Reads, Retry
+from ._tuner import Tuning
 
 logger = logging.getLogger("aload")
 
@@ -131,6 +132,8 @@ class LoaderStats:
         skipped_indices: the indices of the skipped samples, in the order they were skipped
             (the most recent 1,000).
         epoch: the current or last epoch's stats, or None before the first.
+        tuning: with `num_workers="auto"`, how many batches are read at once and why
+            (an `aload.Tuning`); None otherwise.
     """
 
     epochs: int
@@ -142,6 +145,7 @@ class LoaderStats:
     skipped: int
     skipped_indices: tuple[Any, ...]
     epoch: EpochStats | None
+    tuning: Tuning | None = None
 
     @property
     def wait_fraction(self) -> float:
@@ -284,7 +288,7 @@ class StatsKeeper:
             self._past_skipped.extend(oldest.reads.skipped)
         return meter
 
-    def snapshot(self) -> LoaderStats:
+    def snapshot(self, tuning: Tuning | None = None) -> LoaderStats:
         recent = [meter.snapshot() for meter in self._meters]
         totals = self._past
         for stats in recent:
@@ -302,6 +306,7 @@ class StatsKeeper:
             skipped=totals.skipped,
             skipped_indices=tuple(skipped),
             epoch=recent[-1] if recent else None,
+            tuning=tuning,
         )
 
 

@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 import torch.utils.data as tud
@@ -49,6 +49,7 @@ from ._scheduler import (
 )
 from ._stats import LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
+from ._tuner import ConcurrencyTuner
 from ._worker_info import draw_base_seed, worker_setup
 from .workers import WorkerPool
 from .workers.inline import InlinePool
@@ -96,6 +97,10 @@ class DataLoader(Generic[T_co]):
             batch loads while the loop body runs). Batches that are one small gather from
             in-memory tensors (at most 256 KiB) are read by the consumer either way: a trip
             to a worker costs more. Workers run torch ops on one intra-op thread, as torch's.
+            "auto" (map-style datasets, thread workers): how many batches are read at once
+            is found while the epoch runs, and kept across epochs and in `state_dict()`:
+            more while the loop waits for data and that raises throughput, never past the
+            cores this process may use; `loader.stats.tuning` shows each change and why.
         collate_fn: merges samples into a batch; torch's `default_collate` by default.
         pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
         drop_last: drop the last incomplete batch.
@@ -160,7 +165,7 @@ class DataLoader(Generic[T_co]):
         shuffle: bool | None = None,
         sampler: Sampler[Any] | Iterable[Any] | None = None,
         batch_sampler: Sampler[list[Any]] | Iterable[list[Any]] | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = 0,
         collate_fn: Callable[[Any], Any] | None = None,
         pin_memory: bool = False,
         drop_last: bool = False,
@@ -205,6 +210,7 @@ class DataLoader(Generic[T_co]):
     def _configure(self, config: LoaderConfig) -> None:
         """Adopt a validated configuration (at construction, and when an attribute is set)."""
         object.__setattr__(self, "_config", config)
+        self._tuner = ConcurrencyTuner(config.num_workers) if config.auto_workers else None
         self._stage = None
         if config.device is not None:
             self._stage = DeviceStage(config.device, config.to_device, config.device_transform)
@@ -281,7 +287,7 @@ class DataLoader(Generic[T_co]):
         """What the loader measured: totals over its epochs, and the current epoch's stats
         (batches, samples/s, time waiting for data against time in the loop body, queue
         depth, batches in flight, retries, skipped samples)."""
-        return self._stats.snapshot()
+        return self._stats.snapshot(None if self._tuner is None else self._tuner.snapshot())
 
     def __len__(self) -> int:
         """Batches per epoch, as torch counts them (for an iterable, from `len(dataset)`)."""
@@ -329,7 +335,10 @@ class DataLoader(Generic[T_co]):
             if self._persistent_pool is not None:  # the next epoch draws no base seed
                 start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
             delivered = self._next_delivered()
-        return whole_state(self._config, {"start": start, "delivered": delivered.to_dict()})
+        state = whole_state(self._config, {"start": start, "delivered": delivered.to_dict()})
+        if self._tuner is not None:  # a resumed run starts where this one settled
+            state["tuning"] = {"concurrency": self._tuner.concurrency}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()`: the next epoch started continues where it left off.
@@ -348,6 +357,8 @@ class DataLoader(Generic[T_co]):
         """
         state = readable(state, self._config)
         check_resumable(state, self._config)
+        if self._tuner is not None and "tuning" in state:
+            self._tuner.resume(state["tuning"]["concurrency"])
         for epoch in list(self._epochs):  # as torchdata's StatefulDataLoader drops its iterator
             epoch.stop()
         # Resumed as a fresh loader resumes it, by new workers: running ones have read (and
@@ -459,7 +470,8 @@ class DataLoader(Generic[T_co]):
             # Who reads and collates, for the stats' stages: workers (a thread, for `async
             # for` without them), or the consumer itself (not timed); an async dataset's
             # reads, `max_concurrency` at once on aload's loop, then CPU workers (or the loop).
-            meter.workers = meter.read_concurrency = 0 if inline else max(1, config.num_workers)
+            workers = max(1, config.num_workers) if self._tuner is None else self._tuner.concurrency
+            meter.workers = meter.read_concurrency = 0 if inline else workers
             if config.asynchronous:
                 meter.read_concurrency = config.max_concurrency
             if resumed or config.num_workers > 0:
@@ -494,6 +506,7 @@ class DataLoader(Generic[T_co]):
             length=self.__len__,
             check_yielded=check,
             deal_over=self._deal_over(pool),
+            tuner=None if inline else self._tuner,
         )
         self._epochs.add(epoch)
         return EpochIterator(epoch)

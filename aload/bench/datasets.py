@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import anyio
@@ -21,6 +22,24 @@ class SleepDataset(tud.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         time.sleep(self.seconds)
+        return torch.full((16,), index, dtype=torch.float32)
+
+
+class StoreDataset(tud.Dataset):
+    """Reads from a store that serves `slots` requests at once, each taking `seconds`: more
+    reads in flight help up to `slots`, then only queue (an object store's connection limit,
+    a disk's queue depth)."""
+
+    def __init__(self, n: int, seconds: float, slots: int) -> None:
+        self.n, self.seconds = n, seconds
+        self.slots = threading.BoundedSemaphore(slots)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with self.slots:
+            time.sleep(self.seconds)
         return torch.full((16,), index, dtype=torch.float32)
 
 

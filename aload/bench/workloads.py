@@ -203,6 +203,38 @@ def _python(s: Settings) -> Workload:
     )
 
 
+def _auto_grid(data: Any, batch_size: int, counts: tuple[int, ...]) -> list[Contender]:
+    """`num_workers="auto"` beside static thread counts and torch, each run a fresh loader:
+    auto's figure includes its search."""
+    return [
+        torch_loader(data, 8, batch_size=batch_size),
+        *(aload_loader(data, w, batch_size=batch_size) for w in counts),
+        aload_loader(data, "auto", batch_size=batch_size),  # type: ignore[arg-type]
+    ]
+
+
+def _auto(s: Settings) -> Workload:
+    """A store that serves 8 reads at once (2 ms each): the best static setting is 8."""
+    n = s.items(6000)
+    return Workload(
+        "auto",
+        f"a store serving 8 reads at once, 2 ms each, {n:,} items, batch 4: static thread counts "
+        "against num_workers='auto' (a fresh loader each run: its search included)",
+        _auto_grid(ds.StoreDataset(n, 0.002, 8), 4, s.counts(2, 4, 8, 16, 32)),
+    )
+
+
+def _auto_gil(s: Settings) -> Workload:
+    """Pure-Python items: more threads only contend for the GIL."""
+    n = s.items(2048)
+    return Workload(
+        "auto-gil",
+        f"~0.5 ms of pure-Python work per item (holds the GIL), {n:,} items, batch 8: static "
+        "thread counts against num_workers='auto'",
+        _auto_grid(ds.PythonDataset(n, s.python_rounds), 8, s.counts(1, 2, 4, 8)),
+    )
+
+
 def _images(s: Settings) -> Workload:
     """3 x 224 x 224 float32 samples: large batches through shared or pinned memory."""
     n = s.items(512)
@@ -324,6 +356,8 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "python": _python,
     "remote-decode": _remote_decode,
     "images": _images,
+    "auto": _auto,
+    "auto-gil": _auto_gil,
     "memory": _memory,
     "train-python": _train(training.python_work, "python"),
     "train-numpy": _train(training.numpy_work, "numpy"),

@@ -1,0 +1,157 @@
+"""`num_workers="auto"`: how many batches the workers read at once, found online.
+
+A hill climb on measured throughput, one window at a time (a tenth of a second and a few batches):
+while the consumer waits for data, read twice as many batches at once
+and keep the step only if throughput rose with it (by a quarter of the step's share, at least
+2%); a step that did not is taken back, and the level it reached becomes a ceiling that the
+next steps halve the way to; it is probed again now and then (the data's cost may change).
+It never grows while the process already uses its CPU budget (the cores it may run on), and
+holds while the consumer does not wait: more reads would only queue more batches.
+
+The knob is the epoch's bound on batches in flight: with a thread pool of `maximum` threads
+that start as work comes, at most that many batches are read at once. Every change is a
+`Decision` with its reason, logged on the `aload` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger("aload")
+
+GAIN = 0.02  # a step must raise throughput at least this much to be kept,
+GAIN_SHARE = 0.25  # and this share of its own size (3 -> 4 at once: by 1/3 * 1/4)
+WAITING = 0.05  # the consumer waits at least this share of a window: data holds it back
+WINDOW_SECONDS = 0.1
+WINDOW_BATCHES = 4
+REPROBE_WINDOWS = 16  # windows at a ceiling before it is probed again
+SHIFT = 0.3  # throughput this much below the settled level: the data's cost changed
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One change of concurrency: when (seconds since the tuner started), to what, and why."""
+
+    seconds: float
+    concurrency: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What `num_workers="auto"` settled on: batches read at once now, at most `maximum`
+    (the threads it may use), and every change with its reason, oldest first."""
+
+    concurrency: int
+    maximum: int
+    history: tuple[Decision, ...]
+
+
+def cpu_budget() -> float:
+    """The cores this process may run on."""
+    try:
+        return float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without affinity (macOS)
+        return float(os.cpu_count() or 1)
+
+
+class ConcurrencyTuner:
+    """Finds how many batches to read at once, between 1 and `maximum`.
+
+    `observe` is called once per batch the consumer receives, with the epoch's running totals;
+    it returns the concurrency to use from now on.
+    """
+
+    def __init__(self, maximum: int, budget: float | None = None, start: int = 2) -> None:
+        self.maximum = maximum
+        self.budget = cpu_budget() if budget is None else budget
+        self.concurrency = max(1, min(start, maximum))
+        self.history: list[Decision] = []
+        self._began = time.perf_counter()
+        self._window: tuple[float, float, float, int, int] | None = None
+        self._trial: tuple[int, float] | None = None  # (the level before, its throughput)
+        self._ceiling: int | None = None  # a level that did not help
+        self._at_ceiling = 0  # windows spent below the ceiling since it was set
+        self._settled: float | None = None  # the throughput where the climb stopped
+
+    def resume(self, concurrency: int) -> None:
+        """Start from the concurrency a saved run had settled on."""
+        self._set(max(1, min(concurrency, self.maximum)), "resumed from a state")
+
+    def snapshot(self) -> Tuning:
+        return Tuning(self.concurrency, self.maximum, tuple(self.history))
+
+    def restart_window(self) -> None:
+        """Forget the window in progress (a new epoch: its totals start from zero)."""
+        self._window = None
+
+    def observe(self, samples: int, batches: int, wait_seconds: float) -> int:
+        """The consumer got a batch; `samples`, `batches`, `wait_seconds`: the epoch's totals."""
+        now = time.perf_counter()
+        if self._window is None:
+            self._window = (now, time.process_time(), wait_seconds, samples, batches)
+            return self.concurrency
+        began, cpu_began, waited_before, samples_before, batches_before = self._window
+        wall = now - began
+        if wall < WINDOW_SECONDS or batches - batches_before < WINDOW_BATCHES:
+            return self.concurrency
+        cpu = time.process_time() - cpu_began
+        self._window = (now, time.process_time(), wait_seconds, samples, batches)
+        self.decide(
+            throughput=(samples - samples_before) / wall,
+            # (a wait that began before the window may end in it: at most all of it)
+            waiting=min(1.0, (wait_seconds - waited_before) / wall),
+            cores=cpu / wall,
+        )
+        return self.concurrency
+
+    def decide(self, throughput: float, waiting: float, cores: float) -> None:
+        """One window's measures: samples/s, the consumer's share of time waiting, and the
+        cores the process used. Moves `concurrency` (or not), as the module says."""
+        if self._trial is not None:
+            before, baseline = self._trial
+            self._trial = None
+            wanted_gain = max(GAIN, GAIN_SHARE * (self.concurrency / before - 1))
+            if throughput <= baseline * (1 + wanted_gain):
+                self._ceiling, self._at_ceiling = self.concurrency, 0
+                self._settled = baseline
+                self._set(
+                    before,
+                    f"{self.concurrency} at once gave {throughput:,.0f} samples/s, not more "
+                    f"than {before} ({baseline:,.0f}): back to {before}",
+                )
+                return
+            self._settled = throughput
+        if waiting < WAITING:
+            return  # training holds the loop back, not data: more reads would only queue
+        if self._settled is not None and throughput < self._settled * (1 - SHIFT):
+            self._ceiling = None  # the data's cost changed: climb again from here
+            self._settled = None
+        if self._ceiling is not None:
+            self._at_ceiling += 1
+            if self._at_ceiling >= REPROBE_WINDOWS:
+                self._ceiling = None  # probe the ceiling again: costs may have changed
+        if cores >= self.budget * 0.95:
+            return  # the process uses every core it may: more threads cannot add any
+        if self._ceiling is None:
+            wanted = min(self.maximum, 2 * self.concurrency)
+        else:  # halfway to the level that did not help
+            wanted = self.concurrency + max(1, (self._ceiling - self.concurrency) // 2)
+            wanted = min(wanted, self._ceiling - 1, self.maximum)
+        if wanted <= self.concurrency:
+            return
+        self._trial = (self.concurrency, throughput)
+        self._set(
+            wanted,
+            f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s with "
+            f"{self.concurrency} at once, on {cores:.1f} of {self.budget:g} cores: trying {wanted}",
+        )
+
+    def _set(self, concurrency: int, reason: str) -> None:
+        self.concurrency = concurrency
+        seconds = time.perf_counter() - self._began
+        self.history.append(Decision(seconds, concurrency, reason))
+        logger.debug("aload: num_workers='auto': %s", reason)

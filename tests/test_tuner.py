@@ -1,0 +1,142 @@
+"""`num_workers="auto"`: the tuner's decisions on modelled stages whose best concurrency is
+known, then on real loaders."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import heartbeat
+
+import aload
+from aload._tuner import REPROBE_WINDOWS, ConcurrencyTuner
+
+
+def run(tuner: ConcurrencyTuner, produce, demand: float = 1e9, windows: int = 40, cores=None):
+    """Feed `tuner` `windows` windows of a modelled stage: `produce(c)` samples/s at
+    concurrency c, a consumer that could take `demand` samples/s, `cores(c)` cores used.
+    The concurrency after each window."""
+    path = []
+    for _ in range(windows):
+        c = tuner.concurrency
+        throughput = min(produce(c), demand)
+        waiting = max(0.0, 1 - produce(c) / demand)
+        tuner.decide(throughput, waiting, cores(c) if cores else 0.1)
+        path.append(tuner.concurrency)
+    return path
+
+
+def test_a_stage_that_grows_to_8_then_flattens_settles_at_8_or_just_above():
+    tuner = ConcurrencyTuner(maximum=32, budget=64)
+    path = run(tuner, lambda c: 100.0 * min(c, 8))
+    assert 8 <= path[-1] <= 9
+    assert max(path) <= 16  # one step past the plateau at most, then back
+    assert all(d.reason for d in tuner.history)
+
+
+def test_a_gil_bound_stage_gets_no_more_threads():
+    """Throughput that does not grow with concurrency (the GIL): the first step up is taken
+    back and the tuner stays where it started."""
+    tuner = ConcurrencyTuner(maximum=32, budget=64, start=2)
+    path = run(tuner, lambda c: 500.0)
+    assert path[-1] == 2
+    assert max(path) == 4
+
+
+def test_it_holds_while_training_is_the_bottleneck():
+    """The consumer never waits: more reads would only queue batches."""
+    tuner = ConcurrencyTuner(maximum=32, budget=64)
+    path = run(tuner, lambda c: 100.0 * c, demand=150.0)
+    assert path[-1] == 2
+    assert tuner.history == []
+
+
+def test_it_never_passes_its_cpu_budget():
+    """Each concurrent read keeps half a core busy; a budget of 2 cores stops it at 4."""
+    tuner = ConcurrencyTuner(maximum=32, budget=2)
+    path = run(tuner, lambda c: 100.0 * c, cores=lambda c: 0.5 * c)
+    assert max(path) <= 4
+    assert path[-1] == 4
+
+
+def test_when_the_datas_cost_shifts_it_moves():
+    """Reads that got 10x slower (a cache gone cold, another store) but overlap 10x further:
+    throughput falls, the ceiling found before is forgotten, and it climbs again."""
+    tuner = ConcurrencyTuner(maximum=32, budget=64)
+    fast = run(tuner, lambda c: 1000.0 * min(c, 4))
+    assert 4 <= fast[-1] <= 5
+    slow = run(tuner, lambda c: 100.0 * min(c, 20), windows=60)
+    assert 20 <= slow[-1] <= 25  # on the plateau, not far past its start
+
+
+def test_a_ceiling_is_probed_again_after_a_while():
+    tuner = ConcurrencyTuner(maximum=32, budget=64)
+    run(tuner, lambda c: 100.0 * min(c, 8))
+    settled = tuner.concurrency
+    path = run(tuner, lambda c: 100.0 * min(c, 16), windows=REPROBE_WINDOWS + 30)
+    assert path[-1] > settled  # the stage now scales further: found by the probe
+
+
+class Limited(torch.utils.data.Dataset):
+    """Each read holds one of 8 slots for 4 ms (a store that serves 8 requests at once):
+    throughput grows with concurrency up to 8, then flattens."""
+
+    def __init__(self, n: int = 1600) -> None:
+        self.n = n
+        self.slots = threading.Semaphore(8)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        with self.slots:
+            time.sleep(0.004)
+        return index
+
+
+@pytest.mark.timeout(120)
+def test_auto_finds_the_stores_limit_and_delivers_every_sample_once():
+    """Its throughput against static settings is the bench's to show (`python -m aload.bench
+    --workloads auto`); here: the search finds the store's 8 and loses nothing."""
+    loader = aload.DataLoader(Limited(), batch_size=4, num_workers="auto")
+    samples = sorted(int(i) for batch in loader for i in batch)
+    assert samples == list(range(1600))
+    tuning = loader.stats.tuning
+    assert 6 <= tuning.concurrency <= 16
+    assert tuning.history[0].concurrency == 4  # from 2, while the loop waits
+    assert "waited" in tuning.history[0].reason
+
+
+@pytest.mark.anyio
+async def test_auto_under_async_for_keeps_the_loop_running(anyio_backend):
+    loader = aload.DataLoader(Limited(800), batch_size=4, num_workers="auto")
+    async with heartbeat() as beat:
+        samples = sorted(int(i) for batch in [b async for b in loader] for i in batch)
+    assert samples == list(range(800))
+    assert loader.stats.tuning.concurrency > 2
+    assert beat.longest_gap < 0.05
+
+
+def test_auto_is_refused_where_it_cannot_tune_yet():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(4))
+
+    with pytest.raises(ValueError, match=r"num_workers='auto'.*map-style"):
+        aload.DataLoader(Stream(), num_workers="auto")
+    with pytest.raises(ValueError, match=r"num_workers='auto'.*thread"):
+        aload.DataLoader(list(range(4)), num_workers="auto", worker_mode="process")
+    with pytest.raises(TypeError, match="num_workers must be an int or 'auto'"):
+        aload.DataLoader(list(range(4)), num_workers="many")
+
+
+def test_the_settled_concurrency_resumes_with_the_state():
+    loader = aload.DataLoader(Limited(400), batch_size=4, num_workers="auto")
+    list(loader)
+    settled = loader.stats.tuning.concurrency
+    state = loader.state_dict()
+    resumed = aload.DataLoader(Limited(400), batch_size=4, num_workers="auto")
+    resumed.load_state_dict(state)
+    assert resumed.stats.tuning.concurrency == settled
