@@ -95,6 +95,9 @@ class ConcurrencyTuner:
             self._window = (now, time.process_time(), wait_seconds, samples, batches)
             return self.concurrency
         began, cpu_began, waited_before, samples_before, batches_before = self._window
+        if samples < samples_before:  # totals of another epoch (two of one loader at once)
+            self._window = None
+            return self.concurrency
         wall = now - began
         if wall < WINDOW_SECONDS or batches - batches_before < WINDOW_BATCHES:
             return self.concurrency
