@@ -19,9 +19,9 @@ from conftest import (
     assert_resumes_exactly,
     assert_worker_rngs_resume_between_epochs,
     flatten,
-    heartbeat,
     take_and_save,
 )
+from loop_pauses import best_pause
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import aload
@@ -197,11 +197,16 @@ async def test_async_for_over_ray_actors_keeps_the_loop_running(anyio_backend):
     """The dataset (16 MB here) goes to the object store, and the actors start, off the
     caller's thread: there, they paused the loop 36-58 ms (7-12 ms now)."""
     data = TensorDataset(torch.arange(1024), torch.zeros(1024, 4096))
-    loader = loader_on_ray(data, batch_size=64, shuffle=True)
-    async with heartbeat() as beat:
+
+    async def one_epoch():
+        loader = loader_on_ray(data, batch_size=64, shuffle=True)
         got = [int(i) for batch in [b async for b in loader] for i in batch[0]]
-    assert sorted(got) == list(range(1024))
-    assert beat.longest_gap < 0.03, f"{beat.longest_gap * 1000:.1f} ms"
+        assert sorted(got) == list(range(1024))
+
+    # The better of two tries, as the other loop-pause tests: what aload causes happens each
+    # time; a collection of this long suite's heap, or a busy machine, does not.
+    pause = await best_pause(one_epoch, 0.03, tries=2)
+    assert pause < 0.03, f"{pause * 1000:.1f} ms"
 
 
 @pytest.mark.parametrize(
