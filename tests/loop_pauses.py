@@ -1,5 +1,6 @@
 """Run in a fresh Python process by tests/test_event_loop.py: the caller's loop pause around
-two epochs of `async for`, for every way an epoch can run, under asyncio and trio, as JSON.
+two epochs of `async for`, for every way an epoch can run, and around the ways pools end
+(a broken one replaced, `async with`, epochs left early), under asyncio and trio, as JSON.
 
 A fresh process, as a user's script is: the pause that forking workers causes grows with the
 parent's size, and the test process (torch, datasets, pyarrow, every test module) is larger
@@ -9,11 +10,15 @@ than most scripts that load data.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import anyio
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import Indexed, Shards, flatten, heartbeat
@@ -98,11 +103,64 @@ async def two_epochs(mode: str) -> float:
     return await best_pause(run, BOUND, tries=3)
 
 
+async def replace_a_broken_pool() -> None:
+    """A persistent pool whose worker was killed is replaced without waiting for the rest."""
+    loader = aload.DataLoader(
+        Indexed(64), batch_size=8, num_workers=2, worker_mode="process", persistent_workers=True
+    )
+    assert len([b async for b in loader]) == 8
+    os.kill(loader._persistent_pool._processes[0].pid, signal.SIGKILL)
+    await anyio.sleep(0.2)  # the collector sees the death: the pool is broken
+    assert sorted(flatten([b async for b in loader])) == list(range(64))
+    await loader.aclose()
+
+
+async def two_epochs_then_close() -> None:
+    """`async with` stops persistent workers and waits for them without blocking."""
+    async with aload.DataLoader(
+        Indexed(64), batch_size=8, num_workers=2, worker_mode="process", persistent_workers=True
+    ) as loader:
+        for _ in range(2):
+            assert sorted(flatten([b async for b in loader])) == list(range(64))
+        pool = loader._persistent_pool
+    assert not pool.alive
+    assert loader._persistent_pool is None
+    assert not multiprocessing.active_children()
+
+
+async def leave_three_epochs() -> None:
+    """Epochs left at their first batch: their workers stop without a wait."""
+    loader = aload.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(512, 64)),
+        batch_size=8,
+        num_workers=2,
+        worker_mode="process",
+    )
+    for _ in range(3):
+        async for _ in loader:
+            break
+
+
+# Pools that end: a kill, a replacement and the stops fork and reap more than two epochs do.
+ENDINGS = {
+    "a broken persistent pool replaced": replace_a_broken_pool,
+    "async with closing persistent workers": two_epochs_then_close,
+    "epochs left early": leave_three_epochs,
+}
+ENDINGS_BOUND = 0.03
+
+
+async def ending(name: str) -> float:
+    return await best_pause(ENDINGS[name], ENDINGS_BOUND, tries=2)
+
+
 def main() -> None:
     pauses = {}
     for backend in ("asyncio", "trio"):
         for mode in MODES:
             pauses[f"{backend}: {mode}"] = anyio.run(two_epochs, mode, backend=backend)
+        for name in ENDINGS:
+            pauses[f"{backend}: {name}"] = anyio.run(ending, name, backend=backend)
     print(json.dumps(pauses))
 
 
