@@ -1,12 +1,13 @@
 """`num_workers="auto"`: how many batches the workers read at once, found online.
 
-A hill climb on measured throughput, one window at a time (a tenth of a second and a few batches):
-while the consumer waits for data, read twice as many batches at once
-and keep the step only if throughput rose with it (by a quarter of the step's share, at least
-2%); a step that did not is taken back, and the level it reached becomes a ceiling that the
-next steps halve the way to; it is probed again now and then (the data's cost may change).
-It never grows while the process already uses its CPU budget (the cores it may run on), and
-holds while the consumer does not wait: more reads would only queue more batches.
+A hill climb on measured throughput, one window at a time (a tenth of a second and a few
+batches): while the consumer waits for data, read twice as many batches at once, and keep the
+step only if throughput rose with it (by a quarter of the step's share, at least 2%). A step
+that did not is taken back, and the level it reached becomes a ceiling that the next steps go
+halfway to; the ceiling is probed again now and then, and forgotten when throughput falls
+well below where it settled (the data's cost changed). It never grows while the process
+already uses its CPU budget (the cores it may run on), and holds while the consumer does not
+wait: more reads would only queue more batches.
 
 The knob is the epoch's bound on batches in flight: with a thread pool of `maximum` threads
 that start as work comes, at most that many batches are read at once. Every change is a
