@@ -65,8 +65,9 @@ class LoaderConfig:
     device_transform: Callable[[Any], Any] | None
     pin_memory_device: str = ""
     ray_options: Mapping[str, Any] = field(default_factory=dict)
-    # num_workers="auto": `num_workers` threads at most; how many read at once is tuned.
-    auto_workers: bool = False
+    # num_workers="auto" (up to `num_workers` threads) or max_concurrency="auto" (up to
+    # `max_concurrency` reads on aload's loop): how many read at once is tuned.
+    tuned: bool = False
 
     @property
     def process_context(self) -> multiprocessing.context.BaseContext:
@@ -127,7 +128,7 @@ def resolve_config(
     transform: Callable[[Any], Any] | None = None,
     retry: Retry | None = None,
     max_skipped: int = 0,
-    max_concurrency: int = 64,
+    max_concurrency: int | str = 64,
     multiprocessing_context: Any = None,
     device: str | int | torch.device | None = None,
     to_device: ToDevice | None = None,
@@ -145,11 +146,13 @@ def resolve_config(
         ValueError: for conflicting or out-of-range arguments, with torch's messages.
         TypeError: for arguments of the wrong type, naming the argument and what was expected.
     """
-    auto_workers = num_workers == AUTO
-    if auto_workers:
+    tuned = num_workers == AUTO or max_concurrency == AUTO
+    if num_workers == AUTO:
         num_workers = _auto_workers(dataset, worker_mode)
     elif isinstance(num_workers, str):
         raise TypeError(f"num_workers must be an int or 'auto', got {num_workers!r}")
+    if max_concurrency == AUTO:
+        max_concurrency = _auto_concurrency(dataset)
     _check_int("num_workers", num_workers)
     if num_workers < 0:
         raise ValueError(
@@ -200,6 +203,8 @@ def resolve_config(
     _check_int("max_skipped", max_skipped)
     if max_skipped < 0:
         raise ValueError(f"max_skipped should be non-negative, got {max_skipped}")
+    if isinstance(max_concurrency, str):
+        raise TypeError(f"max_concurrency must be an int or 'auto', got {max_concurrency!r}")
     _check_int("max_concurrency", max_concurrency)
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency should be positive, got {max_concurrency}")
@@ -306,7 +311,7 @@ def resolve_config(
         retry=retry or NO_RETRY,
         max_skipped=max_skipped,
         max_concurrency=max_concurrency,
-        auto_workers=auto_workers,
+        tuned=tuned,
         asynchronous=asynchronous,
         multiprocessing_context=multiprocessing_context,
         device=resolved_device,
@@ -403,6 +408,21 @@ def _auto_workers(dataset: Any, worker_mode: str) -> int:
             "are max_concurrency at once: give num_workers a number"
         )
     return max(32, 2 * (os.cpu_count() or 1))
+
+
+def _auto_concurrency(dataset: Any) -> int:
+    """The reads `max_concurrency="auto"` may have in flight on aload's loop (the tuner decides
+    how many): only an async dataset's reads are awaited there."""
+    if not is_async_map_style(dataset):
+        raise ValueError(
+            "max_concurrency='auto' tunes how many reads of an async map-style dataset (an "
+            "`async def __getitem__`) are awaited at once; for other datasets, "
+            "num_workers='auto' tunes a map-style dataset's thread workers"
+        )
+    return AUTO_MAX_CONCURRENCY
+
+
+AUTO_MAX_CONCURRENCY = 1024
 
 
 def _check_int(name: str, value: object) -> None:

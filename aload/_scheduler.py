@@ -290,14 +290,16 @@ class Epoch:
         check_yielded: Callable[[int], None] | None = None,
         deal_over: int = 0,
         tuner: ConcurrencyTuner | None = None,
+        apply_concurrency: Callable[[int], int] | None = None,
     ) -> None:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
         each batch is read when it is taken, and nothing ahead of it. `length` answers `len()`
         of the epoch; `check_yielded` is told how many batches have been yielded, after each.
         `deal_over`: batch `seq` goes to worker `seq % deal_over`, as torch deals batches to
         its worker processes (so each worker's own RNG draws what torch's would); 0: to
-        whichever worker is free. `tuner`: sets the bound on batches in flight as batches
-        are delivered (`num_workers="auto"`), instead of `max_in_flight`."""
+        whichever worker is free. `tuner`: finds how many reads run at once as batches are
+        delivered (`"auto"`); `apply_concurrency` puts a concurrency in force and returns
+        the bound on batches in flight that goes with it, instead of `max_in_flight`."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
@@ -308,10 +310,13 @@ class Epoch:
         if tuner is not None:
             tuner.restart_window()
             max_in_flight = tuner.concurrency
-        self._tuner = tuner
-        if tuner is not None:
+        self._tuner = tuner if apply_concurrency is not None else None
+        self._apply_concurrency = apply_concurrency
+        self._concurrency = 0
+        if tuner is not None and apply_concurrency is not None:
             tuner.restart_window()
-            max_in_flight = tuner.concurrency
+            self._concurrency = tuner.concurrency
+            max_in_flight = apply_concurrency(tuner.concurrency)
         self._max_in_flight = max_in_flight
         self._in_place = in_place
         self._in_order = in_order
@@ -516,14 +521,16 @@ class Epoch:
                 ready = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
                 meter.delivered(count_samples(job.indices, batch), ready, len(self._in_flight))
                 if self._tuner is not None:
-                    self._max_in_flight = self._tuner.observe(
-                        meter.samples, meter.batches, meter.wait
-                    )
-                    meter.workers = meter.read_concurrency = self._max_in_flight
+                    self._tune(self._tuner.observe(meter.samples, meter.batches, meter.wait))
             if self._check_yielded is not None:
                 self._check_yielded(meter.batches)
             return batch
         return _END
+
+    def _tune(self, concurrency: int) -> None:
+        if concurrency != self._concurrency and self._apply_concurrency is not None:
+            self._concurrency = concurrency
+            self._max_in_flight = self._apply_concurrency(concurrency)
 
     def _take_one(self) -> _Job | None:
         # Not a bound method kept on the epoch: that would be a cycle, and a dropped epoch

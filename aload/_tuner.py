@@ -30,6 +30,8 @@ WINDOW_SECONDS = 0.1
 WINDOW_BATCHES = 4
 REPROBE_WINDOWS = 16  # windows at a ceiling before it is probed again
 SHIFT = 0.3  # throughput this much below the settled level: the data's cost changed
+THREADS_START = 2  # batches read at once by thread workers, to begin with
+ASYNC_START = 32  # an async dataset's reads awaited at once, to begin with
 
 
 @dataclass(frozen=True)

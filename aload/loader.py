@@ -47,9 +47,9 @@ from ._scheduler import (
     WorkerStreams,
     wait_stopped,
 )
-from ._stats import LoaderStats, StatsKeeper
+from ._stats import EpochMeter, LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
-from ._tuner import ConcurrencyTuner
+from ._tuner import ASYNC_START, THREADS_START, ConcurrencyTuner
 from ._worker_info import draw_base_seed, worker_setup
 from .workers import WorkerPool
 from .workers.inline import InlinePool
@@ -137,6 +137,7 @@ class DataLoader(Generic[T_co]):
             still fail after retries; each is logged and counted in `stats`. 0 raises instead.
         max_concurrency: for a dataset whose `__getitem__` is a coroutine function: how many
             item reads may be in flight at once, across batches, on aload's event loop.
+            "auto": found while the epoch runs, as `num_workers="auto"` finds threads.
         progress: show a tqdm progress bar for each epoch, with samples/s and the share of
             time spent waiting for data (needs `tqdm`). Off by default.
         device: deliver batches on this device ("cuda", "cuda:1", a `torch.device`). For CUDA,
@@ -183,7 +184,7 @@ class DataLoader(Generic[T_co]):
         transform: Callable[[Any], Any] | None = None,
         retry: Retry | None = None,
         max_skipped: int = 0,
-        max_concurrency: int = 64,
+        max_concurrency: int | Literal["auto"] = 64,
         progress: bool = False,
         device: str | int | torch.device | None = None,
         to_device: ToDevice | None = None,
@@ -210,7 +211,11 @@ class DataLoader(Generic[T_co]):
     def _configure(self, config: LoaderConfig) -> None:
         """Adopt a validated configuration (at construction, and when an attribute is set)."""
         object.__setattr__(self, "_config", config)
-        self._tuner = ConcurrencyTuner(config.num_workers) if config.auto_workers else None
+        self._tuner = None
+        if config.tuned:  # the threads' reads, or an async dataset's on aload's loop
+            maximum = config.max_concurrency if config.asynchronous else config.num_workers
+            start = ASYNC_START if config.asynchronous else THREADS_START
+            self._tuner = ConcurrencyTuner(maximum, start=start)
         self._stage = None
         if config.device is not None:
             self._stage = DeviceStage(config.device, config.to_device, config.device_transform)
@@ -470,8 +475,7 @@ class DataLoader(Generic[T_co]):
             # Who reads and collates, for the stats' stages: workers (a thread, for `async
             # for` without them), or the consumer itself (not timed); an async dataset's
             # reads, `max_concurrency` at once on aload's loop, then CPU workers (or the loop).
-            workers = max(1, config.num_workers) if self._tuner is None else self._tuner.concurrency
-            meter.workers = meter.read_concurrency = 0 if inline else workers
+            meter.workers = meter.read_concurrency = 0 if inline else max(1, config.num_workers)
             if config.asynchronous:
                 meter.read_concurrency = config.max_concurrency
             if resumed or config.num_workers > 0:
@@ -506,10 +510,37 @@ class DataLoader(Generic[T_co]):
             length=self.__len__,
             check_yielded=check,
             deal_over=self._deal_over(pool),
-            tuner=None if inline else self._tuner,
+            tuner=self._tuner,
+            apply_concurrency=None if inline else self._concurrency_setter(pool, meter),
         )
         self._epochs.add(epoch)
         return EpochIterator(epoch)
+
+    def _concurrency_setter(
+        self, pool: WorkerPool, meter: EpochMeter
+    ) -> Callable[[int], int] | None:
+        """How a tuned concurrency is put in force (None: nothing is tuned): an async
+        dataset's fetchers on aload's loop, or thread workers' batches; either way it returns
+        the epoch's bound on batches in flight."""
+        config = self._config
+        if self._tuner is None:
+            return None
+        if isinstance(pool, LoopPool):
+            per_batch = config.batch_size or 1
+
+            def set_reads(concurrency: int) -> int:
+                pool.set_concurrency(concurrency)
+                meter.read_concurrency = concurrency
+                batches = max(config.num_workers, math.ceil(concurrency / per_batch), 1)
+                return batches * config.depth
+
+            return set_reads
+
+        def set_batches(concurrency: int) -> int:
+            meter.workers = meter.read_concurrency = concurrency
+            return concurrency
+
+        return set_batches
 
     def _deal_over(self, pool: WorkerPool) -> int:
         """Over how many workers an epoch deals its batches in turn, as torch does: worker
@@ -702,6 +733,10 @@ class DataLoader(Generic[T_co]):
         self._progress = (start, delivered)
         return start, delivered, resumed
 
+    def _reads_at_once(self) -> int:
+        """An async dataset's reads awaited at once: `max_concurrency`, or where tuning is."""
+        return self._config.max_concurrency if self._tuner is None else self._tuner.concurrency
+
     def _loop_pool(
         self, config: LoaderConfig, seeds: EpochSeeds, blocking: bool, reads: Reads
     ) -> LoopPool:
@@ -716,7 +751,7 @@ class DataLoader(Generic[T_co]):
             plan = self._process_plan(Delivered(), seeds.epoch, finish_only=True)
             # The workers finish samples read on aload's loop: they never get the dataset.
             cpu = self._process_pool(None, seeds.base_seed, plan, blocking)
-            return LoopPool(config.dataset, cpu, config.max_concurrency, ProcessRead(plan, reads))
+            return LoopPool(config.dataset, cpu, self._reads_at_once(), ProcessRead(plan, reads))
         if config.num_workers:
             setup = worker_setup(
                 config.num_workers,
@@ -726,7 +761,7 @@ class DataLoader(Generic[T_co]):
                 replicate=False,  # its reads share aload's loop, not a worker each
             )
             cpu = ThreadPool(config.num_workers, setup)
-        return LoopPool(config.dataset, cpu, config.max_concurrency)
+        return LoopPool(config.dataset, cpu, self._reads_at_once())
 
     def _pool(
         self,

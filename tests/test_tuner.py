@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import anyio
 import pytest
 import torch
 from conftest import heartbeat
@@ -119,6 +120,37 @@ async def test_auto_under_async_for_keeps_the_loop_running(anyio_backend):
     assert beat.longest_gap < 0.05
 
 
+class AsyncStore:
+    """An async dataset whose store serves 64 reads at once, 5 ms each."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.slots = None  # made on aload's loop, where the reads run
+
+    def __len__(self):
+        return self.n
+
+    async def __getitem__(self, index):
+        if self.slots is None:
+            self.slots = anyio.Semaphore(64)
+        async with self.slots:
+            await anyio.sleep(0.005)
+        return index
+
+
+@pytest.mark.anyio
+async def test_max_concurrency_auto_finds_an_async_stores_limit(anyio_backend):
+    loader = aload.DataLoader(AsyncStore(12_000), batch_size=16, max_concurrency="auto")
+    async with heartbeat() as beat:
+        batches = [b async for b in loader]
+    assert sorted(int(i) for batch in batches for i in batch) == list(range(12_000))
+    tuning = loader.stats.tuning
+    assert 48 <= tuning.concurrency <= 128
+    assert tuning.history[0].concurrency == 64  # from 32, while the loop waits
+    assert loader.stats.epoch.read_concurrency == tuning.concurrency
+    assert beat.longest_gap < 0.05
+
+
 def test_auto_is_refused_where_it_cannot_tune_yet():
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -130,6 +162,10 @@ def test_auto_is_refused_where_it_cannot_tune_yet():
         aload.DataLoader(list(range(4)), num_workers="auto", worker_mode="process")
     with pytest.raises(TypeError, match="num_workers must be an int or 'auto'"):
         aload.DataLoader(list(range(4)), num_workers="many")
+    with pytest.raises(ValueError, match=r"max_concurrency='auto'.*async def __getitem__"):
+        aload.DataLoader(list(range(4)), max_concurrency="auto")
+    with pytest.raises(ValueError, match=r"num_workers='auto'.*async dataset"):
+        aload.DataLoader(AsyncStore(4), num_workers="auto")
 
 
 def test_the_settled_concurrency_resumes_with_the_state():

@@ -43,6 +43,25 @@ class StoreDataset(tud.Dataset):
         return torch.full((16,), index, dtype=torch.float32)
 
 
+class AsyncStoreDataset:
+    """The async form of StoreDataset: each read awaits one of `slots` (made on the loop that
+    reads) for `seconds`."""
+
+    def __init__(self, n: int, seconds: float, slots: int) -> None:
+        self.n, self.seconds, self.slots = n, seconds, slots
+        self._slots: anyio.Semaphore | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> torch.Tensor:
+        if self._slots is None:
+            self._slots = anyio.Semaphore(self.slots)
+        async with self._slots:
+            await anyio.sleep(self.seconds)
+        return torch.full((16,), index, dtype=torch.float32)
+
+
 class AwaitingDataset:
     """The async form of SleepDataset: each item awaits `seconds` (a remote read)."""
 

@@ -235,6 +235,30 @@ def _auto_gil(s: Settings) -> Workload:
     )
 
 
+def _auto_async(s: Settings) -> Workload:
+    """An async store that serves 64 reads at once (5 ms each): the best static is 64-128."""
+    n = s.items(12_000)
+    awaited, blocking = ds.AsyncStoreDataset(n, 0.005, 64), ds.StoreDataset(n, 0.005, 64)
+    static = [
+        aload_loader(
+            awaited, 0, asynchronous=True, batch_size=16, max_concurrency=c, detail=f"{c} at once"
+        )
+        for c in s.counts(16, 64, 256, 1024)
+    ]
+    return Workload(
+        "auto-async",
+        f"an async store serving 64 reads at once, 5 ms each, {n:,} items, batch 16: static "
+        "max_concurrency against max_concurrency='auto' (torch: blocking reads, 8 processes)",
+        [
+            torch_loader(blocking, 8, batch_size=16),
+            *static,
+            aload_loader(
+                awaited, 0, asynchronous=True, batch_size=16, max_concurrency="auto", detail="auto"
+            ),
+        ],
+    )
+
+
 def _images(s: Settings) -> Workload:
     """3 x 224 x 224 float32 samples: large batches through shared or pinned memory."""
     n = s.items(512)
@@ -358,6 +382,7 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "images": _images,
     "auto": _auto,
     "auto-gil": _auto_gil,
+    "auto-async": _auto_async,
     "memory": _memory,
     "train-python": _train(training.python_work, "python"),
     "train-numpy": _train(training.numpy_work, "numpy"),

@@ -66,7 +66,8 @@ class LoopPool:
         self._dataset = dataset
         self._cpu = cpu
         self._cpu_read = cpu_read  # for worker processes: the plan they finish batches by
-        self._max_concurrency = max_concurrency
+        self._max_concurrency = max_concurrency  # fetchers running (or asked for)
+        self._retiring = 0  # fetchers to end after their current read: a lower concurrency
         self.read_clock = ReadClock()  # the fetchers' time reading, summed
         # Jobs submitted before the loop is up (the dataset's __aenter__ may take a while)
         # wait here: the caller never waits for the start.
@@ -139,6 +140,28 @@ class LoopPool:
             timing[1] += sum(call.timing)  # a worker process reads nothing: all finishing
         return call.value
 
+    def set_concurrency(self, concurrency: int) -> None:
+        """Run `concurrency` fetchers from now on (`max_concurrency="auto"`): more start on
+        the loop; fewer: that many end after their current read (none drops a read)."""
+        with self._lock:
+            if self._waiting is not None:  # not up yet: it starts with this many
+                self._max_concurrency = concurrency
+                return
+        with contextlib.suppress(RunFinishedError):
+            self._call_soon(self._resize, concurrency)
+
+    def _resize(self, concurrency: int) -> None:
+        """On the loop: start or retire fetchers to run `concurrency`."""
+        running = self._max_concurrency - self._retiring
+        if concurrency > running:
+            cancel = min(self._retiring, concurrency - running)  # retirements not yet done
+            self._retiring -= cancel
+            for _ in range(concurrency - running - cancel):
+                self._task_group.start_soon(self._fetch)
+        else:
+            self._retiring += running - concurrency
+        self._max_concurrency = concurrency + self._retiring
+
     def begin(self) -> None:
         if self._cpu is not None:
             self._cpu.begin()
@@ -189,6 +212,11 @@ class LoopPool:
             while requests:
                 batch, position, item = requests.popleft()
                 await batch.read_one(position, item)
+                if self._retiring:  # fewer fetchers wanted: this one ends, its read done
+                    self._retiring -= 1
+                    self._max_concurrency -= 1
+                    clock.seconds += time.perf_counter() - started
+                    return
             clock.seconds += time.perf_counter() - started
             wake = anyio.Event()
             idle.append(wake)
