@@ -151,6 +151,48 @@ async def test_max_concurrency_auto_finds_an_async_stores_limit(anyio_backend):
     assert beat.longest_gap < 0.05
 
 
+class CountsReads:
+    """An async dataset that records how many of its reads are in flight as each starts."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.in_flight = 0
+        self.starts: list[tuple[float, int]] = []
+
+    def __len__(self):
+        return self.n
+
+    async def __getitem__(self, index):
+        self.in_flight += 1
+        self.starts.append((time.perf_counter(), self.in_flight))
+        await anyio.sleep(0.002)
+        self.in_flight -= 1
+        return index
+
+
+def test_fewer_reads_at_once_retire_fetchers_without_dropping_a_read():
+    """The tuner asks for 32 reads at once, then 4: every sample still arrives once, and
+    once the busy fetchers have finished their reads, no more than 4 run."""
+    data = CountsReads(3000)
+    loader = aload.DataLoader(data, batch_size=8, max_concurrency="auto")
+    switched: list[float] = []
+
+    def observe(samples, batches, wait_seconds):
+        if batches < 40:
+            return 32
+        if not switched:
+            switched.append(time.perf_counter())
+        return 4
+
+    loader._tuner.observe = observe
+    assert sorted(int(i) for batch in loader for i in batch) == list(range(3000))
+    before = [n for at, n in data.starts if at < switched[0]]
+    after = [n for at, n in data.starts if at > switched[0] + 0.05]
+    assert max(before) > 16
+    assert after
+    assert max(after) <= 4
+
+
 def test_auto_is_refused_where_it_cannot_tune_yet():
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
