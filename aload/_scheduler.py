@@ -306,10 +306,6 @@ class Epoch:
         self._read = read
         self._pool = pool
         self._owns_pool = owns_pool
-        self._tuner = tuner
-        if tuner is not None:
-            tuner.restart_window()
-            max_in_flight = tuner.concurrency
         self._tuner = tuner if apply_concurrency is not None else None
         self._apply_concurrency = apply_concurrency
         self._concurrency = 0

@@ -211,10 +211,13 @@ class DataLoader(Generic[T_co]):
     def _configure(self, config: LoaderConfig) -> None:
         """Adopt a validated configuration (at construction, and when an attribute is set)."""
         object.__setattr__(self, "_config", config)
+        settled = getattr(self, "_tuner", None)  # an attribute set later keeps what it found
         self._tuner = None
         if config.tuned:  # the threads' reads, or an async dataset's on aload's loop
             maximum = config.max_concurrency if config.asynchronous else config.num_workers
             start = ASYNC_START if config.asynchronous else THREADS_START
+            if settled is not None and settled.maximum == maximum:
+                start = settled.concurrency
             self._tuner = ConcurrencyTuner(maximum, start=start)
         self._stage = None
         if config.device is not None:
