@@ -101,9 +101,14 @@ class LoaderConfig:
         """The bound on batches submitted but not yet yielded: workers x prefetch_factor
         (`num_workers=0` loads in one thread, so as one worker). An async dataset keeps enough
         batches in flight to give `max_concurrency` item reads work, times prefetch_factor."""
+        return self.in_flight_for(self.max_concurrency)
+
+    def in_flight_for(self, reads: int) -> int:
+        """`max_in_flight` when an async dataset has `reads` item reads at once (a tuned
+        `max_concurrency`): enough batches to give them work, at least one per worker."""
         slots = max(1, self.num_workers)
         if self.asynchronous:
-            slots = max(slots, math.ceil(self.max_concurrency / (self.batch_size or 1)))
+            slots = max(slots, math.ceil(reads / (self.batch_size or 1)))
         return slots * self.depth
 
 

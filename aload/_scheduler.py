@@ -289,30 +289,29 @@ class Epoch:
         length: Callable[[], int] | None = None,
         check_yielded: Callable[[int], None] | None = None,
         deal_over: int = 0,
-        tuner: ConcurrencyTuner | None = None,
-        apply_concurrency: Callable[[int], int] | None = None,
+        tuning: tuple[ConcurrencyTuner, Callable[[int], int]] | None = None,
     ) -> None:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
         each batch is read when it is taken, and nothing ahead of it. `length` answers `len()`
         of the epoch; `check_yielded` is told how many batches have been yielded, after each.
         `deal_over`: batch `seq` goes to worker `seq % deal_over`, as torch deals batches to
         its worker processes (so each worker's own RNG draws what torch's would); 0: to
-        whichever worker is free. `tuner`: finds how many reads run at once as batches are
-        delivered (`"auto"`); `apply_concurrency` puts a concurrency in force and returns
-        the bound on batches in flight that goes with it, instead of `max_in_flight`."""
+        whichever worker is free. `tuning` (`"auto"`): a tuner that finds how many reads run
+        at once as batches are delivered, and the setter that puts a concurrency in force and
+        returns the bound on batches in flight that goes with it (not `max_in_flight`)."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
         self._read = read
         self._pool = pool
         self._owns_pool = owns_pool
-        self._tuner = tuner if apply_concurrency is not None else None
-        self._apply_concurrency = apply_concurrency
-        self._concurrency = 0
-        if tuner is not None and apply_concurrency is not None:
+        self._tuning = tuning
+        self._concurrency = 0  # the tuned concurrency in force
+        if tuning is not None:
+            tuner, put_in_force = tuning
             tuner.restart_window()
             self._concurrency = tuner.concurrency
-            max_in_flight = apply_concurrency(tuner.concurrency)
+            max_in_flight = put_in_force(tuner.concurrency)
         self._max_in_flight = max_in_flight
         self._in_place = in_place
         self._in_order = in_order
@@ -516,17 +515,21 @@ class Epoch:
             else:
                 ready = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
                 meter.delivered(count_samples(job.indices, batch), ready, len(self._in_flight))
-                if self._tuner is not None:
-                    self._tune(self._tuner.observe(meter.samples, meter.batches, meter.wait))
+                if self._tuning is not None:
+                    self._tune(meter, *self._tuning)
             if self._check_yielded is not None:
                 self._check_yielded(meter.batches)
             return batch
         return _END
 
-    def _tune(self, concurrency: int) -> None:
-        if concurrency != self._concurrency and self._apply_concurrency is not None:
+    def _tune(
+        self, meter: EpochMeter, tuner: ConcurrencyTuner, put_in_force: Callable[[int], int]
+    ) -> None:
+        """Hand the tuner this batch's totals; put a new concurrency in force."""
+        concurrency = tuner.observe(meter.samples, meter.batches, meter.wait)
+        if concurrency != self._concurrency:
             self._concurrency = concurrency
-            self._max_in_flight = self._apply_concurrency(concurrency)
+            self._max_in_flight = put_in_force(concurrency)
 
     def _take_one(self) -> _Job | None:
         # Not a bound method kept on the epoch: that would be a cycle, and a dropped epoch

@@ -49,7 +49,7 @@ class EpochStats:
         workers: the workers that collate (and read, but for async datasets) at once; 0:
             the consumer reads its own batches, which neither time covers.
         read_concurrency: reads at once: `workers`, or an async dataset's
-            `max_concurrency`.
+            `max_concurrency` (where tuned, the concurrency in force at the end).
     """
 
     epoch: int
@@ -132,8 +132,8 @@ class LoaderStats:
         skipped_indices: the indices of the skipped samples, in the order they were skipped
             (the most recent 1,000).
         epoch: the current or last epoch's stats, or None before the first.
-        tuning: with `num_workers="auto"`, how many batches are read at once and why
-            (an `aload.Tuning`); None otherwise.
+        tuning: with `num_workers="auto"` or `max_concurrency="auto"`, how many reads run
+            at once and why (an `aload.Tuning`); None otherwise.
     """
 
     epochs: int

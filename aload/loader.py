@@ -513,37 +513,35 @@ class DataLoader(Generic[T_co]):
             length=self.__len__,
             check_yielded=check,
             deal_over=self._deal_over(pool),
-            tuner=self._tuner,
-            apply_concurrency=None if inline else self._concurrency_setter(pool, meter),
+            tuning=None if inline else self._tuning(pool, meter),
         )
         self._epochs.add(epoch)
         return EpochIterator(epoch)
 
-    def _concurrency_setter(
+    def _tuning(
         self, pool: WorkerPool, meter: EpochMeter
-    ) -> Callable[[int], int] | None:
-        """How a tuned concurrency is put in force (None: nothing is tuned): an async
-        dataset's fetchers on aload's loop, or thread workers' batches; either way it returns
-        the epoch's bound on batches in flight."""
+    ) -> tuple[ConcurrencyTuner, Callable[[int], int]] | None:
+        """The tuner (None: nothing is tuned) and how the concurrency it finds is put in
+        force: an async dataset's fetchers on aload's loop, or thread workers' batches; either
+        way the setter returns the epoch's bound on batches in flight."""
         config = self._config
-        if self._tuner is None:
+        tuner = self._tuner
+        if tuner is None:
             return None
         if isinstance(pool, LoopPool):
-            per_batch = config.batch_size or 1
 
             def set_reads(concurrency: int) -> int:
                 pool.set_concurrency(concurrency)
                 meter.read_concurrency = concurrency
-                batches = max(config.num_workers, math.ceil(concurrency / per_batch), 1)
-                return batches * config.depth
+                return config.in_flight_for(concurrency)
 
-            return set_reads
+            return tuner, set_reads
 
         def set_batches(concurrency: int) -> int:
             meter.workers = meter.read_concurrency = concurrency
             return concurrency
 
-        return set_batches
+        return tuner, set_batches
 
     def _deal_over(self, pool: WorkerPool) -> int:
         """Over how many workers an epoch deals its batches in turn, as torch does: worker

@@ -203,40 +203,40 @@ def _python(s: Settings) -> Workload:
     )
 
 
-def _auto_grid(data: Any, batch_size: int, counts: tuple[int, ...]) -> list[Contender]:
-    """`num_workers="auto"` beside static thread counts and torch, each run a fresh loader:
-    auto's figure includes its search."""
-    return [
-        torch_loader(data, 8, batch_size=batch_size),
-        *(aload_loader(data, w, batch_size=batch_size) for w in counts),
-        aload_loader(data, "auto", batch_size=batch_size),  # type: ignore[arg-type]
-    ]
+def _auto_grid(
+    name: str, items: str, data: Any, batch_size: int, counts: tuple[int, ...]
+) -> Workload:
+    """`num_workers="auto"` beside static thread counts and torch's 8 processes, each run a
+    fresh loader: auto's figure includes its search."""
+    return Workload(
+        name,
+        f"{items}, batch {batch_size}: static thread counts against num_workers='auto' (a "
+        "fresh loader each run: its search included)",
+        [
+            torch_loader(data, 8, batch_size=batch_size),
+            *(aload_loader(data, w, batch_size=batch_size) for w in counts),
+            aload_loader(data, "auto", batch_size=batch_size),  # type: ignore[arg-type]
+        ],
+    )
 
 
 def _auto(s: Settings) -> Workload:
     """A store that serves 8 reads at once (2 ms each): the best static setting is 8."""
     n = s.items(6000)
-    return Workload(
-        "auto",
-        f"a store serving 8 reads at once, 2 ms each, {n:,} items, batch 4: static thread counts "
-        "against num_workers='auto' (a fresh loader each run: its search included)",
-        _auto_grid(ds.StoreDataset(n, 0.002, 8), 4, s.counts(2, 4, 8, 16, 32)),
-    )
+    items = f"a store serving 8 reads at once, 2 ms each, {n:,} items"
+    return _auto_grid("auto", items, ds.StoreDataset(n, 0.002, 8), 4, s.counts(2, 4, 8, 16, 32))
 
 
 def _auto_gil(s: Settings) -> Workload:
     """Pure-Python items: more threads only contend for the GIL."""
     n = s.items(2048)
-    return Workload(
-        "auto-gil",
-        f"~0.5 ms of pure-Python work per item (holds the GIL), {n:,} items, batch 8: static "
-        "thread counts against num_workers='auto'",
-        _auto_grid(ds.PythonDataset(n, s.python_rounds), 8, s.counts(1, 2, 4, 8)),
-    )
+    items = f"~0.5 ms of pure-Python work per item (holds the GIL), {n:,} items"
+    data = ds.PythonDataset(n, s.python_rounds)
+    return _auto_grid("auto-gil", items, data, 8, s.counts(1, 2, 4, 8))
 
 
 def _auto_async(s: Settings) -> Workload:
-    """An async store that serves 64 reads at once (5 ms each): the best static is 64-128."""
+    """An async store that serves 64 reads at once (5 ms each): 64 at once or more is best."""
     n = s.items(12_000)
     awaited, blocking = ds.AsyncStoreDataset(n, 0.005, 64), ds.StoreDataset(n, 0.005, 64)
     static = [

@@ -66,7 +66,7 @@ class LoopPool:
         self._dataset = dataset
         self._cpu = cpu
         self._cpu_read = cpu_read  # for worker processes: the plan they finish batches by
-        self._max_concurrency = max_concurrency  # fetchers running (or asked for)
+        self._fetchers = max_concurrency  # fetcher tasks alive (or to start with)
         self._retiring = 0  # fetchers to end after their current read: a lower concurrency
         self.read_clock = ReadClock()  # the fetchers' time reading, summed
         # Jobs submitted before the loop is up (the dataset's __aenter__ may take a while)
@@ -145,14 +145,14 @@ class LoopPool:
         the loop; fewer: that many end after their current read (none drops a read)."""
         with self._lock:
             if self._waiting is not None:  # not up yet: it starts with this many
-                self._max_concurrency = concurrency
+                self._fetchers = concurrency
                 return
         with contextlib.suppress(RunFinishedError):
             self._call_soon(self._resize, concurrency)
 
     def _resize(self, concurrency: int) -> None:
         """On the loop: start or retire fetchers to run `concurrency`."""
-        running = self._max_concurrency - self._retiring
+        running = self._fetchers - self._retiring
         if concurrency > running:
             cancel = min(self._retiring, concurrency - running)  # retirements not yet done
             self._retiring -= cancel
@@ -160,7 +160,7 @@ class LoopPool:
                 self._task_group.start_soon(self._fetch)
         else:
             self._retiring += running - concurrency
-        self._max_concurrency = concurrency + self._retiring
+        self._fetchers = concurrency + self._retiring
 
     def begin(self) -> None:
         if self._cpu is not None:
@@ -214,7 +214,7 @@ class LoopPool:
                 await batch.read_one(position, item)
                 if self._retiring:  # fewer fetchers wanted: this one ends, its read done
                     self._retiring -= 1
-                    self._max_concurrency -= 1
+                    self._fetchers -= 1
                     clock.seconds += time.perf_counter() - started
                     return
             clock.seconds += time.perf_counter() - started
@@ -240,7 +240,7 @@ class LoopPool:
         self._idle: list[anyio.Event] = []
         async with _entered(self._dataset), anyio.create_task_group() as task_group:
             self._task_group = task_group
-            for _ in range(self._max_concurrency):
+            for _ in range(self._fetchers):
                 task_group.start_soon(self._fetch)
             self._started()
             with self._lock:
