@@ -115,14 +115,25 @@ class AugmentsFromTheGlobalRng(Dataset):
         return index * 1000 + int(torch.randint(1000, ()))
 
 
-def test_worker_processes_read_torchs_batches_so_they_draw_what_torchs_draw():
+@pytest.mark.parametrize("persistent", [False, True])
+def test_worker_processes_read_torchs_batches_so_they_draw_what_torchs_draw(persistent):
     """torch deals batch k to worker k % num_workers; each process's RNG is its own, so which
-    batches a worker reads decides what its augmentations draw."""
+    batches a worker reads decides what its augmentations draw. Persistent workers draw the
+    second epoch on from the first (aload's end-of-epoch RNG reports draw nothing)."""
 
     def two_epochs(loader_class, **extra):
         torch.manual_seed(5)
-        loader = loader_class(AugmentsFromTheGlobalRng(), batch_size=4, num_workers=2, **extra)
-        return [samples(loader), samples(loader)]
+        loader = loader_class(
+            AugmentsFromTheGlobalRng(),
+            batch_size=4,
+            num_workers=2,
+            persistent_workers=persistent,
+            **extra,
+        )
+        epochs = [samples(loader), samples(loader)]
+        if isinstance(loader, aload.DataLoader):
+            loader.close()
+        return epochs
 
     assert two_epochs(aload.DataLoader, worker_mode="process") == two_epochs(tud.DataLoader)
 

@@ -10,6 +10,8 @@ import time
 import anyio
 import pytest
 import torch
+import torch.utils.data as tud
+from conftest import wait_for_no_workers
 from loop_pauses import best_pause
 
 import aload
@@ -213,12 +215,29 @@ def test_auto_is_refused_where_it_cannot_tune_yet():
         aload.DataLoader(Stream(), num_workers="auto")
     with pytest.raises(ValueError, match=r"num_workers='auto'.*thread"):
         aload.DataLoader(list(range(4)), num_workers="auto", worker_mode="process")
+    with pytest.raises(TypeError):  # torch's type for the same value
+        tud.DataLoader(list(range(4)), num_workers="many")
     with pytest.raises(TypeError, match="num_workers must be an int or 'auto'"):
         aload.DataLoader(list(range(4)), num_workers="many")
     with pytest.raises(ValueError, match=r"max_concurrency='auto'.*async def __getitem__"):
         aload.DataLoader(list(range(4)), max_concurrency="auto")
     with pytest.raises(ValueError, match=r"num_workers='auto'.*async dataset"):
         aload.DataLoader(AsyncStore(4), num_workers="auto")
+
+
+@pytest.mark.parametrize("dataset", [Limited, AsyncStore])
+def test_leaving_an_auto_epoch_early_leaves_no_thread(dataset):
+    """However many threads (or fetchers on aload's loop) the tuner had started."""
+    loader = aload.DataLoader(
+        dataset(1600),
+        batch_size=4,
+        **({"max_concurrency": "auto"} if dataset is AsyncStore else {"num_workers": "auto"}),
+    )
+    for seen, _ in enumerate(loader):
+        if seen == 150:  # past the first steps up
+            break
+    assert loader.stats.tuning.concurrency > 2
+    wait_for_no_workers()
 
 
 def test_the_settled_concurrency_resumes_with_the_state():
