@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from ._checkpoint import ENDED, WORKER_START, DatasetResume, has_state
-from ._fetch import EXHAUSTED, Batch, Finish, JobState
+from ._fetch import EXHAUSTED, STAGES, Batch, Finish, JobState
 from ._retry import Reads
 from ._sample_random import BatchKey, EpochSeeds, fetcher_reading, reading
 from ._stream import snapshot, stateful_parts
@@ -71,8 +71,8 @@ class AsyncMapReader:
             self._start_state()
         after: dict[str, Any] = {}  # the dataset's state after this batch's last read
         read_one = self._read_one if not self._stateful else partial(self._read_noting, after)
-        # Seconds reading (the fetchers' reads count on the pool's read clock), finishing.
-        timing = job.timing = [0.0, 0.0]
+        # Seconds in each stage (the fetchers' reads count on the pool's read clock).
+        timing = job.timing = [0.0] * len(STAGES)
         if not self._batched:
             (sample,) = await self._pool.read_all(read_one, [job.indices])
             self._keep_state(job, after)
@@ -163,7 +163,7 @@ class AsyncStreamReader:
     async def __call__(self, job: JobState) -> Batch:
         if self._lock is None:
             self._lock = anyio.Lock()
-        timing = job.timing = [0.0, 0.0]  # seconds reading, finishing
+        timing = job.timing = [0.0] * len(STAGES)  # seconds in each stage
         async with self._lock:  # one stream: batches are taken from it one after another
             started = time.perf_counter()
             samples = await self._next_samples()

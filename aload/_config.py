@@ -27,6 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ._async_fetch import is_async_map_style
 from ._device import ToDevice, resolve_device
+from ._fetch import Finish
 from ._retry import NO_RETRY, Retry
 from .workers.start_method import check_picklable, resolve_context, sends_by_pickle
 
@@ -55,6 +56,7 @@ class LoaderConfig:
     worker_mode: str
     distributed: bool
     transform: Callable[[Any], Any] | None
+    batch_transform: Callable[[Any], Any] | None
     retry: Retry
     max_skipped: int
     max_concurrency: int
@@ -68,6 +70,10 @@ class LoaderConfig:
     # num_workers="auto" (up to `num_workers` threads) or max_concurrency="auto" (up to
     # `max_concurrency` reads on aload's loop): how many read at once is tuned.
     tuned: bool = False
+
+    def finish(self, pin: bool) -> Finish:
+        """What follows a batch's reads on its worker: map, collate, map the batch, `pin`."""
+        return Finish(self.collate_fn, self.transform, pin, self.batch_transform)
 
     @property
     def process_context(self) -> multiprocessing.context.BaseContext:
@@ -131,6 +137,7 @@ def resolve_config(
     worker_mode: str,
     distributed: bool = False,
     transform: Callable[[Any], Any] | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
     retry: Retry | None = None,
     max_skipped: int = 0,
     max_concurrency: int | str = 64,
@@ -198,6 +205,7 @@ def resolve_config(
         ("collate_fn", collate_fn),
         ("worker_init_fn", worker_init_fn),
         ("transform", transform),
+        ("batch_transform", batch_transform),
         ("to_device", to_device),
         ("device_transform", device_transform),
     ):
@@ -237,6 +245,7 @@ def resolve_config(
                 "collate_fn": collate_fn,
                 "worker_init_fn": worker_init_fn,
                 "transform": transform,
+                "batch_transform": batch_transform,
             }
         )
     if distributed:
@@ -313,6 +322,7 @@ def resolve_config(
         worker_mode=worker_mode,
         distributed=bool(distributed),
         transform=transform,
+        batch_transform=batch_transform,
         retry=retry or NO_RETRY,
         max_skipped=max_skipped,
         max_concurrency=max_concurrency,

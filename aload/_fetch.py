@@ -48,60 +48,66 @@ class JobState(Protocol):
     worker: int | None
     cancelled: bool
     state: Any  # the worker's dataset state after this batch, set by a reader that keeps it
-    timing: Any  # (seconds reading, seconds collating), set where the batch is read
+    timing: Any  # seconds in each of `STAGES`, set where the batch is read
 
 
-_finishing = threading.local()  # seconds this thread spent finishing batches, not yet taken
+# The stages of a batch, in order: where a job's time goes, for the stats. A worker reads,
+# then `Finish` maps each sample, collates, maps the batch and pins it.
+STAGES = ("read", "map", "collate", "map_batch", "pin")
+_FINISH_STAGES = len(STAGES) - 1
+
+_finishing = threading.local()  # seconds this thread spent in each `Finish` stage, not yet taken
 
 
-def finish_seconds() -> float:
-    """Seconds this thread spent in `Finish` (transform, collate, pin) since the last call:
-    whoever runs a job takes them after it, to tell the collate stage from the reads."""
-    spent = getattr(_finishing, "seconds", 0.0)
-    _finishing.seconds = 0.0
+def finish_seconds() -> list[float]:
+    """Seconds this thread spent in each stage of `Finish` (map, collate, map_batch, pin)
+    since the last call: whoever runs a job takes them after it, to tell the stages apart."""
+    spent = getattr(_finishing, "seconds", None) or [0.0] * _FINISH_STAGES
+    _finishing.seconds = [0.0] * _FINISH_STAGES
     return spent
 
 
-def timed_call(work: Callable[..., Batch], *args: Any) -> tuple[Batch, tuple[float, float]]:
-    """`work(*args)`, and the (seconds reading, seconds collating) it took on this thread:
-    how a worker times the job it runs, for the stats' stages."""
+def _finish_clock() -> list[float]:
+    """This thread's running `finish_seconds`, to add to."""
+    spent = getattr(_finishing, "seconds", None)
+    if spent is None:
+        spent = _finishing.seconds = [0.0] * _FINISH_STAGES
+    return spent
+
+
+def timed_call(work: Callable[..., Batch], *args: Any) -> tuple[Batch, tuple[float, ...]]:
+    """`work(*args)`, and the seconds it took on this thread in each of `STAGES` (reading is
+    what `Finish` did not take): how a worker times the job it runs, for the stats."""
     finish_seconds()  # what this thread finished before is not this job's
     started = time.perf_counter()
     batch = work(*args)
-    collating = finish_seconds()
-    return batch, (time.perf_counter() - started - collating, collating)
-
-
-def timed(method: Callable[..., Batch]) -> Callable[..., Batch]:
-    """`method`, adding the time it takes to this thread's `finish_seconds()`."""
-
-    def run(*args: Any) -> Batch:
-        started = time.perf_counter()
-        try:
-            return method(*args)
-        finally:
-            _finishing.seconds = getattr(_finishing, "seconds", 0.0) + time.perf_counter() - started
-
-    run.__doc__ = method.__doc__
-    return run
+    took = time.perf_counter() - started
+    finishing = finish_seconds()
+    return batch, (took - sum(finishing), *finishing)
 
 
 class Finish:
-    """What follows the reads of a batch, on the same worker: transform each sample, collate,
-    pin. Kept in one place so every kind of reader ends a batch the same way. Each entry
-    point counts its time (`finish_seconds`): the loader's stats name this stage."""
+    """What follows the reads of a batch, on the same worker: map each sample (`transform`),
+    collate, map the batch (`batch_transform`), pin. Kept in one place so every kind of
+    reader ends a batch the same way; each stage's time is counted (`finish_seconds`)."""
 
     def __init__(
         self,
         collate_fn: Callable[[Any], Any],
         transform: Callable[[Any], Any] | None,
         pin: bool,
+        batch_transform: Callable[[Any], Any] | None = None,
     ) -> None:
         self.collate_fn = collate_fn
         self.transform = transform
+        self.batch_transform = batch_transform
         self.pin = pin
 
-    @timed
+    @property
+    def after_collate(self) -> bool:
+        """Whether a collated batch has more to go through (a batch map, pinning)."""
+        return self.pin or self.batch_transform is not None
+
     def samples(
         self,
         samples: list[Any],
@@ -110,20 +116,22 @@ class Finish:
     ) -> Batch:
         """A batch from its samples; with the `current` reading, each sample's transform sees
         its key (its index, from `keys`) and the collate the batch's."""
+        spent = _finish_clock()
+        started = time.perf_counter()
         transform = self.transform
-        if current is None:
-            if transform is not None:
-                samples = [transform(sample) for sample in samples]
-            return self._pinned(collate_in_thread(self.collate_fn, samples))
-        assert keys is not None
         if transform is not None:
-            transformed = []
-            for key, sample in zip(keys, samples, strict=True):
-                current.key = key
-                transformed.append(transform(sample))
-            samples = transformed
-        current.key = BatchKey(keys)
-        return self._pinned(collate_in_thread(self.collate_fn, samples))
+            if current is None:
+                samples = [transform(sample) for sample in samples]
+            else:
+                assert keys is not None
+                transformed = []
+                for key, sample in zip(keys, samples, strict=True):
+                    current.key = key
+                    transformed.append(transform(sample))
+                samples = transformed
+        if current is not None:
+            current.key = BatchKey(keys)
+        return self._collated(samples, spent, started)
 
     def keyed(
         self, samples: list[Any], keys: Sequence[Any] | None, seeds: EpochSeeds | None
@@ -138,20 +146,37 @@ class Finish:
         with reading(None if key is None else seeds, key):
             return self.sample(sample)
 
-    @timed
     def sample(self, sample: Any) -> Batch:
         """A single sample, when batching is off (`batch_size=None`)."""
+        spent = _finish_clock()
+        started = time.perf_counter()
         if self.transform is not None:
             sample = self.transform(sample)
-        return self._pinned(collate_in_thread(self.collate_fn, sample))
+        return self._collated(sample, spent, started)
 
-    @timed
     def batch(self, batch: Batch) -> Batch:
-        """A batch that is already collated."""
-        return self._pinned(batch)
+        """A batch that is already collated (gathered in one operation)."""
+        return self._after(batch, _finish_clock(), time.perf_counter())
 
-    def _pinned(self, batch: Batch) -> Batch:
-        return pin_batch(batch) if self.pin else batch
+    def _collated(self, samples: Any, spent: list[float], started: float) -> Batch:
+        mapped = time.perf_counter()
+        spent[0] += mapped - started
+        batch = collate_in_thread(self.collate_fn, samples)
+        collated = time.perf_counter()
+        spent[1] += collated - mapped
+        return self._after(batch, spent, collated) if self.after_collate else batch
+
+    def _after(self, batch: Batch, spent: list[float], started: float) -> Batch:
+        """The stages after collate: the batch's map, then pinning."""
+        if self.batch_transform is not None:
+            batch = self.batch_transform(batch)
+            mapped = time.perf_counter()
+            spent[2] += mapped - started
+            started = mapped
+        if self.pin:
+            batch = pin_batch(batch)
+            spent[3] += time.perf_counter() - started
+        return batch
 
 
 def per_worker_reader(
@@ -254,7 +279,7 @@ def _plain_map_reader(
         # Fewer rows than this make ops too small for torch to parallelise: the thread's
         # setting need not change (three calls into the OpenMP runtime, ~1 us a batch).
         serial_rows = SERIAL_ELEMENTS // max(1, row_elements(gather))
-        finished = finish.batch if finish.pin else None
+        finished = finish.batch if finish.after_collate else None
 
         def read_gathered(job: JobState) -> Batch:
             index = job.indices
@@ -304,7 +329,8 @@ def _plain_map_reader(
 
 def batch_gather(dataset: Any, finish: Finish) -> Gather | None:
     """The one-operation read of a whole batch, where it gives what the samples collated
-    would (no transform, torch's `default_collate`); else None."""
+    would (no transform, torch's `default_collate`); else None. A batch map and pinning
+    still follow it (`Finish.batch`)."""
     if finish.collate_fn is not default_collate or finish.transform is not None:
         return None
     return vectorized_gather(dataset, pin=finish.pin)

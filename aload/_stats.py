@@ -17,10 +17,37 @@ from typing import Any
 
 import torch
 
+from ._fetch import STAGES
 from ._retry import Reads, Retry
 from ._tuner import Tuning
 
 logger = logging.getLogger("aload")
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """One stage of an epoch's batches, as measured.
+
+    Attributes:
+        name: "read" (`__getitem__`, `__getitems__`, a gather, a stream's `next`, an async
+            dataset's awaited reads), "map" (`transform`, per sample), "collate"
+            (`collate_fn`), "map_batch" (`batch_transform`) or "pin".
+        where: what runs it: "worker threads", "worker processes", "Ray actors", "aload's
+            loop" (an async dataset's reads; its `map` and later stages when it has no
+            workers) or "the consumer" (reads in the loop's own thread: not timed).
+        concurrency: how many of it run at once (0: the consumer's own thread).
+        items: samples (read, map) or batches (collate, map_batch, pin) through it.
+        seconds: time spent in it, summed over the workers that run it.
+        busy_fraction: `seconds` over what its workers had (concurrency x the epoch's
+            seconds): 1 means a call in every slot, always.
+    """
+
+    name: str
+    where: str
+    concurrency: int
+    items: int
+    seconds: float
+    busy_fraction: float
 
 
 @dataclass(frozen=True)
@@ -42,12 +69,10 @@ class EpochStats:
         workers_replaced: workers that died and were replaced, their batches read again
             (Ray actors).
         finished: whether the epoch ran to its end.
-        read_seconds: time spent reading samples (`__getitem__`, `__getitems__`, a gather,
-            a stream's `next`; an async dataset's awaited reads), summed over the readers.
-        collate_seconds: time spent finishing batches (`transform`, `collate_fn`,
-            pinning), summed over the workers.
+        stages: the epoch's stages in order (read, then those the loader was given: map,
+            collate, map_batch, pin), each with where it ran and the time it took.
         workers: the workers that collate (and read, but for async datasets) at once; 0:
-            the consumer reads its own batches, which neither time covers.
+            the consumer reads its own batches, which no stage's time covers.
         read_concurrency: reads at once: `workers`, or an async dataset's
             `max_concurrency` (where tuned, the concurrency in force at the end).
     """
@@ -65,37 +90,54 @@ class EpochStats:
     skipped: int
     finished: bool
     workers_replaced: int = 0
-    read_seconds: float = 0.0
-    collate_seconds: float = 0.0
+    stages: tuple[StageStats, ...] = ()
     workers: int = 0
     read_concurrency: int = 0
+
+    def stage(self, name: str) -> StageStats | None:
+        """The stage called `name`, or None where the epoch has none."""
+        return next((stage for stage in self.stages if stage.name == name), None)
+
+    @property
+    def read_seconds(self) -> float:
+        """Time spent reading samples, summed over the readers."""
+        read = self.stage("read")
+        return 0.0 if read is None else read.seconds
+
+    @property
+    def collate_seconds(self) -> float:
+        """Time spent in `collate_fn`, summed over the workers."""
+        collate = self.stage("collate")
+        return 0.0 if collate is None else collate.seconds
 
     @property
     def read_busy_fraction(self) -> float:
         """Share of the readers' time spent reading (1: a read in every slot, always)."""
-        return _share(self.read_seconds, self.read_concurrency * self.seconds)
+        read = self.stage("read")
+        return 0.0 if read is None else read.busy_fraction
 
     @property
     def collate_busy_fraction(self) -> float:
         """Share of the workers' time spent collating."""
-        return _share(self.collate_seconds, self.workers * self.seconds)
+        collate = self.stage("collate")
+        return 0.0 if collate is None else collate.busy_fraction
 
     @property
     def worker_busy_fraction(self) -> float:
-        """Share of the workers' time spent on batches (1: never idle): reading and
-        collating, or for async datasets (read on aload's loop) collating."""
-        if self.read_concurrency == self.workers:  # the same workers read and collate
-            return _share(self.read_seconds + self.collate_seconds, self.workers * self.seconds)
-        return self.collate_busy_fraction
+        """Share of the workers' time spent on batches (1: never idle): every stage they
+        run (for an async dataset, whose reads run on aload's loop, all but the reads)."""
+        shared = self.read_concurrency == self.workers  # the same workers read and finish
+        busy = sum(s.seconds for s in self.stages if shared or s.name != "read")
+        return _share(busy, self.workers * self.seconds)
 
     @property
     def bottleneck(self) -> str | None:
         """The stage that holds the epoch back (None before its first batch):
 
         - "training": the loop body; batches are ready when asked for (waiting < 10%).
-        - "read": the workers' reads of samples take the longest; more workers (or faster
-          reads) would help. Also where reads run on the consumer's thread or aload's loop.
-        - "collate": the workers' `transform`, `collate_fn` or pinning take the longest.
+        - a stage's name ("read", "map", "collate", "map_batch", "pin"): the busiest for
+          the workers that run it; more workers (or a cheaper stage) would help. "read"
+          also where reads run on the consumer's thread.
         - "hand-over": the consumer waits while the workers are idle half the time or more:
           moving batches to the loop costs (large batches through shared memory or Ray's
           object store), or too few are read ahead (`prefetch_factor`).
@@ -104,12 +146,13 @@ class EpochStats:
             return None
         if self.wait_fraction < 0.1:
             return "training"
-        if self.workers == 0 or self.read_seconds + self.collate_seconds == 0:
+        timed = [stage for stage in self.stages if stage.concurrency and stage.seconds]
+        if self.workers == 0 or not timed:
             return "read"
-        read, collate = self.read_busy_fraction, self.collate_busy_fraction
-        if max(read, collate, self.worker_busy_fraction) < 0.5:
+        busiest = max(timed, key=lambda stage: stage.busy_fraction)
+        if max(busiest.busy_fraction, self.worker_busy_fraction) < 0.5:
             return "hand-over"
-        return "collate" if collate > read else "read"
+        return busiest.name
 
     @property
     def samples_per_second(self) -> float:
@@ -165,9 +208,12 @@ class EpochMeter:
     ) -> None:
         self.epoch = epoch
         self.reads = reads
-        # Who reads and collates (the loader says, once its pool is chosen): for the stages.
+        # Who reads and who finishes (the loader says, once its pool is chosen), and the
+        # stages its batches go through: for the stages' stats.
         self.workers = self.read_concurrency = 0
-        self.read_seconds = self.collate_seconds = 0.0
+        self.read_where = self.workers_where = "the consumer"
+        self.stages: tuple[str, ...] = ("read", "collate")
+        self.stage_seconds = [0.0] * len(STAGES)
         self.read_clock: Any = None  # reads timed elsewhere (aload's fetchers), if any
         self.read_clock_start = 0.0
         self.on_batch = on_batch
@@ -200,9 +246,10 @@ class EpochMeter:
         self.read_clock, self.read_clock_start = clock, clock.seconds
 
     def worked(self, timing: Sequence[float]) -> None:
-        """A worker spent `timing` (seconds reading, seconds collating) on a delivered batch."""
-        self.read_seconds += timing[0]
-        self.collate_seconds += timing[1]
+        """A worker spent `timing` (seconds in each of `STAGES`) on a delivered batch."""
+        seconds = self.stage_seconds
+        for stage, spent in enumerate(timing):
+            seconds[stage] += spent
 
     def delivered(self, samples: int, queue_depth: int, in_flight: int) -> None:
         self.batches += 1
@@ -236,11 +283,27 @@ class EpochMeter:
         if self.on_end is not None:
             self.on_end()
 
-    def _read_seconds(self) -> float:
-        watched = 0.0
-        if self.read_clock is not None:
-            watched = self.read_clock.seconds - self.read_clock_start
-        return self.read_seconds + watched
+    def _stages(self, seconds: float) -> tuple[StageStats, ...]:
+        """The epoch's stages as measured so far, over `seconds` of the epoch."""
+        spent = list(self.stage_seconds)
+        if self.read_clock is not None:  # reads timed by aload's fetchers
+            spent[0] += self.read_clock.seconds - self.read_clock_start
+        stages = []
+        for name in self.stages:
+            reads = name == "read"
+            concurrency = self.read_concurrency if reads else self.workers
+            stage_seconds = spent[STAGES.index(name)]
+            stages.append(
+                StageStats(
+                    name=name,
+                    where=self.read_where if reads else self.workers_where,
+                    concurrency=concurrency,
+                    items=self.samples if name in ("read", "map") else self.batches,
+                    seconds=stage_seconds,
+                    busy_fraction=_share(stage_seconds, concurrency * seconds),
+                )
+            )
+        return tuple(stages)
 
     def snapshot(self) -> EpochStats:
         seconds = 0.0
@@ -260,8 +323,7 @@ class EpochMeter:
             skipped=len(self.reads.skipped),
             workers_replaced=self.reads.replaced,
             finished=self.finished,
-            read_seconds=self._read_seconds(),
-            collate_seconds=self.collate_seconds,
+            stages=self._stages(seconds),
             workers=self.workers,
             read_concurrency=self.read_concurrency,
         )

@@ -51,6 +51,7 @@ from ._stats import EpochMeter, LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
 from ._tuner import ASYNC_START, THREADS_START, ConcurrencyTuner
 from ._worker_info import draw_base_seed, worker_setup
+from .plan import Plan, plan_of, stage_names
 from .workers import WorkerPool
 from .workers.inline import InlinePool
 from .workers.loop import LoopPool
@@ -72,6 +73,17 @@ IN_PLACE_GATHER_BYTES = 256 * 1024
 _FIXED = ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers")
 # aload's too: it builds its own sampler from it.
 _FIXED_HERE = ("distributed",)
+
+
+def _where(workers: WorkerPool | None) -> str:
+    """What a pool's workers are, for the stats' stages."""
+    if isinstance(workers, ThreadPool):
+        return "worker threads"
+    if isinstance(workers, ProcessPool):
+        return "worker processes"
+    if isinstance(workers, RayPool):
+        return "Ray actors"
+    return "the consumer"
 
 
 class DataLoader(Generic[T_co]):
@@ -131,6 +143,8 @@ class DataLoader(Generic[T_co]):
             so that every rank gets as many batches); the loader calls its `set_epoch`.
         transform: called on each sample by the workers, after it is read and before collate
             (for an async dataset: after the await, on a CPU worker, off the event loop).
+        batch_transform: called on each batch by the workers, after collate and before
+            pinning (augmentation of a whole batch, a tokenizer called on a batch).
         retry: an `aload.Retry` saying how often to re-read a sample that raised a transient
             error; by default a failed read raises at once.
         max_skipped: how many samples per epoch may be dropped from their batch when they
@@ -182,6 +196,7 @@ class DataLoader(Generic[T_co]):
         worker_mode: str = "thread",
         distributed: bool = False,
         transform: Callable[[Any], Any] | None = None,
+        batch_transform: Callable[[Any], Any] | None = None,
         retry: Retry | None = None,
         max_skipped: int = 0,
         max_concurrency: int | Literal["auto"] = 64,
@@ -228,7 +243,7 @@ class DataLoader(Generic[T_co]):
         # torch): their indices come as tensors, and small ones are read in place.
         gather = None
         if config.worker_mode == "thread" and config.auto_collation and not config.iterable:
-            finish = Finish(config.collate_fn, config.transform, pin=False)
+            finish = config.finish(pin=False)
             gather = batch_gather(config.dataset, finish)
         self._gathers = gather is not None
         self._gathers_in_place = gather is not None and self._small_gathers(config, gather)
@@ -237,8 +252,8 @@ class DataLoader(Generic[T_co]):
         """Whether each gathered batch is so small (`IN_PLACE_GATHER_BYTES`) that handing it
         to a worker thread costs more than reading it: then the consumer's thread (or loop)
         gathers it, as it would with 0 workers. No user code runs in such a read, so nothing
-        can tell; a `worker_init_fn` or pinning keeps the workers."""
-        if config.worker_init_fn is not None or self._pin:
+        can tell; a `worker_init_fn`, a `batch_transform` or pinning keeps the workers."""
+        if config.worker_init_fn is not None or config.batch_transform is not None or self._pin:
             return False
         batch_size = config.batch_size or getattr(config.batch_sampler, "batch_size", None)
         if not isinstance(batch_size, int):
@@ -283,12 +298,19 @@ class DataLoader(Generic[T_co]):
     ray_options = property(lambda self: dict(self._config.ray_options))
     distributed = property(lambda self: self._config.distributed)
     transform = property(lambda self: self._config.transform)
+    batch_transform = property(lambda self: self._config.batch_transform)
     retry = property(lambda self: self._config.retry)
     max_skipped = property(lambda self: self._config.max_skipped)
     max_concurrency = property(lambda self: self._config.max_concurrency)
     multiprocessing_context = property(lambda self: self._config.multiprocessing_context)
     device = property(lambda self: self._config.device)
     pin_memory_device = property(lambda self: self._config.pin_memory_device)
+
+    @property
+    def plan(self) -> Plan:
+        """The stages this loader's batches go through and where each runs, as a `Plan`
+        (`plan.loader()` builds a loader like this one)."""
+        return plan_of(self._config, self._arguments)
 
     @property
     def stats(self) -> LoaderStats:
@@ -443,7 +465,7 @@ class DataLoader(Generic[T_co]):
         if self._show_progress:
             watch_progress(meter, self._length_or_none())
         reads = meter.reads
-        finish = Finish(config.collate_fn, config.transform, self._pin)
+        finish = config.finish(self._pin)
         pool: WorkerPool
         # torch's draws, in torch's order: the workers' base seed, then (when workers start)
         # the sampler's. A resumed epoch draws them again from the state it started with.
@@ -481,6 +503,7 @@ class DataLoader(Generic[T_co]):
             meter.workers = meter.read_concurrency = 0 if inline else max(1, config.num_workers)
             if config.asynchronous:
                 meter.read_concurrency = config.max_concurrency
+            self._name_stages(meter, pool)
             if resumed or config.num_workers > 0:
                 source.prime()
         if not config.iterable and not resumed and has_state(config.dataset):
@@ -517,6 +540,17 @@ class DataLoader(Generic[T_co]):
         )
         self._epochs.add(epoch)
         return EpochIterator(epoch)
+
+    def _name_stages(self, meter: EpochMeter, pool: WorkerPool) -> None:
+        """Tell the epoch's stats its stages, and where its reads and the later stages run."""
+        workers = pool.cpu if isinstance(pool, LoopPool) else pool
+        meter.read_where = meter.workers_where = _where(workers)
+        if isinstance(pool, LoopPool):
+            meter.read_where = "aload's loop"
+            if workers is None:
+                meter.workers_where = "aload's loop"
+        workers_pin = self._pin and not isinstance(workers, _READS_BY_PLAN)  # else the parent
+        meter.stages = stage_names(self._config, workers_pin)
 
     def _tuning(
         self, pool: WorkerPool, meter: EpochMeter
@@ -649,7 +683,7 @@ class DataLoader(Generic[T_co]):
         `finish_only`: they get samples read on aload's loop, to transform and collate."""
         config = self._config
         return ReaderPlan(
-            finish=Finish(config.collate_fn, config.transform, pin=False),
+            finish=config.finish(pin=False),
             batched=config.auto_collation,
             retry=config.retry,
             max_skipped=config.max_skipped,

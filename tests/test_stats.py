@@ -12,7 +12,7 @@ from conftest import Indexed, Shards
 from torch.utils.data import Dataset
 
 import aload
-from aload import EpochStats
+from aload import EpochStats, StageStats
 
 
 def test_counts_are_exact_per_epoch_and_over_epochs():
@@ -149,13 +149,22 @@ def test_the_slow_stage_is_named_the_bottleneck(mode, stage, per_item, collate, 
         assert epoch.collate_seconds >= 8 * 0.02 * 0.9
 
 
-def stats_of(**kwargs) -> EpochStats:
+def stats_of(read_seconds=0.0, collate_seconds=0.0, **kwargs) -> EpochStats:
+    """An epoch of 1 s whose stages (reads, then collate) took these seconds."""
     fields = {
         "epoch": 0, "batches": 10, "samples": 80, "seconds": 1.0, "wait_seconds": 0.8,
         "body_seconds": 0.2, "mean_queue_depth": 0.0, "max_queue_depth": 0, "in_flight": 0,
         "retries": 0, "skipped": 0, "finished": True, "workers": 2, "read_concurrency": 2,
     }  # fmt: skip
-    return EpochStats(**{**fields, **kwargs})
+    fields.update(kwargs)
+    stages = tuple(
+        StageStats(name, "", slots, 0, spent, min(1.0, spent / (slots * fields["seconds"])))
+        for name, slots, spent in (
+            ("read", fields["read_concurrency"], read_seconds),
+            ("collate", fields["workers"], collate_seconds),
+        )
+    )
+    return EpochStats(**fields, stages=stages)
 
 
 def test_idle_workers_and_a_waiting_loop_name_the_hand_over():
@@ -207,13 +216,13 @@ def spin_2_ms(sample):
 @pytest.mark.parametrize("mode", ["thread", "process"])
 @pytest.mark.parametrize(
     ("stage", "read_seconds", "transform", "max_concurrency"),
-    [("read", 0.02, None, 8), ("collate", 0.001, spin_2_ms, 64)],
+    [("read", 0.02, None, 8), ("map", 0.001, spin_2_ms, 64)],
 )
 def test_an_async_datasets_slow_stage_is_named_too(
     mode, stage, read_seconds, transform, max_concurrency
 ):
     """Awaited reads on aload's loop (`max_concurrency` at once), then the CPU workers:
-    a slow remote store names the reads, a slow decode the collate stage."""
+    a slow remote store names the reads, a slow decode (the transform) the map stage."""
     epoch = second_epoch_stats(
         AwaitedReads(read_seconds),
         worker_mode=mode,

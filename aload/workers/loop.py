@@ -37,6 +37,14 @@ class AsyncJob(Job, Protocol):
         """Do the work and report the outcome; never raises."""
 
 
+def _add_finishing(timing: list[float], spent: Sequence[float]) -> None:
+    """Add the stages of finishing samples already read to `timing`: what the work spent
+    outside them (handing the samples over) counts as collating, not reading."""
+    for stage in range(1, len(timing)):
+        timing[stage] += spent[stage]
+    timing[2] += spent[0]
+
+
 class ReadClock:
     """Seconds the fetchers have spent on reads, summed over fetchers: read by the loader's
     stats, which keep this small object and not the pool."""
@@ -120,16 +128,21 @@ class LoopPool:
             raise batch.error
         return batch.results
 
+    @property
+    def cpu(self) -> WorkerPool | None:
+        """The pool that finishes batches (None: this loop does)."""
+        return self._cpu
+
     async def run_cpu(
         self, work: Callable[[], T], samples: Any = None, timing: list[float] | None = None
     ) -> T:
         """Run `work` (which finishes `samples`) on the CPU pool and wait for it without
         blocking this loop; worker processes get the samples and finish them by their plan.
-        `timing[1]` gains the seconds the work took where it ran."""
+        `timing` (seconds per stage) gains the seconds the work took where it ran."""
         if self._cpu is None:
             value, spent = timed_call(work)
             if timing is not None:
-                timing[1] += sum(spent)  # all of it finishing: the samples are read
+                _add_finishing(timing, spent)
             return value
         call = _CpuCall(work, self._token, samples, self._cpu_read)
         self._cpu.submit(call)
@@ -137,7 +150,7 @@ class LoopPool:
         if call.error is not None:
             raise call.error
         if timing is not None and call.timing is not None:
-            timing[1] += sum(call.timing)  # a worker process reads nothing: all finishing
+            _add_finishing(timing, call.timing)
         return call.value
 
     def set_concurrency(self, concurrency: int) -> None:
@@ -303,9 +316,9 @@ class _CpuCall:
         self.value: Any = None
         self.error: BaseException | None = None
         self.state: Any = None
-        # (seconds reading, seconds finishing) where it ran: a worker thread, or a worker
-        # process (which sets it with the batch).
-        self.timing: tuple[float, float] | None = None
+        # Seconds in each stage where it ran: a worker thread, or a worker process (which
+        # sets it with the batch).
+        self.timing: tuple[float, ...] | None = None
 
     def run(self) -> None:
         try:

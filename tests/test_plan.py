@@ -1,0 +1,276 @@
+"""Plans: `DataLoader` compiles to one, a composed one builds the same loader, and the map
+per batch (`batch_transform`) runs after collate in every mode, as a collate that did both."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import anyio
+import pytest
+import torch
+import torch.utils.data as tud
+from conftest import Indexed
+from loop_pauses import best_pause
+from torch.utils.data import default_collate
+
+import aload
+
+
+def double_batch(batch):
+    return batch * 2
+
+
+def plus_one(sample):
+    return sample + 1
+
+
+def collate_then_double(samples):
+    """What torch's loader is given for `transform=plus_one, batch_transform=double_batch`."""
+    return double_batch(default_collate([plus_one(s) for s in samples]))
+
+
+class AwaitedIndexed:
+    """Item i is i, after an awaited 1 ms read (a remote store)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    async def __getitem__(self, index: int) -> int:
+        await anyio.sleep(0.001)
+        return index
+
+
+MODES = {
+    "0 workers": {},
+    "threads": {"num_workers": 2},
+    "processes": {"num_workers": 2, "worker_mode": "process"},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_batch_transform_gives_torchs_batches_for_a_collate_that_does_it(mode):
+    """Same seed, same batches as torch's loader whose collate_fn maps, collates, maps."""
+    common = {"batch_size": 8, "shuffle": True}
+    torch_batches = list(
+        tud.DataLoader(
+            Indexed(100),
+            collate_fn=collate_then_double,
+            generator=torch.Generator().manual_seed(3),
+            **common,
+        )
+    )
+    loader = aload.DataLoader(
+        Indexed(100),
+        transform=plus_one,
+        batch_transform=double_batch,
+        generator=torch.Generator().manual_seed(3),
+        **common,
+        **MODES[mode],
+    )
+    batches = list(loader)
+    assert len(batches) == len(torch_batches) == 13
+    for ours, theirs in zip(batches, torch_batches, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "workers", [{}, {"num_workers": 2}, {"num_workers": 2, "worker_mode": "process"}]
+)
+def test_an_async_datasets_batches_are_mapped_after_collate_on_its_cpu_workers(workers):
+    loader = aload.DataLoader(
+        AwaitedIndexed(64),
+        batch_size=8,
+        transform=plus_one,
+        batch_transform=double_batch,
+        **workers,
+    )
+    batches = list(loader)
+    assert [b.tolist() for b in batches] == [
+        [2 * (i + 1) for i in range(start, start + 8)] for start in range(0, 64, 8)
+    ]
+
+
+def test_a_batch_transform_follows_a_one_operation_gather():
+    """A TensorDataset is gathered a batch at a time; the batch map still sees every batch."""
+    data = torch.arange(200.0).view(100, 2)
+    seen = []
+
+    def note(batch):
+        seen.append(batch[0].shape[0])
+        return [batch[0] * 2]
+
+    loader = aload.DataLoader(tud.TensorDataset(data), batch_size=10, batch_transform=note)
+    batches = list(loader)
+    assert seen == [10] * 10
+    assert torch.equal(torch.cat([b[0] for b in batches]), data * 2)
+
+
+def test_a_batch_transform_must_be_callable():
+    with pytest.raises(TypeError, match="batch_transform must be callable"):
+        aload.DataLoader(Indexed(8), batch_transform=3)
+
+
+def test_a_loader_shows_its_plan_and_the_plan_builds_a_loader_with_the_same_batches():
+    loader = aload.DataLoader(
+        Indexed(50),
+        batch_size=4,
+        shuffle=True,
+        num_workers=2,
+        transform=plus_one,
+        generator=torch.Generator().manual_seed(5),
+    )
+    plan = loader.plan
+    assert [stage.name for stage in plan.stages] == ["read", "map", "collate"]
+    assert str(plan) == ("read on 2 worker threads -> map plus_one -> collate default_collate")
+    again = plan.loader()
+    assert (again.num_workers, again.transform, again.batch_size) == (2, plus_one, 4)
+    # The plan holds the loader's generator: draw the same epoch from the same state.
+    first = [b.tolist() for b in loader]
+    plan.batching["generator"].manual_seed(5)
+    assert [b.tolist() for b in again] == first
+
+
+def test_a_composed_plan_is_the_loader_its_arguments_build():
+    plan = (
+        aload.Plan(Indexed(40), batch_size=8, shuffle=True, generator=torch.Generator())
+        .read(aload.threads(2), max_skipped=1)
+        .map(plus_one)
+        .collate()
+        .map_batch(double_batch)
+    )
+    assert [stage.name for stage in plan.stages] == ["read", "map", "collate", "map_batch"]
+    arguments = plan.arguments()
+    assert (arguments["num_workers"], arguments["worker_mode"]) == (2, "thread")
+    assert arguments["max_skipped"] == 1
+    plan.batching["generator"].manual_seed(1)
+    composed = [b.tolist() for b in plan.loader(prefetch_factor=3)]
+    torch_batches = tud.DataLoader(
+        Indexed(40),
+        batch_size=8,
+        shuffle=True,
+        collate_fn=collate_then_double,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert composed == [b.tolist() for b in torch_batches]
+
+
+def test_stages_are_kept_in_plan_order_whatever_the_order_they_are_given():
+    plan = aload.Plan(Indexed(8), batch_size=2).map_batch(double_batch).map(plus_one)
+    assert [s.name for s in plan.stages] == ["read", "map", "collate", "map_batch"]
+    replaced = plan.map(double_batch)
+    assert (replaced.stages[1].fn, plan.stages[1].fn) == (double_batch, plus_one)
+
+
+def test_an_async_read_and_a_map_on_processes_is_two_executors():
+    plan = (
+        aload.Plan(AwaitedIndexed(64), batch_size=8)
+        .read(aload.loop(32))
+        .map(plus_one, aload.processes(2))
+    )
+    arguments = plan.arguments()
+    assert arguments["max_concurrency"] == 32
+    assert (arguments["num_workers"], arguments["worker_mode"]) == (2, "process")
+    loader = plan.loader()
+    assert sorted(i for b in loader for i in b.tolist()) == list(range(1, 65))
+    assert str(loader.plan) == (
+        "read on aload's loop (32 at once) -> map plus_one on 2 worker processes -> collate "
+        "default_collate"
+    )
+    stages = {stage.name: stage for stage in loader.stats.epoch.stages}
+    assert (stages["read"].where, stages["read"].concurrency) == ("aload's loop", 32)
+    assert (stages["map"].where, stages["map"].concurrency) == ("worker processes", 2)
+    assert stages["read"].items == stages["map"].items == 64
+    assert stages["collate"].items == 8
+
+
+def test_a_map_on_the_loop_itself_needs_no_workers():
+    plan = aload.Plan(AwaitedIndexed(16), batch_size=4).map(plus_one, aload.loop())
+    assert plan.arguments()["num_workers"] == 0
+    assert sorted(i for b in plan.loader() for i in b.tolist()) == list(range(1, 17))
+
+
+def test_plans_that_cannot_run_are_refused_naming_the_stage():
+    sync = aload.Plan(Indexed(8), batch_size=2).read(aload.threads(2))
+    with pytest.raises(ValueError, match=r"map\(\) runs on the read's workers"):
+        sync.map(plus_one, aload.processes(2)).arguments()
+    with pytest.raises(TypeError, match=r"read\(\) runs on an executor"):
+        sync.read(4)
+    with pytest.raises(ValueError, match=r"threads\(\) takes a positive int or 'auto', got 0"):
+        aload.threads(0)
+    with pytest.raises(ValueError, match=r"processes\(\) takes a positive int, got 'auto'"):
+        aload.processes("auto")
+    with pytest.raises(TypeError, match=r"map_batch\(\) takes a callable"):
+        sync.map_batch(None)
+    with pytest.raises(TypeError, match="num_workers, which the plan sets"):
+        sync.loader(num_workers=3)
+    # The loader's own checks hold too: torch's rules for the batching arguments.
+    with pytest.raises(ValueError, match="sampler option is mutually exclusive with shuffle"):
+        aload.Plan(Indexed(8), shuffle=True, sampler=[0, 1]).loader()
+
+
+def spin(seconds):
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        pass
+
+
+def slow_map(sample):
+    spin(0.002)
+    return sample
+
+
+def slow_batch_map(batch):
+    spin(0.02)
+    return batch
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+@pytest.mark.parametrize(
+    ("stage", "transform", "batch_transform"),
+    [("map", slow_map, None), ("map_batch", None, slow_batch_map)],
+)
+def test_a_slow_map_stage_is_named_the_bottleneck(mode, stage, transform, batch_transform):
+    loader = aload.DataLoader(
+        Indexed(64),
+        batch_size=8,
+        num_workers=2,
+        worker_mode=mode,
+        persistent_workers=True,
+        transform=transform,
+        batch_transform=batch_transform,
+    )
+    for _ in range(2):  # the second epoch, its workers already running
+        for _ in loader:
+            pass
+    loader.close()
+    epoch = loader.stats.epoch
+    assert epoch.bottleneck == stage, epoch
+    slow = epoch.stage(stage)
+    assert slow.where == f"worker {mode}{'es' if mode == 'process' else 's'}"
+    assert slow.seconds >= (64 * 0.002 if stage == "map" else 8 * 0.02) * 0.9
+
+
+@pytest.mark.anyio
+async def test_a_composed_plan_under_async_for_keeps_the_loop_running(anyio_backend):
+    plan = (
+        aload.Plan(AwaitedIndexed(128), batch_size=8, shuffle=True)
+        .read(aload.loop(64))
+        .map(plus_one, aload.threads(2))
+        .map_batch(double_batch)
+    )
+    loader = plan.loader()
+    seen: list[int] = []
+
+    async def run() -> None:
+        seen.clear()
+        async for batch in loader:
+            seen.extend(batch.tolist())
+
+    gc.collect()
+    pause = await best_pause(run, 0.03, tries=2)
+    assert sorted(seen) == [2 * (i + 1) for i in range(128)]
+    assert pause < 0.03
