@@ -316,3 +316,39 @@ def test_leaving_a_loop_and_exiting_at_once_lets_workers_finish_their_item():
     assert "done" in lines
     assert len(started) >= 2  # the first batch, and at least one more in flight at exit
     assert started == ended
+
+
+HOLDS_AN_EPOCH_TILL_EXIT = """
+import anyio
+import aload
+
+
+class Awaited:
+    def __len__(self):
+        return 64
+
+    async def __getitem__(self, i):
+        await anyio.sleep(0.001)
+        return i
+
+
+loader = aload.DataLoader(Awaited(), batch_size=4, num_workers={workers})
+epoch = iter(loader)  # a module global: collected only as the interpreter ends
+next(epoch)
+{close}
+print("done")
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("close", ["epoch.close()", ""], ids=["closed", "left open"])
+def test_an_async_epoch_held_until_exit_ends_without_a_word(workers, close):
+    """The loop pool of an epoch that lives until the interpreter ends is collected after
+    modules are torn down: it must not print an ignored exception on the way out."""
+    script = HOLDS_AN_EPOCH_TILL_EXIT.format(workers=workers, close=close)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["done"]
+    assert done.stderr == ""

@@ -180,7 +180,11 @@ class LoopPool:
             self._cpu.begin()
 
     def shutdown(self) -> None:
+        """Stop the loop and the CPU pool; once: a pool shut down at the interpreter's exit
+        may be asked again as it is collected, when the modules it would use are gone."""
         with self._lock:
+            if self._closing:
+                return
             self._closing = True
             running = self._waiting is None  # else the loop sees `_closing` once it is up
         if running:
