@@ -60,7 +60,10 @@ def test_the_two_executor_workload_measures_its_limit_and_every_loader(tmp_path)
     )  # fmt: skip
     (workload,) = report["workloads"]
     rows = workload["results"]
-    assert len(rows) == 5  # the limit, torch, and aload three ways
+    # the limit, torch, aload three ways (the plan among them), and torch and the plan with
+    # persistent workers
+    assert len(rows) == 7
+    assert sum(row["family"] == "aload plan" for row in rows) == 2
     for row in rows:
         assert row["error"] is None, row
         assert row["median_samples_per_s"] > 0

@@ -432,9 +432,9 @@ def sent_to_a_worker(value):
     """`value` as a worker process unpickles what the parent sends it."""
     import pickle
 
-    from aload.workers.process import task_bytes
+    from aload.workers.process import wire_bytes
 
-    return pickle.loads(task_bytes(value))
+    return pickle.loads(wire_bytes(value))
 
 
 @pytest.mark.parametrize(
@@ -472,3 +472,16 @@ def test_other_tensors_reach_a_worker_as_torch_sends_them(tensor):
     assert received.requires_grad == tensor.requires_grad
     assert torch.equal(received.detach(), tensor.detach())
     assert received.is_shared()
+
+
+@pytest.mark.parametrize(("floats", "shared"), [(16, False), (128 * 1024, True)])
+def test_batches_come_back_by_value_when_small_and_through_shared_memory_when_large(
+    floats, shared
+):
+    """A file descriptor passed per tensor cost more than copying a small batch: 32 items
+    of a remote-decode epoch went from 50 to 36 us of the parent's CPU each."""
+    samples = [torch.full((floats,), float(i)) for i in range(8)]
+    loader = aload.DataLoader(samples, batch_size=4, num_workers=2, worker_mode="process")
+    batches = list(loader)
+    assert [batch.is_shared() for batch in batches] == [shared, shared]
+    assert torch.equal(torch.cat(batches), torch.stack(samples))

@@ -144,6 +144,11 @@ def aload_loader(
     )
 
 
+def aload_plan(plan: Any, workers: int, detail: str = "", **options: Any) -> Contender:
+    """aload running a composed `aload.Plan`, with a plain `for`."""
+    return Contender("aload plan", workers, lambda: plan.loader(**options), drain, detail)
+
+
 def torchdata_nodes(
     dataset: Any, workers: int, batch_size: int, *, shuffle: bool = False, method: str = "thread"
 ) -> list[Contender]:

@@ -12,11 +12,13 @@ from typing import Any
 import torch
 import torch.utils.data as tud
 
+import aload
 from aload.bench import datasets as ds
 from aload.bench import training
 from aload.bench.contenders import (
     Contender,
     aload_loader,
+    aload_plan,
     drain_warm,
     limit_asyncio,
     limit_gather,
@@ -150,24 +152,24 @@ def _remote_decode(s: Settings) -> Workload:
     awaited = ds.AwaitingDataset(n, 0.002)
     blocking = ds.ReadThenDecode(n, 0.002, decode)
     kw: dict[str, Any] = {"batch_size": 32}
+    plan = aload.Plan(awaited, batch_size=32).read(aload.loop(64)).map(decode, aload.processes(w))
+    detail = "reads on aload's loop, decode on processes"
+    warm = [
+        torch_loader(blocking, 8, detail="persistent", persistent_workers=True, **kw),
+        aload_plan(plan, w, f"{detail}, persistent", persistent_workers=True),
+    ]
     return Workload(
         "remote-decode",
         f"an awaited 2 ms read (blocking for torch), then ~0.5 ms of pure-Python decode per "
         f"item (holds the GIL), {n:,} items, batch 32; the limit: the decodes alone on {w} "
-        "processes",
+        "processes, started before the clock; persistent rows: an epoch after the first",
         [
             limit_processes(decode.index, list(range(n)), w),
             torch_loader(blocking, 8, **kw),
             aload_loader(blocking, 8, worker_mode="process", **kw),
             aload_loader(awaited, w, transform=decode, detail="reads on aload's loop", **kw),
-            aload_loader(
-                awaited,
-                w,
-                worker_mode="process",
-                transform=decode,
-                detail="reads on aload's loop, decode on processes",
-                **kw,
-            ),
+            aload_plan(plan, w, detail),
+            *[dataclasses.replace(row, drive=drain_warm) for row in warm],
         ],
     )
 

@@ -202,7 +202,7 @@ class ProcessPool:
                     self._tasks[worker].send_bytes(pickle.dumps(message))
                     self._plans[worker] = read.plan
                 self._outstanding[worker][id(job)] = job
-                self._tasks[worker].send_bytes(task_bytes((id(job), job.indices)))  # type: ignore[attr-defined]
+                self._tasks[worker].send_bytes(wire_bytes((id(job), job.indices)))  # type: ignore[attr-defined]
             except (BrokenPipeError, OSError):
                 self._outstanding[worker].pop(id(job), None)
                 job.fail(self._death(worker, job))
@@ -379,8 +379,9 @@ class ProcessPool:
                 process.join()
 
 
-# Tensors up to this size go to a worker by value; larger ones as torch sends them, through
-# shared memory (a file descriptor each, passed at ~0.2 ms a tensor: more than copying this).
+# Tensors up to this size cross between the parent and a worker by value; larger ones as torch
+# sends them, through shared memory (a file descriptor each, passed at ~0.2 ms a tensor: more
+# than copying this).
 _BY_VALUE_BYTES = 256 * 1024
 _NUMPY_DTYPES = frozenset(
     {
@@ -390,10 +391,11 @@ _NUMPY_DTYPES = frozenset(
 )  # fmt: skip
 
 
-class _TaskPickler(ForkingPickler):
+class _WirePickler(ForkingPickler):
     """torch's pickler for worker processes, but small CPU tensors (the samples an async
-    dataset's CPU stage sends, a batch of 32 at a time) go by value, as numpy arrays: 32
-    tensors of 16 floats took 6.4 ms to send through shared memory, and take ~0.1 ms so."""
+    dataset's CPU stage sends, a batch of 32 at a time; the batches workers send back) go by
+    value, as numpy arrays: 32 tensors of 16 floats took 6.4 ms to send through shared
+    memory, and take ~0.1 ms so."""
 
     def reducer_override(self, obj: Any) -> Any:
         if (
@@ -409,9 +411,10 @@ class _TaskPickler(ForkingPickler):
         return NotImplemented
 
 
-def task_bytes(task: Any) -> memoryview:
-    """What the parent sends a worker: indices, or the samples to finish."""
-    return _TaskPickler.dumps(task, pickle.HIGHEST_PROTOCOL)
+def wire_bytes(message: Any) -> memoryview:
+    """A message for the pipe between the parent and a worker (indices or samples to
+    finish one way, batches the other), its small tensors by value."""
+    return _WirePickler.dumps(message, pickle.HIGHEST_PROTOCOL)
 
 
 def hand_over(
@@ -568,7 +571,8 @@ def _work(
                 raise init_error
             task = _Task(indices, worker_id, abandon)
             batch, timing = timed_call(reader, task)  # type: ignore[arg-type]
-            results.send((key, (True, batch, _wire_report(reads), task.state, timing)))
+            reply = (True, batch, _wire_report(reads), task.state, timing)
+            results.send_bytes(wire_bytes((key, reply)))
         except Abandoned:
             continue
         except BaseException as error:
