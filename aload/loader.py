@@ -471,9 +471,7 @@ class DataLoader(Generic[T_co]):
         # the sampler's. A resumed epoch draws them again from the state it started with.
         with replaying_draws(start if resumed else None):
             if config.asynchronous:
-                seed = self._base_seed(start, resumed)
-                seeds = EpochSeeds(seed, start["epoch"])
-                loop_pool = self._loop_pool(config, seeds, blocking, reads)
+                loop_pool, seeds = self._loop_pool(config, start, resumed, blocking, reads)
                 meter.watch_reads(loop_pool.read_clock)
                 pool, owns_pool = loop_pool, True
                 source, read = self._async_plan(
@@ -773,30 +771,65 @@ class DataLoader(Generic[T_co]):
         return self._config.max_concurrency if self._tuner is None else self._tuner.concurrency
 
     def _loop_pool(
-        self, config: LoaderConfig, seeds: EpochSeeds, blocking: bool, reads: Reads
-    ) -> LoopPool:
+        self,
+        config: LoaderConfig,
+        start: dict[str, Any],
+        resumed: bool,
+        blocking: bool,
+        reads: Reads,
+    ) -> tuple[LoopPool, EpochSeeds]:
         """aload's event loop for an async dataset, with CPU workers for the batches' finish
-        (threads, or processes that get each batch's samples and transform and collate them).
-
-        Started for each epoch (in about a millisecond), so that the dataset's context and the
-        loop's tasks never outlive it.
+        (threads, or processes that get each batch's samples and transform and collate them),
+        and the epoch's seeds. The loop starts for each epoch (in about a millisecond), so
+        that the dataset's context and the loop's tasks never outlive it; the CPU workers
+        stay between epochs with `persistent_workers`.
         """
-        cpu: WorkerPool | None = None
-        if config.num_workers and config.worker_mode == "process":
-            plan = self._process_plan(Delivered(), seeds.epoch, finish_only=True)
-            # The workers finish samples read on aload's loop: they never get the dataset.
-            cpu = self._process_pool(None, seeds.base_seed, plan, blocking)
-            return LoopPool(config.dataset, cpu, self._reads_at_once(), ProcessRead(plan, reads))
-        if config.num_workers:
-            setup = worker_setup(
-                config.num_workers,
-                seeds.base_seed,
-                config.dataset,
-                config.worker_init_fn,
-                replicate=False,  # its reads share aload's loop, not a worker each
-            )
-            cpu = ThreadPool(config.num_workers, setup)
-        return LoopPool(config.dataset, cpu, self._reads_at_once())
+        with self._pool_lock:
+            cpu = self._persistent_or_none(start, resumed)
+            seed = self._persistent_seed if cpu is not None else self._base_seed(start, resumed)
+            seeds = EpochSeeds(seed, start["epoch"])
+            owns_cpu = cpu is None
+            cpu_read = None
+            if config.num_workers and config.worker_mode == "process":
+                plan = self._process_plan(Delivered(), seeds.epoch, finish_only=True)
+                cpu_read = ProcessRead(plan, reads)
+                # The workers finish samples read on aload's loop: they never get the dataset.
+                cpu = cpu or self._process_pool(None, seed, plan, blocking)
+            elif config.num_workers and cpu is None:
+                setup = worker_setup(
+                    config.num_workers,
+                    seed,
+                    config.dataset,
+                    config.worker_init_fn,
+                    replicate=False,  # its reads share aload's loop, not a worker each
+                )
+                cpu = ThreadPool(config.num_workers, setup)
+            if owns_cpu and cpu is not None and config.persistent_workers:
+                self._persistent_pool, self._persistent_seed = cpu, seed
+                owns_cpu = False
+        loop_pool = LoopPool(config.dataset, cpu, self._reads_at_once(), cpu_read, owns_cpu)
+        return loop_pool, seeds
+
+    def _persistent_or_none(self, start: dict[str, Any], resumed: bool) -> WorkerPool | None:
+        """The persistent workers, if they are running and sound (a broken process pool is
+        let go: it stops on its own), with the epoch's start saying it drew no base seed;
+        else None. Called under the pool lock."""
+        persistent = self._persistent_pool
+        if persistent is None:
+            return None
+        if isinstance(persistent, ProcessPool) and persistent.broken:
+            # A worker process died: start a whole pool again. The broken one stops on its
+            # own (its collector reaps it): waiting here would stall the caller.
+            self._stop_persistent()
+            return None
+        if resumed and start["drew_base_seed"]:
+            # The epoch first ran with a pool it started, which drew a base seed before the
+            # sampler drew: draw it again, or the sampler's draws (and so the order) would
+            # not be the ones the epoch made.
+            draw_base_seed(self._config.generator)
+        else:
+            start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
+        return persistent
 
     def _pool(
         self,
@@ -810,20 +843,9 @@ class DataLoader(Generic[T_co]):
         `plan` (worker_mode="process"), worker processes that read by it. Under a lock:
         epochs started at once share one persistent pool."""
         with self._pool_lock:
-            persistent = self._persistent_pool
+            persistent = self._persistent_or_none(start, resumed)
             if persistent is not None:
-                if not (isinstance(persistent, ProcessPool) and persistent.broken):
-                    if resumed and start["drew_base_seed"]:
-                        # The epoch first ran with a pool it started, which drew a base seed
-                        # before the sampler drew: draw it again, or the sampler's draws
-                        # (and so the order) would not be the ones the epoch made.
-                        draw_base_seed(config.generator)
-                    else:
-                        start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
-                    return persistent, False
-                # A worker process died: start a whole pool again. The broken one stops
-                # on its own (its collector reaps it): waiting here would stall the caller.
-                self._stop_persistent()
+                return persistent, False
             base_seed = self._base_seed(start, resumed)
             pool: WorkerPool
             if self._gathers_in_place:  # persistent too: the base seed is drawn once

@@ -11,7 +11,7 @@ from typing import ClassVar
 import anyio
 import pytest
 import torch
-from conftest import PassesState, assert_resumes_exactly, flatten, heartbeat
+from conftest import PassesState, assert_resumes_exactly, flatten, heartbeat, wait_for_no_workers
 
 import aload
 
@@ -156,6 +156,44 @@ def test_an_async_datasets_transform_runs_on_worker_processes(method):
 
 def plus_1000(sample):
     return sample + 1000
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_an_async_datasets_cpu_threads_stay_between_epochs_when_persistent(persistent):
+    """As torch's persistent workers: `worker_init_fn` runs once per worker, not per epoch."""
+    inits: list[int] = []
+    loader = aload.DataLoader(
+        Remote(32),
+        batch_size=4,
+        num_workers=2,
+        persistent_workers=persistent,
+        worker_init_fn=inits.append,
+    )
+    for _ in range(3):
+        assert sorted(flatten(list(loader))) == list(range(32))
+    assert len(inits) <= 2 if persistent else len(inits) > 2
+    loader.close()
+    wait_for_no_workers()
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_an_async_datasets_cpu_processes_stay_between_epochs_when_persistent(persistent):
+    """The same 2 processes finish every epoch's batches (no start per epoch), or new ones."""
+    loader = aload.DataLoader(
+        Remote(32),
+        batch_size=4,
+        num_workers=2,
+        worker_mode="process",
+        persistent_workers=persistent,
+        transform=tag_with_process,
+    )
+    pids = set()
+    for _ in range(3):
+        batches = list(loader)
+        assert sorted(flatten([values for _, values in batches])) == list(range(1000, 1032))
+        pids |= {int(pid) for pid_batch, _ in batches for pid in pid_batch}
+    assert len(pids) <= 2 if persistent else len(pids) > 2
+    loader.close()
 
 
 def test_worker_processes_transform_each_sample_of_a_batch_sampler_batch():

@@ -475,9 +475,7 @@ def test_other_tensors_reach_a_worker_as_torch_sends_them(tensor):
 
 
 @pytest.mark.parametrize(("floats", "shared"), [(16, False), (128 * 1024, True)])
-def test_batches_come_back_by_value_when_small_and_through_shared_memory_when_large(
-    floats, shared
-):
+def test_batches_come_back_by_value_when_small_and_through_shared_memory_when_large(floats, shared):
     """A file descriptor passed per tensor cost more than copying a small batch: 32 items
     of a remote-decode epoch went from 50 to 36 us of the parent's CPU each."""
     samples = [torch.full((floats,), float(i)) for i in range(8)]

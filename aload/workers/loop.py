@@ -61,6 +61,8 @@ class LoopPool:
     Args:
         dataset: entered with `async with` on the loop first, if it is an async context manager.
         cpu: the pool that `run_cpu` hands CPU-bound work to, or None to run it on the loop.
+        cpu_read: for worker processes: the plan they finish batches by, and its accounting.
+        owns_cpu: whether this pool stops `cpu` when it stops (not persistent workers).
         max_concurrency: fetcher tasks, so item reads in flight at most, across batches.
     """
 
@@ -70,10 +72,12 @@ class LoopPool:
         cpu: WorkerPool | None = None,
         max_concurrency: int = 64,
         cpu_read: Any = None,
+        owns_cpu: bool = True,
     ) -> None:
         self._dataset = dataset
         self._cpu = cpu
-        self._cpu_read = cpu_read  # for worker processes: the plan they finish batches by
+        self._owns_cpu = owns_cpu  # else persistent workers: they outlive this loop
+        self._cpu_read = cpu_read
         self._fetchers = max_concurrency  # fetcher tasks alive (or to start with)
         self._retiring = 0  # fetchers to end after their current read: a lower concurrency
         self.read_clock = ReadClock()  # the fetchers' time reading, summed
@@ -190,24 +194,29 @@ class LoopPool:
         if running:
             with contextlib.suppress(RunFinishedError):
                 self._call_soon(self._stop.set)
-        if self._cpu is not None:
-            self._cpu.shutdown()
+        if self._own_cpu is not None:
+            self._own_cpu.shutdown()
 
     def join(self, timeout: float | None = None) -> bool:
         started = time.monotonic()
         self._thread.join(timeout)
-        if self._cpu is not None:
+        if self._own_cpu is not None:
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-            self._cpu.join(left)
+            self._own_cpu.join(left)
         return not self.alive
 
     @property
+    def _own_cpu(self) -> WorkerPool | None:
+        """The CPU pool this pool stops and waits for (None: none, or persistent workers)."""
+        return self._cpu if self._owns_cpu else None
+
+    @property
     def alive(self) -> bool:
-        return self._thread.is_alive() or (self._cpu is not None and self._cpu.alive)
+        return self._thread.is_alive() or (self._own_cpu is not None and self._own_cpu.alive)
 
     @property
     def alive_workers(self) -> int:
-        cpu = 0 if self._cpu is None else self._cpu.alive_workers
+        cpu = 0 if self._own_cpu is None else self._own_cpu.alive_workers
         return int(self._thread.is_alive()) + cpu
 
     def timed_out(self, job: Job) -> None:
