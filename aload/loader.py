@@ -49,6 +49,7 @@ from ._scheduler import (
 )
 from ._stats import EpochMeter, LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
+from ._threaded_reads import ThreadedReads
 from ._tuner import ASYNC_START, THREADS_START, ConcurrencyTuner
 from ._worker_info import draw_base_seed, worker_setup
 from .plan import Plan, plan_of, stage_names
@@ -543,8 +544,9 @@ class DataLoader(Generic[T_co]):
         """Tell the epoch's stats its stages, and where its reads and the later stages run."""
         workers = pool.cpu if isinstance(pool, LoopPool) else pool
         meter.read_where = meter.workers_where = _where(workers)
-        if isinstance(pool, LoopPool):
-            meter.read_where = "aload's loop"
+        if isinstance(pool, LoopPool):  # a plain dataset's reads on threads, or awaited
+            threaded = isinstance(self._config.dataset, ThreadedReads)
+            meter.read_where = "worker threads" if threaded else "aload's loop"
             if workers is None:
                 meter.workers_where = "aload's loop"
         workers_pin = self._pin and not isinstance(workers, _READS_BY_PLAN)  # else the parent

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from torch.utils.data import IterableDataset
 
 from ._async_fetch import is_async_map_style
+from ._threaded_reads import ThreadedReads
 
 if TYPE_CHECKING:
     from ._config import LoaderConfig
@@ -226,18 +228,15 @@ class Plan:
         read_on = stages["read"].on
         assert read_on is not None
         args: dict[str, Any] = {"dataset": self.dataset, **self.batching, **self.extras}
+        map_on = stages["map"].on if "map" in stages else None
         workers = read_on
         if read_on.kind == "loop":  # an async dataset: the map's workers finish its batches
             args["max_concurrency"] = read_on.count
-            workers = stages["map"].on if "map" in stages and stages["map"].on else CONSUMER
-            if workers.kind == "loop":
-                workers = CONSUMER
-        elif "map" in stages and stages["map"].on not in (None, read_on):
-            raise ValueError(
-                f"map() runs on the read's workers ({read_on}) for a dataset read by workers: "
-                f"give map() no executor, or read an async dataset (async def __getitem__) on "
-                f"loop() to map on {stages['map'].on}"
-            )
+            workers = CONSUMER if map_on is None or map_on.kind == "loop" else map_on
+        elif map_on is not None and map_on != read_on:
+            args["dataset"] = _threaded_reads(self.dataset, read_on, map_on)
+            args["max_concurrency"] = read_on.count
+            workers = map_on
         args.update(_workers_arguments(workers))
         if "map" in stages:
             args["transform"] = stages["map"].fn
@@ -267,6 +266,32 @@ class Plan:
         ):
             object.__setattr__(changed, name, value)
         return changed
+
+
+def _threaded_reads(dataset: Any, read_on: Executor, map_on: Executor) -> ThreadedReads:
+    """A plain map-style dataset read on threads and mapped on processes: its reads run on
+    `read_on`'s threads, awaited on aload's loop, and the samples go to the processes as an
+    async dataset's do. Any other pair of executors is refused, saying why."""
+    if read_on.kind != "threads" or map_on.kind != "processes" or read_on.count == "auto":
+        raise ValueError(
+            f"map() on {map_on} after a read on {read_on}: a dataset read by workers is mapped "
+            "where it is read (give map() no executor), but for reads on threads(n) (a "
+            "number) mapped on processes(n); an async dataset read on loop() maps anywhere"
+        )
+    if _is_stream(dataset) or hasattr(dataset, "state_dict"):
+        raise ValueError(
+            "reads on threads() mapped on processes() take a map-style dataset without a "
+            f"state_dict() (its reads run on threads of aload's loop), got "
+            f"{type(dataset).__name__}"
+        )
+    return ThreadedReads(dataset, read_on.count)
+
+
+def _is_stream(dataset: Any) -> bool:
+    kind = type(dataset)
+    return isinstance(dataset, IterableDataset) or not (
+        hasattr(kind, "__getitem__") and hasattr(kind, "__len__")
+    )
 
 
 def _workers_arguments(workers: Executor) -> dict[str, Any]:
@@ -301,11 +326,13 @@ def plan_of(config: LoaderConfig, arguments: Mapping[str, Any]) -> Plan:
     """The plan `DataLoader`'s checked arguments (`config`) compile to; the samples and
     batches as the caller gave them (`arguments`), so that `plan.loader()` builds them alike."""
     workers = _executor_of(config)
-    read_on = workers
-    if config.asynchronous:
+    dataset, read_on = config.dataset, workers
+    if isinstance(dataset, ThreadedReads):  # a plain dataset's reads on threads
+        dataset, read_on = dataset.dataset, threads(dataset.threads)
+    elif config.asynchronous:
         read_on = loop("auto" if config.tuned else config.max_concurrency)
     batching: dict[str, Any] = {name: arguments.get(name) for name in (*_BATCHING, "distributed")}
-    plan = Plan(config.dataset, **batching).read(
+    plan = Plan(dataset, **batching).read(
         read_on, retry=arguments.get("retry"), max_skipped=config.max_skipped
     )
     if config.transform is not None:

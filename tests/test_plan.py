@@ -4,6 +4,8 @@ per batch (`batch_transform`) runs after collate in every mode, as a collate tha
 from __future__ import annotations
 
 import gc
+import os
+import threading
 import time
 
 import anyio
@@ -195,8 +197,8 @@ def test_a_map_on_the_loop_itself_needs_no_workers():
 
 def test_plans_that_cannot_run_are_refused_naming_the_stage():
     sync = aload.Plan(Indexed(8), batch_size=2).read(aload.threads(2))
-    with pytest.raises(ValueError, match=r"map\(\) runs on the read's workers"):
-        sync.map(plus_one, aload.processes(2)).arguments()
+    with pytest.raises(ValueError, match=r"a dataset read by workers is mapped where it is read"):
+        sync.read(aload.processes(2)).map(plus_one, aload.ray_actors(2)).arguments()
     with pytest.raises(TypeError, match=r"read\(\) runs on an executor"):
         sync.read(4)
     with pytest.raises(ValueError, match=r"threads\(\) takes a positive int or 'auto', got 0"):
@@ -274,3 +276,76 @@ async def test_a_composed_plan_under_async_for_keeps_the_loop_running(anyio_back
     pause = await best_pause(run, 0.03, tries=2)
     assert sorted(seen) == [2 * (i + 1) for i in range(128)]
     assert pause < 0.03
+
+
+class Stateful(Indexed):
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def read_where(index):
+    """A plain read that says which thread and process ran it."""
+    return threading.current_thread().name, os.getpid(), index
+
+
+def map_where(sample):
+    thread, pid, index = sample
+    return thread, pid, os.getpid(), index
+
+
+def test_a_plain_dataset_read_on_threads_is_mapped_on_processes():
+    """Reads on 4 threads of this process, the map on 2 worker processes: torch's samples in
+    torch's order for the same seed."""
+    plan = (
+        aload.Plan(Indexed(96), batch_size=8, shuffle=True, generator=torch.Generator())
+        .read(aload.threads(4))
+        .map(plus_one, aload.processes(2))
+    )
+    assert str(plan).startswith("read on 4 worker threads -> map plus_one on 2 worker processes")
+    plan.batching["generator"].manual_seed(7)
+    loader = plan.loader()
+    assert [str(stage) for stage in loader.plan.stages[:2]] == [str(s) for s in plan.stages[:2]]
+    expected = tud.DataLoader(
+        Indexed(96),
+        batch_size=8,
+        shuffle=True,
+        collate_fn=lambda samples: default_collate([plus_one(s) for s in samples]),
+        generator=torch.Generator().manual_seed(7),
+    )
+    assert [b.tolist() for b in loader] == [b.tolist() for b in expected]
+    stages = {stage.name: stage for stage in loader.stats.epoch.stages}
+    assert (stages["read"].where, stages["read"].concurrency) == ("worker threads", 4)
+    assert (stages["map"].where, stages["map"].concurrency) == ("worker processes", 2)
+
+
+class WhereRead(Indexed):
+    def __getitem__(self, index):
+        time.sleep(0.002)  # blocking I/O: the threads overlap it
+        return read_where(index)
+
+
+def test_threaded_reads_run_beside_the_loop_and_the_map_in_other_processes():
+    plan = aload.Plan(WhereRead(64), batch_size=8).read(aload.threads(4))
+    plan = plan.map(map_where, aload.processes(2))
+    loader = plan.collate(list).loader()
+    samples = [sample for batch in loader for sample in batch]
+    assert sorted(index for *_, index in samples) == list(range(64))
+    read_threads = {thread for thread, *_ in samples}
+    assert "MainThread" not in read_threads
+    assert len(read_threads) <= 4
+    assert {pid for _, pid, _, _ in samples} == {os.getpid()}  # read here
+    assert os.getpid() not in {mapped for _, _, mapped, _ in samples}  # mapped there
+
+
+def test_only_threads_then_processes_split_a_plain_datasets_read_from_its_map():
+    with pytest.raises(ValueError, match=r"but for reads on threads\(n\)"):
+        aload.Plan(Indexed(8)).read(aload.processes(2)).map(plus_one, aload.threads(2)).loader()
+    with pytest.raises(ValueError, match=r"but for reads on threads\(n\)"):
+        aload.Plan(Indexed(8)).read(aload.threads("auto")).map(
+            plus_one, aload.processes(2)
+        ).loader()
+    with pytest.raises(ValueError, match="without a state_dict"):
+        aload.Plan(Stateful(8)).read(aload.threads(2)).map(plus_one, aload.processes(2)).loader()
