@@ -29,6 +29,7 @@ from ._async_fetch import is_async_map_style
 from ._device import ToDevice, resolve_device
 from ._fetch import Finish
 from ._retry import NO_RETRY, Retry
+from ._threaded_reads import ThreadedReads
 from .workers.start_method import check_picklable, resolve_context, sends_by_pickle
 
 WORKER_MODES = ("thread", "process", "ray")
@@ -114,7 +115,9 @@ class LoaderConfig:
         `max_concurrency`): enough batches to give them work, at least one per worker."""
         slots = max(1, self.num_workers)
         if self.asynchronous:
-            slots = max(slots, math.ceil(reads / (self.batch_size or 1)))
+            # A plain dataset's reads on threads take a batch each (`ThreadedReads`).
+            per_read = 1 if isinstance(self.dataset, ThreadedReads) else self.batch_size or 1
+            slots = max(slots, math.ceil(reads / per_read))
         return slots * self.depth
 
 

@@ -60,10 +60,10 @@ def test_the_two_executor_workload_measures_its_limit_and_every_loader(tmp_path)
     )  # fmt: skip
     (workload,) = report["workloads"]
     rows = workload["results"]
-    # the limit, torch, aload three ways (the plan among them), and torch and the plan with
-    # persistent workers
-    assert len(rows) == 7
-    assert sum(row["family"] == "aload plan" for row in rows) == 2
+    # the limit, torch, aload four ways (two plans among them: reads on aload's loop, reads
+    # on threads), and torch and the two plans with persistent workers
+    assert len(rows) == 9
+    assert sum(row["family"] == "aload plan" for row in rows) == 4
     for row in rows:
         assert row["error"] is None, row
         assert row["median_samples_per_s"] > 0

@@ -349,3 +349,42 @@ def test_only_threads_then_processes_split_a_plain_datasets_read_from_its_map():
         ).loader()
     with pytest.raises(ValueError, match="without a state_dict"):
         aload.Plan(Stateful(8)).read(aload.threads(2)).map(plus_one, aload.processes(2)).loader()
+
+
+class BatchReads(Indexed):
+    """Logs each `__getitems__` call's size and thread, as torch's fetcher calls it."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.calls = []
+
+    def __getitems__(self, indices):
+        self.calls.append((len(indices), threading.current_thread().name))
+        return [self[index] for index in indices]
+
+
+def test_threaded_reads_take_a_whole_batch_on_a_thread_through_getitems():
+    """One thread hop a batch (a hop costs ~30-60 us of CPU), through `__getitems__` where
+    the dataset has it, as torch's fetcher reads a batch."""
+    dataset = BatchReads(40)
+    plan = (
+        aload.Plan(dataset, batch_size=8).read(aload.threads(3)).map(plus_one, aload.processes(2))
+    )
+    assert sorted(i for b in plan.loader() for i in b.tolist()) == list(range(1, 41))
+    assert sorted(size for size, _ in dataset.calls) == [8] * 5
+    assert "MainThread" not in {thread for _, thread in dataset.calls}
+
+
+class BrokenAtFive(Indexed):
+    def __getitem__(self, index):
+        if index == 5:
+            raise KeyError(index)
+        return index
+
+
+def test_a_read_that_fails_on_a_thread_raises_its_own_error_naming_the_batch():
+    plan = aload.Plan(BrokenAtFive(16), batch_size=4).read(aload.threads(2))
+    loader = plan.map(plus_one, aload.processes(2)).loader()
+    with pytest.raises(KeyError) as raised:
+        list(loader)
+    assert raised.value.__notes__ == ["aload: raised while loading batch 1 (indices [4, 5, 6, 7])"]

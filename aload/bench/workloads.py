@@ -154,9 +154,14 @@ def _remote_decode(s: Settings) -> Workload:
     kw: dict[str, Any] = {"batch_size": 32}
     plan = aload.Plan(awaited, batch_size=32).read(aload.loop(64)).map(decode, aload.processes(w))
     detail = "reads on aload's loop, decode on processes"
+    # The same reads blocking (a plain dataset), on 16 threads, the decode on the processes.
+    split = aload.Plan(ds.SleepDataset(n, 0.002), batch_size=32).read(aload.threads(16))
+    split = split.map(decode, aload.processes(w))
+    split_detail = "blocking reads on 16 threads, decode on processes"
     warm = [
         torch_loader(blocking, 8, detail="persistent", persistent_workers=True, **kw),
         aload_plan(plan, w, f"{detail}, persistent", persistent_workers=True),
+        aload_plan(split, w, f"{split_detail}, persistent", persistent_workers=True),
     ]
     return Workload(
         "remote-decode",
@@ -169,6 +174,7 @@ def _remote_decode(s: Settings) -> Workload:
             aload_loader(blocking, 8, worker_mode="process", **kw),
             aload_loader(awaited, w, transform=decode, detail="reads on aload's loop", **kw),
             aload_plan(plan, w, detail),
+            aload_plan(split, w, split_detail),
             *[dataclasses.replace(row, drive=drain_warm) for row in warm],
         ],
     )
