@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -176,8 +175,9 @@ def test_torchs_get_worker_info_is_none_outside_the_workers_while_they_run():
 @pytest.mark.parametrize("mode", MODES)
 def test_batches_are_in_shared_memory_only_when_they_cross_a_process(mode):
     """torch's collate writes into shared memory when it sees worker info: right for a
-    process, a file descriptor per batch for nothing in a thread."""
-    loader = aload_loader([torch.ones(3)] * 8, mode, batch_size=4, num_workers=2)
+    process, a file descriptor per batch for nothing in a thread. (A batch of a few KiB
+    comes back from a process by value: `test_batches_come_back_by_value_when_small...`.)"""
+    loader = aload_loader([torch.ones(128 * 1024)] * 8, mode, batch_size=4, num_workers=2)
     batch = next(iter(loader))
     assert batch.is_shared() == (mode == "process")
 
@@ -377,41 +377,55 @@ def test_in_order_false_streams_are_not_held_back_by_one_slow_worker():
     assert rest == [-1]
 
 
-def test_open_files_limit_raises_torchs_error_instead_of_hanging(tmp_path):
-    script = tmp_path / "limited.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import resource
-            import torch
-            from torch.utils.data import Dataset
-            import aload
+OPEN_FILES_LIMITED = """
+import resource
+import torch
+from torch.utils.data import Dataset
+import aload
 
-            class ManyTensors(Dataset):
-                def __len__(self):
-                    return 10_000
+class ManyTensors(Dataset):
+    def __len__(self):
+        return 2_000
 
-                def __getitem__(self, index):
-                    return [torch.zeros(1) for _ in range(20)]
+    def __getitem__(self, index):
+        return [torch.zeros({floats}) for _ in range(20)]
 
-            if __name__ == "__main__":
-                resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
-                loader = aload.DataLoader(
-                    ManyTensors(), batch_size=None, num_workers=2, worker_mode="process"
-                )
-                try:
-                    held = list(loader)
-                except RuntimeError as error:
-                    print("RuntimeError:", error)
-            """
-        )
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+    loader = aload.DataLoader(
+        ManyTensors(), batch_size=None, num_workers=2, worker_mode="process"
     )
+    try:
+        held = list(loader)
+        print("held", len(held))
+    except RuntimeError as error:
+        print("RuntimeError:", error)
+"""
+
+
+def open_files_limited(tmp_path, floats: int) -> str:
+    """What a script prints that holds every sample (20 tensors of `floats` floats each) of
+    an epoch read by worker processes, with 100 open files allowed."""
+    script = tmp_path / "limited.py"
+    script.write_text(OPEN_FILES_LIMITED.format(floats=floats))
     result = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60
     )
-    assert "RuntimeError:" in result.stdout, result.stderr[-2000:]
-    assert "ulimit -n" in result.stdout
-    assert "set_sharing_strategy" in result.stdout
+    assert result.stdout, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_open_files_limit_raises_torchs_error_instead_of_hanging(tmp_path):
+    """Tensors over 256 KiB come back through shared memory, a file descriptor each."""
+    printed = open_files_limited(tmp_path, 80_000)
+    assert "RuntimeError:" in printed
+    assert "ulimit -n" in printed
+    assert "set_sharing_strategy" in printed
+
+
+def test_small_tensors_come_back_by_value_and_hold_no_file_open(tmp_path):
+    """torch's loader runs out of file descriptors here; small tensors come by value."""
+    assert open_files_limited(tmp_path, 1).split() == ["held", "2000"]
 
 
 class Crashes(Dataset):
