@@ -196,6 +196,16 @@ class LoaderStats:
         return self.wait_seconds / total if total > 0 else 0.0
 
 
+def _busy(stage: StageStats) -> str:
+    """A stage for the epoch's log line: "map 91% busy (2 at once on worker processes)"."""
+    if not stage.concurrency:
+        return f"{stage.name} on {stage.where}"
+    return (
+        f"{stage.name} {stage.busy_fraction:.0%} busy "
+        f"({stage.concurrency} at once on {stage.where})"
+    )
+
+
 def _share(busy: float, capacity: float) -> float:
     return min(1.0, busy / capacity) if capacity > 0 else 0.0
 
@@ -269,7 +279,7 @@ class EpochMeter:
         stats = self.snapshot()
         logger.debug(
             "aload: epoch %d: %d batches, %d samples in %.2f s (%.0f samples/s), "
-            "waited %.0f%% of the time, bottleneck: %s, %d retries, %d skipped",
+            "waited %.0f%% of the time, bottleneck: %s (%s), %d retries, %d skipped",
             stats.epoch,
             stats.batches,
             stats.samples,
@@ -277,6 +287,7 @@ class EpochMeter:
             stats.samples_per_second,
             100 * stats.wait_fraction,
             stats.bottleneck,
+            "; ".join(_busy(stage) for stage in stats.stages),
             stats.retries,
             stats.skipped,
         )

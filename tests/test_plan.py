@@ -4,6 +4,7 @@ per batch (`batch_transform`) runs after collate in every mode, as a collate tha
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 import time
@@ -235,7 +236,7 @@ def slow_batch_map(batch):
     ("stage", "transform", "batch_transform"),
     [("map", slow_map, None), ("map_batch", None, slow_batch_map)],
 )
-def test_a_slow_map_stage_is_named_the_bottleneck(mode, stage, transform, batch_transform):
+def test_a_slow_map_stage_is_named_the_bottleneck(mode, stage, transform, batch_transform, caplog):
     loader = aload.DataLoader(
         Indexed(64),
         batch_size=8,
@@ -245,12 +246,17 @@ def test_a_slow_map_stage_is_named_the_bottleneck(mode, stage, transform, batch_
         transform=transform,
         batch_transform=batch_transform,
     )
-    for _ in range(2):  # the second epoch, its workers already running
-        for _ in loader:
-            pass
+    with caplog.at_level(logging.DEBUG, logger="aload"):
+        for _ in range(2):  # the second epoch, its workers already running
+            for _ in loader:
+                pass
     loader.close()
     epoch = loader.stats.epoch
     assert epoch.bottleneck == stage, epoch
+    where = "worker threads" if mode == "thread" else "worker processes"
+    busy = f"{epoch.stage(stage).busy_fraction:.0%}"
+    assert f"bottleneck: {stage} (read " in caplog.records[-1].getMessage()
+    assert f"{stage} {busy} busy (2 at once on {where})" in caplog.records[-1].getMessage()
     slow = epoch.stage(stage)
     assert slow.where == f"worker {mode}{'es' if mode == 'process' else 's'}"
     assert slow.seconds >= (64 * 0.002 if stage == "map" else 8 * 0.02) * 0.9

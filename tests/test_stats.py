@@ -77,7 +77,8 @@ def test_an_epoch_summary_is_logged_at_debug_level(caplog):
     with caplog.at_level(logging.DEBUG, logger="aload"):
         list(aload.DataLoader(Indexed(12), batch_size=4))
     assert "aload: epoch 0: 3 batches, 12 samples" in caplog.text
-    assert "bottleneck: read" in caplog.text  # 0 workers: the loop reads its own batches
+    # 0 workers: the loop reads its own batches, untimed
+    assert "bottleneck: read (read on the consumer; collate on the consumer)" in caplog.text
 
 
 def test_progress_bar_shows_batches_rate_and_wait(capsys):
