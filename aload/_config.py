@@ -233,7 +233,7 @@ def resolve_config(
         # Thread workers accept (and ignore) it, so torch code that names one runs as it is.
         multiprocessing_context = resolve_context(multiprocessing_context)
 
-    iterable = _is_iterable_style(dataset)
+    iterable = is_iterable_style(dataset)
     asynchronous = is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__"))
     _check_ray(worker_mode, num_workers, asynchronous, ray_options)
     # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
@@ -419,7 +419,7 @@ def _auto_workers(dataset: Any, worker_mode: str) -> int:
             f"num_workers='auto' tunes thread workers; with worker_mode={worker_mode!r}, "
             "give num_workers a number"
         )
-    if _is_iterable_style(dataset) or is_async_map_style(dataset):
+    if is_iterable_style(dataset) or is_async_map_style(dataset):
         raise ValueError(
             "num_workers='auto' tunes the reads of a map-style dataset (__getitem__); an "
             "iterable dataset is split into num_workers streams, and an async dataset's reads "
@@ -448,7 +448,7 @@ def _check_int(name: str, value: object) -> None:
         raise TypeError(f"{name} must be an int, got {value!r}")
 
 
-def _is_iterable_style(dataset: object) -> bool:
+def is_iterable_style(dataset: object) -> bool:
     """Map-style needs `__len__` and `__getitem__`; anything else that iterates (or iterates
     asynchronously) is a stream."""
     if isinstance(dataset, IterableDataset):

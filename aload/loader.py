@@ -135,9 +135,10 @@ class DataLoader(Generic[T_co]):
             "ray": `num_workers` actors on the Ray cluster this process is connected to
             (`ray.init()` first), for more CPUs than this machine has.
         multiprocessing_context: for process workers: "fork", "spawn", "forkserver" or a
-            context. The default, "forkserver", is safe in a process that runs an event loop and
-            threads; its first start imports aload once in the fork server. Accepted and
-            ignored by thread workers, so torch code that names one runs unchanged.
+            context. The default is torch's: Python's default start method (fork on Linux up
+            to Python 3.13, forkserver from 3.14, spawn on macOS). A fork server imports
+            aload once, at its first start. Accepted and ignored by thread workers, so torch
+            code that names one runs unchanged.
         pin_memory_device: torch's deprecated argument, accepted for compatibility.
         distributed: shard the dataset over the ranks of the initialized `torch.distributed`
             process group with a `DistributedSampler` (padding, or dropping with `drop_last`,

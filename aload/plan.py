@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch.utils.data import IterableDataset
 
 from ._async_fetch import is_async_map_style
+from ._checkpoint import has_state
+from ._config import is_iterable_style
 from ._threaded_reads import ThreadedReads
 
 if TYPE_CHECKING:
@@ -71,7 +72,8 @@ def threads(count: int | Literal["auto"]) -> Executor:
 
 def processes(count: int, context: Any = None) -> Executor:
     """`count` worker processes, for Python code that holds the GIL; `context`: "fork",
-    "spawn", "forkserver" (the default) or a multiprocessing context."""
+    "spawn", "forkserver" or a multiprocessing context (by default, torch's: Python's
+    default start method)."""
     return Executor("processes", _count("processes", count), context)
 
 
@@ -165,7 +167,9 @@ class Plan:
         object.__setattr__(self, "dataset", dataset)
         object.__setattr__(self, "batching", batching)
         object.__setattr__(self, "stages", (Stage("read", on=first), Stage("collate")))
-        object.__setattr__(self, "extras", {})
+        # The read's and the device's other arguments, as `DataLoader` defaults them.
+        extras = {"retry": None, "max_skipped": 0, "to_device": None, "device_transform": None}
+        object.__setattr__(self, "extras", extras)
 
     def read(self, on: Executor, *, retry: Retry | None = None, max_skipped: int = 0) -> Plan:
         """Read samples `on` these workers (`threads(n)`, `processes(n)`, `ray_actors(n)`;
@@ -256,13 +260,12 @@ class Plan:
         """This plan with `stage` set (replacing its own), in plan order."""
         kept = [s for s in self.stages if s.name != stage.name]
         stages = sorted([*kept, stage], key=lambda s: _ORDER.index(s.name))
-        given = {name: value for name, value in extras.items() if value not in (None, 0)}
         changed = object.__new__(Plan)
         for name, value in (
             ("dataset", self.dataset),
             ("batching", self.batching),
             ("stages", tuple(stages)),
-            ("extras", {**self.extras, **given}),
+            ("extras", {**self.extras, **extras}),
         ):
             object.__setattr__(changed, name, value)
         return changed
@@ -278,20 +281,13 @@ def _threaded_reads(dataset: Any, read_on: Executor, map_on: Executor) -> Thread
             "where it is read (give map() no executor), but for reads on threads(n) (a "
             "number) mapped on processes(n); an async dataset read on loop() maps anywhere"
         )
-    if _is_stream(dataset) or hasattr(dataset, "state_dict"):
+    if is_iterable_style(dataset) or has_state(dataset):
         raise ValueError(
             "reads on threads() mapped on processes() take a map-style dataset without a "
             f"state_dict() (its reads run on threads of aload's loop), got "
             f"{type(dataset).__name__}"
         )
     return ThreadedReads(dataset, read_on.count)
-
-
-def _is_stream(dataset: Any) -> bool:
-    kind = type(dataset)
-    return isinstance(dataset, IterableDataset) or not (
-        hasattr(kind, "__getitem__") and hasattr(kind, "__len__")
-    )
 
 
 def _workers_arguments(workers: Executor) -> dict[str, Any]:
