@@ -4,10 +4,11 @@ A hill climb on measured throughput, one window at a time (a tenth of a second a
 batches): while the consumer waits for data, read twice as many batches at once, and keep the
 step only if throughput rose with it (by a quarter of the step's share, at least 2%). A step
 that did not is taken back, and the level it reached becomes a ceiling that the next steps go
-halfway to; the ceiling is probed again now and then, and forgotten when throughput falls
-well below where it settled (the data's cost changed). It never grows while the process
-already uses its CPU budget (the cores it may run on), and holds while the consumer does not
-wait: more reads would only queue more batches.
+halfway to. When the very first step up did not help (work that holds the GIL), half as many
+are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
+forgotten when throughput falls well below where it settled (the data's cost changed). It
+never grows while the process already uses its CPU budget (the cores it may run on), and
+holds while the consumer does not wait: more reads would only queue more batches.
 
 The knob is the epoch's bound on batches in flight: with a thread pool of `maximum` threads
 that start as work comes, at most that many batches are read at once. Every change is a
@@ -79,6 +80,8 @@ class ConcurrencyTuner:
         self._ceiling: int | None = None  # a level that did not help
         self._at_ceiling = 0  # windows spent below the ceiling since it was set
         self._settled: float | None = None  # the throughput where the climb stopped
+        self._explored = False  # a step up raised throughput, or fewer were tried
+        self._may_step_down = False  # the first step up did not help: try fewer, once
 
     def resume(self, concurrency: int) -> None:
         """Start from the concurrency a saved run had settled on."""
@@ -120,6 +123,9 @@ class ConcurrencyTuner:
         if self._trial is not None:
             before, baseline = self._trial
             self._trial = None
+            if self.concurrency < before:  # a step down: keep it if it lost nothing
+                self._judge_step_down(before, baseline, throughput)
+                return
             wanted_gain = max(GAIN, GAIN_SHARE * (self.concurrency / before - 1))
             if throughput <= baseline * (1 + wanted_gain):
                 self._ceiling, self._at_ceiling = self.concurrency, 0
@@ -129,13 +135,24 @@ class ConcurrencyTuner:
                     f"{self.concurrency} at once gave {throughput:,.0f} samples/s, not more "
                     f"than {before} ({baseline:,.0f}): back to {before}",
                 )
+                # The very first step up did not help (work that holds the GIL): try fewer.
+                self._may_step_down = not self._explored and before > 1
                 return
             self._settled = throughput
+            self._explored = True
+        if self._may_step_down:
+            self._may_step_down, self._explored = False, True
+            self._trial = (self.concurrency, throughput)
+            self._set(
+                max(1, self.concurrency // 2),
+                f"more than {self.concurrency} at once did not help: trying fewer",
+            )
+            return
         if waiting < WAITING:
             return  # training holds the loop back, not data: more reads would only queue
         if self._settled is not None and throughput < self._settled * (1 - SHIFT):
             self._ceiling = None  # the data's cost changed: climb again from here
-            self._settled = None
+            self._settled, self._explored = None, False
         if self._ceiling is not None:
             self._at_ceiling += 1
             if self._at_ceiling >= REPROBE_WINDOWS:
@@ -154,6 +171,25 @@ class ConcurrencyTuner:
             wanted,
             f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s with "
             f"{self.concurrency} at once, on {cores:.1f} of {self.budget:g} cores: trying {wanted}",
+        )
+
+    def _judge_step_down(self, before: int, baseline: float, throughput: float) -> None:
+        """After a step down from `before` (at `baseline` samples/s): stay if throughput held
+        (the same with fewer threads: less contention, less memory), else go back up."""
+        if throughput >= baseline * (1 - GAIN):
+            self._ceiling, self._at_ceiling = before, 0
+            self._settled = throughput
+            self._set(
+                self.concurrency,
+                f"{self.concurrency} at once gave {throughput:,.0f} samples/s, as much as "
+                f"{before} ({baseline:,.0f}): staying at {self.concurrency}",
+            )
+            return
+        self._settled = baseline
+        self._set(
+            before,
+            f"{self.concurrency} at once gave {throughput:,.0f} samples/s, less than {before} "
+            f"({baseline:,.0f}): back to {before}",
         )
 
     def _set(self, concurrency: int, reason: str) -> None:

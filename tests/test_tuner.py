@@ -40,13 +40,24 @@ def test_a_stage_that_grows_to_8_then_flattens_settles_at_8_or_just_above():
     assert all(d.reason for d in tuner.history)
 
 
-def test_a_gil_bound_stage_gets_no_more_threads():
+def test_a_gil_bound_stage_settles_on_one_thread():
     """Throughput that does not grow with concurrency (the GIL): the first step up is taken
-    back and the tuner stays where it started."""
+    back, half as many are tried, and one thread that reads as fast is kept."""
     tuner = ConcurrencyTuner(maximum=32, budget=64, start=2)
-    path = run(tuner, lambda c: 500.0)
-    assert path[-1] == 2
+    path = run(tuner, lambda c: 500.0 if c == 1 else 480.0)
+    assert path[:3] == [4, 2, 1]
+    assert path[-1] == 1
     assert max(path) == 4
+    assert "staying at 1" in tuner.history[3].reason
+
+
+def test_a_stage_that_needs_its_two_threads_keeps_them():
+    """Two slots: 4 at once does not help, 1 loses half: back to 2, and no more tries down."""
+    tuner = ConcurrencyTuner(maximum=32, budget=64, start=2)
+    path = run(tuner, lambda c: 100.0 * min(c, 2))
+    assert path[:4] == [4, 2, 1, 2]
+    assert path[-1] == 2
+    assert min(path[4:]) == 2  # fewer are tried once
 
 
 def test_it_holds_while_training_is_the_bottleneck():
