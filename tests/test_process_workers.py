@@ -483,3 +483,26 @@ def test_batches_come_back_by_value_when_small_and_through_shared_memory_when_la
     batches = list(loader)
     assert [batch.is_shared() for batch in batches] == [shared, shared]
     assert torch.equal(torch.cat(batches), torch.stack(samples))
+
+
+class DiesInsideATensorsStart(Indexed):
+    """At index 5 its worker is killed between naming a shared-memory file and removing the
+    name, where torch's file_descriptor strategy keeps a name for a moment (as an
+    out-of-files error or the OOM killer can catch it)."""
+
+    def __getitem__(self, index):
+        if index == 5:
+            with open(f"/dev/shm/torch_{os.getpid()}_aload_test_{index}", "wb"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return index
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="shared memory files live in /dev/shm")
+def test_a_killed_workers_shared_memory_names_are_removed():
+    loader = aload.DataLoader(
+        DiesInsideATensorsStart(16), batch_size=4, num_workers=2, worker_mode="process"
+    )
+    with pytest.raises(RuntimeError, match="is killed by signal: Killed"):
+        list(loader)
+    loader.close()
+    assert [name for name in os.listdir("/dev/shm") if "_aload_test_" in name] == []

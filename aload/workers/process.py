@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import glob
 import multiprocessing
 import multiprocessing.heap  # imported here, not on a caller's loop at the first start
 import multiprocessing.popen_fork
@@ -298,6 +299,7 @@ class ProcessPool:
             with contextlib.suppress(Exception):
                 process.kill()
                 process.join(_GRACE_SECONDS)
+                remove_left_shared_memory(process.pid)
 
     def _collect_until_reaped(self) -> None:
         open_results = dict(enumerate(self._results))
@@ -311,9 +313,12 @@ class ProcessPool:
             for item in ready:
                 if item in sentinels:
                     worker = sentinels.pop(item)
-                    self._processes[worker].join()  # reaped here, by this thread only
+                    process = self._processes[worker]
+                    process.join()  # reaped here, by this thread only
+                    if process.exitcode:  # killed, or crashed, maybe inside a tensor's start
+                        remove_left_shared_memory(process.pid)
                     with self._lock:
-                        self._dead[worker] = self._processes[worker].exitcode
+                        self._dead[worker] = process.exitcode
                     self._drain(worker, open_results)
                     open_results.pop(worker, None)
                     self._fail_outstanding(worker)
@@ -377,6 +382,19 @@ class ProcessPool:
             with contextlib.suppress(Exception):
                 process.kill()
                 process.join()
+                remove_left_shared_memory(process.pid)
+
+
+def remove_left_shared_memory(pid: int | None) -> None:
+    """Remove the shared-memory files a dead worker left named. torch names each file
+    `torch_<pid>_...` and removes the name as soon as it holds the file open (its default
+    `file_descriptor` strategy), so a name left after the worker died is one it was killed
+    between the two: nobody can open it, and it would stay in /dev/shm until reboot."""
+    if pid is None or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return
+    for path in glob.glob(f"/dev/shm/torch_{pid}_*"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 # Tensors up to this size cross between the parent and a worker by value; larger ones as torch
