@@ -125,3 +125,31 @@ def test_ray_train_example_resumes_a_failed_run_exactly():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "every sample trained on once per epoch" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("reads", "plan"),
+    [
+        ("loop", "read on aload's loop (64 at once) -> map decode on 2 worker processes"),
+        ("threads", "read on 16 worker threads -> map decode on 2 worker processes"),
+    ],
+)
+def test_decode_pipeline_trains_through_its_two_executors(reads, plan):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "decode_pipeline.py"),
+            *("--reads", reads, "--epochs", "3", "--samples", "1024"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.startswith(plan)
+    losses = [float(x) for x in re.findall(r"epoch \d+: loss ([\d.]+)", result.stdout)]
+    assert len(losses) == 3
+    assert losses[-1] < losses[0] / 10
+    stages = re.findall(r"^  (\w+): \d+ at once on ([\w' ]+), \d+% busy$", result.stdout, re.M)
+    assert [name for name, _ in stages] == ["read", "map", "collate", "map_batch"]
+    assert stages[1][1] == "worker processes"
