@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import Indexed, Shards, flatten, heartbeat
 
 import aload
+from aload._threaded_reads import ThreadedReads
 
 
 class SlowToOpen:
@@ -68,6 +69,11 @@ MODES = {
     "async dataset": ({"num_workers": 0}, SlowToOpen),
     "async dataset, CPU threads": ({"num_workers": 2}, SlowToOpen),
     "async dataset, CPU processes": ({"num_workers": 2, "worker_mode": "process"}, SlowToOpen),
+    # What `Plan(...).read(threads(4)).map(fn, processes(2))` builds.
+    "plan: reads on threads, map on processes": (
+        {"num_workers": 2, "worker_mode": "process", "max_concurrency": 4},
+        lambda n: ThreadedReads(Indexed(n), 4),
+    ),
 }
 
 

@@ -14,7 +14,7 @@ import anyio
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import Indexed
+from conftest import Indexed, assert_resumes_exactly
 from loop_pauses import best_pause
 from torch.utils.data import default_collate
 
@@ -263,15 +263,26 @@ def test_a_slow_map_stage_is_named_the_bottleneck(mode, stage, transform, batch_
     assert slow.seconds >= (64 * 0.002 if stage == "map" else 8 * 0.02) * 0.9
 
 
+def two_executor_plans():
+    """Awaited reads mapped on threads; blocking reads on threads mapped on processes."""
+    awaited = aload.Plan(AwaitedIndexed(128), batch_size=8, shuffle=True).read(aload.loop(64))
+    blocking = aload.Plan(Indexed(128, delay=0.001), batch_size=8, shuffle=True)
+    return {
+        "awaited reads, threads": awaited.map(plus_one, aload.threads(2)),
+        "threaded reads, processes": blocking.read(aload.threads(4)).map(
+            plus_one, aload.processes(2)
+        ),
+    }
+
+
 @pytest.mark.anyio
-async def test_a_composed_plan_under_async_for_keeps_the_loop_running(anyio_backend):
-    plan = (
-        aload.Plan(AwaitedIndexed(128), batch_size=8, shuffle=True)
-        .read(aload.loop(64))
-        .map(plus_one, aload.threads(2))
-        .map_batch(double_batch)
-    )
-    loader = plan.loader()
+@pytest.mark.parametrize("name", list(two_executor_plans()))
+async def test_a_composed_plan_under_async_for_keeps_the_loop_running(anyio_backend, name):
+    """Persistent workers: a fork from this suite's large process may hold the GIL for tens
+    of milliseconds (`loop_pauses.py` measures starts in a fresh process); the second try's
+    epoch has no start in it."""
+    plan = two_executor_plans()[name].map_batch(double_batch)
+    loader = plan.loader(persistent_workers=True)
     seen: list[int] = []
 
     async def run() -> None:
@@ -281,6 +292,7 @@ async def test_a_composed_plan_under_async_for_keeps_the_loop_running(anyio_back
 
     gc.collect()
     pause = await best_pause(run, 0.03, tries=2)
+    await loader.aclose()
     assert sorted(seen) == [2 * (i + 1) for i in range(128)]
     assert pause < 0.03
 
@@ -404,3 +416,14 @@ def test_a_stage_given_again_replaces_its_arguments_too():
     assert (again.arguments()["max_skipped"], again.arguments()["retry"]) == (0, None)
     with pytest.raises(TypeError, match="retry, which the plan sets"):
         again.loader(retry=aload.Retry())
+
+
+@pytest.mark.parametrize("stop", [1, 5])
+def test_a_plan_read_on_threads_and_mapped_on_processes_resumes_exactly(stop):
+    def make():
+        plan = aload.Plan(
+            Indexed(64), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3)
+        )
+        return plan.read(aload.threads(4)).map(plus_one, aload.processes(2)).loader()
+
+    assert_resumes_exactly(make, stop, settle=0.05)
