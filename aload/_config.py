@@ -71,6 +71,8 @@ class LoaderConfig:
     # num_workers="auto" (up to `num_workers` threads) or max_concurrency="auto" (up to
     # `max_concurrency` reads on aload's loop): how many read at once is tuned.
     tuned: bool = False
+    # Bytes the batches in flight may take (None: no budget).
+    memory_budget: int | None = None
 
     def finish(self, pin: bool) -> Finish:
         """What follows a batch's reads on its worker: map, collate, map the batch, `pin`."""
@@ -150,6 +152,7 @@ def resolve_config(
     device_transform: Callable[[Any], Any] | None = None,
     pin_memory_device: str = "",
     ray_options: Mapping[str, Any] | None = None,
+    memory_budget: int | None = None,
 ) -> LoaderConfig:
     """Check the arguments as `torch.utils.data.DataLoader` does and fill in the defaults.
 
@@ -219,6 +222,12 @@ def resolve_config(
     _check_int("max_skipped", max_skipped)
     if max_skipped < 0:
         raise ValueError(f"max_skipped should be non-negative, got {max_skipped}")
+    if memory_budget is not None:
+        _check_int("memory_budget", memory_budget)
+        if memory_budget <= 0:
+            raise ValueError(
+                f"memory_budget should be a positive number of bytes, got {memory_budget}"
+            )
     if isinstance(max_concurrency, str):
         raise TypeError(f"max_concurrency must be an int or 'auto', got {max_concurrency!r}")
     _check_int("max_concurrency", max_concurrency)
@@ -337,6 +346,7 @@ def resolve_config(
         to_device=to_device,
         device_transform=device_transform,
         pin_memory_device=pin_memory_device,
+        memory_budget=memory_budget,
     )
 
 

@@ -19,11 +19,13 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
+import numpy as np
+import torch
 from anyio import RunFinishedError
 
 from ._checkpoint import END_REPORT, Delivered
@@ -268,6 +270,20 @@ class WorkerStreams:
 JobSource = IndexBatches | WorkerStreams
 
 
+def batch_nbytes(batch: Any) -> int:
+    """The bytes of a batch's tensors, arrays and bytes, in sequences and mappings at any
+    depth (other Python objects are not counted)."""
+    if isinstance(batch, torch.Tensor | np.ndarray):
+        return int(batch.nbytes)
+    if isinstance(batch, bytes | bytearray | memoryview):
+        return len(batch)
+    if isinstance(batch, Mapping):
+        return sum(batch_nbytes(value) for value in batch.values())
+    if isinstance(batch, list | tuple):
+        return sum(batch_nbytes(value) for value in batch)
+    return 0
+
+
 class Epoch:
     """The state of one pass over the data; `EpochIterator` is the handle users hold."""
 
@@ -290,6 +306,7 @@ class Epoch:
         check_yielded: Callable[[int], None] | None = None,
         deal_over: int = 0,
         tuning: tuple[ConcurrencyTuner, Callable[[int], int]] | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
         each batch is read when it is taken, and nothing ahead of it. `length` answers `len()`
@@ -298,7 +315,9 @@ class Epoch:
         its worker processes (so each worker's own RNG draws what torch's would); 0: to
         whichever worker is free. `tuning` (`"auto"`): a tuner that finds how many reads run
         at once as batches are delivered, and the setter that puts a concurrency in force and
-        returns the bound on batches in flight that goes with it (not `max_in_flight`)."""
+        returns the bound on batches in flight that goes with it (not `max_in_flight`).
+        `memory_budget`: bytes the batches in flight may take: fewer in flight than the bound
+        where the largest batch so far says so (one until the first says how large)."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
@@ -312,7 +331,10 @@ class Epoch:
             tuner.restart_window()
             self._concurrency = tuner.concurrency
             max_in_flight = put_in_force(tuner.concurrency)
-        self._max_in_flight = max_in_flight
+        self._budget = None if in_place else memory_budget
+        self._largest_batch = 0  # bytes, of the batches delivered so far
+        self._bound = max_in_flight  # without the memory budget
+        self._max_in_flight = self._within_budget(max_in_flight)
         self._in_place = in_place
         self._in_order = in_order
         self._timeout = timeout
@@ -502,6 +524,8 @@ class Epoch:
                 if job.state is not None:
                     self._delivered.keep(job.worker, job.state)
                 continue
+            if self._budget is not None:
+                self._weigh(batch)
             if self._stage is not None:
                 batch = self._stage.hand_over(batch)
             self._delivered.add(job.seq, job.worker, True)
@@ -529,7 +553,23 @@ class Epoch:
         concurrency = tuner.observe(meter.samples, meter.batches, meter.wait)
         if concurrency != self._concurrency:
             self._concurrency = concurrency
-            self._max_in_flight = put_in_force(concurrency)
+            self._bound = put_in_force(concurrency)
+            self._max_in_flight = self._within_budget(self._bound)
+
+    def _weigh(self, batch: Any) -> None:
+        """A delivered batch's bytes: the largest so far sets how many fit in the budget."""
+        size = batch_nbytes(batch)
+        if size > self._largest_batch:
+            self._largest_batch = size
+            self._max_in_flight = self._within_budget(self._bound)
+
+    def _within_budget(self, bound: int) -> int:
+        """`bound`, or fewer batches in flight where the memory budget says so."""
+        if self._budget is None:
+            return bound
+        if not self._largest_batch:  # no batch has said how large they are yet
+            return 1
+        return max(1, min(bound, self._budget // self._largest_batch))
 
     def _take_one(self) -> _Job | None:
         # Not a bound method kept on the epoch: that would be a cycle, and a dropped epoch
@@ -583,7 +623,9 @@ class Epoch:
         return staged.popleft() if staged else None
 
     def _fill(self) -> None:
-        while not self._source_done and len(self._in_flight) < self._max_in_flight:
+        # Within a memory budget, batches staged on their way to the device count too.
+        staged = 0 if self._budget is None else len(self._staged)
+        while not self._source_done and len(self._in_flight) + staged < self._max_in_flight:
             spec = self._source.next()
             if spec is None:
                 self._source_done = self._source.done

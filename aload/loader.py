@@ -167,6 +167,11 @@ class DataLoader(Generic[T_co]):
             (normalization, augmentation on the GPU), so it overlaps the training step too.
         ray_options: for `worker_mode="ray"`: Ray's options for each actor, in Ray's words
             (`num_cpus` (1 by default), `resources`, `scheduling_strategy`, ...).
+        memory_budget: bytes that the batches in flight (being read, or ready and waiting
+            for the loop, or staged for the device) may take: fewer batches are read ahead
+            than `num_workers * prefetch_factor` where the largest batch so far says so, at
+            least one (one until the first batch says how large they are). Counts the
+            tensors, arrays and bytes in a batch.
 
     `state_dict()` at any point of an epoch, and `load_state_dict()` on a fresh loader with the
     same arguments, resume with exactly the batches not yet yielded, in the same order.
@@ -207,6 +212,7 @@ class DataLoader(Generic[T_co]):
         to_device: ToDevice | None = None,
         device_transform: Callable[[Any], Any] | None = None,
         ray_options: Mapping[str, Any] | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         arguments = dict(locals())  # every argument, kept to check again when one is set
         del arguments["self"], arguments["progress"]
@@ -307,6 +313,7 @@ class DataLoader(Generic[T_co]):
     multiprocessing_context = property(lambda self: self._config.multiprocessing_context)
     device = property(lambda self: self._config.device)
     pin_memory_device = property(lambda self: self._config.pin_memory_device)
+    memory_budget = property(lambda self: self._config.memory_budget)
 
     @property
     def plan(self) -> Plan:
@@ -537,6 +544,7 @@ class DataLoader(Generic[T_co]):
             check_yielded=check,
             deal_over=self._deal_over(pool),
             tuning=None if inline else self._tuning(pool, meter),
+            memory_budget=config.memory_budget,
         )
         self._epochs.add(epoch)
         return EpochIterator(epoch)

@@ -279,6 +279,10 @@ def _images(s: Settings) -> Workload:
         [
             torch_loader(data, w, batch_size=64),
             aload_loader(data, w, batch_size=64),
+            # A batch is 37 MiB: 2 in flight, not the 4 of 2 workers x prefetch_factor 2.
+            aload_loader(
+                data, w, batch_size=64, memory_budget=80 * 2**20, detail="memory_budget=80 MiB"
+            ),
             aload_loader(data, w, batch_size=64, worker_mode="process"),
             _forkserver(data, w, batch_size=64),
             *torchdata_nodes(data, w, 64),

@@ -1,0 +1,117 @@
+"""`memory_budget=`: the batches in flight stay within a number of bytes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import aload
+from aload._scheduler import batch_nbytes
+
+MIB = 2**20
+
+
+class Quarters(Dataset):
+    """Each sample is 256 KiB (a batch of 4 is 1 MiB). Reads are logged in a list that every
+    thread worker's replica shares."""
+
+    def __init__(self, n: int = 64) -> None:
+        self.n = n
+        self.read_log: list[int] = []
+
+    @property
+    def reads(self) -> int:
+        return len(self.read_log)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.read_log.append(index)
+        return torch.full((64 * 1024,), float(index))
+
+
+def most_read_ahead(budget: int | None, **kwargs) -> tuple[int, list[int]]:
+    """Batches read but not yet yielded, at most, over an epoch with a slow loop body (so the
+    workers read as far ahead as they may); and the samples in the order they came."""
+    dataset = Quarters()
+    loader = aload.DataLoader(dataset, batch_size=4, num_workers=4, memory_budget=budget, **kwargs)
+    ahead, seen = 0, []
+    for yielded, batch in enumerate(loader, start=1):
+        time.sleep(0.01)  # the loop body: the workers fill what they may
+        ahead = max(ahead, dataset.reads - 4 * yielded)
+        seen.extend(int(x) for x in batch[:, 0])
+    return -(-ahead // 4), seen
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_batches_in_flight_stay_within_the_budget(in_order):
+    """Without a budget, 4 workers x 2 read 8 batches ahead; 3 MiB of 1 MiB batches: 3."""
+    unbounded, seen = most_read_ahead(None, in_order=in_order)
+    bounded, seen_bounded = most_read_ahead(3 * MIB, in_order=in_order)
+    assert unbounded >= 6
+    assert bounded <= 3
+    assert sorted(seen) == sorted(seen_bounded) == list(range(64))
+
+
+def test_the_first_batch_is_read_alone_until_it_says_how_large_batches_are():
+    dataset = Quarters()
+    loader = aload.DataLoader(dataset, batch_size=4, num_workers=4, memory_budget=100 * MIB)
+    it = iter(loader)
+    next(it)
+    time.sleep(0.05)
+    assert dataset.reads <= 4 + 4 * 8  # then as many as the bound allows (8 of 100 fit)
+    rest = sum(len(batch) for batch in it)
+    assert rest == 60
+
+
+def test_a_budget_smaller_than_a_batch_still_reads_one_at_a_time():
+    dataset = Quarters(16)
+    loader = aload.DataLoader(dataset, batch_size=4, num_workers=4, memory_budget=1)
+    seen = [int(x) for batch in loader for x in batch[:, 0]]
+    assert seen == list(range(16))
+
+
+@pytest.mark.parametrize(
+    ("budget", "error"), [(0, ValueError), (-5, ValueError), ("1GB", TypeError), (1.5, TypeError)]
+)
+def test_a_bad_budget_is_refused_naming_it(budget, error):
+    with pytest.raises(error, match="memory_budget"):
+        aload.DataLoader(Quarters(), memory_budget=budget)
+
+
+def test_a_batch_weighs_its_tensors_arrays_and_bytes_at_any_depth():
+    import numpy as np
+
+    batch = {"x": torch.zeros(10, dtype=torch.float64), "y": [np.zeros(4, np.int32), b"abc"]}
+    assert batch_nbytes(batch) == 80 + 16 + 3
+    assert batch_nbytes(("text", 7)) == 0
+
+
+class AwaitedQuarters(Quarters):
+    async def __getitem__(self, index: int) -> torch.Tensor:
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs"),
+    [
+        (Quarters, {"num_workers": 4}),
+        (Quarters, {"num_workers": 2, "worker_mode": "process", "prefetch_factor": 4}),
+        (AwaitedQuarters, {"num_workers": 2, "prefetch_factor": 4}),
+    ],
+    ids=["threads", "processes", "async dataset"],
+)
+def test_every_mode_keeps_its_batches_in_flight_within_the_budget(make, kwargs):
+    """What the loader itself counts in flight after each batch, in each kind of pool."""
+    loader = aload.DataLoader(make(), batch_size=4, memory_budget=2 * MIB, **kwargs)
+    in_flight, seen = [], []
+    for batch in loader:
+        time.sleep(0.005)
+        in_flight.append(loader.stats.epoch.in_flight)
+        seen.extend(int(x) for x in batch[:, 0])
+    assert max(in_flight) <= 2
+    assert sorted(seen) == list(range(64))
