@@ -115,3 +115,17 @@ def test_every_mode_keeps_its_batches_in_flight_within_the_budget(make, kwargs):
         seen.extend(int(x) for x in batch[:, 0])
     assert max(in_flight) <= 2
     assert sorted(seen) == list(range(64))
+
+
+def test_auto_tunes_within_the_budget():
+    """`num_workers="auto"` may try more reads at once; the budget still caps what is in
+    flight (a step past it adds nothing, so the tuner takes it back)."""
+    loader = aload.DataLoader(
+        Quarters(256), batch_size=4, num_workers="auto", memory_budget=2 * MIB
+    )
+    in_flight, seen = [], []
+    for batch in loader:
+        in_flight.append(loader.stats.epoch.in_flight)
+        seen.extend(int(x) for x in batch[:, 0])
+    assert max(in_flight) <= 2
+    assert sorted(seen) == list(range(256))
