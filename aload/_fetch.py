@@ -56,19 +56,12 @@ class JobState(Protocol):
 STAGES = ("read", "map", "collate", "map_batch", "pin")
 _FINISH_STAGES = len(STAGES) - 1
 
-_finishing = threading.local()  # seconds this thread spent in each `Finish` stage, not yet taken
-
-
-def finish_seconds() -> list[float]:
-    """Seconds this thread spent in each stage of `Finish` (map, collate, map_batch, pin)
-    since the last call: whoever runs a job takes them after it, to tell the stages apart."""
-    spent = getattr(_finishing, "seconds", None) or [0.0] * _FINISH_STAGES
-    _finishing.seconds = [0.0] * _FINISH_STAGES
-    return spent
+_finishing = threading.local()  # this thread's seconds in each `Finish` stage, for its job
 
 
 def _finish_clock() -> list[float]:
-    """This thread's running `finish_seconds`, to add to."""
+    """This thread's seconds in each stage of `Finish` (map, collate, map_batch, pin) for the
+    job it runs (`timed_call`), to add to."""
     spent = getattr(_finishing, "seconds", None)
     if spent is None:
         spent = _finishing.seconds = [0.0] * _FINISH_STAGES
@@ -78,18 +71,17 @@ def _finish_clock() -> list[float]:
 def timed_call(work: Callable[..., Batch], *args: Any) -> tuple[Batch, tuple[float, ...]]:
     """`work(*args)`, and the seconds it took on this thread in each of `STAGES` (reading is
     what `Finish` did not take): how a worker times the job it runs, for the stats."""
-    finish_seconds()  # what this thread finished before is not this job's
+    finishing = _finishing.seconds = [0.0] * _FINISH_STAGES  # this job's, from now on
     started = time.perf_counter()
     batch = work(*args)
     took = time.perf_counter() - started
-    finishing = finish_seconds()
     return batch, (took - sum(finishing), *finishing)
 
 
 class Finish:
     """What follows the reads of a batch, on the same worker: map each sample (`transform`),
     collate, map the batch (`batch_transform`), pin. Kept in one place so every kind of
-    reader ends a batch the same way; each stage's time is counted (`finish_seconds`)."""
+    reader ends a batch the same way; each stage's time is counted (`timed_call`)."""
 
     def __init__(
         self,

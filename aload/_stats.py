@@ -98,29 +98,31 @@ class EpochStats:
         """The stage called `name`, or None where the epoch has none."""
         return next((stage for stage in self.stages if stage.name == name), None)
 
+    def _measure(self, name: str, measure: str) -> float:
+        """A stage's `measure` ("seconds", "busy_fraction"); 0 where the epoch has no such
+        stage."""
+        stage = self.stage(name)
+        return 0.0 if stage is None else float(getattr(stage, measure))
+
     @property
     def read_seconds(self) -> float:
         """Time spent reading samples, summed over the readers."""
-        read = self.stage("read")
-        return 0.0 if read is None else read.seconds
+        return self._measure("read", "seconds")
 
     @property
     def collate_seconds(self) -> float:
         """Time spent in `collate_fn`, summed over the workers."""
-        collate = self.stage("collate")
-        return 0.0 if collate is None else collate.seconds
+        return self._measure("collate", "seconds")
 
     @property
     def read_busy_fraction(self) -> float:
         """Share of the readers' time spent reading (1: a read in every slot, always)."""
-        read = self.stage("read")
-        return 0.0 if read is None else read.busy_fraction
+        return self._measure("read", "busy_fraction")
 
     @property
     def collate_busy_fraction(self) -> float:
         """Share of the workers' time spent collating."""
-        collate = self.stage("collate")
-        return 0.0 if collate is None else collate.busy_fraction
+        return self._measure("collate", "busy_fraction")
 
     @property
     def worker_busy_fraction(self) -> float:

@@ -76,17 +76,6 @@ _FIXED = ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "per
 _FIXED_HERE = ("distributed",)
 
 
-def _where(workers: WorkerPool | None) -> str:
-    """What a pool's workers are, for the stats' stages."""
-    if isinstance(workers, ThreadPool):
-        return "worker threads"
-    if isinstance(workers, ProcessPool):
-        return "worker processes"
-    if isinstance(workers, RayPool):
-        return "Ray actors"
-    return "the consumer"
-
-
 class DataLoader(Generic[T_co]):
     """Batches from a dataset, for `async for` in a coroutine or a plain `for` loop.
 
@@ -551,13 +540,10 @@ class DataLoader(Generic[T_co]):
 
     def _name_stages(self, meter: EpochMeter, pool: WorkerPool) -> None:
         """Tell the epoch's stats its stages, and where its reads and the later stages run."""
-        workers = pool.cpu if isinstance(pool, LoopPool) else pool
-        meter.read_where = meter.workers_where = _where(workers)
-        if isinstance(pool, LoopPool):  # a plain dataset's reads on threads, or awaited
-            threaded = isinstance(self._config.dataset, ThreadedReads)
-            meter.read_where = "worker threads" if threaded else "aload's loop"
-            if workers is None:
-                meter.workers_where = "aload's loop"
+        workers = (pool.cpu or pool) if isinstance(pool, LoopPool) else pool
+        meter.read_where, meter.workers_where = pool.where, workers.where
+        if isinstance(self._config.dataset, ThreadedReads):  # reads on threads of the loop
+            meter.read_where = "worker threads"
         workers_pin = self._pin and not isinstance(workers, _READS_BY_PLAN)  # else the parent
         meter.stages = stage_names(self._config, workers_pin)
 

@@ -164,12 +164,26 @@ class Plan:
             "distributed": distributed,
         }
         first = loop() if is_async_map_style(dataset) else CONSUMER
-        object.__setattr__(self, "dataset", dataset)
-        object.__setattr__(self, "batching", batching)
-        object.__setattr__(self, "stages", (Stage("read", on=first), Stage("collate")))
+        stages = (Stage("read", on=first), Stage("collate"))
         # The read's and the device's other arguments, as `DataLoader` defaults them.
         extras = {"retry": None, "max_skipped": 0, "to_device": None, "device_transform": None}
-        object.__setattr__(self, "extras", extras)
+        self._assemble(dataset, batching, stages, extras)
+
+    def _assemble(
+        self,
+        dataset: Any,
+        batching: Mapping[str, Any],
+        stages: tuple[Stage, ...],
+        extras: Mapping[str, Any],
+    ) -> None:
+        """Set the fields of this (frozen) plan."""
+        for name, value in (
+            ("dataset", dataset),
+            ("batching", batching),
+            ("stages", stages),
+            ("extras", extras),
+        ):
+            object.__setattr__(self, name, value)
 
     def read(self, on: Executor, *, retry: Retry | None = None, max_skipped: int = 0) -> Plan:
         """Read samples `on` these workers (`threads(n)`, `processes(n)`, `ray_actors(n)`;
@@ -261,13 +275,7 @@ class Plan:
         kept = [s for s in self.stages if s.name != stage.name]
         stages = sorted([*kept, stage], key=lambda s: _ORDER.index(s.name))
         changed = object.__new__(Plan)
-        for name, value in (
-            ("dataset", self.dataset),
-            ("batching", self.batching),
-            ("stages", tuple(stages)),
-            ("extras", {**self.extras, **extras}),
-        ):
-            object.__setattr__(changed, name, value)
+        changed._assemble(self.dataset, self.batching, tuple(stages), {**self.extras, **extras})
         return changed
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from torch.utils.data import Dataset
+from conftest import Indexed
 
 import aload
 from aload._scheduler import batch_nbytes
@@ -14,24 +14,15 @@ from aload._scheduler import batch_nbytes
 MIB = 2**20
 
 
-class Quarters(Dataset):
-    """Each sample is 256 KiB (a batch of 4 is 1 MiB). Reads are logged in a list that every
-    thread worker's replica shares."""
+class Quarters(Indexed):
+    """Each sample is 256 KiB (a batch of 4 is 1 MiB); `reads` counts across thread workers'
+    replicas."""
 
     def __init__(self, n: int = 64) -> None:
-        self.n = n
-        self.read_log: list[int] = []
-
-    @property
-    def reads(self) -> int:
-        return len(self.read_log)
-
-    def __len__(self) -> int:
-        return self.n
+        super().__init__(n)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        self.read_log.append(index)
-        return torch.full((64 * 1024,), float(index))
+        return torch.full((64 * 1024,), float(super().__getitem__(index)))
 
 
 def most_read_ahead(budget: int | None, **kwargs) -> tuple[int, list[int]]:

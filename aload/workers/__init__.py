@@ -23,6 +23,8 @@ class Job(Protocol):
 class WorkerPool(Protocol):
     """Runs jobs on workers; `submit` never blocks."""
 
+    where: str  # what runs its jobs ("worker threads", ...), for the stats' stages
+
     def submit(self, job: Job, worker: int | None = None) -> None:
         """Queue `job`, on worker `worker` when the pool has one queue per worker."""
 

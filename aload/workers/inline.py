@@ -9,6 +9,8 @@ from . import Job
 class InlinePool:
     """Runs a job inside `submit`, so the caller loads its own batches, one at a time."""
 
+    where = "the consumer"  # what runs its jobs, for the stats' stages
+
     def submit(self, job: Job, worker: int | None = None) -> None:
         job.run()
 

@@ -66,6 +66,8 @@ class LoopPool:
         max_concurrency: fetcher tasks, so item reads in flight at most, across batches.
     """
 
+    where = "aload's loop"  # what runs its jobs, for the stats' stages
+
     def __init__(
         self,
         dataset: Any,

@@ -68,6 +68,8 @@ class ProcessPool:
             (with `background`, each job fails with it instead).
     """
 
+    where = "worker processes"  # what runs its jobs, for the stats' stages
+
     def __init__(
         self,
         num_workers: int,
@@ -295,11 +297,7 @@ class ProcessPool:
                 outstanding.clear()
         for job in jobs:
             job.fail(_pool_failed(error))
-        for process in self._processes:
-            with contextlib.suppress(Exception):
-                process.kill()
-                process.join(_GRACE_SECONDS)
-                remove_left_shared_memory(process.pid)
+        self._terminate(_GRACE_SECONDS)
 
     def _collect_until_reaped(self) -> None:
         open_results = dict(enumerate(self._results))
@@ -377,11 +375,12 @@ class ProcessPool:
             what = f"DataLoader worker (pid {pid}) exited unexpectedly with exit code {code}."
         return RuntimeError(f"{what} It was aload worker {worker}, loading {job.describe()}")
 
-    def _terminate(self) -> None:
+    def _terminate(self, timeout: float | None = None) -> None:
+        """Kill every worker, wait for it (up to `timeout` each) and remove what it left."""
         for process in self._processes:
             with contextlib.suppress(Exception):
                 process.kill()
-                process.join()
+                process.join(timeout)
                 remove_left_shared_memory(process.pid)
 
 

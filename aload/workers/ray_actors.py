@@ -142,6 +142,8 @@ class RayPool:
             (`num_cpus`, `resources`, `scheduling_strategy`, `label_selector`, ...).
     """
 
+    where = "Ray actors"  # what runs its jobs, for the stats' stages
+
     def __init__(
         self,
         num_workers: int,

@@ -32,6 +32,8 @@ class ThreadPool:
             queue and the first free thread takes the next job.
     """
 
+    where = "worker threads"  # what runs its jobs, for the stats' stages
+
     def __init__(
         self,
         num_workers: int,
