@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -194,6 +195,10 @@ def test_an_async_datasets_cpu_processes_stay_between_epochs_when_persistent(per
         pids |= {int(pid) for pid_batch, _ in batches for pid in pid_batch}
     assert len(pids) <= 2 if persistent else len(pids) > 2
     loader.close()
+    deadline = time.monotonic() + 5  # every process reaped, persistent ones by close()
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert multiprocessing.active_children() == []
 
 
 def test_worker_processes_transform_each_sample_of_a_batch_sampler_batch():

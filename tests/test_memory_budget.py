@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
 import torch
 from conftest import Indexed
+from loop_pauses import best_pause
 
 import aload
 from aload._scheduler import batch_nbytes
@@ -120,3 +122,24 @@ def test_auto_tunes_within_the_budget():
         seen.extend(int(x) for x in batch[:, 0])
     assert max(in_flight) <= 2
     assert sorted(seen) == list(range(256))
+
+
+@pytest.mark.anyio
+async def test_a_budget_under_async_for_keeps_the_loop_running(anyio_backend):
+    """The budget is applied as batches are delivered, on the caller's loop: it must not
+    stall it, and loses nothing."""
+    loader = aload.DataLoader(
+        Quarters(), batch_size=4, num_workers=2, memory_budget=2 * MIB, persistent_workers=True
+    )
+    seen: list[int] = []
+
+    async def run() -> None:
+        seen.clear()
+        async for batch in loader:
+            seen.extend(int(x) for x in batch[:, 0])
+
+    gc.collect()
+    pause = await best_pause(run, 0.03, tries=2)
+    await loader.aclose()
+    assert sorted(seen) == list(range(64))
+    assert pause < 0.03

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import os
 import re
 import threading
@@ -357,6 +358,19 @@ def test_threaded_reads_run_beside_the_loop_and_the_map_in_other_processes():
     assert len(read_threads) <= 4
     assert {pid for _, pid, _, _ in samples} == {os.getpid()}  # read here
     assert os.getpid() not in {mapped for _, _, mapped, _ in samples}  # mapped there
+    # The read threads end with the epoch's loop, the processes with the epoch.
+    deadline = time.monotonic() + 5
+    while (leftover(read_threads) or multiprocessing.active_children()) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert leftover(read_threads) == set()
+    assert multiprocessing.active_children() == []
+
+
+def leftover(names: set[str]) -> set[str]:
+    """The threads of these names still alive."""
+    return {thread.name for thread in threading.enumerate()} & names
 
 
 def test_only_threads_then_processes_split_a_plain_datasets_read_from_its_map():
