@@ -220,7 +220,8 @@ def capture_start(config: LoaderConfig, epoch: int, *, starting: bool) -> dict[s
 
     `starting`: the epoch starts now, so the global RNG it will draw from is recorded too;
     otherwise (a state saved between epochs) the next epoch draws afresh when it starts.
-    `base_seed` and `drew_base_seed` are filled in once the epoch has its workers.
+    `base_seed` and `drew_base_seed` are filled in once the epoch has its workers. The
+    generators' states are kept as tensors (copies) until a state is saved (`plain_start`).
     """
     samplers = []
     for sampler in _samplers(config):
@@ -228,7 +229,7 @@ def capture_start(config: LoaderConfig, epoch: int, *, starting: bool) -> dict[s
         if hasattr(sampler, "state_dict") and hasattr(sampler, "load_state_dict"):
             samplers.append({"state_dict": sampler.state_dict()})
         elif isinstance(generator, torch.Generator):
-            samplers.append({"generator": as_text(generator.get_state())})
+            samplers.append({"generator": generator.get_state()})
         elif generator is not None:
             samplers.append({"unreplayable": type(sampler).__name__})
         else:
@@ -244,12 +245,31 @@ def capture_start(config: LoaderConfig, epoch: int, *, starting: bool) -> dict[s
     own = config.generator
     return {
         "epoch": epoch,
-        "generator": None if own is None else as_text(own.get_state()),
-        "global_rng": as_text(torch.get_rng_state()) if own is None and starting else None,
+        "generator": None if own is None else own.get_state(),
+        "global_rng": torch.get_rng_state() if own is None and starting else None,
         "samplers": samplers,
         "dataset": dataset_state,
         "base_seed": None,
         "drew_base_seed": True,
+    }
+
+
+def plain_start(start: dict[str, Any]) -> dict[str, Any]:
+    """`start` as plain data, for a saved state: its generators' states as text (`as_text`),
+    encoded only now, not at every epoch's start."""
+
+    def text(rng_state: Any) -> Any:
+        return as_text(rng_state) if isinstance(rng_state, torch.Tensor) else rng_state
+
+    samplers = [
+        {**saved, "generator": text(saved["generator"])} if "generator" in saved else saved
+        for saved in start["samplers"]
+    ]
+    return {
+        **start,
+        "generator": text(start["generator"]),
+        "global_rng": text(start["global_rng"]),
+        "samplers": samplers,
     }
 
 

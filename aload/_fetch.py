@@ -7,6 +7,7 @@ otherwise (retried, or skipped within the failure budget, as the loader was told
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -270,7 +271,7 @@ def _plain_map_reader(
         alone = on_one_thread(gather)
         # Fewer rows than this make ops too small for torch to parallelise: the thread's
         # setting need not change (three calls into the OpenMP runtime, ~1 us a batch).
-        serial_rows = SERIAL_ELEMENTS // max(1, row_elements(gather))
+        serial_rows = SERIAL_ELEMENTS // max(1, row_elements(dataset))
         finished = finish.batch if finish.after_collate else None
 
         def read_gathered(job: JobState) -> Batch:
@@ -328,25 +329,26 @@ def batch_gather(dataset: Any, finish: Finish) -> Gather | None:
     return vectorized_gather(dataset, pin=finish.pin)
 
 
-def _one_row(gather: Gather) -> list[torch.Tensor]:
-    """The tensors of one row read by `gather` (from a dataset of at least one row)."""
-    row = gather(torch.zeros(1, dtype=torch.long))
-    return row if isinstance(row, list) else [row]
+def row_tensors(dataset: Any) -> list[tuple[int, int]]:
+    """The (elements, bytes) of each tensor in one row that `vectorized_gather(dataset)`
+    reads, from the dataset's shapes alone (no read, so nothing runs at construction)."""
+    if isinstance(dataset, torch.Tensor | np.ndarray):
+        row = math.prod(dataset.shape[1:])
+        return [(row, row * dataset.itemsize)]
+    if isinstance(dataset, Subset):
+        return row_tensors(dataset.dataset)
+    return [t for tensor in dataset.tensors for t in row_tensors(tensor)]
 
 
-def batch_bytes(gather: Gather, batch_size: int) -> int:
-    """The bytes of a batch of `batch_size` rows read by `gather`: one row's times the batch
-    size."""
-    return batch_size * sum(t.nbytes for t in _one_row(gather))
+def batch_bytes(dataset: Any, batch_size: int) -> int:
+    """The bytes of a batch of `batch_size` rows that `vectorized_gather(dataset)` reads."""
+    return batch_size * sum(size for _, size in row_tensors(dataset))
 
 
-def row_elements(gather: Gather) -> int:
-    """The elements of the widest tensor of a row read by `gather` (0 for an empty dataset):
+def row_elements(dataset: Any) -> int:
+    """The elements of the widest tensor of a row that `vectorized_gather(dataset)` reads:
     each tensor is gathered by its own op."""
-    try:
-        return max(t.numel() for t in _one_row(gather))
-    except IndexError:
-        return 0
+    return max((elements for elements, _ in row_tensors(dataset)), default=0)
 
 
 def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:
@@ -370,7 +372,7 @@ def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:
         if all(t.layout is torch.strided for t in tensors):
             if pin:
                 return lambda index: [pinned_rows(t, index) for t in tensors]
-            return lambda index: [rows(t, index) for t in tensors]
+            return partial(_all_rows, tensors)
         return None
     if kind.__getitem__ is Subset.__getitem__ and kind.__getitems__ is Subset.__getitems__:
         inner = vectorized_gather(dataset.dataset, pin)
@@ -390,6 +392,14 @@ def rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.index_select(tensor, 0, index)
     except IndexError:
         return tensor[index]
+
+
+def _all_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+    """`rows` of each tensor, in one frame (this runs once per batch of an in-memory epoch)."""
+    try:
+        return [torch.index_select(tensor, 0, index) for tensor in tensors]
+    except IndexError:
+        return [tensor[index] for tensor in tensors]
 
 
 def pinned_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -133,14 +133,6 @@ class _Job:
             return
         self.deliver(value)
 
-    def run_here(self) -> None:
-        """`run`, for a job read by the consumer as it takes it: nothing can cancel it, and
-        the outcome stays on the job (nobody else waits for it)."""
-        try:
-            self.value = self.read(self)
-        except BaseException as error:
-            self.error = error
-
     async def arun(self) -> None:
         """`run`, for a job whose read is a coroutine (async datasets, on aload's loop)."""
         if self.cancelled:
@@ -601,7 +593,10 @@ class Epoch:
             self._source_done = True
             return None
         job = _Job(*spec, self._read, self._mailbox)
-        job.run_here()
+        try:  # read on the consumer's thread: nothing can cancel it, nobody else waits for it
+            job.value = self._read(job)
+        except BaseException as error:
+            job.error = error
         if job.state is not None:
             self._delivered.arrived(job.worker, job.state)
         if job.worker is not None:  # a worker's stream (map-style batches have no worker)

@@ -23,6 +23,7 @@ from ._checkpoint import (
     capture_start,
     check_resumable,
     has_state,
+    plain_start,
     rank_part,
     readable,
     replaying_draws,
@@ -33,7 +34,7 @@ from ._config import LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
 from ._elastic import resplit_indices
-from ._fetch import Finish, Gather, batch_bytes, batch_gather, map_reader, per_worker_reader
+from ._fetch import Finish, batch_bytes, batch_gather, map_reader, per_worker_reader
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
@@ -243,9 +244,9 @@ class DataLoader(Generic[T_co]):
             finish = config.finish(pin=False)
             gather = batch_gather(config.dataset, finish)
         self._gathers = gather is not None
-        self._gathers_in_place = gather is not None and self._small_gathers(config, gather)
+        self._gathers_in_place = gather is not None and self._small_gathers(config)
 
-    def _small_gathers(self, config: LoaderConfig, gather: Gather) -> bool:
+    def _small_gathers(self, config: LoaderConfig) -> bool:
         """Whether each gathered batch is so small (`IN_PLACE_GATHER_BYTES`) that handing it
         to a worker thread costs more than reading it: then the consumer's thread (or loop)
         gathers it, as it would with 0 workers. No user code runs in such a read, so nothing
@@ -255,7 +256,8 @@ class DataLoader(Generic[T_co]):
         batch_size = config.batch_size or getattr(config.batch_sampler, "batch_size", None)
         if not isinstance(batch_size, int):
             return False
-        return len(config.dataset) > 0 and batch_bytes(gather, batch_size) <= IN_PLACE_GATHER_BYTES
+        dataset = config.dataset
+        return len(dataset) > 0 and batch_bytes(dataset, batch_size) <= IN_PLACE_GATHER_BYTES
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Attributes as torch has them: those that decide the batches cannot change (torch's
@@ -363,7 +365,8 @@ class DataLoader(Generic[T_co]):
             if self._persistent_pool is not None:  # the next epoch draws no base seed
                 start["base_seed"], start["drew_base_seed"] = self._persistent_seed, False
             delivered = self._next_delivered()
-        state = whole_state(self._config, {"start": start, "delivered": delivered.to_dict()})
+        part = {"start": plain_start(start), "delivered": delivered.to_dict()}
+        state = whole_state(self._config, part)
         if self._tuner is not None:  # a resumed run starts where this one settled
             state["tuning"] = {"concurrency": self._tuner.concurrency}
         return state
