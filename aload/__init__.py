@@ -3,6 +3,8 @@
 from types import FunctionType as _FunctionType
 
 from ._errors import LoaderTimeoutError as LoaderTimeoutError
+from ._mode import ModeChoice as ModeChoice
+from ._mode import WorkerModeTuning as WorkerModeTuning
 from ._retry import Retry as Retry
 from ._sample_random import SampleRandom as SampleRandom
 from ._sample_random import sample_random as sample_random
@@ -38,6 +40,7 @@ __all__ = [
     "Executor",
     "LoaderStats",
     "LoaderTimeoutError",
+    "ModeChoice",
     "Padded",
     "Plan",
     "Retry",
@@ -46,6 +49,7 @@ __all__ = [
     "StageStats",
     "Tuning",
     "WorkerInfo",
+    "WorkerModeTuning",
     "default_collate",
     "default_convert",
     "get_worker_info",

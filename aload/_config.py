@@ -190,8 +190,11 @@ def resolve_config(
         raise ValueError(f"drop_last should be a boolean value, but got drop_last={drop_last}")
     if persistent_workers and num_workers == 0:
         raise ValueError("persistent_workers option needs num_workers > 0")
+    chooses_mode = worker_mode == AUTO
+    if chooses_mode:  # threads to begin with: the loader moves them (`_mode`)
+        worker_mode = "thread"
     if worker_mode not in WORKER_MODES:
-        raise ValueError(f"worker_mode must be one of {WORKER_MODES}, got {worker_mode!r}")
+        raise ValueError(f"worker_mode must be one of {(*WORKER_MODES, AUTO)}, got {worker_mode!r}")
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0
     ):
@@ -244,6 +247,8 @@ def resolve_config(
 
     iterable = is_iterable_style(dataset)
     asynchronous = is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__"))
+    if chooses_mode:
+        _check_auto_mode(asynchronous, ray_options)
     _check_ray(worker_mode, num_workers, asynchronous, ray_options)
     # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
     prefetch_factor = _check_prefetch_factor(prefetch_factor, num_workers > 0 or asynchronous)
@@ -436,6 +441,18 @@ def _auto_workers(dataset: Any, worker_mode: str) -> int:
             "are max_concurrency at once: give num_workers a number"
         )
     return max(32, 2 * (os.cpu_count() or 1))
+
+
+def _check_auto_mode(asynchronous: bool, ray_options: Any) -> None:
+    """Refuse `worker_mode="auto"` where there is nothing to choose, saying what to pass."""
+    if asynchronous:
+        raise ValueError(
+            "worker_mode='auto' chooses where a dataset's reads run; an async dataset's reads "
+            "are awaited on aload's loop: give worker_mode 'thread' or 'process' for the "
+            "workers that finish its batches"
+        )
+    if ray_options is not None:
+        raise ValueError("ray_options is for worker_mode='ray', got worker_mode='auto'")
 
 
 def _auto_concurrency(dataset: Any) -> int:

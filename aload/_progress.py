@@ -31,4 +31,4 @@ def watch_progress(meter: EpochMeter, total: int | None) -> None:
         bar.update(1)
 
     meter.on_batch = on_batch
-    meter.on_end = bar.close
+    meter.on_end.append(bar.close)

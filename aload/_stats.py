@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._fetch import STAGES
+from ._mode import WorkerModeTuning
 from ._retry import Reads, Retry
 from ._tuner import Tuning
 
@@ -179,6 +180,8 @@ class LoaderStats:
         epoch: the current or last epoch's stats, or None before the first.
         tuning: with `num_workers="auto"` or `max_concurrency="auto"`, how many reads run
             at once and why (an `aload.Tuning`); None otherwise.
+        worker_mode: with `worker_mode="auto"`, the workers in use and each epoch's verdict
+            (an `aload.WorkerModeTuning`); None otherwise.
     """
 
     epochs: int
@@ -191,6 +194,7 @@ class LoaderStats:
     skipped_indices: tuple[Any, ...]
     epoch: EpochStats | None
     tuning: Tuning | None = None
+    worker_mode: WorkerModeTuning | None = None
 
     @property
     def wait_fraction(self) -> float:
@@ -229,7 +233,7 @@ class EpochMeter:
         self.read_clock: Any = None  # reads timed elsewhere (aload's fetchers), if any
         self.read_clock_start = 0.0
         self.on_batch = on_batch
-        self.on_end: Callable[[], None] | None = None
+        self.on_end: list[Callable[[], None]] = []  # told when the epoch runs out
         self.batches = self.samples = 0
         self.wait = self.body = 0.0
         self.depth_sum = self.max_depth = self.in_flight = 0
@@ -293,8 +297,8 @@ class EpochMeter:
             stats.retries,
             stats.skipped,
         )
-        if self.on_end is not None:
-            self.on_end()
+        for told in self.on_end:
+            told()
 
     def _stages(self, seconds: float) -> tuple[StageStats, ...]:
         """The epoch's stages as measured so far, over `seconds` of the epoch."""
@@ -318,10 +322,14 @@ class EpochMeter:
             )
         return tuple(stages)
 
+    def elapsed(self) -> float:
+        """Seconds from the first batch asked for to the last handed over (or now)."""
+        if self.first_ask is None:
+            return 0.0
+        return (self.last_handover or time.perf_counter()) - self.first_ask
+
     def snapshot(self) -> EpochStats:
-        seconds = 0.0
-        if self.first_ask is not None:
-            seconds = (self.last_handover or time.perf_counter()) - self.first_ask
+        seconds = self.elapsed()
         return EpochStats(
             epoch=self.epoch,
             batches=self.batches,
@@ -363,7 +371,9 @@ class StatsKeeper:
             self._past_skipped.extend(oldest.reads.skipped)
         return meter
 
-    def snapshot(self, tuning: Tuning | None = None) -> LoaderStats:
+    def snapshot(
+        self, tuning: Tuning | None = None, worker_mode: WorkerModeTuning | None = None
+    ) -> LoaderStats:
         recent = [meter.snapshot() for meter in self._meters]
         totals = self._past
         for stats in recent:
@@ -382,6 +392,7 @@ class StatsKeeper:
             skipped_indices=tuple(skipped),
             epoch=recent[-1] if recent else None,
             tuning=tuning,
+            worker_mode=worker_mode,
         )
 
 

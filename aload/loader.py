@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
@@ -30,11 +31,12 @@ from ._checkpoint import (
     restore_start,
     whole_state,
 )
-from ._config import LoaderConfig, resolve_config
+from ._config import AUTO, LoaderConfig, resolve_config
 from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
 from ._elastic import resplit_indices
 from ._fetch import Finish, batch_bytes, batch_gather, map_reader, per_worker_reader
+from ._mode import ModeChooser
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._retry import Reads, Retry
@@ -123,7 +125,9 @@ class DataLoader(Generic[T_co]):
             at once), or "process", for datasets whose Python code holds the GIL. Process
             workers get the dataset once, at start; batches come back through shared memory.
             "ray": `num_workers` actors on the Ray cluster this process is connected to
-            (`ray.init()` first), for more CPUs than this machine has.
+            (`ray.init()` first), for more CPUs than this machine has. "auto": threads,
+            moved to processes from the next epoch on when an epoch shows the threads'
+            reads holding the GIL while training waits; `loader.stats.worker_mode` says why.
         multiprocessing_context: for process workers: "fork", "spawn", "forkserver" or a
             context. The default is torch's: Python's default start method (fork on Linux up
             to Python 3.13, forkserver from 3.14, spawn on macOS). A fork server imports
@@ -224,6 +228,12 @@ class DataLoader(Generic[T_co]):
     def _configure(self, config: LoaderConfig) -> None:
         """Adopt a validated configuration (at construction, and when an attribute is set)."""
         object.__setattr__(self, "_config", config)
+        chooser = getattr(self, "_mode_chooser", None)  # a verdict stands for the same workers
+        self._mode_chooser = None
+        if self._arguments["worker_mode"] == AUTO and config.num_workers > 0:
+            if chooser is None or chooser.workers != config.num_workers:
+                chooser = ModeChooser(config.num_workers)
+            self._mode_chooser = chooser
         settled = getattr(self, "_tuner", None)  # an attribute set later keeps what it found
         self._tuner = None
         if config.tuned:  # the threads' reads, or an async dataset's on aload's loop
@@ -293,7 +303,14 @@ class DataLoader(Generic[T_co]):
     prefetch_factor = property(lambda self: self._config.prefetch_factor)
     persistent_workers = property(lambda self: self._config.persistent_workers)
     in_order = property(lambda self: self._config.in_order)
-    worker_mode = property(lambda self: self._config.worker_mode)
+
+    @property
+    def worker_mode(self) -> str:
+        """The workers the next epoch runs on ("auto" chooses: `stats.worker_mode` says
+        why)."""
+        chooser = self._mode_chooser
+        return self._config.worker_mode if chooser is None else chooser.worker_mode
+
     ray_options = property(lambda self: dict(self._config.ray_options))
     distributed = property(lambda self: self._config.distributed)
     transform = property(lambda self: self._config.transform)
@@ -317,7 +334,11 @@ class DataLoader(Generic[T_co]):
         """What the loader measured: totals over its epochs, and the current epoch's stats
         (batches, samples/s, time waiting for data against time in the loop body, queue
         depth, batches in flight, retries, skipped samples)."""
-        return self._stats.snapshot(None if self._tuner is None else self._tuner.snapshot())
+        chooser = self._mode_chooser
+        return self._stats.snapshot(
+            None if self._tuner is None else self._tuner.snapshot(),
+            None if chooser is None else chooser.snapshot(),
+        )
 
     def __len__(self) -> int:
         """Batches per epoch, as torch counts them (for an iterable, from `len(dataset)`)."""
@@ -367,8 +388,13 @@ class DataLoader(Generic[T_co]):
             delivered = self._next_delivered()
         part = {"start": plain_start(start), "delivered": delivered.to_dict()}
         state = whole_state(self._config, part)
-        if self._tuner is not None:  # a resumed run starts where this one settled
-            state["tuning"] = {"concurrency": self._tuner.concurrency}
+        tuning: dict[str, Any] = {}  # a resumed run starts where this one settled
+        if self._tuner is not None:
+            tuning["concurrency"] = self._tuner.concurrency
+        if self._mode_chooser is not None:
+            tuning["worker_mode"] = self._mode_chooser.worker_mode
+        if tuning:
+            state["tuning"] = tuning
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -388,8 +414,11 @@ class DataLoader(Generic[T_co]):
         """
         state = readable(state, self._config)
         check_resumable(state, self._config)
-        if self._tuner is not None and "tuning" in state:
-            self._tuner.resume(state["tuning"]["concurrency"])
+        tuning = state.get("tuning", {})
+        if self._tuner is not None and "concurrency" in tuning:
+            self._tuner.resume(tuning["concurrency"])
+        if self._mode_chooser is not None and "worker_mode" in tuning:
+            self._mode_chooser.resume(tuning["worker_mode"])
         for epoch in list(self._epochs):  # as torchdata's StatefulDataLoader drops its iterator
             epoch.stop()
         # Resumed as a fresh loader resumes it, by new workers: running ones have read (and
@@ -460,6 +489,9 @@ class DataLoader(Generic[T_co]):
         self.close()
 
     def _epoch(self, blocking: bool) -> EpochIterator:
+        chooser = self._mode_chooser
+        if chooser is not None and chooser.worker_mode != self._config.worker_mode:
+            self._adopt_mode(chooser)
         config = self._config
         start, delivered, resumed = self._start_epoch()
         meter = self._stats.new_epoch(self._next_epoch - 1, config.retry, config.max_skipped)
@@ -538,8 +570,52 @@ class DataLoader(Generic[T_co]):
             tuning=None if inline else self._tuning(pool, meter),
             memory_budget=config.memory_budget,
         )
+        self._judge_mode(meter, pool, start["epoch"])
         self._epochs.add(epoch)
         return EpochIterator(epoch)
+
+    def _adopt_mode(self, chooser: ModeChooser) -> None:
+        """Move to the workers `worker_mode="auto"` chose, as setting `worker_mode` would
+        (the samplers kept; persistent workers of the mode before stop). Where those workers
+        cannot take the loader's arguments (a start method that pickles, and an argument
+        that cannot be pickled), the workers stay, and the verdict says why."""
+        old = self._config
+        try:
+            config = resolve_config(**{**self._arguments, "worker_mode": chooser.worker_mode})
+        except (TypeError, ValueError) as error:
+            chooser.refused(old.worker_mode, str(error))
+            return
+        config = dataclasses.replace(config, sampler=old.sampler, batch_sampler=old.batch_sampler)
+        self._configure(config)
+        self._stop_persistent()
+
+    def _judge_mode(self, meter: EpochMeter, pool: WorkerPool, epoch: int) -> None:
+        """With `worker_mode="auto"`, have the epoch judged when it runs out (`_mode`): on
+        thread workers, by the CPU time the loading takes from now on; on processes, by its
+        speed."""
+        chooser = self._mode_chooser
+        if chooser is None or chooser.settled:
+            return
+        if isinstance(pool, ProcessPool):
+            meter.on_end.append(
+                lambda: chooser.judge_processes(epoch, meter.elapsed(), meter.samples)
+            )
+            return
+        if not isinstance(pool, ThreadPool):
+            return
+        # Persistent threads: what earlier epochs used is subtracted.
+        workers_before, consumer_before = pool.cpu_seconds(), time.thread_time()
+        process_before = time.process_time()
+
+        def judge() -> None:
+            workers = pool.cpu_seconds() - workers_before
+            consumer = time.thread_time() - consumer_before
+            helpers = max(0.0, time.process_time() - process_before - workers - consumer)
+            seconds = meter.elapsed()
+            waited = min(1.0, meter.wait / seconds) if seconds > 0 else 0.0
+            chooser.judge_threads(epoch, seconds, meter.samples, waited, workers, helpers)
+
+        meter.on_end.append(judge)
 
     def _name_stages(self, meter: EpochMeter, pool: WorkerPool) -> None:
         """Tell the epoch's stats its stages, and where its reads and the later stages run."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from queue import Empty, SimpleQueue
 
 from .._intra_op import use_one_thread
@@ -114,6 +115,17 @@ class ThreadPool:
     @property
     def alive_workers(self) -> int:
         return sum(thread.is_alive() for thread in self._threads)
+
+    def cpu_seconds(self) -> float:
+        """The CPU time the running threads have used so far (their own clocks: a thread
+        that holds the GIL, or runs C code without it, counts; one that waits does not)."""
+        total = 0.0
+        for thread in self._threads[: self._started]:
+            if thread.ident is None or not thread.is_alive():
+                continue
+            with suppress(OSError):  # it ended between the check and the read
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        return total
 
     def timed_out(self, job: Job) -> None:
         pass  # a thread cannot be stopped: it ends when its read returns

@@ -1,0 +1,132 @@
+"""`worker_mode="auto"`: thread workers, unless an epoch shows their reads holding the GIL.
+
+Workers start as threads: no copy of the dataset, an instant start. At the end of each epoch
+read on threads in which the consumer waited for data, the CPU time of the loading (the
+worker threads' own clocks, and the helper threads they keep busy: BLAS, OpenMP; the
+consumer's thread left out) is set against the epoch's wall time. Worker threads that kept
+computing (at least `BUSY` of a core together) while the loading never used much more than
+one core (`ONE_CORE`), though at least two workers could run at once, were taking turns on
+the GIL: the next epoch runs on processes. Reads that wait (storage, network) use little
+CPU, and work that releases the GIL (numpy, torch, decoders in C) spreads over the cores:
+both stay on threads, where processes would only add start-up time and memory. An epoch in
+which the consumer did not wait stays on threads too: data does not hold training back.
+
+The first epoch on processes is judged once: if it delivered fewer samples a second than
+the last epoch on threads, the workers go back to threads for good; else they stay.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ._tuner import cpu_budget
+
+logger = logging.getLogger("aload")
+
+# The threads computed for at least this share of one core, together (not more: on a busy
+# machine a thread that wants a core gets a share of one; a wrong guess costs one epoch on
+# processes, which are judged by their speed).
+BUSY = 0.3
+ONE_CORE = 1.3  # ... and used at most this many cores together: one at a time
+WAITING = 0.1  # the consumer waited at least this share of the epoch: data held it back
+MIN_SECONDS = 0.2  # an epoch shorter than this says too little to move on
+SLOWER = 0.05  # processes this much slower than threads: back to threads
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """One epoch's verdict: which workers the next epochs use, and why."""
+
+    epoch: int
+    worker_mode: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkerModeTuning:
+    """What `worker_mode="auto"` chose: the workers in use now ("thread" or "process") and
+    its verdicts, oldest first: the first, each that changed the workers, and the final one."""
+
+    worker_mode: str
+    history: tuple[ModeChoice, ...]
+
+
+class ModeChooser:
+    """Judges the epochs of `workers` workers; `worker_mode` is the choice in force, and
+    `settled` says it is final."""
+
+    def __init__(self, workers: int, budget: float | None = None) -> None:
+        self.workers = workers
+        self.budget = cpu_budget() if budget is None else budget
+        self.worker_mode = "thread"
+        self.settled = False
+        self.history: list[ModeChoice] = []
+        self._threads_rate = 0.0  # samples/s of the last epoch judged on threads
+
+    def snapshot(self) -> WorkerModeTuning:
+        return WorkerModeTuning(self.worker_mode, tuple(self.history))
+
+    def resume(self, worker_mode: str) -> None:
+        """Start with the workers a saved run had chosen, as final."""
+        self.settled = True
+        if worker_mode != self.worker_mode:
+            self._choose(-1, worker_mode, "resumed from a state")
+
+    def judge_threads(
+        self,
+        epoch: int,
+        seconds: float,
+        samples: int,
+        waited: float,
+        workers_cpu: float,
+        helpers_cpu: float,
+    ) -> None:
+        """Epoch `epoch` ran on threads for `seconds`, delivering `samples`; the consumer
+        waited for data `waited` of it; the worker threads computed `workers_cpu` seconds and
+        other threads of the process (not the consumer's) `helpers_cpu`."""
+        if self.settled or self.worker_mode != "thread" or seconds < MIN_SECONDS:
+            return
+        self._threads_rate = samples / seconds
+        parallel = min(self.workers, self.budget)
+        workers, loading = workers_cpu / seconds, (workers_cpu + helpers_cpu) / seconds
+        measured = (
+            f"{self.workers} worker threads computed on {workers:.2f} cores, the loading on "
+            f"{loading:.2f} of {self.budget:g}, while the loop waited {waited:.0%} of the epoch"
+        )
+        if waited < WAITING:
+            self._choose(epoch, "thread", f"{measured}: data does not hold training back")
+        elif parallel < 2:
+            self._choose(epoch, "thread", f"{measured}: no two workers can run at once")
+        elif workers < BUSY:
+            self._choose(epoch, "thread", f"{measured}: the reads wait more than they compute")
+        elif loading > ONE_CORE:
+            self._choose(epoch, "thread", f"{measured}: the reads run in parallel")
+        else:
+            self._choose(epoch, "process", f"{measured}: the reads hold the GIL")
+
+    def judge_processes(self, epoch: int, seconds: float, samples: int) -> None:
+        """The first epoch on processes: keep them if they delivered at least as fast as the
+        threads did, else go back to threads; either way, for good."""
+        if self.settled or self.worker_mode != "process" or seconds <= 0:
+            return
+        self.settled = True
+        rate = samples / seconds
+        measured = f"{rate:,.0f} samples/s on processes, {self._threads_rate:,.0f} on threads"
+        if rate < self._threads_rate * (1 - SLOWER):
+            self._choose(epoch, "thread", f"{measured}: back to threads")
+        else:
+            self._choose(epoch, "process", f"{measured}: staying on processes")
+
+    def refused(self, worker_mode: str, why: str) -> None:
+        """The chosen workers cannot take the loader's arguments: stay on `worker_mode`."""
+        self.settled = True
+        self._choose(-1, worker_mode, f"{self.worker_mode} workers cannot run it: {why}")
+
+    def _choose(self, epoch: int, worker_mode: str, reason: str) -> None:
+        """Put `worker_mode` in force; the history keeps the first verdict, each change and
+        the final one (every verdict is logged)."""
+        if not self.history or self.settled or worker_mode != self.worker_mode:
+            self.history.append(ModeChoice(epoch, worker_mode, reason))
+        self.worker_mode = worker_mode
+        logger.debug("aload: worker_mode='auto': epoch %d: %s -> %s", epoch, reason, worker_mode)

@@ -1,0 +1,242 @@
+"""`worker_mode="auto"`: the verdicts on modelled epochs, then real loaders that start on
+threads and move to processes (or stay) with the batches torch's loader gives."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+import torch
+import torch.utils.data as tud
+from conftest import Indexed, flatten, saved_and_loaded
+from loop_pauses import best_pause
+
+import aload
+from aload._mode import ModeChooser
+
+# -- the verdicts, on epochs described by their measures ------------------------------------
+
+
+def judged(workers=2, budget=2, seconds=1.0, samples=1000, waited=0.5, cpu=1.0, helpers=0.0):
+    chooser = ModeChooser(workers, budget=budget)
+    chooser.judge_threads(0, seconds, samples, waited, cpu, helpers)
+    return chooser
+
+
+@pytest.mark.parametrize("cpu", [0.97, 0.45], ids=["idle machine", "busy machine"])
+def test_threads_that_compute_on_one_core_between_them_move_to_processes(cpu):
+    chooser = judged(cpu=cpu)
+    assert chooser.worker_mode == "process"
+    assert "hold the GIL" in chooser.history[-1].reason
+
+
+@pytest.mark.parametrize(
+    ("measures", "why"),
+    [
+        ({"cpu": 1.9}, "in parallel"),  # the reads release the GIL in the worker threads
+        ({"cpu": 0.9, "helpers": 0.9}, "in parallel"),  # ... or hand work to BLAS threads
+        ({"cpu": 0.05}, "wait more than they compute"),  # storage, network
+        ({"waited": 0.02}, "does not hold training back"),
+        ({"workers": 1}, "no two workers"),
+        ({"budget": 1}, "no two workers"),  # one core: processes cannot add one
+    ],
+)
+def test_threads_stay_where_processes_could_not_help(measures, why):
+    chooser = judged(**measures)
+    assert chooser.worker_mode == "thread"
+    assert why in chooser.history[-1].reason
+
+
+def test_an_epoch_too_short_to_say_anything_leaves_the_choice_open():
+    chooser = judged(seconds=0.05, cpu=0.05)
+    assert (chooser.worker_mode, chooser.history, chooser.settled) == ("thread", [], False)
+
+
+def test_processes_slower_than_the_threads_were_go_back_to_threads_for_good():
+    chooser = judged(samples=1000, cpu=1.0)  # 1,000 samples/s on threads
+    chooser.judge_processes(1, seconds=1.0, samples=800)
+    assert (chooser.worker_mode, chooser.settled) == ("thread", True)
+    assert "back to threads" in chooser.history[-1].reason
+    chooser.judge_threads(2, 1.0, 1000, 0.5, 1.0, 0.0)  # settled: no more verdicts
+    assert chooser.worker_mode == "thread"
+
+
+def test_processes_as_fast_as_threads_or_faster_stay():
+    chooser = judged(samples=1000, cpu=1.0)
+    chooser.judge_processes(1, seconds=1.0, samples=1900)
+    assert (chooser.worker_mode, chooser.settled) == ("process", True)
+    assert [choice.worker_mode for choice in chooser.history] == ["process", "process"]
+
+
+def test_the_history_keeps_changes_not_every_epoch_that_agrees():
+    chooser = ModeChooser(2, budget=2)
+    for epoch in range(5):
+        chooser.judge_threads(epoch, 1.0, 1000, 0.5, 0.05, 0.0)
+    assert len(chooser.history) == 1
+
+
+# -- real loaders -----------------------------------------------------------------------------
+
+
+class HoldsTheGIL(tud.Dataset):
+    """~1 ms of pure Python per item: two threads take turns on the GIL."""
+
+    def __len__(self) -> int:
+        return 480
+
+    def __getitem__(self, index: int) -> int:
+        ends = time.thread_time() + 0.001
+        while time.thread_time() < ends:
+            pass
+        return index
+
+
+class ReleasesTheGIL(tud.Dataset):
+    """Hashing 2 MiB per item: hashlib lets the GIL go, so threads hash on every core."""
+
+    data = os.urandom(2 << 20)
+
+    def __len__(self) -> int:
+        return 720
+
+    def __getitem__(self, index: int) -> int:
+        hashlib.sha256(self.data).digest()
+        return index
+
+
+def as_after_an_epoch_holding_the_gil(loader) -> None:
+    """The verdict of an epoch on threads that held the GIL, at 1 sample/s: the next epoch
+    runs on processes, and keeps them (they cannot be slower)."""
+    loader._mode_chooser.judge_threads(0, 1.0, 1, 0.5, 1.0, 0.0)
+
+
+def torch_epochs(dataset, epochs: int, **kwargs) -> list[list[int]]:
+    loader = tud.DataLoader(dataset, **kwargs)
+    return [flatten(list(loader)) for _ in range(epochs)]
+
+
+needs_two_cores = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="threads and processes differ on two cores"
+)
+
+
+@needs_two_cores
+def test_reads_that_hold_the_gil_move_to_processes_with_torchs_batches():
+    kwargs = {"batch_size": 8, "shuffle": True, "num_workers": 2}
+    loader = aload.DataLoader(
+        HoldsTheGIL(), generator=torch.Generator().manual_seed(3), worker_mode="auto", **kwargs
+    )
+    modes, epochs = [loader.worker_mode], []
+    for _ in range(3):
+        epochs.append(flatten(list(loader)))
+        modes.append(loader.worker_mode)
+    assert modes == ["thread", "process", "process", "process"], loader.stats.worker_mode
+    seeded = torch.Generator().manual_seed(3)
+    assert epochs == torch_epochs(HoldsTheGIL(), 3, generator=seeded, **kwargs)
+    tuning = loader.stats.worker_mode
+    assert tuning is not None
+    assert "hold the GIL" in tuning.history[0].reason
+    # Processes judged against the threads, once, and kept.
+    assert tuning.history[-1].epoch == 1
+    assert "staying on processes" in tuning.history[-1].reason
+
+
+@needs_two_cores
+@pytest.mark.parametrize(
+    ("dataset", "why"),
+    [(ReleasesTheGIL(), "in parallel"), (Indexed(1200, delay=0.002), "wait more")],
+    ids=["releases the GIL", "waits"],
+)
+def test_reads_that_release_the_gil_or_wait_stay_on_threads(dataset, why):
+    """Eight threads: on a machine whose two cores other processes keep busy too, they still
+    get more than one core between them (two threads would get half a core each, and read
+    as GIL-bound: one epoch on processes would then judge them by their speed)."""
+    loader = aload.DataLoader(dataset, batch_size=8, num_workers=8, worker_mode="auto")
+    for _ in range(2):
+        assert flatten(list(loader)) == list(range(len(dataset)))
+    assert loader.worker_mode == "thread"
+    assert why in loader.stats.worker_mode.history[0].reason
+
+
+def test_the_choice_is_saved_and_a_resumed_loader_starts_on_it():
+    loader = aload.DataLoader(Indexed(64), batch_size=8, num_workers=2, worker_mode="auto")
+    as_after_an_epoch_holding_the_gil(loader)
+    state = loader.state_dict()
+    assert state["tuning"] == {"worker_mode": "process"}
+    resumed = aload.DataLoader(Indexed(64), batch_size=8, num_workers=2, worker_mode="auto")
+    resumed.load_state_dict(saved_and_loaded(state))
+    assert flatten(list(resumed)) == list(range(64))
+    assert resumed.worker_mode == "process"
+    assert resumed.stats.worker_mode.history[0].reason == "resumed from a state"
+
+
+def test_persistent_threads_give_way_to_persistent_processes():
+    loader = aload.DataLoader(
+        Indexed(64), batch_size=8, num_workers=2, worker_mode="auto", persistent_workers=True
+    )
+    assert flatten(list(loader)) == list(range(64))
+    threads = loader._persistent_pool
+    as_after_an_epoch_holding_the_gil(loader)
+    assert flatten(list(loader)) == list(range(64))
+    assert loader.worker_mode == "process"
+    assert type(loader._persistent_pool).__name__ == "ProcessPool"
+    assert threads.join(5.0)  # the threads of the mode before ended
+    loader.close()
+
+
+def test_workers_that_cannot_take_the_arguments_stay_threads_and_say_why():
+    loader = aload.DataLoader(
+        Indexed(32),
+        batch_size=8,
+        num_workers=2,
+        worker_mode="auto",
+        multiprocessing_context="spawn",
+        collate_fn=lambda batch: batch,  # a lambda cannot be pickled for spawned workers
+    )
+    as_after_an_epoch_holding_the_gil(loader)
+    assert sorted(flatten(list(loader))) == list(range(32))
+    assert loader.worker_mode == "thread"
+    assert "could not be pickled" in loader.stats.worker_mode.history[-1].reason
+
+
+@pytest.mark.anyio
+async def test_async_for_keeps_the_loop_beating_while_the_workers_move(anyio_backend):
+    loader = aload.DataLoader(
+        Indexed(64, delay=0.001), batch_size=8, num_workers=2, worker_mode="auto"
+    )
+    as_after_an_epoch_holding_the_gil(loader)
+    got: list[list[int]] = []
+
+    async def epoch() -> None:
+        got.append(flatten([batch async for batch in loader]))
+
+    assert await best_pause(epoch, 0.05, tries=2) < 0.05
+    assert got[0] == list(range(64))
+    assert loader.worker_mode == "process"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"num_workers": "auto"}, "num_workers='auto'"),
+        ({"ray_options": {"num_cpus": 1}}, "ray_options"),
+        ({"worker_mode": "processes"}, "worker_mode must be one of"),
+    ],
+)
+def test_auto_refuses_what_it_cannot_choose_for_naming_the_argument(kwargs, names):
+    with pytest.raises(ValueError, match=names):
+        aload.DataLoader(Indexed(8), **{"num_workers": 2, "worker_mode": "auto", **kwargs})
+
+
+def test_auto_refuses_an_async_dataset():
+    class Awaited(tud.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        async def __getitem__(self, index: int) -> int:
+            return index
+
+    with pytest.raises(ValueError, match=r"worker_mode='auto'.*async dataset"):
+        aload.DataLoader(Awaited(), num_workers=2, worker_mode="auto")
