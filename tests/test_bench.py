@@ -187,6 +187,24 @@ def test_the_auto_workloads_set_auto_beside_every_static_setting(tmp_path):
             assert row["median_samples_per_s"] > 0
 
 
+def test_the_worker_mode_workloads_time_auto_over_epochs_beside_both_modes(tmp_path):
+    _, report = bench_report(
+        "--workloads", "auto-mode-gil", "auto-mode-numpy", "--repeats", "1", "--scale", "0.1",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    for workload in report["workloads"]:
+        loaders = [row["loader"] for row in workload["results"]]
+        assert loaders == [
+            "torch workers=2",
+            "aload thread workers=2, for",
+            "aload process workers=2, for",
+            "aload auto workers=2, for",
+        ]
+        for row in workload["results"]:
+            assert row["error"] is None, row
+            assert row["median_samples_per_s"] > 0
+
+
 def test_help_explains_every_workload_and_column(tmp_path):
     from aload.bench.fresh import CASES
     from aload.bench.workloads import WORKLOADS

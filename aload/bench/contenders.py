@@ -76,6 +76,27 @@ def drain_warm(make: Callable[[], Any]) -> Drained:
     return drained
 
 
+def drain_epochs(epochs: int) -> Callable[[Callable[[], Any]], Drained]:
+    """A drive that builds a loader and iterates `epochs` epochs of it with a plain `for`,
+    timed whole: what a loader that learns across epochs (`worker_mode="auto"`) pays for
+    its search, next to loaders that do not search."""
+
+    def drive(make: Callable[[], Iterable[Any]]) -> Drained:
+        started = time.perf_counter()
+        loader = make()
+        samples, first = 0, None
+        for _ in range(epochs):
+            for batch in loader:
+                first = first or time.perf_counter() - started
+                samples += batch_len(batch)
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+        return Drained(samples, first or 0.0, time.perf_counter() - started)
+
+    return drive
+
+
 @dataclass(frozen=True)
 class Contender:
     """One loader configuration: `family` names the loader, `workers` its degree of parallelism."""

@@ -19,6 +19,7 @@ from aload.bench.contenders import (
     Contender,
     aload_loader,
     aload_plan,
+    drain_epochs,
     drain_warm,
     limit_asyncio,
     limit_gather,
@@ -243,6 +244,40 @@ def _auto_gil(s: Settings) -> Workload:
     return _auto_grid("auto-gil", items, data, 8, s.counts(1, 2, 4, 8))
 
 
+def _auto_mode(name: str, items: str, data: Any, workers: int) -> Workload:
+    """`worker_mode="auto"` beside static threads and processes and torch's processes, each
+    a fresh loader over 3 epochs timed whole: auto's figure includes its epoch on threads."""
+    epochs = 3
+    rows = [
+        torch_loader(data, workers, batch_size=32),
+        aload_loader(data, workers, batch_size=32),
+        aload_loader(data, workers, batch_size=32, worker_mode="process"),
+        aload_loader(data, workers, batch_size=32, worker_mode="auto"),
+    ]
+    return Workload(
+        name,
+        f"{items}, batch 32, {workers} workers, {epochs} epochs of a fresh loader timed whole: "
+        "static worker modes against worker_mode='auto'",
+        [dataclasses.replace(row, drive=drain_epochs(epochs)) for row in rows],
+    )
+
+
+def _auto_mode_gil(s: Settings) -> Workload:
+    """Pure-Python items: auto should move to processes after its first epoch."""
+    n = s.items(1024)
+    items = f"~0.5 ms of pure-Python work per item (holds the GIL), {n:,} items"
+    (w,) = s.counts(2)
+    return _auto_mode("auto-mode-gil", items, ds.PythonDataset(n, s.python_rounds), w)
+
+
+def _auto_mode_numpy(s: Settings) -> Workload:
+    """Items whose work releases the GIL: auto should stay on threads."""
+    n = s.items(512)
+    items = f"~2 ms of GIL-releasing numpy work per item, {n:,} items"
+    (w,) = s.counts(2)
+    return _auto_mode("auto-mode-numpy", items, ds.NumpyDataset(n, s.numpy_size), w)
+
+
 def _auto_async(s: Settings) -> Workload:
     """An async store that serves 64 reads at once (5 ms each): 64 at once or more is best."""
     n = s.items(12_000)
@@ -395,6 +430,8 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "auto": _auto,
     "auto-gil": _auto_gil,
     "auto-async": _auto_async,
+    "auto-mode-gil": _auto_mode_gil,
+    "auto-mode-numpy": _auto_mode_numpy,
     "memory": _memory,
     "train-python": _train(training.python_work, "python"),
     "train-numpy": _train(training.numpy_work, "numpy"),
