@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import Indexed, flatten, saved_and_loaded
+from conftest import Indexed, Shards, flatten, saved_and_loaded, take_and_save
 from loop_pauses import best_pause
 
 import aload
@@ -170,6 +170,28 @@ def test_the_choice_is_saved_and_a_resumed_loader_starts_on_it():
     assert flatten(list(resumed)) == list(range(64))
     assert resumed.worker_mode == "process"
     assert resumed.stats.worker_mode.history[0].reason == "resumed from a state"
+
+
+def test_an_epoch_saved_on_the_processes_auto_chose_resumes_exactly_on_them():
+    kwargs = {"batch_size": 4, "shuffle": True, "num_workers": 2, "worker_mode": "auto"}
+    first = aload.DataLoader(Indexed(64), generator=torch.Generator().manual_seed(5), **kwargs)
+    as_after_an_epoch_holding_the_gil(first)
+    whole = flatten(list(first))  # epoch 0, on processes
+    loader = aload.DataLoader(Indexed(64), generator=torch.Generator().manual_seed(5), **kwargs)
+    as_after_an_epoch_holding_the_gil(loader)
+    head, state = take_and_save(loader, 5)
+    resumed = aload.DataLoader(Indexed(64), generator=torch.Generator().manual_seed(5), **kwargs)
+    resumed.load_state_dict(state)
+    assert flatten(head) + flatten(list(resumed)) == whole
+    assert resumed.worker_mode == "process"
+
+
+def test_an_iterable_dataset_moves_to_processes_with_torchs_batches():
+    loader = aload.DataLoader(Shards(40), batch_size=4, num_workers=2, worker_mode="auto")
+    as_after_an_epoch_holding_the_gil(loader)
+    expected = flatten(list(tud.DataLoader(Shards(40), batch_size=4, num_workers=2)))
+    assert flatten(list(loader)) == expected
+    assert loader.worker_mode == "process"
 
 
 def test_persistent_threads_give_way_to_persistent_processes():
