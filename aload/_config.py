@@ -427,9 +427,10 @@ AUTO = "auto"
 
 def _auto_workers(dataset: Any, worker_mode: str) -> int:
     """The threads `num_workers="auto"` may use: enough for reads that wait (on storage, on
-    the network) to overlap, 32 or twice the cores; the tuner decides how many read at once.
-    Refused where it cannot tune yet, saying what to pass instead."""
-    if worker_mode != "thread":
+    the network) to overlap, 32 or twice the cores; the tuner decides how many read at once
+    (with `worker_mode="auto"` too: processes, if chosen, are one per core). Refused where it
+    cannot tune yet, saying what to pass instead."""
+    if worker_mode not in ("thread", AUTO):
         raise ValueError(
             f"num_workers='auto' tunes thread workers; with worker_mode={worker_mode!r}, "
             "give num_workers a number"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from ._tuner import cpu_budget
 
@@ -56,8 +57,9 @@ class ModeChooser:
     """Judges the epochs of `workers` workers; `worker_mode` is the choice in force, and
     `settled` says it is final."""
 
-    def __init__(self, workers: int, budget: float | None = None) -> None:
+    def __init__(self, workers: int, budget: float | None = None, asked_for: Any = None) -> None:
         self.workers = workers
+        self.asked_for = workers if asked_for is None else asked_for  # num_workers as given
         self.budget = cpu_budget() if budget is None else budget
         self.worker_mode = "thread"
         self.settled = False
@@ -91,7 +93,7 @@ class ModeChooser:
         parallel = min(self.workers, self.budget)
         workers, loading = workers_cpu / seconds, (workers_cpu + helpers_cpu) / seconds
         measured = (
-            f"{self.workers} worker threads computed on {workers:.2f} cores, the loading on "
+            f"the worker threads computed on {workers:.2f} cores, the loading on "
             f"{loading:.2f} of {self.budget:g}, while the loop waited {waited:.0%} of the epoch"
         )
         if waited < WAITING:

@@ -53,7 +53,7 @@ from ._scheduler import (
 from ._stats import EpochMeter, LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
 from ._threaded_reads import ThreadedReads
-from ._tuner import ASYNC_START, THREADS_START, ConcurrencyTuner
+from ._tuner import ASYNC_START, THREADS_START, ConcurrencyTuner, cpu_budget
 from ._worker_info import draw_base_seed, worker_setup
 from .plan import Plan, plan_of, stage_names
 from .workers import WorkerPool
@@ -106,6 +106,7 @@ class DataLoader(Generic[T_co]):
             is found while the epoch runs, and kept across epochs and in `state_dict()`:
             more while the loop waits for data and that raises throughput, never past the
             cores this process may use; `loader.stats.tuning` shows each change and why.
+            With `worker_mode="auto"` too, processes (if chosen) are one per core.
         collate_fn: merges samples into a batch; torch's `default_collate` by default.
         pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
         drop_last: drop the last incomplete batch.
@@ -230,9 +231,10 @@ class DataLoader(Generic[T_co]):
         object.__setattr__(self, "_config", config)
         chooser = getattr(self, "_mode_chooser", None)  # a verdict stands for the same workers
         self._mode_chooser = None
+        asked_for = self._arguments["num_workers"]
         if self._arguments["worker_mode"] == AUTO and config.num_workers > 0:
-            if chooser is None or chooser.workers != config.num_workers:
-                chooser = ModeChooser(config.num_workers)
+            if chooser is None or chooser.asked_for != asked_for:
+                chooser = ModeChooser(config.num_workers, asked_for=asked_for)
             self._mode_chooser = chooser
         settled = getattr(self, "_tuner", None)  # an attribute set later keeps what it found
         self._tuner = None
@@ -576,12 +578,16 @@ class DataLoader(Generic[T_co]):
 
     def _adopt_mode(self, chooser: ModeChooser) -> None:
         """Move to the workers `worker_mode="auto"` chose, as setting `worker_mode` would
-        (the samplers kept; persistent workers of the mode before stop). Where those workers
+        (the samplers kept; persistent workers of the mode before stop; with
+        `num_workers="auto"`, one process per core). Where those workers
         cannot take the loader's arguments (a start method that pickles, and an argument
         that cannot be pickled), the workers stay, and the verdict says why."""
         old = self._config
+        chosen: dict[str, Any] = {"worker_mode": chooser.worker_mode}
+        if chooser.worker_mode == "process" and self._arguments["num_workers"] == AUTO:
+            chosen["num_workers"] = max(1, int(cpu_budget()))  # one process per core
         try:
-            config = resolve_config(**{**self._arguments, "worker_mode": chooser.worker_mode})
+            config = resolve_config(**{**self._arguments, **chosen})
         except (TypeError, ValueError) as error:
             chooser.refused(old.worker_mode, str(error))
             return

@@ -160,6 +160,16 @@ def test_reads_that_release_the_gil_or_wait_stay_on_threads(dataset, why):
     assert why in loader.stats.worker_mode.history[0].reason
 
 
+@needs_two_cores
+def test_auto_workers_and_auto_mode_move_gil_bound_reads_to_one_process_per_core():
+    loader = aload.DataLoader(HoldsTheGIL(), batch_size=8, num_workers="auto", worker_mode="auto")
+    assert flatten(list(loader)) == list(range(480))  # on threads, tuned
+    assert loader.worker_mode == "process"
+    assert flatten(list(loader)) == list(range(480))
+    assert loader.num_workers == len(os.sched_getaffinity(0))
+    assert loader.stats.tuning is None  # a number of processes: nothing left to tune
+
+
 def test_the_choice_is_saved_and_a_resumed_loader_starts_on_it():
     loader = aload.DataLoader(Indexed(64), batch_size=8, num_workers=2, worker_mode="auto")
     as_after_an_epoch_holding_the_gil(loader)
@@ -242,7 +252,7 @@ async def test_async_for_keeps_the_loop_beating_while_the_workers_move(anyio_bac
 @pytest.mark.parametrize(
     ("kwargs", "names"),
     [
-        ({"num_workers": "auto"}, "num_workers='auto'"),
+        ({"num_workers": "auto", "worker_mode": "process"}, "num_workers='auto'"),
         ({"ray_options": {"num_cpus": 1}}, "ray_options"),
         ({"worker_mode": "processes"}, "worker_mode must be one of"),
     ],
