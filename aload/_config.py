@@ -30,6 +30,7 @@ from ._device import ToDevice, resolve_device
 from ._fetch import Finish
 from ._retry import NO_RETRY, Retry
 from ._threaded_reads import ThreadedReads
+from ._tuner import cpu_budget
 from .workers.start_method import check_picklable, resolve_context, sends_by_pickle
 
 WORKER_MODES = ("thread", "process", "ray")
@@ -426,14 +427,14 @@ AUTO = "auto"
 
 
 def _auto_workers(dataset: Any, worker_mode: str) -> int:
-    """The threads `num_workers="auto"` may use: enough for reads that wait (on storage, on
-    the network) to overlap, 32 or twice the cores; the tuner decides how many read at once
-    (with `worker_mode="auto"` too: processes, if chosen, are one per core). Refused where it
-    cannot tune yet, saying what to pass instead."""
-    if worker_mode not in ("thread", AUTO):
+    """The workers `num_workers="auto"` may use; the tuner decides how many read at once.
+    Threads: enough for reads that wait (on storage, on the network) to overlap, 32 or twice
+    the cores. Processes: one per core this process may use (each computes; more would only
+    take turns). Refused where it cannot tune yet, saying what to pass instead."""
+    if worker_mode not in ("thread", "process", AUTO):
         raise ValueError(
-            f"num_workers='auto' tunes thread workers; with worker_mode={worker_mode!r}, "
-            "give num_workers a number"
+            f"num_workers='auto' tunes thread and process workers; with "
+            f"worker_mode={worker_mode!r}, give num_workers a number"
         )
     if is_iterable_style(dataset) or is_async_map_style(dataset):
         raise ValueError(
@@ -441,6 +442,8 @@ def _auto_workers(dataset: Any, worker_mode: str) -> int:
             "iterable dataset is split into num_workers streams, and an async dataset's reads "
             "are max_concurrency at once: give num_workers a number"
         )
+    if worker_mode == "process":
+        return max(1, int(cpu_budget()))
     return max(32, 2 * (os.cpu_count() or 1))
 
 

@@ -53,7 +53,7 @@ from ._scheduler import (
 from ._stats import EpochMeter, LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
 from ._threaded_reads import ThreadedReads
-from ._tuner import ASYNC_START, THREADS_START, ConcurrencyTuner, cpu_budget
+from ._tuner import ASYNC_START, THREADS_START, ConcurrencyTuner
 from ._worker_info import draw_base_seed, worker_setup
 from .plan import Plan, plan_of, stage_names
 from .workers import WorkerPool
@@ -102,11 +102,11 @@ class DataLoader(Generic[T_co]):
             batch loads while the loop body runs). Batches that are one small gather from
             in-memory tensors (at most 256 KiB) are read by the consumer either way: a trip
             to a worker costs more. Workers run torch ops on one intra-op thread, as torch's.
-            "auto" (map-style datasets, thread workers): how many batches are read at once
-            is found while the epoch runs, and kept across epochs and in `state_dict()`:
-            more while the loop waits for data and that raises throughput, never past the
-            cores this process may use; `loader.stats.tuning` shows each change and why.
-            With `worker_mode="auto"` too, processes (if chosen) are one per core.
+            "auto" (map-style datasets): how many batches are read at once is found while
+            the epoch runs, and kept across epochs and in `state_dict()`: more while the
+            loop waits for data and that raises throughput, never past the cores this
+            process may use; `loader.stats.tuning` shows each change and why. Up to 32
+            threads (or twice the cores), or one process per core.
         collate_fn: merges samples into a batch; torch's `default_collate` by default.
         pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
         drop_last: drop the last incomplete batch.
@@ -578,16 +578,12 @@ class DataLoader(Generic[T_co]):
 
     def _adopt_mode(self, chooser: ModeChooser) -> None:
         """Move to the workers `worker_mode="auto"` chose, as setting `worker_mode` would
-        (the samplers kept; persistent workers of the mode before stop; with
-        `num_workers="auto"`, one process per core). Where those workers
+        (the samplers kept; persistent workers of the mode before stop). Where those workers
         cannot take the loader's arguments (a start method that pickles, and an argument
         that cannot be pickled), the workers stay, and the verdict says why."""
         old = self._config
-        chosen: dict[str, Any] = {"worker_mode": chooser.worker_mode}
-        if chooser.worker_mode == "process" and self._arguments["num_workers"] == AUTO:
-            chosen["num_workers"] = max(1, int(cpu_budget()))  # one process per core
         try:
-            config = resolve_config(**{**self._arguments, **chosen})
+            config = resolve_config(**{**self._arguments, "worker_mode": chooser.worker_mode})
         except (TypeError, ValueError) as error:
             chooser.refused(old.worker_mode, str(error))
             return

@@ -167,7 +167,7 @@ def test_auto_workers_and_auto_mode_move_gil_bound_reads_to_one_process_per_core
     assert loader.worker_mode == "process"
     assert flatten(list(loader)) == list(range(480))
     assert loader.num_workers == len(os.sched_getaffinity(0))
-    assert loader.stats.tuning is None  # a number of processes: nothing left to tune
+    assert loader.stats.tuning.maximum == loader.num_workers  # how many read at once: tuned
 
 
 def test_the_choice_is_saved_and_a_resumed_loader_starts_on_it():
@@ -252,7 +252,6 @@ async def test_async_for_keeps_the_loop_beating_while_the_workers_move(anyio_bac
 @pytest.mark.parametrize(
     ("kwargs", "names"),
     [
-        ({"num_workers": "auto", "worker_mode": "process"}, "num_workers='auto'"),
         ({"ray_options": {"num_cpus": 1}}, "ray_options"),
         ({"worker_mode": "processes"}, "worker_mode must be one of"),
     ],

@@ -213,17 +213,28 @@ def _python(s: Settings) -> Workload:
 
 
 def _auto_grid(
-    name: str, items: str, data: Any, batch_size: int, counts: tuple[int, ...]
+    name: str,
+    items: str,
+    data: Any,
+    batch_size: int,
+    counts: tuple[int, ...],
+    processes: tuple[int, ...] = (),
 ) -> Workload:
-    """`num_workers="auto"` beside static thread counts and torch's 8 processes, each run a
-    fresh loader: auto's figure includes its search."""
+    """`num_workers="auto"` beside static thread counts (and process counts) and torch's 8
+    processes, each run a fresh loader: auto's figure includes its search."""
+    process_rows = [
+        aload_loader(data, w, batch_size=batch_size, worker_mode="process")  # type: ignore[arg-type]
+        for w in (*processes, "auto")
+    ]
     return Workload(
         name,
         f"{items}, batch {batch_size}: static thread counts against num_workers='auto' (a "
-        "fresh loader each run: its search included)",
+        "fresh loader each run: its search included)"
+        + (", and the same for processes" if processes else ""),
         [
             torch_loader(data, 8, batch_size=batch_size),
             *(aload_loader(data, w, batch_size=batch_size) for w in counts),
+            *(process_rows if processes else []),
             aload_loader(data, "auto", batch_size=batch_size),  # type: ignore[arg-type]
         ],
     )
@@ -241,7 +252,7 @@ def _auto_gil(s: Settings) -> Workload:
     n = s.items(2048)
     items = f"~0.5 ms of pure-Python work per item (holds the GIL), {n:,} items"
     data = ds.PythonDataset(n, s.python_rounds)
-    return _auto_grid("auto-gil", items, data, 8, s.counts(1, 2, 4, 8))
+    return _auto_grid("auto-gil", items, data, 8, s.counts(1, 2, 4, 8), s.counts(1, 2))
 
 
 def _auto_mode(name: str, items: str, data: Any, workers: int) -> Workload:
