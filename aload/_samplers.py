@@ -85,7 +85,7 @@ def _cut(
             chunk, carry = chunk[need:], None
         whole = len(chunk) - len(chunk) % batch_size
         if whole:  # one call makes every view (half the cost of slicing them one by one)
-            yield from chunk[:whole].split(batch_size)
+            yield from chunk[:whole].view(-1, batch_size).unbind()
         if whole < len(chunk):
             carry = chunk[whole:]
     if carry is not None and len(carry) and not drop_last:
