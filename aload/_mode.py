@@ -120,6 +120,11 @@ class ModeChooser:
         else:
             self._choose(epoch, "process", f"{measured}: staying on processes")
 
+    def cannot_judge(self, why: str) -> None:
+        """Nothing here can tell GIL-bound reads: threads, for good."""
+        self.settled = True
+        self._choose(-1, "thread", why)
+
     def refused(self, worker_mode: str, why: str) -> None:
         """The chosen workers cannot take the loader's arguments: stay on `worker_mode`."""
         self.settled = True

@@ -297,8 +297,9 @@ class EpochMeter:
             stats.retries,
             stats.skipped,
         )
-        for told in self.on_end:
-            told()
+        told, self.on_end = self.on_end, []  # (what they hold, such as workers, goes)
+        for tell in told:
+            tell()
 
     def _stages(self, seconds: float) -> tuple[StageStats, ...]:
         """The epoch's stages as measured so far, over `seconds` of the epoch."""

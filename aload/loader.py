@@ -605,6 +605,9 @@ class DataLoader(Generic[T_co]):
             return
         if not isinstance(pool, ThreadPool):
             return
+        if not hasattr(time, "pthread_getcpuclockid"):  # macOS, Windows
+            chooser.cannot_judge("a thread's CPU time cannot be read here: staying on threads")
+            return
         # Persistent threads: what earlier epochs used is subtracted.
         workers_before, consumer_before = pool.cpu_seconds(), time.thread_time()
         process_before = time.process_time()

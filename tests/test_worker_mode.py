@@ -233,6 +233,14 @@ def test_workers_that_cannot_take_the_arguments_stay_threads_and_say_why():
     assert "could not be pickled" in loader.stats.worker_mode.history[-1].reason
 
 
+def test_where_a_threads_cpu_clock_cannot_be_read_the_workers_stay_threads(monkeypatch):
+    monkeypatch.delattr(time, "pthread_getcpuclockid")
+    loader = aload.DataLoader(HoldsTheGIL(), batch_size=8, num_workers=2, worker_mode="auto")
+    assert flatten(list(loader)) == list(range(480))
+    assert loader.worker_mode == "thread"
+    assert "cannot be read" in loader.stats.worker_mode.history[-1].reason
+
+
 @pytest.mark.anyio
 async def test_async_for_keeps_the_loop_beating_while_the_workers_move(anyio_backend):
     loader = aload.DataLoader(

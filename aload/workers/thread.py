@@ -118,7 +118,8 @@ class ThreadPool:
 
     def cpu_seconds(self) -> float:
         """The CPU time the running threads have used so far (their own clocks: a thread
-        that holds the GIL, or runs C code without it, counts; one that waits does not)."""
+        that holds the GIL, or runs C code without it, counts; one that waits does not).
+        Unix where `time.pthread_getcpuclockid` exists (not macOS)."""
         total = 0.0
         for thread in self._threads[: self._started]:
             if thread.ident is None or not thread.is_alive():
