@@ -70,11 +70,12 @@ def threads(count: int | Literal["auto"]) -> Executor:
     return Executor("threads", _count("threads", count, auto=True))
 
 
-def processes(count: int, context: Any = None) -> Executor:
-    """`count` worker processes, for Python code that holds the GIL; `context`: "fork",
-    "spawn", "forkserver" or a multiprocessing context (by default, torch's: Python's
-    default start method)."""
-    return Executor("processes", _count("processes", count), context)
+def processes(count: int | Literal["auto"], context: Any = None) -> Executor:
+    """`count` worker processes, for Python code that holds the GIL ("auto": one per core,
+    how many read at once found while the epoch runs, for a map-style dataset's reads);
+    `context`: "fork", "spawn", "forkserver" or a multiprocessing context (by default,
+    torch's: Python's default start method)."""
+    return Executor("processes", _count("processes", count, auto=True), context)
 
 
 def ray_actors(count: int, **options: Any) -> Executor:

@@ -198,6 +198,14 @@ def test_a_map_on_the_loop_itself_needs_no_workers():
     assert sorted(i for b in plan.loader() for i in b.tolist()) == list(range(1, 17))
 
 
+def test_reads_on_processes_auto_are_one_process_per_core_tuned():
+    loader = aload.Plan(Indexed(64), batch_size=4).read(aload.processes("auto")).loader()
+    assert (loader.num_workers, loader.worker_mode) == (len(os.sched_getaffinity(0)), "process")
+    assert [i for b in loader for i in b.tolist()] == list(range(64))
+    assert loader.stats.tuning is not None
+    assert str(loader.plan.stages[0]) == "read on auto worker processes"
+
+
 def test_plans_that_cannot_run_are_refused_naming_the_stage():
     sync = aload.Plan(Indexed(8), batch_size=2).read(aload.threads(2))
     with pytest.raises(ValueError, match=r"a dataset read by workers is mapped where it is read"):
@@ -206,8 +214,8 @@ def test_plans_that_cannot_run_are_refused_naming_the_stage():
         sync.read(4)
     with pytest.raises(ValueError, match=r"threads\(\) takes a positive int or 'auto', got 0"):
         aload.threads(0)
-    with pytest.raises(ValueError, match=r"processes\(\) takes a positive int, got 'auto'"):
-        aload.processes("auto")
+    with pytest.raises(ValueError, match=r"processes\(\) takes a positive int or 'auto', got 0"):
+        aload.processes(0)
     with pytest.raises(TypeError, match=r"map_batch\(\) takes a callable"):
         sync.map_batch(None)
     with pytest.raises(TypeError, match="num_workers, which the plan sets"):
