@@ -80,7 +80,10 @@ class LoopPool:
         self._cpu = cpu
         self._owns_cpu = owns_cpu  # else persistent workers: they outlive this loop
         self._cpu_read = cpu_read
-        self._fetchers = max_concurrency  # fetcher tasks alive (or to start with)
+        # Fetcher tasks start as reads are queued, up to `_target` (starting one costs ~10 us:
+        # 256 at once would hold the first batch's reads back by milliseconds).
+        self._target = max_concurrency
+        self._alive = 0  # fetcher tasks running
         self._retiring = 0  # fetchers to end after their current read: a lower concurrency
         self.read_clock = ReadClock()  # the fetchers' time reading, summed
         # Jobs submitted before the loop is up (the dataset's __aenter__ may take a while)
@@ -126,8 +129,10 @@ class LoopPool:
         """
         batch = _ItemReads(read, len(items))
         self._requests.extend((batch, position, item) for position, item in enumerate(items))
-        for _ in range(min(len(items), len(self._idle))):
+        woken = min(len(items), len(self._idle))
+        for _ in range(woken):
             self._idle.pop().set()
+        self._start_fetchers(len(items) - woken)
         if items:
             await batch.done.wait()
         if batch.error is not None:
@@ -161,25 +166,32 @@ class LoopPool:
 
     def set_concurrency(self, concurrency: int) -> None:
         """Run `concurrency` fetchers from now on (`max_concurrency="auto"`): more start on
-        the loop; fewer: that many end after their current read (none drops a read)."""
+        the loop as reads wait for them; fewer: that many end after their current read (none
+        drops a read)."""
         with self._lock:
             if self._waiting is not None:  # not up yet: it starts with this many
-                self._fetchers = concurrency
+                self._target = concurrency
                 return
         with contextlib.suppress(RunFinishedError):
             self._call_soon(self._resize, concurrency)
 
     def _resize(self, concurrency: int) -> None:
-        """On the loop: start or retire fetchers to run `concurrency`."""
-        running = self._fetchers - self._retiring
+        """On the loop: run `concurrency` fetchers, starting some for reads that wait for one,
+        or retiring some."""
+        running = self._alive - self._retiring
+        self._target = concurrency
         if concurrency > running:
-            cancel = min(self._retiring, concurrency - running)  # retirements not yet done
-            self._retiring -= cancel
-            for _ in range(concurrency - running - cancel):
-                self._task_group.start_soon(self._fetch)
+            self._retiring -= min(self._retiring, concurrency - running)  # not yet retired
+            self._start_fetchers(len(self._requests))
         else:
             self._retiring += running - concurrency
-        self._fetchers = concurrency + self._retiring
+
+    def _start_fetchers(self, reads: int) -> None:
+        """On the loop: a fetcher for each of `reads` queued reads that no idle fetcher took,
+        as far as the target allows."""
+        for _ in range(min(reads, self._target - (self._alive - self._retiring))):
+            self._alive += 1
+            self._task_group.start_soon(self._fetch)
 
     def begin(self) -> None:
         if self._cpu is not None:
@@ -242,7 +254,7 @@ class LoopPool:
                 await batch.read_one(position, item)
                 if self._retiring:  # fewer fetchers wanted: this one ends, its read done
                     self._retiring -= 1
-                    self._fetchers -= 1
+                    self._alive -= 1
                     clock.seconds += time.perf_counter() - started
                     return
             clock.seconds += time.perf_counter() - started
@@ -268,8 +280,6 @@ class LoopPool:
         self._idle: list[anyio.Event] = []
         async with _entered(self._dataset), anyio.create_task_group() as task_group:
             self._task_group = task_group
-            for _ in range(self._fetchers):
-                task_group.start_soon(self._fetch)
             self._started()
             with self._lock:
                 closing = self._closing
