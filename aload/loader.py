@@ -884,7 +884,9 @@ class DataLoader(Generic[T_co]):
                     config.worker_init_fn,
                     replicate=False,  # its reads share aload's loop, not a worker each
                 )
-                cpu = ThreadPool(config.num_workers, setup)
+                cpu = ThreadPool(
+                    config.num_workers, setup, every_worker=config.worker_init_fn is not None
+                )
             if owns_cpu and cpu is not None and config.persistent_workers:
                 self._persistent_pool, self._persistent_seed = cpu, seed
                 owns_cpu = False
@@ -952,7 +954,12 @@ class DataLoader(Generic[T_co]):
                 setup = worker_setup(
                     config.num_workers, base_seed, config.dataset, config.worker_init_fn
                 )
-                pool = ThreadPool(config.num_workers, setup, dedicated_queues=config.iterable)
+                pool = ThreadPool(
+                    config.num_workers,
+                    setup,
+                    dedicated_queues=config.iterable,
+                    every_worker=config.worker_init_fn is not None,
+                )
             if config.persistent_workers:
                 self._persistent_pool, self._persistent_seed = pool, base_seed
                 return pool, False

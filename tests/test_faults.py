@@ -149,8 +149,8 @@ def test_natural_end_of_epoch_leaves_no_thread_running(blocking):
     else:
 
         async def run():
-            async for _ in loader:
-                assert len(aload_threads()) == 4
+            async for _ in loader:  # (threads start as jobs wait for one: up to 4)
+                assert 1 <= len(aload_threads()) <= 4
 
         anyio.run(run)
     assert threading.active_count() <= baseline

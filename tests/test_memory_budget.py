@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import Indexed
+from conftest import Indexed, aload_threads
 from loop_pauses import best_pause
 
 import aload
@@ -48,6 +48,19 @@ def test_batches_in_flight_stay_within_the_budget(in_order):
     assert unbounded >= 6
     assert bounded <= 3
     assert sorted(seen) == sorted(seen_bounded) == list(range(64))
+
+
+def test_no_more_worker_threads_start_than_the_budget_lets_read_at_once():
+    """Each thread that allocates keeps a malloc arena: 8 threads for 2 batches in flight
+    would hold memory the budget does not see. Threads start for jobs that wait for one."""
+    dataset = Quarters()
+    loader = aload.DataLoader(dataset, batch_size=4, num_workers=8, memory_budget=2 * MIB)
+    most = 0
+    for _batch in loader:
+        time.sleep(0.005)
+        most = max(most, len(aload_threads()))
+    assert most <= 3  # 2 batches in flight (a thread may start just before one goes idle)
+    assert dataset.reads == 64
 
 
 def test_the_first_batch_is_read_alone_until_it_says_how_large_batches_are():

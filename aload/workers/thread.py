@@ -31,6 +31,9 @@ class ThreadPool:
         dedicated_queues: one queue per worker, so `submit(job, worker=i)` runs on thread i
             (iterable datasets keep one iterator per worker); otherwise all threads share one
             queue and the first free thread takes the next job.
+        every_worker: start a thread per job until all run, busy or not (torch starts every
+            worker, so a user's `worker_init_fn` runs in each); otherwise a thread starts
+            only for a job that no idle thread can take.
     """
 
     where = "worker threads"  # what runs its jobs, for the stats' stages
@@ -41,6 +44,7 @@ class ThreadPool:
         setup: Callable[[int], None] | None = None,
         *,
         dedicated_queues: bool = False,
+        every_worker: bool = False,
     ) -> None:
         if dedicated_queues:
             self._queues: list[SimpleQueue[Job | None]] = [
@@ -50,9 +54,15 @@ class ThreadPool:
             self._queues = [SimpleQueue()] * num_workers
         self._lock = threading.Lock()
         self._closed = False
+        self._dedicated = dedicated_queues
+        self._every_worker = every_worker
+        self._idle = _Idle()
         self._threads = [
             threading.Thread(
-                target=_work, args=(i, queue, setup), name=f"aload-worker-{i}", daemon=True
+                target=_work,
+                args=(i, queue, setup, self._idle),
+                name=f"aload-worker-{i}",
+                daemon=True,
             )
             for i, queue in enumerate(self._queues)
         ]
@@ -60,14 +70,20 @@ class ThreadPool:
         stop_at_exit(pool=self)
 
     def submit(self, job: Job, worker: int | None = None) -> None:
-        """Queue a job, starting threads as work arrives: one more per job (and thread
-        `worker` for a dedicated queue), so the first job runs while the rest start (a thread
-        takes ~0.15 ms to start; 32 of them would hold the first batch back ~5 ms)."""
+        """Queue a job, starting threads as work arrives: one more for a job that no idle
+        thread can take (each job, with `every_worker`; thread `worker` for a dedicated
+        queue), so the first job runs while the rest start (a thread takes ~0.15 ms to start;
+        32 of them would hold the first batch back ~5 ms), and no more threads run than jobs
+        do at once (each thread that allocates keeps its own malloc arena: idle threads would
+        hold memory)."""
         with self._lock:
             if not self._closed:
                 self._queues[worker or 0].put(job)
                 if self._started < len(self._threads):  # once all run, nothing more per job
-                    self._start_up_to(worker or 0)
+                    if self._dedicated:
+                        self._start_up_to(worker or 0)
+                    elif self._every_worker or not self._idle.count:
+                        self._start_up_to(0)
                 return
         job.fail(_shut_down())
 
@@ -136,8 +152,23 @@ class ThreadPool:
             self.shutdown()
 
 
+class _Idle:
+    """How many of a pool's threads wait for a job (the threads hold this, not the pool)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, change: int) -> None:
+        with self._lock:
+            self.count += change
+
+
 def _work(
-    worker_id: int, queue: SimpleQueue[Job | None], setup: Callable[[int], None] | None
+    worker_id: int,
+    queue: SimpleQueue[Job | None],
+    setup: Callable[[int], None] | None,
+    idle: _Idle,
 ) -> None:
     use_one_thread()  # one intra-op thread, as torch's worker processes have
     setup_error: BaseException | None = None
@@ -146,7 +177,12 @@ def _work(
             setup(worker_id)
         except BaseException as error:
             setup_error = error
-    while (job := queue.get()) is not _STOP:
+    while True:
+        idle.add(1)
+        job = queue.get()
+        idle.add(-1)
+        if job is _STOP:
+            return
         if setup_error is None:
             job.run()
         else:
