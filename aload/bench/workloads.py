@@ -329,6 +329,13 @@ def _images(s: Settings) -> Workload:
             aload_loader(
                 data, w, batch_size=64, memory_budget=80 * 2**20, detail="memory_budget=80 MiB"
             ),
+            aload_loader(
+                data,
+                "auto",  # type: ignore[arg-type]
+                batch_size=64,
+                memory_budget=80 * 2**20,
+                detail="memory_budget=80 MiB",
+            ),
             aload_loader(data, w, batch_size=64, worker_mode="process"),
             _forkserver(data, w, batch_size=64),
             *torchdata_nodes(data, w, 64),
