@@ -471,3 +471,39 @@ async def test_an_async_datasets_own_state_resumes(anyio_backend, kind, stop):
         assert [batch.tolist() async for batch in resumed] == rest
         assert head + rest == [batch.tolist() async for batch in make()]
     assert beat.longest_gap < 0.25
+
+
+class CountsBatchCalls:
+    """An async `__getitems__` that records how many of its calls are in flight at most."""
+
+    def __init__(self) -> None:
+        self.now = self.most = 0
+
+    def __len__(self) -> int:
+        return 1024
+
+    async def __getitem__(self, index: int) -> int:
+        return index
+
+    async def __getitems__(self, indices: list[int]) -> list[int]:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await anyio.sleep(0.005)
+        self.now -= 1
+        return list(indices)
+
+
+@pytest.mark.parametrize(
+    ("max_concurrency", "prefetch_factor", "calls"), [(256, 2, 16), (64, 2, 4), (256, 1, 8)]
+)
+def test_a_batch_call_counts_as_its_items_against_max_concurrency(
+    max_concurrency, prefetch_factor, calls
+):
+    """What the async-datasets guide says: max_concurrency / batch_size calls at once, times
+    prefetch_factor."""
+    dataset = CountsBatchCalls()
+    loader = aload.DataLoader(
+        dataset, batch_size=32, max_concurrency=max_concurrency, prefetch_factor=prefetch_factor
+    )
+    assert flatten(list(loader)) == list(range(1024))
+    assert dataset.most == calls
