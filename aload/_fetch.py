@@ -372,7 +372,7 @@ def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:
         if all(t.layout is torch.strided for t in tensors):
             if pin:
                 return lambda index: [pinned_rows(t, index) for t in tensors]
-            return partial(_all_rows, tensors)
+            return lambda index: [rows(t, index) for t in tensors]
         return None
     if kind.__getitem__ is Subset.__getitem__ and kind.__getitems__ is Subset.__getitems__:
         inner = vectorized_gather(dataset.dataset, pin)
@@ -392,14 +392,6 @@ def rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.index_select(tensor, 0, index)
     except IndexError:
         return tensor[index]
-
-
-def _all_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-    """`rows` of each tensor, in one frame (this runs once per batch of an in-memory epoch)."""
-    try:
-        return [torch.index_select(tensor, 0, index) for tensor in tensors]
-    except IndexError:
-        return [tensor[index] for tensor in tensors]
 
 
 def pinned_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -283,13 +283,16 @@ class DataLoader(Generic[T_co]):
             object.__setattr__(self, name, value)
             return
         arguments = {**self._arguments, name: value}
-        old = self._config
-        config = resolve_config(**arguments)
-        # The samplers are the ones built at first (torch keeps them too).
-        config = dataclasses.replace(config, sampler=old.sampler, batch_sampler=old.batch_sampler)
+        config = self._checked(arguments)
         object.__setattr__(self, "_arguments", arguments)
         self._configure(config)
         self.close()
+
+    def _checked(self, arguments: Mapping[str, Any]) -> LoaderConfig:
+        """`arguments` checked again, with the samplers built at first (torch keeps them)."""
+        old = self._config
+        config = resolve_config(**arguments)
+        return dataclasses.replace(config, sampler=old.sampler, batch_sampler=old.batch_sampler)
 
     dataset = property(lambda self: self._config.dataset)
     batch_size = property(lambda self: self._config.batch_size)
@@ -581,13 +584,11 @@ class DataLoader(Generic[T_co]):
         (the samplers kept; persistent workers of the mode before stop). Where those workers
         cannot take the loader's arguments (a start method that pickles, and an argument
         that cannot be pickled), the workers stay, and the verdict says why."""
-        old = self._config
         try:
-            config = resolve_config(**{**self._arguments, "worker_mode": chooser.worker_mode})
+            config = self._checked({**self._arguments, "worker_mode": chooser.worker_mode})
         except (TypeError, ValueError) as error:
-            chooser.refused(old.worker_mode, str(error))
+            chooser.refused(self._config.worker_mode, str(error))
             return
-        config = dataclasses.replace(config, sampler=old.sampler, batch_sampler=old.batch_sampler)
         self._configure(config)
         self._stop_persistent()
 

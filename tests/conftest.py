@@ -47,6 +47,23 @@ class Indexed(Dataset):
         return index
 
 
+class Computes(Dataset):
+    """`n` items of `seconds` of pure Python each (measured on the reading thread's own CPU
+    clock): work that holds the GIL, so thread workers take turns on it."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        self.n, self.seconds = n, seconds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        ends = time.thread_time() + self.seconds
+        while time.thread_time() < ends:
+            pass
+        return index
+
+
 class PassesState:
     """A stream's state as `position` (samples read this pass) and `passes` (passes ended):
     for test datasets that start a new pass once one ends."""

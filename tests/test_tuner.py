@@ -12,7 +12,7 @@ import anyio
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import wait_for_no_workers
+from conftest import Computes, wait_for_no_workers
 from loop_pauses import best_pause
 
 import aload
@@ -218,24 +218,11 @@ def test_fewer_reads_at_once_retire_fetchers_without_dropping_a_read():
     assert max(after) <= 4
 
 
-class Computes(tud.Dataset):
-    """~0.3 ms of pure Python per item."""
-
-    def __len__(self) -> int:
-        return 400
-
-    def __getitem__(self, index: int) -> int:
-        ends = time.thread_time() + 0.0003
-        while time.thread_time() < ends:
-            pass
-        return index
-
-
 def test_auto_process_workers_are_one_per_core_and_give_torchs_batches():
     cores = len(os.sched_getaffinity(0))
     kwargs = {"batch_size": 8, "shuffle": True}
     loader = aload.DataLoader(
-        Computes(),
+        Computes(400, 0.0003),
         num_workers="auto",
         worker_mode="process",
         generator=torch.Generator().manual_seed(1),
@@ -243,7 +230,10 @@ def test_auto_process_workers_are_one_per_core_and_give_torchs_batches():
     )
     assert loader.num_workers == cores
     expected = tud.DataLoader(
-        Computes(), num_workers=cores, generator=torch.Generator().manual_seed(1), **kwargs
+        Computes(400, 0.0003),
+        num_workers=cores,
+        generator=torch.Generator().manual_seed(1),
+        **kwargs,
     )
     for _ in range(2):
         assert [b.tolist() for b in loader] == [b.tolist() for b in expected]

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import Indexed, Shards, flatten, saved_and_loaded, take_and_save
+from conftest import Computes, Indexed, Shards, flatten, saved_and_loaded, take_and_save
 from loop_pauses import best_pause
 
 import aload
@@ -80,17 +80,9 @@ def test_the_history_keeps_changes_not_every_epoch_that_agrees():
 # -- real loaders -----------------------------------------------------------------------------
 
 
-class HoldsTheGIL(tud.Dataset):
+def holds_the_gil() -> Computes:
     """~1 ms of pure Python per item: two threads take turns on the GIL."""
-
-    def __len__(self) -> int:
-        return 480
-
-    def __getitem__(self, index: int) -> int:
-        ends = time.thread_time() + 0.001
-        while time.thread_time() < ends:
-            pass
-        return index
+    return Computes(480, 0.001)
 
 
 class ReleasesTheGIL(tud.Dataset):
@@ -126,7 +118,7 @@ needs_two_cores = pytest.mark.skipif(
 def test_reads_that_hold_the_gil_move_to_processes_with_torchs_batches():
     kwargs = {"batch_size": 8, "shuffle": True, "num_workers": 2}
     loader = aload.DataLoader(
-        HoldsTheGIL(), generator=torch.Generator().manual_seed(3), worker_mode="auto", **kwargs
+        holds_the_gil(), generator=torch.Generator().manual_seed(3), worker_mode="auto", **kwargs
     )
     modes, epochs = [loader.worker_mode], []
     for _ in range(3):
@@ -134,7 +126,7 @@ def test_reads_that_hold_the_gil_move_to_processes_with_torchs_batches():
         modes.append(loader.worker_mode)
     assert modes == ["thread", "process", "process", "process"], loader.stats.worker_mode
     seeded = torch.Generator().manual_seed(3)
-    assert epochs == torch_epochs(HoldsTheGIL(), 3, generator=seeded, **kwargs)
+    assert epochs == torch_epochs(holds_the_gil(), 3, generator=seeded, **kwargs)
     tuning = loader.stats.worker_mode
     assert tuning is not None
     assert "hold the GIL" in tuning.history[0].reason
@@ -162,7 +154,7 @@ def test_reads_that_release_the_gil_or_wait_stay_on_threads(dataset, why):
 
 @needs_two_cores
 def test_auto_workers_and_auto_mode_move_gil_bound_reads_to_one_process_per_core():
-    loader = aload.DataLoader(HoldsTheGIL(), batch_size=8, num_workers="auto", worker_mode="auto")
+    loader = aload.DataLoader(holds_the_gil(), batch_size=8, num_workers="auto", worker_mode="auto")
     assert flatten(list(loader)) == list(range(480))  # on threads, tuned
     assert loader.worker_mode == "process"
     assert flatten(list(loader)) == list(range(480))
@@ -235,7 +227,7 @@ def test_workers_that_cannot_take_the_arguments_stay_threads_and_say_why():
 
 def test_where_a_threads_cpu_clock_cannot_be_read_the_workers_stay_threads(monkeypatch):
     monkeypatch.delattr(time, "pthread_getcpuclockid")
-    loader = aload.DataLoader(HoldsTheGIL(), batch_size=8, num_workers=2, worker_mode="auto")
+    loader = aload.DataLoader(holds_the_gil(), batch_size=8, num_workers=2, worker_mode="auto")
     assert flatten(list(loader)) == list(range(480))
     assert loader.worker_mode == "thread"
     assert "cannot be read" in loader.stats.worker_mode.history[-1].reason

@@ -78,21 +78,21 @@ def drain_warm(make: Callable[[], Any]) -> Drained:
 
 def drain_epochs(epochs: int) -> Callable[[Callable[[], Any]], Drained]:
     """A drive that builds a loader and iterates `epochs` epochs of it with a plain `for`,
-    timed whole: what a loader that learns across epochs (`worker_mode="auto"`) pays for
-    its search, next to loaders that do not search."""
+    timed whole (`drain`): what a loader that learns across epochs (`worker_mode="auto"`)
+    pays for its search, next to loaders that do not search."""
 
     def drive(make: Callable[[], Iterable[Any]]) -> Drained:
-        started = time.perf_counter()
-        loader = make()
-        samples, first = 0, None
-        for _ in range(epochs):
-            for batch in loader:
-                first = first or time.perf_counter() - started
-                samples += batch_len(batch)
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
-        return Drained(samples, first or 0.0, time.perf_counter() - started)
+        def batches() -> Iterator[Any]:
+            loader = make()
+            try:
+                for _ in range(epochs):
+                    yield from loader
+            finally:
+                close = getattr(loader, "close", None)
+                if close is not None:
+                    close()
+
+        return drain(batches)
 
     return drive
 

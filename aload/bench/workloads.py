@@ -224,7 +224,7 @@ def _auto_grid(
     processes, each run a fresh loader: auto's figure includes its search."""
     process_rows = [
         aload_loader(data, w, batch_size=batch_size, worker_mode="process")  # type: ignore[arg-type]
-        for w in (*processes, "auto")
+        for w in ((*processes, "auto") if processes else ())
     ]
     return Workload(
         name,
@@ -234,7 +234,7 @@ def _auto_grid(
         [
             torch_loader(data, 8, batch_size=batch_size),
             *(aload_loader(data, w, batch_size=batch_size) for w in counts),
-            *(process_rows if processes else []),
+            *process_rows,
             aload_loader(data, "auto", batch_size=batch_size),  # type: ignore[arg-type]
         ],
     )
