@@ -2,17 +2,24 @@
 
 A hill climb on measured throughput, one window at a time (a tenth of a second and a few
 batches): while the consumer waits for data, read twice as many batches at once, and keep the
-step only if throughput rose with it (by a quarter of the step's share, at least 2%). A step
-that did not is taken back, and the level it reached becomes a ceiling that the next steps go
+step only if throughput rose with it: by 15% of the step's share, or by 30% of what the
+consumer's wait left to gain if that is less (waiting a third of the time, it can go at most
+1.5x as fast), and at least 2%. A kept step that gained less than half its share has passed
+where throughput flattens: halfway back is tried, and kept if it loses nothing. A step that
+did not help is taken back, and the level it reached becomes a ceiling that the next steps go
 halfway to. When the very first step up did not help (work that holds the GIL), half as many
-are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
-forgotten when throughput falls well below where it settled (the data's cost changed). It
-never grows while the process already uses its CPU budget (the cores it may run on), and
-holds while the consumer does not wait: more reads would only queue more batches.
+are tried once, and kept if they lose nothing (threads only: processes share no GIL). The
+ceiling is probed again now and then, and forgotten when throughput falls well below where it
+settled (the data's cost changed). It never grows while the process already uses its CPU
+budget (the cores it may run on), and holds while the consumer does not wait: more reads
+would only queue more batches.
 
-The knob is the epoch's bound on batches in flight: with a thread pool of `maximum` threads
-that start as work comes, at most that many batches are read at once. Every change is a
-`Decision` with its reason, logged on the `aload` logger.
+The knob: with thread workers, how many threads read at once (a pool of `maximum` threads
+that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
+have, so a reader that finishes during a training step goes on to its next batch. With
+process workers (one per core), the epoch's bound on batches in flight, dealt to them in
+turn, up to `prefetch_factor` a process. Every change is a `Decision` with its reason,
+logged on the `aload` logger.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from dataclasses import dataclass
 logger = logging.getLogger("aload")
 
 GAIN = 0.02  # a step must raise throughput at least this much to be kept,
-GAIN_SHARE = 0.25  # and this share of its own size (3 -> 4 at once: by 1/3 * 1/4)
+GAIN_SHARE = 0.15  # and this share of its own size (3 -> 4 at once: by 1/3 * 0.15),
+ATTAINABLE_SHARE = 0.3  # or this share of the gain the consumer's wait leaves, if less
+HALF_SHARE = 0.5  # a kept step that gained less than this share: try halfway back
 WAITING = 0.05  # the consumer waits at least this share of a window: data holds it back
 WINDOW_SECONDS = 0.1
 WINDOW_BATCHES = 4
@@ -66,22 +75,27 @@ class ConcurrencyTuner:
     """Finds how many batches to read at once, between 1 and `maximum`.
 
     `observe` is called once per batch the consumer receives, with the epoch's running totals;
-    it returns the concurrency to use from now on.
+    it returns the concurrency to use from now on. `try_fewer=False`: readers that cannot
+    slow each other down (processes share no GIL), so fewer than the start are never tried.
     """
 
-    def __init__(self, maximum: int, budget: float | None = None, start: int = 2) -> None:
+    def __init__(
+        self, maximum: int, budget: float | None = None, start: int = 2, try_fewer: bool = True
+    ) -> None:
         self.maximum = maximum
         self.budget = cpu_budget() if budget is None else budget
         self.concurrency = max(1, min(start, maximum))
         self.history: list[Decision] = []
         self._began = time.perf_counter()
         self._window: tuple[float, float, float, int, int] | None = None
-        self._trial: tuple[int, float] | None = None  # (the level before, its throughput)
+        # The level before a step, its throughput, and the consumer's share of time waiting.
+        self._trial: tuple[int, float, float] | None = None
         self._ceiling: int | None = None  # a level that did not help
         self._at_ceiling = 0  # windows spent below the ceiling since it was set
         self._settled: float | None = None  # the throughput where the climb stopped
         self._explored = False  # a step up raised throughput, or fewer were tried
         self._may_step_down = False  # the first step up did not help: try fewer, once
+        self._try_fewer = try_fewer  # readers that may contend (threads: the GIL)
 
     def resume(self, concurrency: int) -> None:
         """Start from the concurrency a saved run had settled on."""
@@ -121,12 +135,14 @@ class ConcurrencyTuner:
         """One window's measures: samples/s, the consumer's share of time waiting, and the
         cores the process used. Moves `concurrency` (or not), as the module says."""
         if self._trial is not None:
-            before, baseline = self._trial
+            before, baseline, waited = self._trial
             self._trial = None
             if self.concurrency < before:  # a step down: keep it if it lost nothing
                 self._judge_step_down(before, baseline, throughput)
                 return
             wanted_gain = max(GAIN, GAIN_SHARE * (self.concurrency / before - 1))
+            if waited < 1:  # data that came at once would make it 1 / (1 - waited) as fast
+                wanted_gain = max(GAIN, min(wanted_gain, ATTAINABLE_SHARE * waited / (1 - waited)))
             if throughput <= baseline * (1 + wanted_gain):
                 self._ceiling, self._at_ceiling = self.concurrency, 0
                 self._settled = baseline
@@ -136,13 +152,24 @@ class ConcurrencyTuner:
                     f"than {before} ({baseline:,.0f}): back to {before}",
                 )
                 # The very first step up did not help (work that holds the GIL): try fewer.
-                self._may_step_down = not self._explored and before > 1
+                self._may_step_down = self._try_fewer and not self._explored and before > 1
                 return
             self._settled = throughput
             self._explored = True
+            step = self.concurrency / before - 1
+            if throughput < baseline * (1 + HALF_SHARE * step) and self.concurrency - before > 1:
+                # Less than half its share: the plateau begins between; try halfway back.
+                halfway = before + (self.concurrency - before) // 2
+                self._trial = (self.concurrency, throughput, waiting)
+                self._set(
+                    halfway,
+                    f"{self.concurrency} at once gave {throughput:,.0f} samples/s, "
+                    f"{throughput / baseline - 1:.0%} more than {before}: trying {halfway}",
+                )
+                return
         if self._may_step_down:
             self._may_step_down, self._explored = False, True
-            self._trial = (self.concurrency, throughput)
+            self._trial = (self.concurrency, throughput, waiting)
             self._set(
                 max(1, self.concurrency // 2),
                 f"more than {self.concurrency} at once did not help: trying fewer",
@@ -166,7 +193,7 @@ class ConcurrencyTuner:
             wanted = min(wanted, self._ceiling - 1, self.maximum)
         if wanted <= self.concurrency:
             return
-        self._trial = (self.concurrency, throughput)
+        self._trial = (self.concurrency, throughput, waiting)
         self._set(
             wanted,
             f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s with "

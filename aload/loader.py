@@ -239,11 +239,16 @@ class DataLoader(Generic[T_co]):
         settled = getattr(self, "_tuner", None)  # an attribute set later keeps what it found
         self._tuner = None
         if config.tuned:  # the threads' reads, or an async dataset's on aload's loop
-            maximum = config.max_concurrency if config.asynchronous else config.num_workers
+            maximum = config.num_workers
+            processes = config.worker_mode == "process" and not config.asynchronous
+            if config.asynchronous:
+                maximum = config.max_concurrency
+            elif processes:  # the bound: prefetch_factor a process
+                maximum = config.num_workers * config.depth
             start = ASYNC_START if config.asynchronous else THREADS_START
             if settled is not None and settled.maximum == maximum:
                 start = settled.concurrency
-            self._tuner = ConcurrencyTuner(maximum, start=start)
+            self._tuner = ConcurrencyTuner(maximum, start=start, try_fewer=not processes)
         self._stage = None
         if config.device is not None:
             self._stage = DeviceStage(config.device, config.to_device, config.device_transform)
@@ -652,7 +657,14 @@ class DataLoader(Generic[T_co]):
             return tuner, set_reads
 
         def set_batches(concurrency: int) -> int:
-            meter.workers = meter.read_concurrency = concurrency
+            meter.workers = meter.read_concurrency = min(concurrency, config.num_workers)
+            if isinstance(pool, ThreadPool):
+                # `concurrency` threads read, each with prefetch_factor batches in flight, as
+                # torch's workers have: one that finishes during a training step goes on.
+                pool.limit_readers(concurrency)
+                return concurrency * config.depth
+            # Processes: batches are dealt in turn over one process per core, so the bound is
+            # how many read at once, and past one a process it is their prefetch.
             return concurrency
 
         return tuner, set_batches
@@ -960,6 +972,7 @@ class DataLoader(Generic[T_co]):
                     setup,
                     dedicated_queues=config.iterable,
                     every_worker=config.worker_init_fn is not None,
+                    readers=None if self._tuner is None else self._tuner.concurrency,
                 )
             if config.persistent_workers:
                 self._persistent_pool, self._persistent_seed = pool, base_seed

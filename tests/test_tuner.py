@@ -4,6 +4,7 @@ known, then on real loaders."""
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import threading
 import time
@@ -52,6 +53,14 @@ def test_a_gil_bound_stage_settles_on_one_thread():
     assert "staying at 1" in tuner.history[3].reason
 
 
+def test_processes_are_never_tried_below_the_start():
+    """Processes share no GIL: when more did not help, fewer would only read slower."""
+    tuner = ConcurrencyTuner(maximum=4, budget=64, start=2, try_fewer=False)
+    path = run(tuner, lambda c: 100.0 * min(c, 2))
+    assert path[:2] == [4, 2]
+    assert min(path) == 2
+
+
 def test_a_stage_that_needs_its_two_threads_keeps_them():
     """Two slots: 4 at once does not help, 1 loses half: back to 2, and no more tries down."""
     tuner = ConcurrencyTuner(maximum=32, budget=64, start=2)
@@ -59,6 +68,36 @@ def test_a_stage_that_needs_its_two_threads_keeps_them():
     assert path[:4] == [4, 2, 1, 2]
     assert path[-1] == 2
     assert min(path[4:]) == 2  # fewer are tried once
+
+
+def test_a_step_up_that_takes_a_good_share_of_what_the_wait_left_is_kept():
+    """The consumer waits a third of the time at 2 at once, so data can make it at most 1.5x
+    as fast: 4 at once giving 1.24x is most of that, and is kept. Being less than half of a
+    doubling's share, halfway back (3) is tried, which loses it. 8 adds almost nothing."""
+    tuner = ConcurrencyTuner(maximum=32, budget=64, start=2)
+    path = run(tuner, lambda c: 2000.0 if c < 4 else 2480.0 + c, demand=3000.0)
+    assert path[:4] == [4, 3, 4, 8]
+    assert "24% more than 2: trying 3" in tuner.history[1].reason
+    assert "back to 4" in tuner.history[2].reason
+    assert path[-1] == 4
+
+
+def test_past_the_plateau_a_step_that_gained_little_is_taken_halfway_back():
+    """Throughput grows to 20 at once: 16 -> 32 gains only a quarter, so 24 is tried and
+    kept (as fast as 32, with fewer threads and batches in flight)."""
+    tuner = ConcurrencyTuner(maximum=32, budget=64, start=2)
+    path = run(tuner, lambda c: 100.0 * min(c, 20))
+    assert path[:4] == [4, 8, 16, 32]
+    assert path[4] == 24
+    assert 20 <= path[-1] <= 25
+
+
+def test_a_gil_bound_stage_beside_a_training_step_still_settles_low():
+    """The consumer waits half the time, and more threads read no faster: not kept."""
+    tuner = ConcurrencyTuner(maximum=32, budget=64, start=2)
+    path = run(tuner, lambda c: 500.0 if c == 1 else 480.0, demand=1000.0)
+    assert path[-1] == 1
+    assert max(path) == 4
 
 
 def test_it_holds_while_training_is_the_bottleneck():
@@ -239,8 +278,8 @@ def test_auto_process_workers_are_one_per_core_and_give_torchs_batches():
         assert [b.tolist() for b in loader] == [b.tolist() for b in expected]
     tuning = loader.stats.tuning
     assert tuning is not None
-    assert tuning.maximum == cores
-    assert 1 <= tuning.concurrency <= cores
+    assert tuning.maximum == 2 * cores  # batches in flight: up to prefetch_factor a process
+    assert 1 <= tuning.concurrency <= 2 * cores
 
 
 def test_auto_is_refused_where_it_cannot_tune_yet():
@@ -287,3 +326,86 @@ def test_the_settled_concurrency_resumes_with_the_state():
     assert resumed.stats.tuning.concurrency == settled
     loader.timeout = 30  # another argument, checked again: what was found stays
     assert loader.stats.tuning.concurrency == settled
+
+
+class SharedReadCount(torch.utils.data.Dataset):
+    """Counts its reads in shared memory: those of torch's worker processes too."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.count = multiprocessing.Value("i", 0)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        with self.count.get_lock():
+            self.count.value += 1
+        return index
+
+
+def test_tuned_readers_keep_prefetch_factor_batches_in_flight_each_as_torchs_workers_do():
+    """While training holds the loop (it never waits), the tuner stays at 2 readers, and they
+    read ahead what torch's 2 workers read ahead: 2 x prefetch_factor batches, no more."""
+    reads = {}
+    for name, loader_class, workers in [
+        ("torch", tud.DataLoader, 2),
+        ("auto", aload.DataLoader, "auto"),
+    ]:
+        dataset = SharedReadCount(400)
+        iterator = iter(loader_class(dataset, batch_size=4, num_workers=workers, prefetch_factor=3))
+        next(iterator)
+        time.sleep(0.5)  # a long training step: the readers fill what the bound allows
+        reads[name] = dataset.count.value
+        del iterator
+    assert reads["auto"] == reads["torch"] == (1 + 2 * 3) * 4
+
+
+class _Tracked:
+    """A job that notes how many jobs of its pool run at once, and when it started."""
+
+    def __init__(self, log: list, running: list, lock: threading.Lock) -> None:
+        self.log, self.running, self.lock = log, running, lock
+
+    def run(self) -> None:
+        with self.lock:
+            self.running[0] += 1
+            self.log.append((id(self), self.running[0]))
+        time.sleep(0.01)
+        with self.lock:
+            self.running[0] -= 1
+
+    def fail(self, error: BaseException) -> None:
+        raise AssertionError(f"a job failed: {error!r}")
+
+
+def test_a_tuned_thread_pool_runs_at_most_its_readers():
+    from aload.workers.thread import ThreadPool
+
+    pool = ThreadPool(8, readers=2)
+    log: list = []
+    running, lock = [0], threading.Lock()
+
+    def run_all(count: int) -> list:
+        """How many jobs ran at once as each started (in the order they started)."""
+        jobs = [_Tracked(log, running, lock) for _ in range(count)]
+        log.clear()
+        for job in jobs:
+            pool.submit(job)
+        deadline = time.monotonic() + 10
+        while (len(log) < count or running[0]) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sorted(started for started, _ in log) == sorted(id(job) for job in jobs)
+        return [at_once for _, at_once in log]
+
+    try:
+        assert max(run_all(8)) == 2
+        pool.limit_readers(4)  # starts the threads it lets read
+        assert max(run_all(16)) == 4
+        pool.limit_readers(1)
+        # The 4 readers that waited for a job run one more each; then one at a time.
+        assert max(run_all(12)[4:]) == 1
+        assert max(run_all(6)) == 1
+    finally:
+        pool.shutdown()  # threads held back by the limit end too
+        assert pool.join(timeout=5)

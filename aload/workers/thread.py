@@ -34,6 +34,8 @@ class ThreadPool:
         every_worker: start a thread per job until all run, busy or not (torch starts every
             worker, so a user's `worker_init_fn` runs in each); otherwise a thread starts
             only for a job that no idle thread can take.
+        readers: at most this many threads run jobs at once, the rest of the queued jobs
+            wait (`num_workers="auto"` tunes it with `limit_readers`); None: every thread.
     """
 
     where = "worker threads"  # what runs its jobs, for the stats' stages
@@ -45,6 +47,7 @@ class ThreadPool:
         *,
         dedicated_queues: bool = False,
         every_worker: bool = False,
+        readers: int | None = None,
     ) -> None:
         if dedicated_queues:
             self._queues: list[SimpleQueue[Job | None]] = [
@@ -57,10 +60,11 @@ class ThreadPool:
         self._dedicated = dedicated_queues
         self._every_worker = every_worker
         self._idle = _Idle()
+        self._gate = None if readers is None else _Gate(readers)
         self._threads = [
             threading.Thread(
                 target=_work,
-                args=(i, queue, setup, self._idle),
+                args=(i, queue, setup, self._idle, self._gate),
                 name=f"aload-worker-{i}",
                 daemon=True,
             )
@@ -82,10 +86,23 @@ class ThreadPool:
                 if self._started < len(self._threads):  # once all run, nothing more per job
                     if self._dedicated:
                         self._start_up_to(worker or 0)
-                    elif self._every_worker or not self._idle.count:
+                    elif self._every_worker or (
+                        self._queues[0].qsize() > self._idle.count  # more than idle threads take
+                        and (self._gate is None or self._started < self._gate.limit)
+                    ):
                         self._start_up_to(0)
                 return
         job.fail(_shut_down())
+
+    def limit_readers(self, readers: int) -> None:
+        """Let `readers` threads run jobs at once from now on (a pool made with `readers`),
+        starting threads for the queued jobs a raised limit lets run."""
+        assert self._gate is not None, "a pool made without readers= runs every thread"
+        with self._lock:
+            self._gate.set(readers)
+            wanted = min(readers, self._started + self._queues[0].qsize(), len(self._threads))
+            if not self._closed and self._started < wanted:
+                self._start_up_to(wanted - 1)
 
     def _start_up_to(self, worker: int) -> None:
         """Start one more thread, and every thread up to `worker` (called under the lock)."""
@@ -115,6 +132,8 @@ class ThreadPool:
                         queued.append(job)
             for queue in self._queues:
                 queue.put(_STOP)
+            if self._gate is not None:  # threads held at the gate go on to their _STOP
+                self._gate.set(len(self._threads))
         for job in queued:
             job.fail(_shut_down())
 
@@ -164,11 +183,40 @@ class _Idle:
             self.count += change
 
 
+class _Gate:
+    """At most `limit` of a pool's threads take and run jobs at once; the others wait here,
+    before the queue, so jobs still start in the order they were queued. A reader holds its
+    place while it waits for a job, so after the limit falls, each reader that was waiting
+    runs one more job before the lower limit holds."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+        self._changed = threading.Condition()
+
+    def set(self, limit: int) -> None:
+        with self._changed:
+            self.limit = limit
+            self._changed.notify_all()
+
+    def enter(self) -> None:
+        with self._changed:
+            while self.running >= self.limit:
+                self._changed.wait()
+            self.running += 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self.running -= 1
+            self._changed.notify()
+
+
 def _work(
     worker_id: int,
     queue: SimpleQueue[Job | None],
     setup: Callable[[int], None] | None,
     idle: _Idle,
+    gate: _Gate | None,
 ) -> None:
     use_one_thread()  # one intra-op thread, as torch's worker processes have
     setup_error: BaseException | None = None
@@ -178,6 +226,8 @@ def _work(
         except BaseException as error:
             setup_error = error
     while True:
+        if gate is not None:
+            gate.enter()  # a reader's place, held while it waits for a job and runs it
         idle.add(1)
         job = queue.get()
         idle.add(-1)
@@ -187,6 +237,8 @@ def _work(
             job.run()
         else:
             job.fail(setup_error)
+        if gate is not None:
+            gate.leave()
 
 
 def _shut_down() -> RuntimeError:
