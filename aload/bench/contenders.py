@@ -76,6 +76,22 @@ def drain_warm(make: Callable[[], Any]) -> Drained:
     return drained
 
 
+def drain_stepping(step_seconds: float) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
+    """A drive that iterates a fresh loader with a plain `for` and waits `step_seconds` after
+    each batch, leaving the CPU free (a training step on a GPU): the loader must read ahead
+    while the step runs."""
+
+    def drive(make: Callable[[], Iterable[Any]]) -> Drained:
+        def batches() -> Iterator[Any]:
+            for batch in make():
+                yield batch
+                time.sleep(step_seconds)
+
+        return drain(batches)
+
+    return drive
+
+
 def drain_epochs(epochs: int) -> Callable[[Callable[[], Any]], Drained]:
     """A drive that builds a loader and iterates `epochs` epochs of it with a plain `for`,
     timed whole (`drain`): what a loader that learns across epochs (`worker_mode="auto"`)

@@ -25,6 +25,22 @@ class SleepDataset(tud.Dataset):
         return torch.full((16,), index, dtype=torch.float32)
 
 
+class JitteryDataset(tud.Dataset):
+    """Reads that wait `seconds`, and `slow_seconds` for one item in `one_in` (a cache miss,
+    a slow replica): the same items each epoch, spread over the index range."""
+
+    def __init__(self, n: int, seconds: float, slow_seconds: float, one_in: int) -> None:
+        self.n, self.seconds, self.slow_seconds, self.one_in = n, seconds, slow_seconds, one_in
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        slow = (index * 2654435761) % self.one_in == 0  # a fixed, scattered choice
+        time.sleep(self.slow_seconds if slow else self.seconds)
+        return torch.full((16,), index, dtype=torch.float32)
+
+
 class StoreDataset(tud.Dataset):
     """Reads from a store that serves `slots` requests at once, each taking `seconds`: more
     reads in flight help up to `slots`, then only queue (an object store's connection limit,

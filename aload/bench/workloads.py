@@ -20,6 +20,7 @@ from aload.bench.contenders import (
     aload_loader,
     aload_plan,
     drain_epochs,
+    drain_stepping,
     drain_warm,
     limit_asyncio,
     limit_gather,
@@ -255,6 +256,22 @@ def _auto_gil(s: Settings) -> Workload:
     return _auto_grid("auto-gil", items, data, 8, s.counts(1, 2, 4, 8), s.counts(1, 2))
 
 
+def _auto_train(s: Settings) -> Workload:
+    """Waiting reads, some slow, beside a training step: a tuned reader needs batches ahead
+    while the step runs, as torch's workers have with prefetch_factor."""
+    n = s.items(4000)
+    items = (
+        f"reads that wait 0.2 ms, 10 ms for one item in 50, {n:,} items, beside a 2 ms step "
+        "that leaves the CPU free (a GPU's)"
+    )
+    data = ds.JitteryDataset(n, 0.0002, 0.010, 50)
+    grid = _auto_grid("auto-train", items, data, 8, s.counts(2, 4, 8, 16), s.counts(2))
+    drive = drain_stepping(0.002)
+    return dataclasses.replace(
+        grid, contenders=[dataclasses.replace(c, drive=drive) for c in grid.contenders]
+    )
+
+
 def _auto_mode(name: str, items: str, data: Any, workers: int) -> Workload:
     """`worker_mode="auto"` beside static threads and processes and torch's processes, each
     a fresh loader over 3 epochs timed whole: auto's figure includes its epoch on threads."""
@@ -448,6 +465,7 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "auto": _auto,
     "auto-gil": _auto_gil,
     "auto-async": _auto_async,
+    "auto-train": _auto_train,
     "auto-mode-gil": _auto_mode_gil,
     "auto-mode-numpy": _auto_mode_numpy,
     "memory": _memory,
