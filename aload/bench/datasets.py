@@ -106,6 +106,21 @@ class NumpyDataset(tud.Dataset):
         return np.sort(self.base * 1.5 + float(index))[:64]
 
 
+class MatmulDataset(tud.Dataset):
+    """Numeric work on the BLAS (numpy's matrix product of a `size` x `size` matrix), which
+    runs a team of threads on every core unless told otherwise."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n = n
+        self.matrix = np.random.default_rng(0).random((size, size))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy((self.matrix @ (self.matrix + index))[0, :16].copy())
+
+
 class PythonDataset(tud.Dataset):
     """Pure-Python work that holds the GIL (a tokenizer, a parser): `rounds` of arithmetic."""
 

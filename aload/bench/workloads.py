@@ -195,6 +195,18 @@ def _numpy(s: Settings) -> Workload:
     )
 
 
+def _blas(s: Settings) -> Workload:
+    """Matrix products per item: the BLAS's own threads in each worker process."""
+    n = s.items(2048)
+    data = ds.MatmulDataset(n, 192)
+    (w,) = s.counts(2)
+    return Workload(
+        "blas",
+        f"a numpy product of two 192 x 192 matrices per item (the BLAS), {n:,} items, batch 16",
+        _every_loader(data, 16, w),
+    )
+
+
 def _python(s: Settings) -> Workload:
     """~0.5 ms of pure-Python work per item that holds the GIL: processes' case."""
     n = s.items(1024)
@@ -459,6 +471,7 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "io": _io,
     "async": _async,
     "numpy": _numpy,
+    "blas": _blas,
     "python": _python,
     "remote-decode": _remote_decode,
     "images": _images,
