@@ -17,8 +17,9 @@ would only queue more batches.
 The knob: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
 have, so a reader that finishes during a training step goes on to its next batch. With
-process workers (one per core), the epoch's bound on batches in flight, dealt to them in
-turn, up to `prefetch_factor` a process. Every change is a `Decision` with its reason,
+process workers (one per core, all started), the epoch's bound on batches in flight, dealt to
+them in turn: from one a process (an idle process would save nothing) up to
+`prefetch_factor` a process. Every change is a `Decision` with its reason,
 logged on the `aload` logger.
 """
 

@@ -246,6 +246,8 @@ class DataLoader(Generic[T_co]):
             elif processes:  # the bound: prefetch_factor a process
                 maximum = config.num_workers * config.depth
             start = ASYNC_START if config.asynchronous else THREADS_START
+            if processes:  # all started already: each reads from the first batch, as in torch
+                start = config.num_workers
             if settled is not None and settled.maximum == maximum:
                 start = settled.concurrency
             self._tuner = ConcurrencyTuner(maximum, start=start, try_fewer=not processes)
