@@ -174,7 +174,8 @@ def test_fresh_process_cases_report_each_loader_from_its_own_process(tmp_path):
 
 def test_the_auto_workloads_set_auto_beside_every_static_setting(tmp_path):
     _, report = bench_report(
-        "--workloads", "auto", "auto-gil", "auto-async", "auto-train", "--repeats", "1",
+        "--workloads", "auto", "auto-gil", "auto-async", "auto-train", "auto-shift",
+        "--repeats", "1",
         "--scale", "0.05",
         tmp_path=tmp_path,
     )  # fmt: skip
@@ -264,3 +265,17 @@ def test_a_killed_busy_bench_leaves_no_spinner_behind(tmp_path):
     while spinners() != before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert spinners() == before
+
+
+def test_the_rate_limited_store_counts_refused_requests_so_a_retry_storm_keeps_it_refusing():
+    """What makes too much concurrency cost in `auto-shift`: past the rate, refusals drain
+    the same budget, so a client that retries without waiting is refused on."""
+    from aload.bench.datasets import RateLimit
+
+    limit = RateLimit(100, burst=0.1)  # bursts of 10
+    assert [limit.admit() for _ in range(10)] == [True] * 10
+    assert not any(limit.admit() for _ in range(10))  # refused, and counted: 10 in debt
+    time.sleep(0.05)  # 5 requests' worth of time: half the debt paid, still refused
+    assert not limit.admit()
+    time.sleep(0.3)  # 30 more: the debt paid, and served again
+    assert limit.admit()

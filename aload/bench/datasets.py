@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 
@@ -76,6 +77,71 @@ class AsyncStoreDataset:
         async with self._slots:
             await anyio.sleep(self.seconds)
         return torch.full((16,), index, dtype=torch.float32)
+
+
+class RateLimit:
+    """A store's limit on requests a second (S3's SlowDown): bursts of `burst` seconds' worth,
+    and every request counts, refused ones too (the store answers them all), so clients that
+    retry too often keep it refusing. Its state is in shared memory: worker processes forked
+    from the maker share one limit."""
+
+    def __init__(self, rate: float, burst: float = 0.01) -> None:
+        self.rate, self.capacity = rate, max(1.0, rate * burst)
+        self._state = multiprocessing.Array("d", [self.capacity, 0.0])  # tokens, last request
+
+    def admit(self) -> bool:
+        """A request: whether the store serves it (else it is refused, and still counted)."""
+        with self._state.get_lock():
+            tokens, last = self._state[0], self._state[1]
+            now = time.monotonic()
+            if last:
+                tokens = min(self.capacity, tokens + (now - last) * self.rate)
+            self._state[0], self._state[1] = max(-self.capacity, tokens - 1), now
+            return tokens >= 1
+
+
+class ShiftingStore(tud.Dataset):
+    """Reads from a rate-limited store whose latency shifts: items before `switch` take
+    `fast`, the rest `slow` (a cache gone cold, a far replica). A refused read waits `backoff`
+    and tries again. The best concurrency is the rate times the latency, so it moves."""
+
+    def __init__(
+        self, n: int, switch: int, fast: float, slow: float, limit: RateLimit, backoff: float
+    ) -> None:
+        self.n, self.switch, self.fast, self.slow = n, switch, fast, slow
+        self.limit, self.backoff = limit, backoff
+
+    def __len__(self) -> int:
+        return self.n
+
+    def latency(self, index: int) -> float:
+        return self.fast if index < self.switch else self.slow
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        while not self.limit.admit():
+            time.sleep(self.backoff)
+        time.sleep(self.latency(index))
+        return torch.full((16,), index, dtype=torch.float32)
+
+
+class AsyncShiftingStore(ShiftingStore):
+    """The awaited form of ShiftingStore, for aload's loop."""
+
+    async def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        while True:  # a retry after a refusal waits `backoff`, as a client backs off
+            if self.limit.admit():
+                break
+            await anyio.sleep(self.backoff)
+        await anyio.sleep(self.latency(index))
+        return torch.full((16,), index, dtype=torch.float32)
+
+
+def shifting_stores(n: int) -> tuple[AsyncShiftingStore, ShiftingStore]:
+    """The `auto-shift` workload's store, awaited and blocking, sharing one limit of 8,000
+    requests a second: 1 ms reads for the first half of `n` items, 10 ms for the rest, 20 ms
+    before a retry."""
+    args = (n, n // 2, 0.001, 0.010, RateLimit(8000), 0.02)
+    return AsyncShiftingStore(*args), ShiftingStore(*args)
 
 
 class AwaitingDataset:

@@ -342,6 +342,33 @@ def _auto_async(s: Settings) -> Workload:
     )
 
 
+def _auto_shift(s: Settings) -> Workload:
+    """Reads whose latency shifts mid-epoch from a store that limits requests a second: the
+    best concurrency moves with the latency, and past it retries flood the limit."""
+    n = s.items(12_000)
+    awaited, blocking = ds.shifting_stores(n)
+    static = [
+        aload_loader(
+            awaited, 0, asynchronous=True, batch_size=16, max_concurrency=c, detail=f"{c} at once"
+        )
+        for c in s.counts(16, 32, 64, 128)
+    ]
+    return Workload(
+        "auto-shift",
+        f"an async store limited to 8,000 requests a second (refused ones count; a retry waits "
+        f"20 ms), reads of 1 ms for the first {n // 2:,} items and 10 ms for the next "
+        f"{n - n // 2:,}, batch 16: static max_concurrency against 'auto' (torch: blocking "
+        "reads, 8 processes)",
+        [
+            torch_loader(blocking, 8, batch_size=16),
+            *static,
+            aload_loader(
+                awaited, 0, asynchronous=True, batch_size=16, max_concurrency="auto", detail="auto"
+            ),
+        ],
+    )
+
+
 def _images(s: Settings) -> Workload:
     """3 x 224 x 224 float32 samples: large batches through shared or pinned memory."""
     n = s.items(512)
@@ -479,6 +506,7 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "auto-gil": _auto_gil,
     "auto-async": _auto_async,
     "auto-train": _auto_train,
+    "auto-shift": _auto_shift,
     "auto-mode-gil": _auto_mode_gil,
     "auto-mode-numpy": _auto_mode_numpy,
     "memory": _memory,
