@@ -9,10 +9,6 @@ cores busy (training), the op waits for a team that isn't scheduled: a 3 µs gat
 rows took 13-24 µs here with another process on both cores.
 
 Where torch does not use OpenMP (or its runtime can't be found), nothing changes.
-
-Worker processes also get one BLAS thread (`one_blas_thread`): torch's setting does not reach
-the BLAS that numpy and scipy bring, and N workers whose BLAS each fans out over every core
-oversubscribe them.
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import torch
-from threadpoolctl import threadpool_limits
 
 SERIAL_ELEMENTS = 32768
 """torch's grain size (`at::internal::GRAIN_SIZE`): an op on fewer elements runs on the calling
@@ -55,15 +50,6 @@ def use_one_thread() -> None:
     if openmp is not None:
         torch.get_num_threads()  # torch sets up this thread's team first, or it would undo ours
         openmp[0](1)
-
-
-def one_blas_thread() -> None:
-    """In a worker process: the BLAS libraries loaded (numpy's OpenBLAS, MKL, BLIS) compute on
-    one thread, as torch's intra-op pool does there (a `worker_init_fn` may raise it with
-    `threadpoolctl`). Left to their default, 2 worker processes doing numpy matrix products
-    ran ~50x slower here, in torch's loader as in aload's: each BLAS call woke a team of
-    threads on cores the other workers were using."""
-    threadpool_limits(limits=1, user_api="blas")
 
 
 def on_one_thread(function: Callable[P, R]) -> Callable[P, R]:

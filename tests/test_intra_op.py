@@ -3,11 +3,7 @@ caller's own setting is left as it was."""
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
 import pytest
-import threadpoolctl
 import torch
 import torch.utils.data as tud
 from conftest import flatten, heartbeat
@@ -82,53 +78,3 @@ def test_a_gather_big_enough_to_run_on_a_team_runs_on_the_callers_thread_alone(w
     gathered = SeesItsThreads.seen[-4:]  # the epoch's four batches
     assert gathered == [before if expected == "the caller's" else expected] * 4
     assert torch.get_num_threads() == before
-
-
-class BlasThreads(Dataset):
-    """Each sample: the threads of the BLAS loaded in the worker (numpy's), and a matrix
-    product computed with it."""
-
-    def __init__(self) -> None:
-        self.matrix = np.random.default_rng(0).random((64, 64))
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        threads = max(
-            i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"
-        )
-        return threads, torch.from_numpy(self.matrix @ (self.matrix + index))
-
-
-def raise_blas_threads(worker_id: int) -> None:
-    threadpoolctl.threadpool_limits(limits=2, user_api="blas")
-
-
-needs_a_blas_team = pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2
-    or not any(i["user_api"] == "blas" for i in threadpoolctl.threadpool_info()),
-    reason="needs a BLAS loaded and two cores for its team",
-)
-
-
-@needs_a_blas_team
-def test_worker_processes_compute_blas_on_one_thread_with_torchs_results():
-    """torch leaves numpy's BLAS a team in each worker process (2 processes doing matrix
-    products ran ~50x slower for it); aload gives each one thread, with the same samples."""
-    kwargs = {"batch_size": 2, "num_workers": 2}
-    theirs = list(tud.DataLoader(BlasThreads(), **kwargs))
-    ours = list(aload.DataLoader(BlasThreads(), worker_mode="process", **kwargs))
-    assert {int(t) for threads, _ in ours for t in threads} == {1}
-    assert {int(t) for threads, _ in theirs for t in threads} != {1}  # what it is for
-    for (_, mine), (_, torchs) in zip(ours, theirs, strict=True):
-        assert torch.equal(mine, torchs)
-
-
-@needs_a_blas_team
-def test_a_worker_init_fn_may_give_blas_more_threads():
-    loader = aload.DataLoader(
-        BlasThreads(), batch_size=2, num_workers=2, worker_mode="process",
-        worker_init_fn=raise_blas_threads,
-    )  # fmt: skip
-    assert {int(t) for threads, _ in loader for t in threads} == {2}

@@ -44,7 +44,6 @@ import torch.utils.data._utils.worker as torch_worker
 
 from .._cuda import pin_batch
 from .._fetch import Abandoned, timed_call
-from .._intra_op import one_blas_thread
 from .._plans import ProcessRead, ReaderPlan
 from .._retry import Reads
 from .._worker_info import WorkerInfo
@@ -520,14 +519,13 @@ def start_worker(
     mode: str = "process",
 ) -> BaseException | None:
     """Make this process a worker as torch's are made: seeded (`random`, torch, numpy), one
-    intra-op thread (and, unlike torch's, one BLAS thread), its info in torch's slot, then
-    `worker_init_fn`; its error, if it raised (each batch then fails with it, as in torch)."""
+    intra-op thread, its info in torch's slot, then `worker_init_fn`; its error, if it raised
+    (each batch then fails with it, as in torch)."""
     seed = base_seed + worker_id
     random.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(torch_worker._generate_state(base_seed, worker_id))
     torch.set_num_threads(1)
-    one_blas_thread()
     # One info, in torch's own slot: torch's get_worker_info and aload's both return it.
     info = WorkerInfo(worker_id, num_workers, seed, dataset, mode=mode)
     torch_worker._worker_info = info  # type: ignore[assignment] # same fields, and more
