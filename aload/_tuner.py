@@ -19,8 +19,8 @@ that start as work comes), each with `prefetch_factor` batches in flight as torc
 have, so a reader that finishes during a training step goes on to its next batch. With
 process workers (one per core, all started), the epoch's bound on batches in flight, dealt to
 them in turn: from one a process (an idle process would save nothing) up to
-`prefetch_factor` a process. Every change is a `Decision` with its reason,
-logged on the `aload` logger.
+`prefetch_factor` a process. Every change is a `Decision` with its reason, logged on the
+`aload` logger.
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ class _Gate:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.running = 0
+        self._running = 0
         self._changed = threading.Condition()
 
     def set(self, limit: int) -> None:
@@ -201,13 +201,13 @@ class _Gate:
 
     def enter(self) -> None:
         with self._changed:
-            while self.running >= self.limit:
+            while self._running >= self.limit:
                 self._changed.wait()
-            self.running += 1
+            self._running += 1
 
     def leave(self) -> None:
         with self._changed:
-            self.running -= 1
+            self._running -= 1
             self._changed.notify()
 
 
