@@ -238,16 +238,15 @@ class DataLoader(Generic[T_co]):
             self._mode_chooser = chooser
         settled = getattr(self, "_tuner", None)  # an attribute set later keeps what it found
         self._tuner = None
-        if config.tuned:  # the threads' reads, or an async dataset's on aload's loop
-            maximum = config.num_workers
-            processes = config.worker_mode == "process" and not config.asynchronous
-            if config.asynchronous:
-                maximum = config.max_concurrency
-            elif processes:  # the bound: prefetch_factor a process
-                maximum = config.num_workers * config.depth
-            start = ASYNC_START if config.asynchronous else THREADS_START
-            if processes:  # all started already: each reads from the first batch, as in torch
-                start = config.num_workers
+        if config.tuned:  # the workers' reads, or an async dataset's on aload's loop
+            processes = not config.asynchronous and config.worker_mode == "process"
+            if config.asynchronous:  # reads awaited at once
+                maximum, start = config.max_concurrency, ASYNC_START
+            elif processes:  # batches in flight: one a process (all are started, as in
+                # torch) up to prefetch_factor a process
+                maximum, start = config.num_workers * config.depth, config.num_workers
+            else:  # threads reading at once
+                maximum, start = config.num_workers, THREADS_START
             if settled is not None and settled.maximum == maximum:
                 start = settled.concurrency
             self._tuner = ConcurrencyTuner(maximum, start=start, try_fewer=not processes)

@@ -318,27 +318,39 @@ def _auto_mode_numpy(s: Settings) -> Workload:
     return _auto_mode("auto-mode-numpy", items, ds.NumpyDataset(n, s.numpy_size), w)
 
 
+def _async_grid(
+    name: str, description: str, awaited: Any, blocking: Any, counts: tuple[int, ...]
+) -> Workload:
+    """`max_concurrency="auto"` beside static counts on an async store, and torch's 8
+    processes on its blocking twin, each run a fresh loader: auto's figure includes its
+    search."""
+
+    def awaiting(concurrency: int | str, detail: str) -> Contender:
+        return aload_loader(
+            awaited, 0, asynchronous=True, batch_size=16, max_concurrency=concurrency, detail=detail
+        )
+
+    return Workload(
+        name,
+        f"{description}, batch 16: static max_concurrency against max_concurrency='auto' "
+        "(torch: blocking reads, 8 processes)",
+        [
+            torch_loader(blocking, 8, batch_size=16),
+            *(awaiting(c, f"{c} at once") for c in counts),
+            awaiting("auto", "auto"),
+        ],
+    )
+
+
 def _auto_async(s: Settings) -> Workload:
     """An async store that serves 64 reads at once (5 ms each): 64 at once or more is best."""
     n = s.items(12_000)
-    awaited, blocking = ds.AsyncStoreDataset(n, 0.005, 64), ds.StoreDataset(n, 0.005, 64)
-    static = [
-        aload_loader(
-            awaited, 0, asynchronous=True, batch_size=16, max_concurrency=c, detail=f"{c} at once"
-        )
-        for c in s.counts(16, 64, 256, 1024)
-    ]
-    return Workload(
+    return _async_grid(
         "auto-async",
-        f"an async store serving 64 reads at once, 5 ms each, {n:,} items, batch 16: static "
-        "max_concurrency against max_concurrency='auto' (torch: blocking reads, 8 processes)",
-        [
-            torch_loader(blocking, 8, batch_size=16),
-            *static,
-            aload_loader(
-                awaited, 0, asynchronous=True, batch_size=16, max_concurrency="auto", detail="auto"
-            ),
-        ],
+        f"an async store serving 64 reads at once, 5 ms each, {n:,} items",
+        ds.AsyncStoreDataset(n, 0.005, 64),
+        ds.StoreDataset(n, 0.005, 64),
+        s.counts(16, 64, 256, 1024),
     )
 
 
@@ -346,26 +358,13 @@ def _auto_shift(s: Settings) -> Workload:
     """Reads whose latency shifts mid-epoch from a store that limits requests a second: the
     best concurrency moves with the latency, and past it retries flood the limit."""
     n = s.items(12_000)
-    awaited, blocking = ds.shifting_stores(n)
-    static = [
-        aload_loader(
-            awaited, 0, asynchronous=True, batch_size=16, max_concurrency=c, detail=f"{c} at once"
-        )
-        for c in s.counts(16, 32, 64, 128)
-    ]
-    return Workload(
+    return _async_grid(
         "auto-shift",
         f"an async store limited to 8,000 requests a second (refused ones count; a retry waits "
         f"20 ms), reads of 1 ms for the first {n // 2:,} items and 10 ms for the next "
-        f"{n - n // 2:,}, batch 16: static max_concurrency against 'auto' (torch: blocking "
-        "reads, 8 processes)",
-        [
-            torch_loader(blocking, 8, batch_size=16),
-            *static,
-            aload_loader(
-                awaited, 0, asynchronous=True, batch_size=16, max_concurrency="auto", detail="auto"
-            ),
-        ],
+        f"{n - n // 2:,}",
+        *ds.shifting_stores(n),
+        s.counts(16, 32, 64, 128),
     )
 
 
