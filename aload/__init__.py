@@ -5,6 +5,7 @@ from types import FunctionType as _FunctionType
 from ._errors import LoaderTimeoutError as LoaderTimeoutError
 from ._mode import ModeChoice as ModeChoice
 from ._mode import WorkerModeTuning as WorkerModeTuning
+from ._read_ahead import ReadAhead as ReadAhead
 from ._retry import Retry as Retry
 from ._sample_random import SampleRandom as SampleRandom
 from ._sample_random import sample_random as sample_random
@@ -43,6 +44,7 @@ __all__ = [
     "ModeChoice",
     "Padded",
     "Plan",
+    "ReadAhead",
     "Retry",
     "SampleRandom",
     "Stage",

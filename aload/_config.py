@@ -72,6 +72,8 @@ class LoaderConfig:
     # num_workers="auto" (up to `num_workers` threads) or max_concurrency="auto" (up to
     # `max_concurrency` reads on aload's loop): how many read at once is tuned.
     tuned: bool = False
+    # prefetch_factor="auto": how far ahead the workers read is tuned (from torch's 2).
+    read_ahead_tuned: bool = False
     # Bytes the batches in flight may take (None: no budget).
     memory_budget: int | None = None
 
@@ -137,7 +139,7 @@ def resolve_config(
     timeout: float,
     worker_init_fn: Callable[[int], None] | None,
     generator: torch.Generator | None,
-    prefetch_factor: int | None,
+    prefetch_factor: int | str | None,
     persistent_workers: bool,
     in_order: bool,
     worker_mode: str,
@@ -252,7 +254,9 @@ def resolve_config(
         _check_auto_mode(asynchronous, ray_options)
     _check_ray(worker_mode, num_workers, asynchronous, ray_options)
     # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
-    prefetch_factor = _check_prefetch_factor(prefetch_factor, num_workers > 0 or asynchronous)
+    prefetching = num_workers > 0 or asynchronous
+    read_ahead_tuned = prefetch_factor == AUTO  # tuned from torch's 2 (`_read_ahead`)
+    prefetch_factor = _check_prefetch_factor(prefetch_factor, prefetching)
     uses_processes = worker_mode == "process" and num_workers > 0
     if uses_processes and sends_by_pickle(multiprocessing_context or resolve_context(None)):
         # Forked workers inherit these; the other start methods pickle them.
@@ -345,6 +349,7 @@ def resolve_config(
         max_skipped=max_skipped,
         max_concurrency=max_concurrency,
         tuned=tuned,
+        read_ahead_tuned=read_ahead_tuned,
         asynchronous=asynchronous,
         multiprocessing_context=multiprocessing_context,
         device=resolved_device,
@@ -369,15 +374,20 @@ def _check_timeout(timeout: object) -> float:
 
 def _check_prefetch_factor(prefetch_factor: object, prefetching: bool) -> int | None:
     """torch's rules: only where workers prefetch, 2 by default; here also at least 1 (0
-    would never load)."""
+    would never load). "auto" starts at torch's 2."""
     if prefetch_factor is None:
         return 2 if prefetching else None
-    _check_int("prefetch_factor", prefetch_factor)
+    if isinstance(prefetch_factor, str) and prefetch_factor != AUTO:
+        raise TypeError(f"prefetch_factor must be an int or 'auto', got {prefetch_factor!r}")
+    if prefetch_factor != AUTO:
+        _check_int("prefetch_factor", prefetch_factor)
     if not prefetching:
         raise ValueError(
             "prefetch_factor option could only be specified in multiprocessing."
             "let num_workers > 0 to enable multiprocessing, otherwise set prefetch_factor to None."
         )
+    if prefetch_factor == AUTO:
+        return 2
     if prefetch_factor < 0:  # type: ignore[operator]
         raise ValueError("prefetch_factor option should be non-negative")
     if prefetch_factor == 0:

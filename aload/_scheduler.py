@@ -31,6 +31,8 @@ from anyio import RunFinishedError
 from ._checkpoint import END_REPORT, Delivered
 from ._errors import LoaderTimeoutError
 from ._fetch import EXHAUSTED, Abandoned, describe_indices, timed_call
+from ._read_ahead import START as READ_AHEAD_START
+from ._read_ahead import ReadAheadTuner
 from ._stats import EpochMeter, count_samples
 from ._tuner import ConcurrencyTuner
 from .workers import WorkerPool
@@ -299,6 +301,7 @@ class Epoch:
         deal_over: int = 0,
         tuning: tuple[ConcurrencyTuner, Callable[[int], int]] | None = None,
         memory_budget: int | None = None,
+        read_ahead: ReadAheadTuner | None = None,
     ) -> None:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
         each batch is read when it is taken, and nothing ahead of it. `length` answers `len()`
@@ -309,7 +312,9 @@ class Epoch:
         at once as batches are delivered, and the setter that puts a concurrency in force and
         returns the bound on batches in flight that goes with it (not `max_in_flight`).
         `memory_budget`: bytes the batches in flight may take: fewer in flight than the bound
-        where the largest batch so far says so (one until the first says how large)."""
+        where the largest batch so far says so (one until the first says how large).
+        `read_ahead` (`prefetch_factor="auto"`): told how long the consumer waits while held
+        back (`_held_back`), it scales the bound on batches in flight."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
@@ -324,8 +329,15 @@ class Epoch:
             self._concurrency = tuner.concurrency
             max_in_flight = put_in_force(tuner.concurrency)
         self._budget = None if in_place else memory_budget
+        self._read_ahead = read_ahead
+        if read_ahead is not None:
+            read_ahead.restart()
+        self._waiting_since: float | None = None  # when the consumer began to wait
+        self._held_since: float | None = None  # when it began to be held back
+        self._finished_pace = 0.0  # batches a second the workers finished meanwhile
+        self._weighing = self._budget is not None or read_ahead is not None
         self._largest_batch = 0  # bytes, of the batches delivered so far
-        self._bound = max_in_flight  # without the memory budget
+        self._bound = max_in_flight  # at torch's prefetch factor, without the memory budget
         self._max_in_flight = self._within_budget(max_in_flight)
         self._in_place = in_place
         self._in_order = in_order
@@ -503,6 +515,8 @@ class Epoch:
                     self._delivered.complete = True
                     self._meter.end()
                     return _END
+                if self._read_ahead is not None:
+                    self._watch_held_back()
                 return _WAIT
             if job.error is not None:
                 if job.indices is END_REPORT:  # the epoch's data is all here: no RNGs kept
@@ -516,8 +530,10 @@ class Epoch:
                 if job.state is not None:
                     self._delivered.keep(job.worker, job.state)
                 continue
-            if self._budget is not None:
+            if self._weighing:
                 self._weigh(batch)
+            if self._waiting_since is not None:
+                self._waited()
             if self._stage is not None:
                 batch = self._stage.hand_over(batch)
             self._delivered.add(job.seq, job.worker, True)
@@ -548,6 +564,48 @@ class Epoch:
             self._bound = put_in_force(concurrency)
             self._max_in_flight = self._within_budget(self._bound)
 
+    def _watch_held_back(self) -> None:
+        """The consumer waits: note when it began, and when it began to be held back by the
+        batch due, read in order: the bound is full of batches, those finished waiting
+        behind it, and workers sit idle."""
+        if self._waiting_since is None:
+            self._waiting_since = time.perf_counter()
+        in_flight = len(self._in_flight)
+        if self._held_since is not None or not self._in_order or in_flight < self._max_in_flight:
+            return
+        if self._idle_workers():
+            self._held_since = now = time.perf_counter()
+            # batches a second the workers finished while the consumer waited
+            self._finished_pace = len(self._ready_by_seq) / max(now - self._waiting_since, 1e-6)
+
+    def _idle_workers(self) -> bool:
+        """Whether some worker has nothing to read: it has finished every batch dealt to it,
+        or (workers that take any batch) fewer batches are left than workers."""
+        ready = self._ready_by_seq
+        if self._deal_over:
+            reading = {seq % self._deal_over for seq in self._in_flight if seq not in ready}
+            return len(reading) < self._deal_over
+        workers = max(1, self._bound // READ_AHEAD_START)
+        return len(self._in_flight) - len(ready) < workers
+
+    def _waited(self) -> None:
+        """The consumer's wait ended: if it was held back, tell the read-ahead tuner how long,
+        and how long the wait was (what reading further ahead would have covered)."""
+        now = time.perf_counter()
+        waited, held_since = now - self._waiting_since, self._held_since  # type: ignore[operator]
+        self._waiting_since = self._held_since = None
+        if held_since is None:
+            return
+        if self._read_ahead.held_back(  # type: ignore[union-attr]
+            now - held_since,
+            waited=waited,
+            in_flight=self._max_in_flight,
+            largest_batch=self._largest_batch,
+            batches=self._meter.batches,
+            finished_pace=self._finished_pace,
+        ):
+            self._max_in_flight = self._within_budget(self._bound)
+
     def _weigh(self, batch: Any) -> None:
         """A delivered batch's bytes: the largest so far sets how many fit in the budget."""
         size = batch_nbytes(batch)
@@ -556,7 +614,10 @@ class Epoch:
             self._max_in_flight = self._within_budget(self._bound)
 
     def _within_budget(self, bound: int) -> int:
-        """`bound`, or fewer batches in flight where the memory budget says so."""
+        """`bound`, read further ahead where tuned, or fewer batches in flight where the
+        memory budget says so."""
+        if self._read_ahead is not None:
+            bound = round(bound * self._read_ahead.scale)
         if self._budget is None:
             return bound
         if not self._largest_batch:  # no batch has said how large they are yet

@@ -19,6 +19,7 @@ import torch
 
 from ._fetch import STAGES
 from ._mode import WorkerModeTuning
+from ._read_ahead import ReadAhead
 from ._retry import Reads, Retry
 from ._tuner import Tuning
 
@@ -182,6 +183,8 @@ class LoaderStats:
             at once and why (an `aload.Tuning`); None otherwise.
         worker_mode: with `worker_mode="auto"`, the workers in use and each epoch's verdict
             (an `aload.WorkerModeTuning`); None otherwise.
+        read_ahead: with `prefetch_factor="auto"`, how far ahead the workers read and why
+            (an `aload.ReadAhead`); None otherwise.
     """
 
     epochs: int
@@ -195,6 +198,7 @@ class LoaderStats:
     epoch: EpochStats | None
     tuning: Tuning | None = None
     worker_mode: WorkerModeTuning | None = None
+    read_ahead: ReadAhead | None = None
 
     @property
     def wait_fraction(self) -> float:
@@ -373,7 +377,10 @@ class StatsKeeper:
         return meter
 
     def snapshot(
-        self, tuning: Tuning | None = None, worker_mode: WorkerModeTuning | None = None
+        self,
+        tuning: Tuning | None = None,
+        worker_mode: WorkerModeTuning | None = None,
+        read_ahead: ReadAhead | None = None,
     ) -> LoaderStats:
         recent = [meter.snapshot() for meter in self._meters]
         totals = self._past
@@ -394,6 +401,7 @@ class StatsKeeper:
             epoch=recent[-1] if recent else None,
             tuning=tuning,
             worker_mode=worker_mode,
+            read_ahead=read_ahead,
         )
 
 

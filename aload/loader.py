@@ -39,6 +39,7 @@ from ._fetch import Finish, batch_bytes, batch_gather, map_reader, per_worker_re
 from ._mode import ModeChooser
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
+from ._read_ahead import ReadAheadTuner
 from ._retry import Reads, Retry
 from ._sample_random import EpochSeeds
 from ._samplers import fast_index_batches
@@ -118,7 +119,9 @@ class DataLoader(Generic[T_co]):
             one, they are drawn from torch's global RNG when and as torch's loader draws them
             (nothing when built; the workers' base seed and the sampler's seed per epoch).
         prefetch_factor: batches in flight per worker (2 by default; as in torch, only with
-            `num_workers > 0`, or for an async dataset).
+            `num_workers > 0`, or for an async dataset). "auto": from 2, read further ahead
+            while a slow batch, read in order, holds back those finished after it and the
+            workers wait (within `memory_budget`, or 1 GiB; `stats.read_ahead` says why).
         persistent_workers: keep the workers between epochs (until `close()`).
         in_order: yield batches in sampler order; False yields them as they finish, so one slow
             batch does not hold back the others.
@@ -191,7 +194,7 @@ class DataLoader(Generic[T_co]):
         multiprocessing_context: Any = None,
         generator: torch.Generator | None = None,
         *,
-        prefetch_factor: int | None = None,
+        prefetch_factor: int | str | None = None,
         persistent_workers: bool = False,
         pin_memory_device: str = "",
         in_order: bool = True,
@@ -250,6 +253,12 @@ class DataLoader(Generic[T_co]):
             if settled is not None and settled.maximum == maximum:
                 start = settled.concurrency
             self._tuner = ConcurrencyTuner(maximum, start=start, try_fewer=not processes)
+        read_ahead = getattr(self, "_read_ahead", None)  # kept as the tuner is
+        if not config.read_ahead_tuned:
+            read_ahead = None
+        elif read_ahead is None or read_ahead.memory_budget != config.memory_budget:
+            read_ahead = ReadAheadTuner(config.memory_budget)
+        self._read_ahead = read_ahead
         self._stage = None
         if config.device is not None:
             self._stage = DeviceStage(config.device, config.to_device, config.device_transform)
@@ -311,7 +320,13 @@ class DataLoader(Generic[T_co]):
     timeout = property(lambda self: self._config.timeout)
     worker_init_fn = property(lambda self: self._config.worker_init_fn)
     generator = property(lambda self: self._config.generator)
-    prefetch_factor = property(lambda self: self._config.prefetch_factor)
+
+    @property
+    def prefetch_factor(self) -> int | str | None:
+        """Batches in flight per worker, as torch's; "auto" when tuned (`stats.read_ahead`
+        says how far ahead the workers read now)."""
+        return AUTO if self._config.read_ahead_tuned else self._config.prefetch_factor
+
     persistent_workers = property(lambda self: self._config.persistent_workers)
     in_order = property(lambda self: self._config.in_order)
 
@@ -346,9 +361,11 @@ class DataLoader(Generic[T_co]):
         (batches, samples/s, time waiting for data against time in the loop body, queue
         depth, batches in flight, retries, skipped samples)."""
         chooser = self._mode_chooser
+        read_ahead = self._read_ahead
         return self._stats.snapshot(
             None if self._tuner is None else self._tuner.snapshot(),
             None if chooser is None else chooser.snapshot(),
+            None if read_ahead is None else read_ahead.snapshot(),
         )
 
     def __len__(self) -> int:
@@ -404,6 +421,8 @@ class DataLoader(Generic[T_co]):
             tuning["concurrency"] = self._tuner.concurrency
         if self._mode_chooser is not None:
             tuning["worker_mode"] = self._mode_chooser.worker_mode
+        if self._read_ahead is not None:
+            tuning["prefetch_factor"] = self._read_ahead.factor
         if tuning:
             state["tuning"] = tuning
         return state
@@ -430,6 +449,8 @@ class DataLoader(Generic[T_co]):
             self._tuner.resume(tuning["concurrency"])
         if self._mode_chooser is not None and "worker_mode" in tuning:
             self._mode_chooser.resume(tuning["worker_mode"])
+        if self._read_ahead is not None and "prefetch_factor" in tuning:
+            self._read_ahead.resume(tuning["prefetch_factor"])
         for epoch in list(self._epochs):  # as torchdata's StatefulDataLoader drops its iterator
             epoch.stop()
         # Resumed as a fresh loader resumes it, by new workers: running ones have read (and
@@ -580,6 +601,7 @@ class DataLoader(Generic[T_co]):
             deal_over=self._deal_over(pool),
             tuning=None if inline else self._tuning(pool, meter),
             memory_budget=config.memory_budget,
+            read_ahead=None if inline else self._read_ahead,
         )
         self._judge_mode(meter, pool, start["epoch"])
         self._epochs.add(epoch)

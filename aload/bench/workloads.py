@@ -284,6 +284,39 @@ def _auto_train(s: Settings) -> Workload:
     )
 
 
+def _auto_tail(s: Settings) -> Workload:
+    """Fast reads with a rare slow one (a timeout and retry), read in order beside a step:
+    the slow batch holds back those finished after it until the bound on batches in flight
+    is full and the workers stop, unless they read far enough ahead."""
+    n = s.items(8000)
+    items = (
+        f"reads that wait 0.2 ms, 100 ms for one item in 400 (a timeout and retry), {n:,} "
+        "items, beside a 1 ms step that leaves the CPU free"
+    )
+    data = ds.JitteryDataset(n, 0.0002, 0.100, 400)
+    (w,) = s.counts(4)
+
+    def reading(detail: str, **kwargs: Any) -> Contender:
+        return aload_loader(data, w, batch_size=8, detail=detail, **kwargs)
+
+    rows = [
+        torch_loader(data, w, batch_size=8),
+        *(reading(f"prefetch_factor={f}", prefetch_factor=f) for f in (2, 8, 32)),
+        reading("in_order=False", in_order=False),
+        reading("prefetch_factor='auto'", prefetch_factor="auto"),
+        aload_loader(
+            data, "auto", batch_size=8, detail="prefetch_factor='auto'", prefetch_factor="auto"
+        ),  # type: ignore[arg-type]
+    ]
+    drive = drain_stepping(0.001)
+    return Workload(
+        "auto-tail",
+        f"{items}, batch 8, {w} workers, in order: static prefetch_factor against "
+        "prefetch_factor='auto' (a fresh loader each run: its search included)",
+        [dataclasses.replace(row, drive=drive) for row in rows],
+    )
+
+
 def _auto_mode(name: str, items: str, data: Any, workers: int) -> Workload:
     """`worker_mode="auto"` beside static threads and processes and torch's processes, each
     a fresh loader over 3 epochs timed whole: auto's figure includes its epoch on threads."""
@@ -506,6 +539,7 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "auto-async": _auto_async,
     "auto-train": _auto_train,
     "auto-shift": _auto_shift,
+    "auto-tail": _auto_tail,
     "auto-mode-gil": _auto_mode_gil,
     "auto-mode-numpy": _auto_mode_numpy,
     "memory": _memory,
