@@ -8,7 +8,7 @@ consumer's wait left to gain if that is less (waiting a third of the time, it ca
 where throughput flattens: halfway back is tried, and kept if it loses nothing. A step that
 did not help is taken back, and the level it reached becomes a ceiling that the next steps go
 halfway to. When the very first step up did not help (work that holds the GIL), half as many
-are tried once, and kept if they lose nothing (threads only: processes share no GIL). The
+are tried once, and kept if they lose nothing. The
 ceiling is probed again now and then, and forgotten when throughput falls well below where it
 settled (the data's cost changed). It never grows while the process already uses its CPU
 budget (the cores it may run on), and holds while the consumer does not wait: more reads
@@ -16,10 +16,10 @@ would only queue more batches.
 
 The knob: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
-have, so a reader that finishes during a training step goes on to its next batch. With
-process workers (one per core, all started), the epoch's bound on batches in flight, dealt to
-them in turn: from one a process (an idle process would save nothing) up to
-`prefetch_factor` a process. Every change is a `Decision` with its reason, logged on the
+have, so a reader that finishes during a training step goes on to its next batch; with an
+async dataset, how many reads are awaited at once. (Process workers are one per core, all
+started as torch starts them: fewer batches in flight would save memory, never time, so
+nothing of theirs is tuned here.) Every change is a `Decision` with its reason, logged on the
 `aload` logger.
 """
 
@@ -76,13 +76,10 @@ class ConcurrencyTuner:
     """Finds how many batches to read at once, between 1 and `maximum`.
 
     `observe` is called once per batch the consumer receives, with the epoch's running totals;
-    it returns the concurrency to use from now on. `try_fewer=False`: readers that cannot
-    slow each other down (processes share no GIL), so fewer than the start are never tried.
+    it returns the concurrency to use from now on.
     """
 
-    def __init__(
-        self, maximum: int, budget: float | None = None, start: int = 2, try_fewer: bool = True
-    ) -> None:
+    def __init__(self, maximum: int, budget: float | None = None, start: int = 2) -> None:
         self.maximum = maximum
         self.budget = cpu_budget() if budget is None else budget
         self.concurrency = max(1, min(start, maximum))
@@ -96,7 +93,6 @@ class ConcurrencyTuner:
         self._settled: float | None = None  # the throughput where the climb stopped
         self._explored = False  # a step up raised throughput, or fewer were tried
         self._may_step_down = False  # the first step up did not help: try fewer, once
-        self._try_fewer = try_fewer  # readers that may contend (threads: the GIL)
 
     def resume(self, concurrency: int) -> None:
         """Start from the concurrency a saved run had settled on."""
@@ -153,7 +149,7 @@ class ConcurrencyTuner:
                     f"than {before} ({baseline:,.0f}): back to {before}",
                 )
                 # The very first step up did not help (work that holds the GIL): try fewer.
-                self._may_step_down = self._try_fewer and not self._explored and before > 1
+                self._may_step_down = not self._explored and before > 1
                 return
             self._settled = throughput
             self._explored = True

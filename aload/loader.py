@@ -241,18 +241,17 @@ class DataLoader(Generic[T_co]):
             self._mode_chooser = chooser
         settled = getattr(self, "_tuner", None)  # an attribute set later keeps what it found
         self._tuner = None
-        if config.tuned:  # the workers' reads, or an async dataset's on aload's loop
-            processes = not config.asynchronous and config.worker_mode == "process"
-            if config.asynchronous:  # reads awaited at once
+        processes = not config.asynchronous and config.worker_mode == "process"
+        # Processes: one per core, all started as in torch, with torch's read-ahead; fewer
+        # batches in flight would only save memory (`memory_budget`), never time.
+        if config.tuned and not processes:  # reads at once: an async dataset's, or threads
+            if config.asynchronous:
                 maximum, start = config.max_concurrency, ASYNC_START
-            elif processes:  # batches in flight: one a process (all are started, as in
-                # torch) up to prefetch_factor a process
-                maximum, start = config.num_workers * config.depth, config.num_workers
-            else:  # threads reading at once
+            else:
                 maximum, start = config.num_workers, THREADS_START
             if settled is not None and settled.maximum == maximum:
                 start = settled.concurrency
-            self._tuner = ConcurrencyTuner(maximum, start=start, try_fewer=not processes)
+            self._tuner = ConcurrencyTuner(maximum, start=start)
         read_ahead = getattr(self, "_read_ahead", None)  # kept as the tuner is
         if not config.read_ahead_tuned:
             read_ahead = None
@@ -664,7 +663,7 @@ class DataLoader(Generic[T_co]):
         self, pool: WorkerPool, meter: EpochMeter
     ) -> tuple[ConcurrencyTuner, Callable[[int], int]] | None:
         """The tuner (None: nothing is tuned) and how the concurrency it finds is put in
-        force: an async dataset's fetchers on aload's loop, or thread workers' batches; either
+        force: an async dataset's fetchers on aload's loop, or thread workers reading; either
         way the setter returns the epoch's bound on batches in flight."""
         config = self._config
         tuner = self._tuner
@@ -679,18 +678,16 @@ class DataLoader(Generic[T_co]):
 
             return tuner, set_reads
 
-        def set_batches(concurrency: int) -> int:
-            meter.workers = meter.read_concurrency = min(concurrency, config.num_workers)
-            if isinstance(pool, ThreadPool):
-                # `concurrency` threads read, each with prefetch_factor batches in flight, as
-                # torch's workers have: one that finishes during a training step goes on.
-                pool.limit_readers(concurrency)
-                return concurrency * config.depth
-            # Processes: batches are dealt in turn over one process per core, so the bound is
-            # how many read at once, and past one a process it is their prefetch.
-            return concurrency
+        assert isinstance(pool, ThreadPool)  # a pool gated for the tuner (`readers`)
 
-        return tuner, set_batches
+        def set_readers(concurrency: int) -> int:
+            # `concurrency` threads read, each with prefetch_factor batches in flight, as
+            # torch's workers have: one that finishes during a training step goes on.
+            meter.workers = meter.read_concurrency = concurrency
+            pool.limit_readers(concurrency)
+            return concurrency * config.depth
+
+        return tuner, set_readers
 
     def _deal_over(self, pool: WorkerPool) -> int:
         """Over how many workers an epoch deals its batches in turn, as torch does: worker

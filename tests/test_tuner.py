@@ -53,14 +53,6 @@ def test_a_gil_bound_stage_settles_on_one_thread():
     assert "staying at 1" in tuner.history[3].reason
 
 
-def test_processes_are_never_tried_below_the_start():
-    """Processes share no GIL: when more did not help, fewer would only read slower."""
-    tuner = ConcurrencyTuner(maximum=4, budget=64, start=2, try_fewer=False)
-    path = run(tuner, lambda c: 100.0 * min(c, 2))
-    assert path[:2] == [4, 2]
-    assert min(path) == 2
-
-
 def test_a_stage_that_needs_its_two_threads_keeps_them():
     """Two slots: 4 at once does not help, 1 loses half: back to 2, and no more tries down."""
     tuner = ConcurrencyTuner(maximum=32, budget=64, start=2)
@@ -276,10 +268,8 @@ def test_auto_process_workers_are_one_per_core_and_give_torchs_batches():
     )
     for _ in range(2):
         assert [b.tolist() for b in loader] == [b.tolist() for b in expected]
-    tuning = loader.stats.tuning
-    assert tuning is not None
-    assert tuning.maximum == 2 * cores  # batches in flight: up to prefetch_factor a process
-    assert 1 <= tuning.concurrency <= 2 * cores
+    # One process per core, torch's read-ahead: fewer in flight would save no time.
+    assert loader.stats.tuning is None
 
 
 def test_auto_is_refused_where_it_cannot_tune_yet():

@@ -278,9 +278,18 @@ def _auto_train(s: Settings) -> Workload:
     )
     data = ds.JitteryDataset(n, 0.0002, 0.010, 50)
     grid = _auto_grid("auto-train", items, data, 8, s.counts(2, 4, 8, 16), s.counts(2))
+    read_ahead = aload_loader(
+        data,
+        "auto",  # type: ignore[arg-type]
+        batch_size=8,
+        worker_mode="process",
+        prefetch_factor="auto",
+        detail="prefetch_factor='auto'",
+    )
     drive = drain_stepping(0.002)
     return dataclasses.replace(
-        grid, contenders=[dataclasses.replace(c, drive=drive) for c in grid.contenders]
+        grid,
+        contenders=[dataclasses.replace(c, drive=drive) for c in (*grid.contenders, read_ahead)],
     )
 
 
@@ -296,17 +305,15 @@ def _auto_tail(s: Settings) -> Workload:
     data = ds.JitteryDataset(n, 0.0002, 0.100, 400)
     (w,) = s.counts(4)
 
-    def reading(detail: str, **kwargs: Any) -> Contender:
-        return aload_loader(data, w, batch_size=8, detail=detail, **kwargs)
+    def reading(detail: str, workers: Any = w, **kwargs: Any) -> Contender:
+        return aload_loader(data, workers, batch_size=8, detail=detail, **kwargs)
 
     rows = [
         torch_loader(data, w, batch_size=8),
         *(reading(f"prefetch_factor={f}", prefetch_factor=f) for f in (2, 8, 32)),
         reading("in_order=False", in_order=False),
         reading("prefetch_factor='auto'", prefetch_factor="auto"),
-        aload_loader(
-            data, "auto", batch_size=8, detail="prefetch_factor='auto'", prefetch_factor="auto"
-        ),  # type: ignore[arg-type]
+        reading("prefetch_factor='auto'", "auto", prefetch_factor="auto"),
     ]
     drive = drain_stepping(0.001)
     return Workload(
