@@ -69,9 +69,11 @@ class LoaderConfig:
     device_transform: Callable[[Any], Any] | None
     pin_memory_device: str = ""
     ray_options: Mapping[str, Any] = field(default_factory=dict)
-    # num_workers="auto" (up to `num_workers` threads) or max_concurrency="auto" (up to
-    # `max_concurrency` reads on aload's loop): how many read at once is tuned.
-    tuned: bool = False
+    # num_workers="auto": up to `num_workers` threads read (or finish an async dataset's
+    # batches) at once, tuned; processes: one per core.
+    workers_tuned: bool = False
+    # max_concurrency="auto": up to `max_concurrency` reads on aload's loop, tuned.
+    reads_tuned: bool = False
     # prefetch_factor="auto": how far ahead the workers read is tuned (from torch's 2).
     read_ahead_tuned: bool = False
     # Bytes the batches in flight may take (None: no budget).
@@ -167,7 +169,7 @@ def resolve_config(
         ValueError: for conflicting or out-of-range arguments, with torch's messages.
         TypeError: for arguments of the wrong type, naming the argument and what was expected.
     """
-    tuned = num_workers == AUTO or max_concurrency == AUTO
+    workers_tuned, reads_tuned = num_workers == AUTO, max_concurrency == AUTO
     if num_workers == AUTO:
         num_workers = _auto_workers(dataset, worker_mode)
     elif isinstance(num_workers, str):
@@ -348,7 +350,8 @@ def resolve_config(
         retry=retry or NO_RETRY,
         max_skipped=max_skipped,
         max_concurrency=max_concurrency,
-        tuned=tuned,
+        workers_tuned=workers_tuned,
+        reads_tuned=reads_tuned,
         read_ahead_tuned=read_ahead_tuned,
         asynchronous=asynchronous,
         multiprocessing_context=multiprocessing_context,
@@ -437,20 +440,22 @@ AUTO = "auto"
 
 
 def _auto_workers(dataset: Any, worker_mode: str) -> int:
-    """The workers `num_workers="auto"` may use; the tuner decides how many read at once.
-    Threads: enough for reads that wait (on storage, on the network) to overlap, 32 or twice
-    the cores. Processes: one per core this process may use (each computes; more would only
-    take turns). Refused where it cannot tune yet, saying what to pass instead."""
+    """The workers `num_workers="auto"` may use; the tuner decides how many run at once.
+    Threads (that read, or that finish an async dataset's batches): enough for work that
+    waits (on storage, on a service) to overlap, 32 or twice the cores; the tuner adds none
+    while the process uses its cores. Processes: one per core this process may use (each
+    computes; more would only take turns). Refused where it cannot tune yet, saying what to
+    pass instead."""
     if worker_mode not in ("thread", "process", AUTO):
         raise ValueError(
             f"num_workers='auto' tunes thread and process workers; with "
             f"worker_mode={worker_mode!r}, give num_workers a number"
         )
-    if is_iterable_style(dataset) or is_async_map_style(dataset):
+    if is_iterable_style(dataset):
         raise ValueError(
-            "num_workers='auto' tunes the reads of a map-style dataset (__getitem__); an "
-            "iterable dataset is split into num_workers streams, and an async dataset's reads "
-            "are max_concurrency at once: give num_workers a number"
+            "num_workers='auto' tunes the workers of a map-style dataset (__getitem__, plain "
+            "or async); an iterable dataset is split into num_workers streams: give "
+            "num_workers a number"
         )
     if worker_mode == "process":
         return max(1, int(cpu_budget()))

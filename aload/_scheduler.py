@@ -34,7 +34,7 @@ from ._fetch import EXHAUSTED, Abandoned, describe_indices, timed_call
 from ._read_ahead import START as READ_AHEAD_START
 from ._read_ahead import ReadAheadTuner
 from ._stats import EpochMeter, count_samples
-from ._tuner import ConcurrencyTuner
+from ._tuner import Autotuner
 from .workers import WorkerPool
 
 # anyio imports its asyncio backend on first use, which would be inside a caller's first
@@ -299,7 +299,7 @@ class Epoch:
         length: Callable[[], int] | None = None,
         check_yielded: Callable[[int], None] | None = None,
         deal_over: int = 0,
-        tuning: tuple[ConcurrencyTuner, Callable[[int], int]] | None = None,
+        tuning: Autotuner | None = None,
         memory_budget: int | None = None,
         read_ahead: ReadAheadTuner | None = None,
     ) -> None:
@@ -308,9 +308,8 @@ class Epoch:
         of the epoch; `check_yielded` is told how many batches have been yielded, after each.
         `deal_over`: batch `seq` goes to worker `seq % deal_over`, as torch deals batches to
         its worker processes (so each worker's own RNG draws what torch's would); 0: to
-        whichever worker is free. `tuning` (`"auto"`): a tuner that finds how many reads run
-        at once as batches are delivered, and the setter that puts a concurrency in force and
-        returns the bound on batches in flight that goes with it (not `max_in_flight`).
+        whichever worker is free. `tuning` (`"auto"`): the tuned stages, told of each batch
+        delivered; their bound on batches in flight replaces `max_in_flight`.
         `memory_budget`: bytes the batches in flight may take: fewer in flight than the bound
         where the largest batch so far says so (one until the first says how large).
         `read_ahead` (`prefetch_factor="auto"`): told how long the consumer waits while held
@@ -322,12 +321,8 @@ class Epoch:
         self._pool = pool
         self._owns_pool = owns_pool
         self._tuning = tuning
-        self._concurrency = 0  # the tuned concurrency in force
         if tuning is not None:
-            tuner, put_in_force = tuning
-            tuner.restart_window()
-            self._concurrency = tuner.concurrency
-            max_in_flight = put_in_force(tuner.concurrency)
+            max_in_flight = tuning.start()
         self._budget = None if in_place else memory_budget
         self._read_ahead = read_ahead
         if read_ahead is not None:
@@ -548,21 +543,18 @@ class Epoch:
                 ready = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
                 meter.delivered(count_samples(job.indices, batch), ready, len(self._in_flight))
                 if self._tuning is not None:
-                    self._tune(meter, *self._tuning)
+                    self._tune(meter, self._tuning)
             if self._check_yielded is not None:
                 self._check_yielded(meter.batches)
             return batch
         return _END
 
-    def _tune(
-        self, meter: EpochMeter, tuner: ConcurrencyTuner, put_in_force: Callable[[int], int]
-    ) -> None:
-        """Hand the tuner this batch's totals; put a new concurrency in force."""
-        concurrency = tuner.observe(meter.samples, meter.batches, meter.wait)
-        if concurrency != self._concurrency:
-            self._concurrency = concurrency
-            self._bound = put_in_force(concurrency)
-            self._max_in_flight = self._within_budget(self._bound)
+    def _tune(self, meter: EpochMeter, tuning: Autotuner) -> None:
+        """Tell the tuned stages this batch's totals; adopt the bound a move brings."""
+        bound = tuning.observe(meter.samples, meter.batches, meter.wait)
+        if bound is not None:
+            self._bound = bound
+            self._max_in_flight = self._within_budget(bound)
 
     def _watch_held_back(self) -> None:
         """The consumer waits: note when it began, and when it began to be held back by the

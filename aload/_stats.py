@@ -185,6 +185,9 @@ class LoaderStats:
             (an `aload.WorkerModeTuning`); None otherwise.
         read_ahead: with `prefetch_factor="auto"`, how far ahead the workers read and why
             (an `aload.ReadAhead`); None otherwise.
+        workers_tuning: with an async dataset and `num_workers="auto"` on threads, how many
+            of the threads that finish its batches run at once and why (`tuning` is then
+            its reads, with `max_concurrency="auto"`); None otherwise.
     """
 
     epochs: int
@@ -199,6 +202,7 @@ class LoaderStats:
     tuning: Tuning | None = None
     worker_mode: WorkerModeTuning | None = None
     read_ahead: ReadAhead | None = None
+    workers_tuning: Tuning | None = None
 
     @property
     def wait_fraction(self) -> float:
@@ -261,6 +265,17 @@ class EpochMeter:
         self.wait += now - asked_at
         self.last_handover = now
 
+    def reading_seconds(self) -> float:
+        """Seconds spent reading so far, summed over the readers."""
+        seconds = self.stage_seconds[0]
+        if self.read_clock is not None:  # reads timed by aload's fetchers
+            seconds += self.read_clock.seconds - self.read_clock_start
+        return seconds
+
+    def finishing_seconds(self) -> float:
+        """Seconds spent on the stages after the reads so far, summed over the workers."""
+        return sum(self.stage_seconds[1:])
+
     def watch_reads(self, clock: Any) -> None:
         """Count the reads `clock` (a `ReadClock`: aload's fetchers) times from now on."""
         self.read_clock, self.read_clock_start = clock, clock.seconds
@@ -308,8 +323,7 @@ class EpochMeter:
     def _stages(self, seconds: float) -> tuple[StageStats, ...]:
         """The epoch's stages as measured so far, over `seconds` of the epoch."""
         spent = list(self.stage_seconds)
-        if self.read_clock is not None:  # reads timed by aload's fetchers
-            spent[0] += self.read_clock.seconds - self.read_clock_start
+        spent[0] = self.reading_seconds()
         stages = []
         for name in self.stages:
             reads = name == "read"
@@ -381,6 +395,7 @@ class StatsKeeper:
         tuning: Tuning | None = None,
         worker_mode: WorkerModeTuning | None = None,
         read_ahead: ReadAhead | None = None,
+        workers_tuning: Tuning | None = None,
     ) -> LoaderStats:
         recent = [meter.snapshot() for meter in self._meters]
         totals = self._past
@@ -402,6 +417,7 @@ class StatsKeeper:
             tuning=tuning,
             worker_mode=worker_mode,
             read_ahead=read_ahead,
+            workers_tuning=workers_tuning,
         )
 
 

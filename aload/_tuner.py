@@ -1,4 +1,5 @@
-"""`num_workers="auto"`: how many batches the workers read at once, found online.
+"""`num_workers="auto"` and `max_concurrency="auto"`: how many reads run at once, and how
+many workers finish batches, found online.
 
 A hill climb on measured throughput, one window at a time (a tenth of a second and a few
 batches): while the consumer waits for data, read twice as many batches at once, and keep the
@@ -8,19 +9,19 @@ consumer's wait left to gain if that is less (waiting a third of the time, it ca
 where throughput flattens: halfway back is tried, and kept if it loses nothing. A step that
 did not help is taken back, and the level it reached becomes a ceiling that the next steps go
 halfway to. When the very first step up did not help (work that holds the GIL), half as many
-are tried once, and kept if they lose nothing. The
-ceiling is probed again now and then, and forgotten when throughput falls well below where it
-settled (the data's cost changed). It never grows while the process already uses its CPU
-budget (the cores it may run on), and holds while the consumer does not wait: more reads
-would only queue more batches.
+are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
+forgotten when throughput falls well below where it settled (the data's cost changed). It
+never grows while the process already uses its CPU budget (the cores it may run on), and
+holds while the consumer does not wait: more reads would only queue more batches.
 
-The knob: with thread workers, how many threads read at once (a pool of `maximum` threads
+The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
 have, so a reader that finishes during a training step goes on to its next batch; with an
-async dataset, how many reads are awaited at once. (Process workers are one per core, all
-started as torch starts them: fewer batches in flight would save memory, never time, so
-nothing of theirs is tuned here.) Every change is a `Decision` with its reason, logged on the
-`aload` logger.
+async dataset, how many reads are awaited at once, and how many of its thread workers finish
+batches. Where an epoch has two knobs, `Autotuner` gives each window to the stage that holds
+the other back. (Process workers are one per core, all started as torch starts them: fewer
+batches in flight would save memory, never time, so nothing of theirs is tuned here.) Every
+change is a `Decision` with its reason, logged on the `aload` logger.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger("aload")
@@ -41,6 +43,7 @@ WINDOW_SECONDS = 0.1
 WINDOW_BATCHES = 4
 REPROBE_WINDOWS = 16  # windows at a ceiling before it is probed again
 SHIFT = 0.3  # throughput this much below the settled level: the data's cost changed
+SATURATED = 0.9  # a stage busy this share of its workers' time has no room to spare
 THREADS_START = 2  # batches read at once by thread workers, to begin with
 ASYNC_START = 32  # an async dataset's reads awaited at once, to begin with
 
@@ -75,17 +78,18 @@ def cpu_budget() -> float:
 class ConcurrencyTuner:
     """Finds how many batches to read at once, between 1 and `maximum`.
 
-    `observe` is called once per batch the consumer receives, with the epoch's running totals;
-    it returns the concurrency to use from now on.
+    `decide` is given each window's measures (by `Autotuner`) and moves `concurrency`.
     """
 
-    def __init__(self, maximum: int, budget: float | None = None, start: int = 2) -> None:
+    def __init__(
+        self, maximum: int, budget: float | None = None, start: int = 2, knob: str = "num_workers"
+    ) -> None:
         self.maximum = maximum
+        self.knob = knob  # the argument set to "auto", for the log
         self.budget = cpu_budget() if budget is None else budget
         self.concurrency = max(1, min(start, maximum))
         self.history: list[Decision] = []
         self._began = time.perf_counter()
-        self._window: tuple[float, float, float, int, int] | None = None
         # The level before a step, its throughput, and the consumer's share of time waiting.
         self._trial: tuple[int, float, float] | None = None
         self._ceiling: int | None = None  # a level that did not help
@@ -101,36 +105,15 @@ class ConcurrencyTuner:
     def snapshot(self) -> Tuning:
         return Tuning(self.concurrency, self.maximum, tuple(self.history))
 
-    def restart_window(self) -> None:
-        """Forget the window in progress (a new epoch: its totals start from zero)."""
-        self._window = None
+    @property
+    def trying(self) -> bool:
+        """Whether a step is on trial: the next window judges it."""
+        return self._trial is not None or self._may_step_down
 
-    def observe(self, samples: int, batches: int, wait_seconds: float) -> int:
-        """The consumer got a batch; `samples`, `batches`, `wait_seconds`: the epoch's totals."""
-        now = time.perf_counter()
-        if self._window is None:
-            self._window = (now, time.process_time(), wait_seconds, samples, batches)
-            return self.concurrency
-        began, cpu_began, waited_before, samples_before, batches_before = self._window
-        if samples < samples_before:  # totals of another epoch (two of one loader at once)
-            self._window = None
-            return self.concurrency
-        wall = now - began
-        if wall < WINDOW_SECONDS or batches - batches_before < WINDOW_BATCHES:
-            return self.concurrency
-        cpu = time.process_time() - cpu_began
-        self._window = (now, time.process_time(), wait_seconds, samples, batches)
-        self.decide(
-            throughput=(samples - samples_before) / wall,
-            # (a wait that began before the window may end in it: at most all of it)
-            waiting=min(1.0, (wait_seconds - waited_before) / wall),
-            cores=cpu / wall,
-        )
-        return self.concurrency
-
-    def decide(self, throughput: float, waiting: float, cores: float) -> None:
+    def decide(self, throughput: float, waiting: float, cores: float, climb: bool = True) -> None:
         """One window's measures: samples/s, the consumer's share of time waiting, and the
-        cores the process used. Moves `concurrency` (or not), as the module says."""
+        cores the process used. Moves `concurrency` (or not), as the module says; without
+        `climb` (another stage holds this one back), only judges the step on trial."""
         if self._trial is not None:
             before, baseline, waited = self._trial
             self._trial = None
@@ -164,6 +147,8 @@ class ConcurrencyTuner:
                     f"{throughput / baseline - 1:.0%} more than {before}: trying {halfway}",
                 )
                 return
+        if not climb:
+            return
         if self._may_step_down:
             self._may_step_down, self._explored = False, True
             self._trial = (self.concurrency, throughput, waiting)
@@ -220,4 +205,84 @@ class ConcurrencyTuner:
         self.concurrency = concurrency
         seconds = time.perf_counter() - self._began
         self.history.append(Decision(seconds, concurrency, reason))
-        logger.debug("aload: num_workers='auto': %s", reason)
+        logger.debug("aload: %s='auto': %s", self.knob, reason)
+
+
+@dataclass(frozen=True)
+class TunedStage:
+    """One stage's knob in an epoch: its tuner; how a concurrency is put in force (returning
+    the epoch's bound on batches in flight); and the seconds the stage has been busy so far
+    in the epoch, summed over its workers."""
+
+    tuner: ConcurrencyTuner
+    put_in_force: Callable[[int], int]
+    busy_seconds: Callable[[], float]
+
+
+class Autotuner:
+    """The tuned stages of one epoch (an async dataset's reads and the workers that finish
+    its batches; or thread workers' reads), told of each batch the consumer receives.
+
+    It measures a window at a time (a tenth of a second and a few batches) and hands it to
+    one stage's tuner: the one with a step on trial, which judges it, else the bottleneck.
+    Only the bottleneck climbs: the last stage in the pipeline that was busy (`SATURATED` of
+    its workers' time: in steady state the stages before it wait for room), else the
+    busiest. One stage moves at a time, and a window after a step of one stage only judges
+    it, so each step is judged on its own (the window after a kept step also drains what
+    queued before the faster stage: too rosy a baseline for another stage's step).
+    """
+
+    def __init__(self, stages: Sequence[TunedStage]) -> None:
+        self._stages = stages
+        # when, the process's CPU seconds, waited, samples, batches, and each stage's busy
+        self._window: tuple[float, float, float, int, int, list[float]] | None = None
+
+    def start(self) -> int:
+        """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
+        bound = 0
+        for stage in self._stages:
+            bound = stage.put_in_force(stage.tuner.concurrency)
+        return bound
+
+    def observe(self, samples: int, batches: int, wait_seconds: float) -> int | None:
+        """The consumer got a batch (`samples`, `batches`, `wait_seconds`: the epoch's
+        totals). Returns the epoch's new bound on batches in flight if a stage moved."""
+        now = time.perf_counter()
+        busy = [stage.busy_seconds() for stage in self._stages]
+        window = self._window
+        if window is None:
+            self._window = (now, time.process_time(), wait_seconds, samples, batches, busy)
+            return None
+        began, cpu_began, waited_before, samples_before, batches_before, busy_before = window
+        wall = now - began
+        if wall < WINDOW_SECONDS or batches - batches_before < WINDOW_BATCHES:
+            return None
+        cpu = time.process_time() - cpu_began
+        self._window = (now, time.process_time(), wait_seconds, samples, batches, busy)
+        bottleneck = self._bottleneck(wall, busy, busy_before)
+        stage = next((stage for stage in self._stages if stage.tuner.trying), bottleneck)
+        before = stage.tuner.concurrency
+        stage.tuner.decide(
+            throughput=(samples - samples_before) / wall,
+            # (a wait that began before the window may end in it: at most all of it)
+            waiting=min(1.0, (wait_seconds - waited_before) / wall),
+            cores=cpu / wall,
+            climb=stage is bottleneck,
+        )
+        if stage.tuner.concurrency == before:
+            return None
+        return stage.put_in_force(stage.tuner.concurrency)
+
+    def _bottleneck(self, wall: float, busy: list[float], busy_before: list[float]) -> TunedStage:
+        """The stage that holds the others back in this window."""
+        stages = self._stages
+        if len(stages) == 1:
+            return stages[0]
+        shares = [
+            (busy[i] - busy_before[i]) / (stage.tuner.concurrency * wall)
+            for i, stage in enumerate(stages)
+        ]
+        saturated = [i for i, share in enumerate(shares) if share >= SATURATED]
+        return stages[
+            saturated[-1] if saturated else max(range(len(stages)), key=shares.__getitem__)
+        ]

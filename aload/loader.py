@@ -54,7 +54,7 @@ from ._scheduler import (
 from ._stats import EpochMeter, LoaderStats, StatsKeeper
 from ._stream import StreamReader, length_check
 from ._threaded_reads import ThreadedReads
-from ._tuner import ASYNC_START, THREADS_START, ConcurrencyTuner
+from ._tuner import ASYNC_START, THREADS_START, Autotuner, ConcurrencyTuner, TunedStage
 from ._worker_info import draw_base_seed, worker_setup
 from .plan import Plan, plan_of, stage_names
 from .workers import WorkerPool
@@ -103,11 +103,12 @@ class DataLoader(Generic[T_co]):
             batch loads while the loop body runs). Batches that are one small gather from
             in-memory tensors (at most 256 KiB) are read by the consumer either way: a trip
             to a worker costs more. Workers run torch ops on one intra-op thread, as torch's.
-            "auto" (map-style datasets): how many batches are read at once is found while
-            the epoch runs, and kept across epochs and in `state_dict()`: more while the
-            loop waits for data and that raises throughput, never past the cores this
-            process may use; `loader.stats.tuning` shows each change and why. Up to 32
-            threads (or twice the cores), or one process per core.
+            "auto" (map-style datasets): how many threads read at once (for an async
+            dataset: finish its batches) is found while the epoch runs, and kept across
+            epochs and in `state_dict()`: more while the loop waits for data and that raises
+            throughput, never past the cores this process may use; `loader.stats.tuning`
+            (`workers_tuning` for an async dataset's) shows each change and why. Up to 32
+            threads (or twice the cores); with processes, one per core.
         collate_fn: merges samples into a batch; torch's `default_collate` by default.
         pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
         drop_last: drop the last incomplete batch.
@@ -239,19 +240,21 @@ class DataLoader(Generic[T_co]):
             if chooser is None or chooser.asked_for != asked_for:
                 chooser = ModeChooser(config.num_workers, asked_for=asked_for)
             self._mode_chooser = chooser
-        settled = getattr(self, "_tuner", None)  # an attribute set later keeps what it found
-        self._tuner = None
-        processes = not config.asynchronous and config.worker_mode == "process"
-        # Processes: one per core, all started as in torch, with torch's read-ahead; fewer
-        # batches in flight would only save memory (`memory_budget`), never time.
-        if config.tuned and not processes:  # reads at once: an async dataset's, or threads
-            if config.asynchronous:
-                maximum, start = config.max_concurrency, ASYNC_START
-            else:
-                maximum, start = config.num_workers, THREADS_START
-            if settled is not None and settled.maximum == maximum:
-                start = settled.concurrency
-            self._tuner = ConcurrencyTuner(maximum, start=start)
+        # The tuners: what reads at once (an async dataset's reads, or thread workers), and
+        # the thread workers that finish an async dataset's batches. Processes are one per
+        # core, all started as in torch, with torch's read-ahead: fewer batches in flight
+        # would only save memory (`memory_budget`), never time. An attribute set later keeps
+        # what they found.
+        settled = getattr(self, "_tuner", None), getattr(self, "_workers_tuner", None)
+        self._tuner = self._workers_tuner = None
+        if config.reads_tuned:
+            self._tuner = _tuner(config.max_concurrency, ASYNC_START, "max_concurrency", settled[0])
+        if config.workers_tuned and config.worker_mode == "thread":
+            maximum = config.num_workers
+            if config.asynchronous:  # the threads that finish its batches
+                self._workers_tuner = _tuner(maximum, THREADS_START, "num_workers", settled[1])
+            else:  # the threads that read
+                self._tuner = _tuner(maximum, THREADS_START, "num_workers", settled[0])
         read_ahead = getattr(self, "_read_ahead", None)  # kept as the tuner is
         if not config.read_ahead_tuned:
             read_ahead = None
@@ -361,10 +364,12 @@ class DataLoader(Generic[T_co]):
         depth, batches in flight, retries, skipped samples)."""
         chooser = self._mode_chooser
         read_ahead = self._read_ahead
+        workers = self._workers_tuner
         return self._stats.snapshot(
             None if self._tuner is None else self._tuner.snapshot(),
             None if chooser is None else chooser.snapshot(),
             None if read_ahead is None else read_ahead.snapshot(),
+            None if workers is None else workers.snapshot(),
         )
 
     def __len__(self) -> int:
@@ -418,6 +423,8 @@ class DataLoader(Generic[T_co]):
         tuning: dict[str, Any] = {}  # a resumed run starts where this one settled
         if self._tuner is not None:
             tuning["concurrency"] = self._tuner.concurrency
+        if self._workers_tuner is not None:
+            tuning["workers"] = self._workers_tuner.concurrency
         if self._mode_chooser is not None:
             tuning["worker_mode"] = self._mode_chooser.worker_mode
         if self._read_ahead is not None:
@@ -446,6 +453,8 @@ class DataLoader(Generic[T_co]):
         tuning = state.get("tuning", {})
         if self._tuner is not None and "concurrency" in tuning:
             self._tuner.resume(tuning["concurrency"])
+        if self._workers_tuner is not None and "workers" in tuning:
+            self._workers_tuner.resume(tuning["workers"])
         if self._mode_chooser is not None and "worker_mode" in tuning:
             self._mode_chooser.resume(tuning["worker_mode"])
         if self._read_ahead is not None and "prefetch_factor" in tuning:
@@ -659,35 +668,46 @@ class DataLoader(Generic[T_co]):
         workers_pin = self._pin and not isinstance(workers, _READS_BY_PLAN)  # else the parent
         meter.stages = stage_names(self._config, workers_pin)
 
-    def _tuning(
-        self, pool: WorkerPool, meter: EpochMeter
-    ) -> tuple[ConcurrencyTuner, Callable[[int], int]] | None:
-        """The tuner (None: nothing is tuned) and how the concurrency it finds is put in
-        force: an async dataset's fetchers on aload's loop, or thread workers reading; either
-        way the setter returns the epoch's bound on batches in flight."""
+    def _tuning(self, pool: WorkerPool, meter: EpochMeter) -> Autotuner | None:
+        """The epoch's tuned stages (None: nothing is tuned), each with how the concurrency
+        its tuner finds is put in force (returning the epoch's bound on batches in flight)
+        and how busy it has been: an async dataset's reads on aload's loop and the thread
+        workers that finish its batches, or thread workers that read."""
         config = self._config
-        tuner = self._tuner
-        if tuner is None:
-            return None
+        stages = []
         if isinstance(pool, LoopPool):
+            if self._tuner is not None:
 
-            def set_reads(concurrency: int) -> int:
-                pool.set_concurrency(concurrency)
-                meter.read_concurrency = concurrency
-                return config.in_flight_for(concurrency)
+                def set_reads(concurrency: int) -> int:
+                    pool.set_concurrency(concurrency)
+                    meter.read_concurrency = concurrency
+                    return config.in_flight_for(concurrency)
 
-            return tuner, set_reads
+                stages.append(TunedStage(self._tuner, set_reads, meter.reading_seconds))
+            if self._workers_tuner is not None:
+                finishers = pool.cpu
+                assert isinstance(finishers, ThreadPool)  # gated for the tuner (`readers`)
 
-        assert isinstance(pool, ThreadPool)  # a pool gated for the tuner (`readers`)
+                def set_finishers(concurrency: int) -> int:
+                    meter.workers = concurrency
+                    finishers.limit_readers(concurrency)
+                    return config.in_flight_for(self._reads_at_once())
 
-        def set_readers(concurrency: int) -> int:
-            # `concurrency` threads read, each with prefetch_factor batches in flight, as
-            # torch's workers have: one that finishes during a training step goes on.
-            meter.workers = meter.read_concurrency = concurrency
-            pool.limit_readers(concurrency)
-            return concurrency * config.depth
+                tuner = self._workers_tuner
+                stages.append(TunedStage(tuner, set_finishers, meter.finishing_seconds))
+        elif self._tuner is not None:
+            readers = pool
+            assert isinstance(readers, ThreadPool)  # gated for the tuner (`readers`)
 
-        return tuner, set_readers
+            def set_readers(concurrency: int) -> int:
+                # `concurrency` threads read, each with prefetch_factor batches in flight, as
+                # torch's workers have: one that finishes during a training step goes on.
+                meter.workers = meter.read_concurrency = concurrency
+                readers.limit_readers(concurrency)
+                return concurrency * config.depth
+
+            stages.append(TunedStage(self._tuner, set_readers, meter.reading_seconds))
+        return Autotuner(stages) if stages else None
 
     def _deal_over(self, pool: WorkerPool) -> int:
         """Over how many workers an epoch deals its batches in turn, as torch does: worker
@@ -917,8 +937,12 @@ class DataLoader(Generic[T_co]):
                     config.worker_init_fn,
                     replicate=False,  # its reads share aload's loop, not a worker each
                 )
+                tuner = self._workers_tuner
                 cpu = ThreadPool(
-                    config.num_workers, setup, every_worker=config.worker_init_fn is not None
+                    config.num_workers,
+                    setup,
+                    every_worker=config.worker_init_fn is not None,
+                    readers=None if tuner is None else tuner.concurrency,
                 )
             if owns_cpu and cpu is not None and config.persistent_workers:
                 self._persistent_pool, self._persistent_seed = cpu, seed
@@ -998,3 +1022,13 @@ class DataLoader(Generic[T_co]):
                 self._persistent_pool, self._persistent_seed = pool, base_seed
                 return pool, False
             return pool, True
+
+
+def _tuner(
+    maximum: int, start: int, knob: str, settled: ConcurrencyTuner | None
+) -> ConcurrencyTuner:
+    """A tuner for `knob`="auto" up to `maximum`, from where `settled` (the one before the
+    loader's arguments changed) had settled if it tuned the same range, else from `start`."""
+    if settled is not None and settled.maximum == maximum:
+        start = settled.concurrency
+    return ConcurrencyTuner(maximum, start=start, knob=knob)

@@ -71,8 +71,8 @@ def threads(count: int | Literal["auto"]) -> Executor:
 
 
 def processes(count: int | Literal["auto"], context: Any = None) -> Executor:
-    """`count` worker processes, for Python code that holds the GIL ("auto": one per core,
-    how many read at once found while the epoch runs, for a map-style dataset's reads);
+    """`count` worker processes, for Python code that holds the GIL ("auto": one per core
+    this process may use, for a map-style dataset's reads);
     `context`: "fork", "spawn", "forkserver" or a multiprocessing context (by default,
     torch's: Python's default start method)."""
     return Executor("processes", _count("processes", count, auto=True), context)
@@ -335,7 +335,7 @@ def plan_of(config: LoaderConfig, arguments: Mapping[str, Any]) -> Plan:
     if isinstance(dataset, ThreadedReads):  # a plain dataset's reads on threads
         dataset, read_on = dataset.dataset, threads(dataset.threads)
     elif config.asynchronous:
-        read_on = loop("auto" if config.tuned else config.max_concurrency)
+        read_on = loop("auto" if config.reads_tuned else config.max_concurrency)
     batching: dict[str, Any] = {name: arguments.get(name) for name in (*_BATCHING, "distributed")}
     plan = Plan(dataset, **batching).read(
         read_on, retry=arguments.get("retry"), max_skipped=config.max_skipped
@@ -356,7 +356,7 @@ def _executor_of(config: LoaderConfig) -> Executor:
     """The workers `num_workers` and `worker_mode` name."""
     if config.num_workers == 0:
         return loop(config.max_concurrency) if config.asynchronous else CONSUMER
-    count: Any = "auto" if config.tuned and not config.asynchronous else config.num_workers
+    count: Any = "auto" if config.workers_tuned else config.num_workers
     if config.worker_mode == "process":
         return Executor("processes", count, config.multiprocessing_context)
     if config.worker_mode == "ray":

@@ -240,6 +240,31 @@ class Decode:
         return int(self(sample)[0])
 
 
+class ServiceCall:
+    """A per-sample transform that waits `seconds` on another service (a feature store, a
+    tokenizer server), releasing the GIL: threads overlap it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, sample: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return sample
+
+
+class ReadThenCall(tud.Dataset):
+    """The blocking form of a read from `store` then a `call` per sample."""
+
+    def __init__(self, store: tud.Dataset, call: ServiceCall) -> None:
+        self.store, self.call = store, call
+
+    def __len__(self) -> int:
+        return len(self.store)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.call(self.store[index])
+
+
 class ReadThenDecode(tud.Dataset):
     """The blocking form of a remote read then a decode: sleep `seconds`, then `decode`."""
 

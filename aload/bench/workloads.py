@@ -408,6 +408,36 @@ def _auto_shift(s: Settings) -> Workload:
     )
 
 
+def _auto_stages(s: Settings) -> Workload:
+    """Two knobs: awaited reads from a store that serves 64 at once (5 ms each), then a 1 ms
+    call to another service per sample on the thread workers (the GIL released)."""
+    n = s.items(12_000)
+    store, call = ds.AsyncStoreDataset(n, 0.005, 64), ds.ServiceCall(0.001)
+    blocking = ds.ReadThenCall(ds.StoreDataset(n, 0.005, 64), call)
+
+    def row(reads: Any, workers: Any, settled: bool = False) -> Contender:
+        detail = f"max_concurrency={reads!r}" + (", its 2nd epoch" if settled else "")
+        contender = aload_loader(
+            store, workers, batch_size=16, max_concurrency=reads, transform=call, detail=detail
+        )
+        return dataclasses.replace(contender, drive=drain_warm) if settled else contender
+
+    settings = ((16, 4), (64, 4), (64, 16), (256, 16), (256, 32))
+    return Workload(
+        "auto-stages",
+        f"an async store serving 64 reads at once, 5 ms each, then a 1 ms call to another "
+        f"service per sample on thread workers, {n:,} items, batch 16: static max_concurrency "
+        "and num_workers against both 'auto', a fresh loader (the search of both in its "
+        "epoch) and its second epoch (torch: blocking reads and calls, 8 processes)",
+        [
+            torch_loader(blocking, 8, batch_size=16),
+            *(row(reads, workers) for reads, workers in settings),
+            row("auto", "auto"),
+            row("auto", "auto", settled=True),
+        ],
+    )
+
+
 def _images(s: Settings) -> Workload:
     """3 x 224 x 224 float32 samples: large batches through shared or pinned memory."""
     n = s.items(512)
@@ -547,6 +577,7 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "auto-train": _auto_train,
     "auto-shift": _auto_shift,
     "auto-tail": _auto_tail,
+    "auto-stages": _auto_stages,
     "auto-mode-gil": _auto_mode_gil,
     "auto-mode-numpy": _auto_mode_numpy,
     "memory": _memory,

@@ -244,7 +244,8 @@ class LoopPool:
         """One fetcher: does the next item read of any batch, or sleeps until one is queued.
 
         Taking a queued read costs no turn of the loop; only a read that waits does. Its
-        busy spells add up in `read_clock` (two clock reads a spell, not per read).
+        reads add up in `read_clock` as each ends (one clock read a read), so the tuner sees
+        a busy spell while it lasts.
         """
         requests, idle, clock = self._requests, self._idle, self.read_clock
         while True:
@@ -252,12 +253,13 @@ class LoopPool:
             while requests:
                 batch, position, item = requests.popleft()
                 await batch.read_one(position, item)
+                ended = time.perf_counter()
+                clock.seconds += ended - started
+                started = ended
                 if self._retiring:  # fewer fetchers wanted: this one ends, its read done
                     self._retiring -= 1
                     self._alive -= 1
-                    clock.seconds += time.perf_counter() - started
                     return
-            clock.seconds += time.perf_counter() - started
             wake = anyio.Event()
             idle.append(wake)
             await wake.wait()
