@@ -313,7 +313,7 @@ class Epoch:
         `memory_budget`: bytes the batches in flight may take: fewer in flight than the bound
         where the largest batch so far says so (one until the first says how large).
         `read_ahead` (`prefetch_factor="auto"`): told how long the consumer waits while held
-        back (`_held_back`), it scales the bound on batches in flight."""
+        back (`_watch_held_back`), it scales the bound on batches in flight."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
