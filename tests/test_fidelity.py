@@ -595,3 +595,17 @@ def test_iterable_dataset_longer_than_its_len_warns_as_torch_does():
     theirs = warnings_of(tud.DataLoader(LongerThanItSays(), batch_size=None))
     assert ours == theirs
     assert len(ours) == 2  # after 4 and after 5 samples
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_tensor_datasets_negative_indices_count_from_the_end_as_in_torch(workers):
+    """The one-op gather refuses negative indices; those batches take indexing, as torch."""
+    data = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
+    batches = [[-1, 0], [3, -2], [4, 5]]
+    expected = [[t.tolist() for t in b] for b in tud.DataLoader(data, batch_sampler=batches)]
+    loader = aload.DataLoader(data, batch_sampler=batches, num_workers=workers)
+    assert [[t.tolist() for t in b] for b in loader] == expected
+    with pytest.raises(IndexError):  # out of range: torch's error type
+        list(tud.DataLoader(data, batch_sampler=[[10]]))
+    with pytest.raises(IndexError):
+        list(aload.DataLoader(data, batch_sampler=[[10]], num_workers=workers))
