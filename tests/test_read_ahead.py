@@ -157,3 +157,19 @@ async def test_reading_ahead_under_async_for_keeps_the_loop_running(anyio_backen
         assert loader.stats.read_ahead.prefetch_factor > START
 
     assert await best_pause(epoch, 0.05, tries=2) < 0.05
+
+
+def test_persistent_worker_processes_keep_reading_further_ahead_and_torchs_batches():
+    dataset = SlowItems(160, slow=(3,), seconds=0.1)
+    kwargs = {"batch_size": 2, "num_workers": 2, "persistent_workers": True}
+    expected = [b.tolist() for b in tud.DataLoader(dataset, **kwargs)]
+    loader = aload.DataLoader(dataset, worker_mode="process", prefetch_factor="auto", **kwargs)
+    for _ in range(2):
+        assert [b.tolist() for b in loader] == expected
+    grown = loader.stats.read_ahead.prefetch_factor
+    assert grown > START
+    dataset.reads_during_slow.value = 0
+    assert [b.tolist() for b in loader] == expected
+    assert dataset.reads_during_slow.value > 2 * 2  # beyond torch's bound, on the same workers
+    loader.close()
+    wait_for_no_workers()

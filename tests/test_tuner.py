@@ -322,6 +322,22 @@ def test_a_slow_finish_stage_gets_more_threads_and_the_reads_stay():
     assert loader.stats.epoch.workers == workers.concurrency
 
 
+def test_persistent_finishing_threads_keep_what_the_tuner_found():
+    loader = aload.DataLoader(
+        InstantReads(),
+        batch_size=4,
+        num_workers="auto",
+        transform=waits_on_a_service,
+        persistent_workers=True,
+    )
+    for _ in range(2):
+        assert sorted(int(i) for batch in loader for i in batch) == list(range(800))
+    workers = loader.stats.workers_tuning
+    assert workers.concurrency >= 4
+    assert loader.stats.epoch.workers == workers.concurrency  # the second epoch started there
+    loader.close()
+
+
 @pytest.mark.anyio
 async def test_slow_reads_get_more_at_once_and_the_finishing_threads_stay(anyio_backend):
     async def epoch():
