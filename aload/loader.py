@@ -248,13 +248,15 @@ class DataLoader(Generic[T_co]):
         settled = getattr(self, "_tuner", None), getattr(self, "_workers_tuner", None)
         self._tuner = self._workers_tuner = None
         if config.reads_tuned:
-            self._tuner = _tuner(config.max_concurrency, ASYNC_START, "max_concurrency", settled[0])
+            self._tuner = _tuner_for(
+                config.max_concurrency, ASYNC_START, "max_concurrency", settled[0]
+            )
         if config.workers_tuned and config.worker_mode == "thread":
             maximum = config.num_workers
             if config.asynchronous:  # the threads that finish its batches
-                self._workers_tuner = _tuner(maximum, THREADS_START, "num_workers", settled[1])
+                self._workers_tuner = _tuner_for(maximum, THREADS_START, "num_workers", settled[1])
             else:  # the threads that read
-                self._tuner = _tuner(maximum, THREADS_START, "num_workers", settled[0])
+                self._tuner = _tuner_for(maximum, THREADS_START, "num_workers", settled[0])
         read_ahead = getattr(self, "_read_ahead", None)  # kept as the tuner is
         if not config.read_ahead_tuned:
             read_ahead = None
@@ -685,13 +687,14 @@ class DataLoader(Generic[T_co]):
 
                 stages.append(TunedStage(self._tuner, set_reads, meter.reading_seconds))
             if self._workers_tuner is not None:
-                finishers = pool.cpu
+                finishers, reads = pool.cpu, self._tuner
                 assert isinstance(finishers, ThreadPool)  # gated for the tuner (`readers`)
 
                 def set_finishers(concurrency: int) -> int:
                     meter.workers = concurrency
                     finishers.limit_readers(concurrency)
-                    return config.in_flight_for(self._reads_at_once())
+                    at_once = config.max_concurrency if reads is None else reads.concurrency
+                    return config.in_flight_for(at_once)
 
                 tuner = self._workers_tuner
                 stages.append(TunedStage(tuner, set_finishers, meter.finishing_seconds))
@@ -1024,7 +1027,7 @@ class DataLoader(Generic[T_co]):
             return pool, True
 
 
-def _tuner(
+def _tuner_for(
     maximum: int, start: int, knob: str, settled: ConcurrencyTuner | None
 ) -> ConcurrencyTuner:
     """A tuner for `knob`="auto" up to `maximum`, from where `settled` (the one before the
