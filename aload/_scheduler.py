@@ -31,7 +31,6 @@ from anyio import RunFinishedError
 from ._checkpoint import END_REPORT, Delivered
 from ._errors import LoaderTimeoutError
 from ._fetch import EXHAUSTED, Abandoned, describe_indices, timed_call
-from ._read_ahead import START as READ_AHEAD_START
 from ._read_ahead import ReadAheadTuner
 from ._stats import EpochMeter, count_samples
 from ._tuner import Autotuner
@@ -295,7 +294,7 @@ class Epoch:
         delivered: Delivered,
         meter: EpochMeter,
         stage: DeviceStage | None = None,
-        stage_depth: int = 0,
+        depth: int = 0,
         length: Callable[[], int] | None = None,
         check_yielded: Callable[[int], None] | None = None,
         deal_over: int = 0,
@@ -304,7 +303,9 @@ class Epoch:
         read_ahead: ReadAheadTuner | None = None,
     ) -> None:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
-        each batch is read when it is taken, and nothing ahead of it. `length` answers `len()`
+        each batch is read when it is taken, and nothing ahead of it. `depth`: batches in
+        flight per worker (`prefetch_factor`): how far ahead the device stage copies, and
+        how the bound divides among workers. `length` answers `len()`
         of the epoch; `check_yielded` is told how many batches have been yielded, after each.
         `deal_over`: batch `seq` goes to worker `seq % deal_over`, as torch deals batches to
         its worker processes (so each worker's own RNG draws what torch's would); 0: to
@@ -344,7 +345,10 @@ class Epoch:
         self._ready_by_seq: dict[int, _Job] = {}
         self._ready_fifo: deque[_Job] = deque()
         self._stage = stage
-        self._stage_depth = 0 if in_place else stage_depth
+        self._stage_depth = 0 if in_place else depth
+        self._depth = max(1, depth)
+        # In order, a slow batch can hold back those finished after it: timed (`held_back`).
+        self._watching_order = in_order and not in_place
         self._staged: deque[_Job] = deque()
         self._next_seq = 0
         self._source_done = False
@@ -510,7 +514,7 @@ class Epoch:
                     self._delivered.complete = True
                     self._meter.end()
                     return _END
-                if self._read_ahead is not None:
+                if self._watching_order:
                     self._watch_held_back()
                 return _WAIT
             if job.error is not None:
@@ -562,8 +566,7 @@ class Epoch:
         behind it, and workers sit idle."""
         if self._waiting_since is None:
             self._waiting_since = time.perf_counter()
-        in_flight = len(self._in_flight)
-        if self._held_since is not None or not self._in_order or in_flight < self._max_in_flight:
+        if self._held_since is not None or len(self._in_flight) < self._max_in_flight:
             return
         if self._idle_workers():
             self._held_since = now = time.perf_counter()
@@ -577,18 +580,20 @@ class Epoch:
         if self._deal_over:
             reading = {seq % self._deal_over for seq in self._in_flight if seq not in ready}
             return len(reading) < self._deal_over
-        workers = max(1, self._bound // READ_AHEAD_START)
+        workers = max(1, self._bound // self._depth)
         return len(self._in_flight) - len(ready) < workers
 
     def _waited(self) -> None:
-        """The consumer's wait ended: if it was held back, tell the read-ahead tuner how long,
-        and how long the wait was (what reading further ahead would have covered)."""
+        """The consumer's wait ended: if it was held back, count it in the stats and tell the
+        read-ahead tuner how long, and how long the wait was (what reading further ahead
+        would have covered)."""
         now = time.perf_counter()
         waited, held_since = now - self._waiting_since, self._held_since  # type: ignore[operator]
         self._waiting_since = self._held_since = None
         if held_since is None:
             return
-        if self._read_ahead.held_back(  # type: ignore[union-attr]
+        self._meter.held_back += now - held_since
+        if self._read_ahead is not None and self._read_ahead.held_back(
             now - held_since,
             waited=waited,
             in_flight=self._max_in_flight,
@@ -658,7 +663,7 @@ class Epoch:
 
     def _take_staged(self) -> _Job | None:
         """`_take` through the device stage: due jobs start their copy to the device up to
-        `stage_depth` batches ahead of the one returned, so the copy of the next batch runs
+        `depth` batches ahead of the one returned, so the copy of the next batch runs
         while the loop body works on this one."""
         staged = self._staged
         while len(staged) <= self._stage_depth and (job := self._take_one()) is not None:

@@ -63,6 +63,9 @@ class EpochStats:
         seconds: from the first request for a batch to the last hand-over.
         wait_seconds: time the consumer spent waiting for batches.
         body_seconds: time the consumer spent between batches (the loop body).
+        held_back_seconds: the part of `wait_seconds` in which a slow batch, yielded in
+            order, held back those finished after it: every batch the bound allows was in
+            flight, and workers sat idle.
         mean_queue_depth: finished batches waiting for the consumer, on average at hand-over.
         max_queue_depth: the most finished batches that were waiting at once.
         in_flight: batches submitted but not yet handed over, now.
@@ -95,6 +98,7 @@ class EpochStats:
     stages: tuple[StageStats, ...] = ()
     workers: int = 0
     read_concurrency: int = 0
+    held_back_seconds: float = 0.0
 
     def stage(self, name: str) -> StageStats | None:
         """The stage called `name`, or None where the epoch has none."""
@@ -145,11 +149,16 @@ class EpochStats:
         - "hand-over": the consumer waits while the workers are idle half the time or more:
           moving batches to the loop costs (large batches through shared memory or Ray's
           object store), or too few are read ahead (`prefetch_factor`).
+        - "order": for half the wait or more, a slow batch, yielded in order, held back those
+          finished after it while workers sat idle: `prefetch_factor="auto"` reads further
+          ahead, `in_order=False` yields batches as they finish.
         """
         if self.batches == 0:
             return None
         if self.wait_fraction < 0.1:
             return "training"
+        if self.held_back_seconds >= 0.5 * self.wait_seconds:
+            return "order"
         timed = [stage for stage in self.stages if stage.concurrency and stage.seconds]
         if self.workers == 0 or not timed:
             return "read"
@@ -244,6 +253,7 @@ class EpochMeter:
         self.on_end: list[Callable[[], None]] = []  # told when the epoch runs out
         self.batches = self.samples = 0
         self.wait = self.body = 0.0
+        self.held_back = 0.0  # seconds of `wait` that a slow batch, in order, held back
         self.depth_sum = self.max_depth = self.in_flight = 0
         self.first_ask: float | None = None
         self.last_handover: float | None = None
@@ -356,6 +366,7 @@ class EpochMeter:
             seconds=seconds,
             wait_seconds=self.wait,
             body_seconds=self.body,
+            held_back_seconds=self.held_back,
             mean_queue_depth=self.depth_sum / self.batches if self.batches else 0.0,
             max_queue_depth=self.max_depth,
             in_flight=self.in_flight,

@@ -605,7 +605,7 @@ class DataLoader(Generic[T_co]):
             delivered=delivered,
             meter=meter,
             stage=self._stage,
-            stage_depth=config.depth,
+            depth=config.depth,
             length=self.__len__,
             check_yielded=check,
             deal_over=self._deal_over(pool),

@@ -178,6 +178,40 @@ def test_idle_workers_and_a_waiting_loop_name_the_hand_over():
     assert stats_of(batches=0).bottleneck is None
 
 
+class SlowFifth(Dataset):
+    """Instant items but the fifth of every 40, which takes 0.1 s (a timeout and retry)."""
+
+    def __len__(self):
+        return 120
+
+    def __getitem__(self, index):
+        if index % 40 == 5:
+            time.sleep(0.1)
+        return index
+
+
+@pytest.mark.parametrize("worker_mode", ["thread", "process"])
+def test_a_slow_batch_holding_the_others_back_in_order_is_named(worker_mode):
+    loader = aload.DataLoader(SlowFifth(), batch_size=2, num_workers=2, worker_mode=worker_mode)
+    assert [int(i) for b in loader for i in b] == list(range(120))
+    epoch = loader.stats.epoch
+    assert epoch.held_back_seconds >= 0.15  # most of the three 0.1 s waits
+    assert epoch.held_back_seconds <= epoch.wait_seconds
+    assert epoch.bottleneck == "order"
+    # Batches as they finish: nothing is held back.
+    unordered = aload.DataLoader(
+        SlowFifth(), batch_size=2, num_workers=2, worker_mode=worker_mode, in_order=False
+    )
+    assert sorted(int(i) for b in unordered for i in b) == list(range(120))
+    assert unordered.stats.epoch.held_back_seconds == 0.0
+    assert unordered.stats.epoch.bottleneck != "order"
+
+
+def test_held_back_for_half_the_wait_names_the_order():
+    assert stats_of(read_seconds=0.3, held_back_seconds=0.5).bottleneck == "order"
+    assert stats_of(read_seconds=1.5, held_back_seconds=0.1).bottleneck == "read"
+
+
 def test_async_reads_are_weighed_against_their_own_concurrency():
     """64 read slots on aload's loop, 2 CPU workers: each stage's share of its own slots."""
     async_stats = {"read_concurrency": 64, "workers": 2}
