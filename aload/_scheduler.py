@@ -575,13 +575,16 @@ class Epoch:
 
     def _idle_workers(self) -> bool:
         """Whether some worker has nothing to read: it has finished every batch dealt to it,
-        or (workers that take any batch) fewer batches are left than workers."""
+        or every batch of its stream in flight, or (workers that take any batch) fewer
+        batches are left than workers."""
         ready = self._ready_by_seq
-        if self._deal_over:
-            reading = {seq % self._deal_over for seq in self._in_flight if seq not in ready}
-            return len(reading) < self._deal_over
+        unfinished = [job for seq, job in self._in_flight.items() if seq not in ready]
+        if self._deal_over:  # batch `seq` is worker `seq % deal_over`'s
+            return len({job.seq % self._deal_over for job in unfinished}) < self._deal_over
         workers = max(1, self._bound // self._depth)
-        return len(self._in_flight) - len(ready) < workers
+        if unfinished and unfinished[0].worker is not None:  # streams: a worker's own batches
+            return len({job.worker for job in unfinished}) < workers
+        return len(unfinished) < workers
 
     def _waited(self) -> None:
         """The consumer's wait ended: if it was held back, count it in the stats and tell the

@@ -207,6 +207,29 @@ def test_a_slow_batch_holding_the_others_back_in_order_is_named(worker_mode):
     assert unordered.stats.epoch.bottleneck != "order"
 
 
+class SlowFirstStream(torch.utils.data.IterableDataset):
+    """Each worker streams its share; the first worker's stream stalls 0.1 s twice."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for index in range(worker, 120, workers):
+            if index in (6, 64):
+                time.sleep(0.1)
+            yield index
+
+
+def test_a_stalled_stream_holding_the_others_back_in_turn_is_named():
+    loader = aload.DataLoader(SlowFirstStream(), batch_size=2, num_workers=2)
+    expected = [
+        b.tolist()
+        for b in torch.utils.data.DataLoader(SlowFirstStream(), batch_size=2, num_workers=2)
+    ]
+    assert [b.tolist() for b in loader] == expected
+    assert loader.stats.epoch.held_back_seconds >= 0.1
+    assert loader.stats.epoch.bottleneck == "order"
+
+
 def test_held_back_for_half_the_wait_names_the_order():
     assert stats_of(read_seconds=0.3, held_back_seconds=0.5).bottleneck == "order"
     assert stats_of(read_seconds=1.5, held_back_seconds=0.1).bottleneck == "read"
