@@ -4,6 +4,7 @@ holds the others back; batches, order and errors stay torch's."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 
 import pytest
@@ -173,3 +174,48 @@ def test_persistent_worker_processes_keep_reading_further_ahead_and_torchs_batch
     assert dataset.reads_during_slow.value > 2 * 2  # beyond torch's bound, on the same workers
     loader.close()
     wait_for_no_workers()
+
+
+class SlowLarge(tud.Dataset):
+    """Samples of 128 KiB (a batch of 4 goes through shared memory), one slow early on."""
+
+    def __len__(self) -> int:
+        return 400
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 5:
+            time.sleep(0.1)
+        return torch.full((32 * 1024,), float(index))
+
+
+def leave_early(prefetch_factor) -> int:
+    """Leave an epoch of 2 worker processes after 40 batches; the factor it had grown to."""
+    loader = aload.DataLoader(
+        SlowLarge(),
+        batch_size=4,
+        num_workers=2,
+        worker_mode="process",
+        prefetch_factor=prefetch_factor,
+    )
+    for seen, _ in enumerate(loader):
+        if seen == 40:  # past the slow batch
+            break
+    factor = loader.prefetch_factor
+    if loader.stats.read_ahead is not None:
+        factor = loader.stats.read_ahead.prefetch_factor
+    del loader
+    deadline = time.monotonic() + 5
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return factor
+
+
+def test_leaving_a_grown_epoch_early_leaves_no_process_shared_memory_or_descriptor():
+    # A static epoch first: what multiprocessing opens once per program (its resource
+    # tracker, the arena for shared values) is then open before the count.
+    leave_early(2)
+    shm_before, fds_before = set(os.listdir("/dev/shm")), len(os.listdir("/proc/self/fd"))
+    assert leave_early("auto") > START  # many more in flight than torch's bound
+    assert multiprocessing.active_children() == []
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    assert len(os.listdir("/proc/self/fd")) <= fds_before

@@ -370,6 +370,17 @@ def test_leaving_an_auto_epoch_early_leaves_no_thread(dataset):
     wait_for_no_workers()
 
 
+def test_leaving_an_epoch_of_tuned_finishing_threads_early_leaves_no_thread():
+    loader = aload.DataLoader(
+        InstantReads(), batch_size=4, num_workers="auto", transform=waits_on_a_service
+    )
+    for seen, _ in enumerate(loader):
+        if seen == 120:  # past the first steps up
+            break
+    assert loader.stats.workers_tuning.concurrency > 2
+    wait_for_no_workers()
+
+
 def test_the_settled_concurrency_resumes_with_the_state():
     loader = aload.DataLoader(Limited(400), batch_size=4, num_workers="auto")
     list(loader)
