@@ -107,8 +107,9 @@ class ConcurrencyTuner:
 
     @property
     def trying(self) -> bool:
-        """Whether a step is on trial: the next window judges it."""
-        return self._trial is not None or self._may_step_down
+        """Whether a step is on trial: the next window judges it. (A step down still to try
+        is not one: it waits for a window in which this stage holds the others back.)"""
+        return self._trial is not None
 
     def decide(self, throughput: float, waiting: float, cores: float, climb: bool = True) -> None:
         """One window's measures: samples/s, the consumer's share of time waiting, and the

@@ -18,7 +18,8 @@ from conftest import Computes, wait_for_no_workers
 from loop_pauses import best_pause
 
 import aload
-from aload._tuner import REPROBE_WINDOWS, ConcurrencyTuner
+from aload import _tuner
+from aload._tuner import REPROBE_WINDOWS, Autotuner, ConcurrencyTuner, TunedStage
 
 
 def run(tuner: ConcurrencyTuner, produce, demand: float = 1e9, windows: int = 40, cores=None):
@@ -125,6 +126,32 @@ def test_a_ceiling_is_probed_again_after_a_while():
     settled = tuner.concurrency
     path = run(tuner, lambda c: 100.0 * min(c, 16), windows=REPROBE_WINDOWS + 30)
     assert path[-1] > settled  # the stage now scales further: found by the probe
+
+
+def test_a_stage_with_a_step_down_to_try_leaves_the_windows_to_the_bottleneck(monkeypatch):
+    """Its first step up did not help; while another stage holds it back, that stage climbs."""
+    monkeypatch.setattr(_tuner, "WINDOW_SECONDS", 0.0)
+    monkeypatch.setattr(_tuner, "WINDOW_BATCHES", 1)
+    reads = ConcurrencyTuner(maximum=64, budget=64, start=8)
+    finishers = ConcurrencyTuner(maximum=8, budget=64, start=2)
+    finishers.decide(100.0, 1.0, 0.1)  # 2 -> 4
+    finishers.decide(100.0, 1.0, 0.1)  # no gain: back to 2, fewer to try
+    assert finishers.concurrency == 2
+    busy = {"reads": 0.0}  # the reads are saturated, the finishers idle
+    tuning = Autotuner(
+        [
+            TunedStage(reads, lambda c: c, lambda: busy["reads"]),
+            TunedStage(finishers, lambda c: c, lambda: 0.0),
+        ]
+    )
+    samples = 0
+    for window in range(6):
+        busy["reads"] += 1e6
+        samples += 100 * reads.concurrency  # the reads hold throughput back
+        tuning.observe(samples=samples, batches=10 * window, wait_seconds=1e6 * window)
+        time.sleep(0.01)
+    assert reads.concurrency > 8
+    assert finishers.concurrency == 2
 
 
 class Limited(torch.utils.data.Dataset):
