@@ -338,6 +338,7 @@ def waits_on_a_service(sample):
 
 
 def test_a_slow_finish_stage_gets_more_threads_and_the_reads_stay():
+    gc.collect()  # other tests' garbage, collected mid-epoch, would stall a window
     plan = aload.Plan(InstantReads(), batch_size=4).read(aload.loop("auto"))
     loader = plan.map(waits_on_a_service, aload.threads("auto")).loader()
     assert sorted(int(i) for batch in loader for i in batch) == list(range(800))
@@ -350,6 +351,7 @@ def test_a_slow_finish_stage_gets_more_threads_and_the_reads_stay():
 
 
 def test_persistent_finishing_threads_keep_what_the_tuner_found():
+    gc.collect()  # other tests' garbage, collected mid-epoch, would stall a window
     loader = aload.DataLoader(
         InstantReads(),
         batch_size=4,
