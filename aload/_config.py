@@ -172,11 +172,10 @@ def resolve_config(
     workers_tuned, reads_tuned = num_workers == AUTO, max_concurrency == AUTO
     if num_workers == AUTO:
         num_workers = _auto_workers(dataset, worker_mode)
-    elif isinstance(num_workers, str):
-        raise TypeError(f"num_workers must be an int or 'auto', got {num_workers!r}")
+    else:
+        num_workers = _check_int("num_workers", num_workers, or_auto=True)
     if max_concurrency == AUTO:
         max_concurrency = _auto_concurrency(dataset)
-    _check_int("num_workers", num_workers)
     if num_workers < 0:
         raise ValueError(
             "num_workers option should be non-negative; "
@@ -236,9 +235,7 @@ def resolve_config(
             raise ValueError(
                 f"memory_budget should be a positive number of bytes, got {memory_budget}"
             )
-    if isinstance(max_concurrency, str):
-        raise TypeError(f"max_concurrency must be an int or 'auto', got {max_concurrency!r}")
-    _check_int("max_concurrency", max_concurrency)
+    max_concurrency = _check_int("max_concurrency", max_concurrency, or_auto=True)
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency should be positive, got {max_concurrency}")
     if multiprocessing_context is not None:
@@ -380,22 +377,21 @@ def _check_prefetch_factor(prefetch_factor: object, prefetching: bool) -> int | 
     would never load). "auto" starts at torch's 2."""
     if prefetch_factor is None:
         return 2 if prefetching else None
-    if isinstance(prefetch_factor, str) and prefetch_factor != AUTO:
-        raise TypeError(f"prefetch_factor must be an int or 'auto', got {prefetch_factor!r}")
-    if prefetch_factor != AUTO:
-        _check_int("prefetch_factor", prefetch_factor)
+    factor = (
+        None if prefetch_factor == AUTO else _check_int("prefetch_factor", prefetch_factor, True)
+    )
     if not prefetching:
         raise ValueError(
             "prefetch_factor option could only be specified in multiprocessing."
             "let num_workers > 0 to enable multiprocessing, otherwise set prefetch_factor to None."
         )
-    if prefetch_factor == AUTO:
+    if factor is None:  # "auto"
         return 2
-    if prefetch_factor < 0:  # type: ignore[operator]
+    if factor < 0:
         raise ValueError("prefetch_factor option should be non-negative")
-    if prefetch_factor == 0:
+    if factor == 0:
         raise ValueError("prefetch_factor option should be positive: 0 would never load a batch")
-    return prefetch_factor  # type: ignore[return-value]
+    return factor
 
 
 def _check_ray(worker_mode: str, num_workers: int, asynchronous: bool, ray_options: Any) -> None:
@@ -489,9 +485,12 @@ def _auto_concurrency(dataset: Any) -> int:
 AUTO_MAX_CONCURRENCY = 1024
 
 
-def _check_int(name: str, value: object) -> None:
+def _check_int(name: str, value: object, or_auto: bool = False) -> int:
+    """`value`, an int (not a bool); `or_auto`: the argument also takes "auto"."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        expected = "an int or 'auto'" if or_auto else "an int"
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    return value
 
 
 def is_iterable_style(dataset: object) -> bool:

@@ -372,7 +372,7 @@ def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:
         if all(t.layout is torch.strided for t in tensors):
             if pin:
                 return lambda index: [pinned_rows(t, index) for t in tensors]
-            return partial(_rows_of_each, tensors)
+            return lambda index: [rows(t, index) for t in tensors]
         return None
     if kind.__getitem__ is Subset.__getitem__ and kind.__getitems__ is Subset.__getitems__:
         inner = vectorized_gather(dataset.dataset, pin)
@@ -381,14 +381,6 @@ def vectorized_gather(dataset: Any, pin: bool = False) -> Gather | None:
         positions = torch.as_tensor(dataset.indices, dtype=torch.long)
         return lambda index: inner(rows(positions, index))
     return None
-
-
-def _rows_of_each(tensors: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-    """`rows` of each tensor (a `TensorDataset`'s batch), in one call: this runs per batch."""
-    try:
-        return [torch.index_select(tensor, 0, index) for tensor in tensors]
-    except IndexError:
-        return [tensor[index] for tensor in tensors]
 
 
 def rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,6 @@ class ReadAheadTuner:
     def __init__(self, memory_budget: int | None = None) -> None:
         self.factor = START
         self.memory_budget = memory_budget
-        self._memory = MEMORY if memory_budget is None else memory_budget
         self.history: list[Decision] = []
         self._began = time.perf_counter()
         self._since = self._began  # the last change (or the epoch's start)
@@ -98,7 +97,8 @@ class ReadAheadTuner:
             pace = (batches - self._since_batches) / free
         workers = in_flight / self.factor  # batches in flight per unit of the factor
         wanted = max(2 * self.factor, math.ceil((in_flight + waited * pace) / workers))
-        fits = MAXIMUM if not largest_batch else int(self._memory // (largest_batch * workers))
+        memory = MEMORY if self.memory_budget is None else self.memory_budget
+        fits = MAXIMUM if not largest_batch else int(memory // (largest_batch * workers))
         factor = min(wanted, MAXIMUM, fits)
         if factor <= self.factor:
             return False  # more would not fit in memory

@@ -305,8 +305,8 @@ class Epoch:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
         each batch is read when it is taken, and nothing ahead of it. `depth`: batches in
         flight per worker (`prefetch_factor`): how far ahead the device stage copies, and
-        how the bound divides among workers. `length` answers `len()`
-        of the epoch; `check_yielded` is told how many batches have been yielded, after each.
+        how the bound divides among workers. `length` answers `len()` of the epoch;
+        `check_yielded` is told how many batches have been yielded, after each.
         `deal_over`: batch `seq` goes to worker `seq % deal_over`, as torch deals batches to
         its worker processes (so each worker's own RNG draws what torch's would); 0: to
         whichever worker is free. `tuning` (`"auto"`): the tuned stages, told of each batch
@@ -331,10 +331,12 @@ class Epoch:
         self._waiting_since: float | None = None  # when the consumer began to wait
         self._held_since: float | None = None  # when it began to be held back
         self._finished_pace = 0.0  # batches a second the workers finished meanwhile
+        # Batches are weighed for the budget and the read-ahead (a flag: read per batch).
         self._weighing = self._budget is not None or read_ahead is not None
         self._largest_batch = 0  # bytes, of the batches delivered so far
         self._bound = max_in_flight  # at torch's prefetch factor, without the memory budget
-        self._max_in_flight = self._within_budget(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._bound_changed()
         self._in_place = in_place
         self._in_order = in_order
         self._timeout = timeout
@@ -558,7 +560,7 @@ class Epoch:
         bound = tuning.observe(meter.samples, meter.batches, meter.wait)
         if bound is not None:
             self._bound = bound
-            self._max_in_flight = self._within_budget(bound)
+            self._bound_changed()
 
     def _watch_held_back(self) -> None:
         """The consumer waits: note when it began, and when it began to be held back by the
@@ -570,8 +572,9 @@ class Epoch:
             return
         if self._idle_workers():
             self._held_since = now = time.perf_counter()
-            # batches a second the workers finished while the consumer waited
-            self._finished_pace = len(self._ready_by_seq) / max(now - self._waiting_since, 1e-6)
+            if self._read_ahead is not None:  # its pace before the loop has one of its own
+                waited = max(now - self._waiting_since, 1e-6)
+                self._finished_pace = len(self._ready_by_seq) / waited
 
     def _idle_workers(self) -> bool:
         """Whether some worker has nothing to read: it has finished every batch dealt to it,
@@ -604,25 +607,26 @@ class Epoch:
             batches=self._meter.batches,
             finished_pace=self._finished_pace,
         ):
-            self._max_in_flight = self._within_budget(self._bound)
+            self._bound_changed()
 
     def _weigh(self, batch: Any) -> None:
         """A delivered batch's bytes: the largest so far sets how many fit in the budget."""
         size = batch_nbytes(batch)
         if size > self._largest_batch:
             self._largest_batch = size
-            self._max_in_flight = self._within_budget(self._bound)
+            self._bound_changed()
 
-    def _within_budget(self, bound: int) -> int:
-        """`bound`, read further ahead where tuned, or fewer batches in flight where the
-        memory budget says so."""
+    def _bound_changed(self) -> None:
+        """Put `_bound` in force as `_max_in_flight`: read further ahead where the read-ahead
+        is tuned, fewer in flight where the memory budget says so (the one place both
+        apply, whichever of the bound, the factor or the largest batch changed)."""
+        bound = self._bound
         if self._read_ahead is not None:
             bound = round(bound * self._read_ahead.scale)
-        if self._budget is None:
-            return bound
-        if not self._largest_batch:  # no batch has said how large they are yet
-            return 1
-        return max(1, min(bound, self._budget // self._largest_batch))
+        if self._budget is not None:  # one until a batch says how large they are
+            fits = self._budget // self._largest_batch if self._largest_batch else 1
+            bound = max(1, min(bound, fits))
+        self._max_in_flight = bound
 
     def _take_one(self) -> _Job | None:
         # Not a bound method kept on the epoch: that would be a cycle, and a dropped epoch

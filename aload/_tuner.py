@@ -121,10 +121,11 @@ class ConcurrencyTuner:
             if self.concurrency < before:  # a step down: keep it if it lost nothing
                 self._judge_step_down(before, baseline, throughput)
                 return
-            wanted_gain = max(GAIN, GAIN_SHARE * (self.concurrency / before - 1))
+            step = self.concurrency / before - 1
+            share = GAIN_SHARE * step
             if waited < 1:  # data that came at once would make it 1 / (1 - waited) as fast
-                wanted_gain = max(GAIN, min(wanted_gain, ATTAINABLE_SHARE * waited / (1 - waited)))
-            if throughput <= baseline * (1 + wanted_gain):
+                share = min(share, ATTAINABLE_SHARE * waited / (1 - waited))
+            if throughput <= baseline * (1 + max(GAIN, share)):
                 self._ceiling, self._at_ceiling = self.concurrency, 0
                 self._settled = baseline
                 self._set(
@@ -137,7 +138,6 @@ class ConcurrencyTuner:
                 return
             self._settled = throughput
             self._explored = True
-            step = self.concurrency / before - 1
             if throughput < baseline * (1 + HALF_SHARE * step) and self.concurrency - before > 1:
                 # Less than half its share: the plateau begins between; try halfway back.
                 halfway = before + (self.concurrency - before) // 2
@@ -249,15 +249,15 @@ class Autotuner:
         """The consumer got a batch (`samples`, `batches`, `wait_seconds`: the epoch's
         totals). Returns the epoch's new bound on batches in flight if a stage moved."""
         now = time.perf_counter()
-        busy = [stage.busy_seconds() for stage in self._stages]
         window = self._window
         if window is None:
-            self._window = (now, time.process_time(), wait_seconds, samples, batches, busy)
+            self._window = (now, time.process_time(), wait_seconds, samples, batches, self._busy())
             return None
         began, cpu_began, waited_before, samples_before, batches_before, busy_before = window
         wall = now - began
         if wall < WINDOW_SECONDS or batches - batches_before < WINDOW_BATCHES:
             return None
+        busy = self._busy()
         cpu = time.process_time() - cpu_began
         self._window = (now, time.process_time(), wait_seconds, samples, batches, busy)
         bottleneck = self._bottleneck(wall, busy, busy_before)
@@ -273,6 +273,10 @@ class Autotuner:
         if stage.tuner.concurrency == before:
             return None
         return stage.put_in_force(stage.tuner.concurrency)
+
+    def _busy(self) -> list[float]:
+        """Each stage's busy seconds so far (read at a window's edges, not per batch)."""
+        return [stage.busy_seconds() for stage in self._stages]
 
     def _bottleneck(self, wall: float, busy: list[float], busy_before: list[float]) -> TunedStage:
         """The stage that holds the others back in this window."""

@@ -693,8 +693,7 @@ class DataLoader(Generic[T_co]):
                 def set_finishers(concurrency: int) -> int:
                     meter.workers = concurrency
                     finishers.limit_readers(concurrency)
-                    at_once = config.max_concurrency if reads is None else reads.concurrency
-                    return config.in_flight_for(at_once)
+                    return config.in_flight_for(_reads_at_once(config, reads))
 
                 tuner = self._workers_tuner
                 stages.append(TunedStage(tuner, set_finishers, meter.finishing_seconds))
@@ -903,10 +902,6 @@ class DataLoader(Generic[T_co]):
         self._progress = (start, delivered)
         return start, delivered, resumed
 
-    def _reads_at_once(self) -> int:
-        """An async dataset's reads awaited at once: `max_concurrency`, or where tuning is."""
-        return self._config.max_concurrency if self._tuner is None else self._tuner.concurrency
-
     def _loop_pool(
         self,
         config: LoaderConfig,
@@ -950,7 +945,8 @@ class DataLoader(Generic[T_co]):
             if owns_cpu and cpu is not None and config.persistent_workers:
                 self._persistent_pool, self._persistent_seed = cpu, seed
                 owns_cpu = False
-        loop_pool = LoopPool(config.dataset, cpu, self._reads_at_once(), cpu_read, owns_cpu)
+        at_once = _reads_at_once(config, self._tuner)
+        loop_pool = LoopPool(config.dataset, cpu, at_once, cpu_read, owns_cpu)
         return loop_pool, seeds
 
     def _persistent_or_none(self, start: dict[str, Any], resumed: bool) -> WorkerPool | None:
@@ -1025,6 +1021,11 @@ class DataLoader(Generic[T_co]):
                 self._persistent_pool, self._persistent_seed = pool, base_seed
                 return pool, False
             return pool, True
+
+
+def _reads_at_once(config: LoaderConfig, tuner: ConcurrencyTuner | None) -> int:
+    """An async dataset's reads awaited at once: `max_concurrency`, or where `tuner` is."""
+    return config.max_concurrency if tuner is None else tuner.concurrency
 
 
 def _tuner_for(
