@@ -6,7 +6,7 @@ fill the bound and the workers stop while the loop waits for the slow one: a thr
 hill climb cannot see this (one stall swamps a window), but the epoch can. It times the loop
 waiting while the bound is full and workers have nothing to read ("held back"), and each
 time that ends, if the loop was held back more than `HELD` of the time since the last
-change, the read-ahead grows: to hold the batches the loop would have taken while held back,
+change (and more than a hiccup), the read-ahead grows: to hold the batches the loop would have taken while held back,
 at the pace it takes them otherwise, and at least twice as far. It grows while the batches in
 flight fit in `memory_budget` (or `MEMORY` without one), and never shrinks: batches
 read ahead cost memory within that, not speed. Every change is a `Decision` (its
@@ -27,6 +27,7 @@ logger = logging.getLogger("aload")
 START = 2  # torch's prefetch_factor
 MAXIMUM = 256  # batches in flight per worker, at most
 HELD = 0.05  # held back more than this share of the time: read further ahead
+HELD_SECONDS = 0.001  # held back less than this in all: a hiccup (at start-up), no cost
 MEMORY = 2**30  # bytes the batches in flight may take, without a memory_budget
 PACE_SECONDS, PACE_BATCHES = 0.01, 4  # enough of the loop to measure its pace
 
@@ -88,7 +89,7 @@ class ReadAheadTuner:
         self._held += seconds
         now = time.perf_counter()
         elapsed = now - self._since
-        if self._held <= HELD * elapsed or self.factor >= MAXIMUM:
+        if self._held <= max(HELD * elapsed, HELD_SECONDS) or self.factor >= MAXIMUM:
             return False
         pace = finished_pace
         free = elapsed - self._held  # time the loop was not held back since the last change
