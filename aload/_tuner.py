@@ -18,10 +18,11 @@ The knobs: with thread workers, how many threads read at once (a pool of `maximu
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
 have, so a reader that finishes during a training step goes on to its next batch; with an
 async dataset, how many reads are awaited at once, and how many of its thread workers finish
-batches. Where an epoch has two knobs, `Autotuner` gives each window to the stage that holds
-the other back. (Process workers are one per core, all started as torch starts them: fewer
-batches in flight would save memory, never time, so nothing of theirs is tuned here.) Every
-change is a `Decision` with its reason, logged on the `aload` logger.
+batches. Where an epoch has two knobs, `Autotuner` first ramps them up together while the
+loop waits nearly all the time, then gives each window to the stage that holds the other
+back. (Process workers are one per core, all started as torch starts them: fewer batches in
+flight would save memory, never time, so nothing of theirs is tuned here.) Every change is a
+`Decision` with its reason, logged on the `aload` logger.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ HALF_SHARE = 0.5  # a kept step that gained less than this share: try halfway ba
 WAITING = 0.05  # the consumer waits at least this share of a window: data holds it back
 WINDOW_SECONDS = 0.1
 WINDOW_BATCHES = 4
+RAMP_WINDOW_SECONDS = 0.05  # a ramp's step doubles throughput or not: a shorter window tells
 REPROBE_WINDOWS = 16  # windows at a ceiling before it is probed again
 SHIFT = 0.3  # throughput this much below the settled level: the data's cost changed
 SATURATED = 0.9  # a stage busy this share of its workers' time has no room to spare
+RAMP_WAITING = 0.9  # while the loop waits this share of the time, stages double together
+HEADROOM = 0.5  # a stage busy more than this share would hold back a doubled throughput
 THREADS_START = 2  # batches read at once by thread workers, to begin with
 ASYNC_START = 32  # an async dataset's reads awaited at once, to begin with
 
@@ -65,6 +69,15 @@ class Tuning:
     concurrency: int
     maximum: int
     history: tuple[Decision, ...]
+
+
+def needed_gain(step: float, waited: float) -> float:
+    """The share by which a step of `step` (1.0: doubling) must raise throughput to be kept,
+    the consumer having waited `waited` of the window before it."""
+    share = GAIN_SHARE * step
+    if waited < 1:  # data that came at once would make it 1 / (1 - waited) as fast
+        share = min(share, ATTAINABLE_SHARE * waited / (1 - waited))
+    return max(GAIN, share)
 
 
 def cpu_budget() -> float:
@@ -122,10 +135,7 @@ class ConcurrencyTuner:
                 self._judge_step_down(before, baseline, throughput)
                 return
             step = self.concurrency / before - 1
-            share = GAIN_SHARE * step
-            if waited < 1:  # data that came at once would make it 1 / (1 - waited) as fast
-                share = min(share, ATTAINABLE_SHARE * waited / (1 - waited))
-            if throughput <= baseline * (1 + max(GAIN, share)):
+            if throughput <= baseline * (1 + needed_gain(step, waited)):
                 self._ceiling, self._at_ceiling = self.concurrency, 0
                 self._settled = baseline
                 self._set(
@@ -183,6 +193,30 @@ class ConcurrencyTuner:
             f"{self.concurrency} at once, on {cores:.1f} of {self.budget:g} cores: trying {wanted}",
         )
 
+    def ramp_up(self, reason: str) -> bool:
+        """Double, as one of the stages that `Autotuner` steps together; False at the maximum."""
+        wanted = min(self.maximum, 2 * self.concurrency)
+        if wanted == self.concurrency:
+            return False
+        self._set(wanted, f"{reason}: trying {wanted}")
+        return True
+
+    def ramp_kept(self, throughput: float) -> None:
+        """The stages' step together raised throughput: it settles here for now."""
+        self._settled, self._explored = throughput, True
+
+    def ramp_refused(self, before: int, baseline: float, throughput: float) -> None:
+        """The stages' step together did not help: back to `before`, and the level tried is a
+        ceiling (one stage alone at it could not do better than all of them)."""
+        self._ceiling, self._at_ceiling, self._settled = self.concurrency, 0, baseline
+        self._may_step_down = not self._explored and before > 1  # work that holds the GIL?
+        self._set(
+            before,
+            f"{self.concurrency} at once, with the other stages stepped up, gave "
+            f"{throughput:,.0f} samples/s, not more than {before} ({baseline:,.0f}): back to "
+            f"{before}",
+        )
+
     def _judge_step_down(self, before: int, baseline: float, throughput: float) -> None:
         """After a step down from `before` (at `baseline` samples/s): stay if throughput held
         (the same with fewer threads: less contention, less memory), else go back up."""
@@ -224,19 +258,30 @@ class Autotuner:
     """The tuned stages of one epoch (an async dataset's reads and the workers that finish
     its batches; or thread workers' reads), told of each batch the consumer receives.
 
-    It measures a window at a time (a tenth of a second and a few batches) and hands it to
-    one stage's tuner: the one with a step on trial, which judges it, else the bottleneck.
-    Only the bottleneck climbs: the last stage in the pipeline that was busy (`SATURATED` of
-    its workers' time: in steady state the stages before it wait for room), else the
-    busiest. One stage moves at a time, and a window after a step of one stage only judges
-    it, so each step is judged on its own (the window after a kept step also drains what
-    queued before the faster stage: too rosy a baseline for another stage's step).
+    It measures a window at a time (a tenth of a second and a few batches). A fresh search
+    of several stages begins with a ramp: while the loop waits nearly all the time, the
+    bottleneck doubles, and with it every stage busy enough to hold back twice the
+    throughput, all judged as one step; the ramp ends at the first step that gains less
+    than half its share (or none: then each stage that moved goes back, and has a ceiling).
+    Searched one after the other, each stage's doubling would mostly show what the other
+    stage allows, and take a window of its own.
+
+    After the ramp, each window goes to one stage's tuner: the one with a step on trial,
+    which judges it, else the bottleneck. Only the bottleneck climbs: the last stage in the
+    pipeline that was busy (`SATURATED` of its workers' time: in steady state the stages
+    before it wait for room), else the busiest. One stage moves at a time, and a window
+    after a step of one stage only judges it, so each step is judged on its own (the window
+    after a kept step also drains what queued before the faster stage: too rosy a baseline
+    for another stage's step).
     """
 
     def __init__(self, stages: Sequence[TunedStage]) -> None:
         self._stages = stages
         # when, the process's CPU seconds, waited, samples, batches, and each stage's busy
         self._window: tuple[float, float, float, int, int, list[float]] | None = None
+        # Stages that start their search together ramp up together (not a resumed search).
+        self._ramping = len(stages) > 1 and not any(stage.tuner.history for stage in stages)
+        self._ramp_trial: tuple[list[int], float, float] | None = None  # levels, samples/s, wait
 
     def start(self) -> int:
         """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
@@ -255,38 +300,81 @@ class Autotuner:
             return None
         began, cpu_began, waited_before, samples_before, batches_before, busy_before = window
         wall = now - began
-        if wall < WINDOW_SECONDS or batches - batches_before < WINDOW_BATCHES:
+        seconds = RAMP_WINDOW_SECONDS if self._ramping else WINDOW_SECONDS
+        if wall < seconds or batches - batches_before < WINDOW_BATCHES:
             return None
         busy = self._busy()
         cpu = time.process_time() - cpu_began
         self._window = (now, time.process_time(), wait_seconds, samples, batches, busy)
-        bottleneck = self._bottleneck(wall, busy, busy_before)
+        throughput = (samples - samples_before) / wall
+        # (a wait that began before the window may end in it: at most all of it)
+        waiting = min(1.0, (wait_seconds - waited_before) / wall)
+        shares = [
+            (busy[i] - busy_before[i]) / (stage.tuner.concurrency * wall)
+            for i, stage in enumerate(self._stages)
+        ]
+        if self._ramping:
+            return self._ramp(throughput, waiting, cpu / wall, shares)
+        bottleneck = self._bottleneck(shares)
         stage = next((stage for stage in self._stages if stage.tuner.trying), bottleneck)
         before = stage.tuner.concurrency
-        stage.tuner.decide(
-            throughput=(samples - samples_before) / wall,
-            # (a wait that began before the window may end in it: at most all of it)
-            waiting=min(1.0, (wait_seconds - waited_before) / wall),
-            cores=cpu / wall,
-            climb=stage is bottleneck,
-        )
+        stage.tuner.decide(throughput, waiting, cpu / wall, climb=stage is bottleneck)
         if stage.tuner.concurrency == before:
             return None
         return stage.put_in_force(stage.tuner.concurrency)
+
+    def _ramp(
+        self, throughput: float, waiting: float, cores: float, shares: list[float]
+    ) -> int | None:
+        """A window of the ramp: judge the stages' step together, then step again or end."""
+        stages = self._stages
+        if self._ramp_trial is not None:
+            levels, baseline, waited = self._ramp_trial
+            self._ramp_trial = None
+            moved = [
+                (s, level)
+                for s, level in zip(stages, levels, strict=True)
+                if s.tuner.concurrency != level
+            ]
+            if throughput <= baseline * (1 + needed_gain(1.0, waited)):
+                self._ramping = False
+                for stage, level in moved:
+                    stage.tuner.ramp_refused(level, baseline, throughput)
+                return self.start()
+            for stage, _ in moved:
+                stage.tuner.ramp_kept(throughput)
+            if throughput < baseline * (1 + HALF_SHARE):
+                self._ramping = False  # flattening: each stage's own search from here
+                return None
+        budget = min(stage.tuner.budget for stage in stages)
+        if waiting < RAMP_WAITING or cores >= budget * 0.95:
+            self._ramping = False
+            return None
+        bottleneck = self._bottleneck(shares)
+        reason = (
+            f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s, on "
+            f"{cores:.1f} of {budget:g} cores, with this stage busy"
+        )
+        levels = [stage.tuner.concurrency for stage in stages]
+        stepped = [
+            stage.tuner.ramp_up(f"{reason} {share:.0%} of its time")
+            for stage, share in zip(stages, shares, strict=True)
+            if stage is bottleneck or share > HEADROOM
+        ]
+        if not any(stepped):
+            self._ramping = False
+            return None
+        self._ramp_trial = (levels, throughput, waiting)
+        return self.start()
 
     def _busy(self) -> list[float]:
         """Each stage's busy seconds so far (read at a window's edges, not per batch)."""
         return [stage.busy_seconds() for stage in self._stages]
 
-    def _bottleneck(self, wall: float, busy: list[float], busy_before: list[float]) -> TunedStage:
-        """The stage that holds the others back in this window."""
+    def _bottleneck(self, shares: list[float]) -> TunedStage:
+        """The stage that holds the others back in a window in which each stage's workers
+        were busy `shares` of their time."""
         stages = self._stages
-        if len(stages) == 1:
-            return stages[0]
-        shares = [
-            (busy[i] - busy_before[i]) / (stage.tuner.concurrency * wall)
-            for i, stage in enumerate(stages)
-        ]
         saturated = [i for i, share in enumerate(shares) if share >= SATURATED]
         return stages[
             saturated[-1] if saturated else max(range(len(stages)), key=shares.__getitem__)

@@ -154,6 +154,73 @@ def test_a_stage_with_a_step_down_to_try_leaves_the_windows_to_the_bottleneck(mo
     assert finishers.concurrency == 2
 
 
+class Clock:
+    """A model's time for the tuner: wall seconds set by the model, no CPU used."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def process_time(self) -> float:
+        return 0.0
+
+
+def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30):
+    """Two or more modelled stages in a row, tuned together from `starts`: stage i at
+    concurrency c serves `capacities[i](c)` samples/s, the pipeline the least of them (and of
+    `limit`, the cores), and the loop waits all the time. The concurrencies after each window."""
+    clock = Clock()
+    monkeypatch.setattr(_tuner, "time", clock)
+    tuners = [ConcurrencyTuner(maximum=1024, budget=64, start=start) for start in starts]
+    busy = [0.0] * len(tuners)
+    stages = [TunedStage(tuner, lambda c: c, lambda i=i: busy[i]) for i, tuner in enumerate(tuners)]
+    tuning = Autotuner(stages)
+    samples = batches = 0.0
+    tuning.observe(0, 0, 0.0)  # the first batch opens the first window
+    path = []
+    for _ in range(windows):
+        levels = [tuner.concurrency for tuner in tuners]
+        served = [capacity(c) for capacity, c in zip(capacities, levels, strict=True)]
+        throughput = min(limit, *served)
+        clock.now += _tuner.WINDOW_SECONDS
+        for i, rate in enumerate(served):  # busy this share of its workers' time
+            busy[i] += throughput / rate * levels[i] * _tuner.WINDOW_SECONDS
+        samples += throughput * _tuner.WINDOW_SECONDS
+        batches += 100
+        tuning.observe(int(samples), int(batches), wait_seconds=clock.now)
+        path.append(tuple(tuner.concurrency for tuner in tuners))
+    return path, tuners
+
+
+def test_two_stages_that_hold_each_other_back_ramp_up_together(monkeypatch):
+    """Reads from a store of 64 slots (5 ms each: 200/s a read at once) and a 1 ms call per
+    sample on threads (1,000/s a thread), on cores that serve 10,000/s. Searched one after
+    the other, each stage's doubling mostly shows what the other allows; stepped together
+    (each stage busy enough to hold back a doubled throughput), the pipeline reaches the
+    cores' limit in three windows. The reads, idle enough at first, wait for the threads."""
+    reads, finishers = (lambda c: 200.0 * min(c, 64)), (lambda c: 1000.0 * c)
+    path, _ = run_pipeline(monkeypatch, (32, 2), (reads, finishers), limit=10_000.0)
+    assert path[:3] == [(32, 4), (64, 8), (128, 16)]
+    assert all(min(10_000.0, reads(r), finishers(f)) == 10_000.0 for r, f in path[2:])
+    assert max(r for r, _ in path) <= 256
+    assert max(f for _, f in path) <= 32
+
+
+def test_a_ramp_step_that_does_not_help_is_taken_back(monkeypatch):
+    """Finishing work that holds the GIL: 500 samples/s however many threads, reads to spare.
+    The threads' doubling gains nothing: back to 2 with 4 as a ceiling, then one thread, as
+    fast, is kept; the reads never move."""
+    reads, finishers = (lambda c: 200.0 * c), (lambda c: 500.0)
+    path, (read_tuner, finish_tuner) = run_pipeline(monkeypatch, (32, 2), (reads, finishers))
+    assert path[:3] == [(32, 4), (32, 2), (32, 1)]
+    assert path[-1] == (32, 1)
+    assert max(f for _, f in path) == 4
+    assert read_tuner.history == []
+    assert "with the other stages stepped up" in finish_tuner.history[1].reason
+
+
 class Limited(torch.utils.data.Dataset):
     """Each read holds one of 8 slots for 4 ms (a store that serves 8 requests at once):
     throughput grows with concurrency up to 8, then flattens."""
