@@ -6,11 +6,11 @@ fill the bound and the workers stop while the loop waits for the slow one: a thr
 hill climb cannot see this (one stall swamps a window), but the epoch can. It times the loop
 waiting while the bound is full and workers have nothing to read ("held back"), and each
 time that ends, if the loop was held back more than `HELD` of the time since the last
-change (and more than a hiccup), the read-ahead grows: to hold the batches the loop would have taken while held back,
-at the pace it takes them otherwise, and at least twice as far. It grows while the batches in
-flight fit in `memory_budget` (or `MEMORY` without one), and never shrinks: batches
-read ahead cost memory within that, not speed. Every change is a `Decision` (its
-`concurrency`: the prefetch factor), logged on the `aload` logger.
+change (and more than a hiccup), the read-ahead grows: to hold the batches the loop would
+have taken while held back, at the pace it takes them otherwise, and at least twice as far.
+It grows while the batches in flight fit in `memory_budget` (or `MEMORY` without one), and
+never shrinks: batches read ahead cost memory within that, not speed. Every change is a
+`Decision` (its `concurrency`: the prefetch factor), logged on the `aload` logger.
 """
 
 from __future__ import annotations

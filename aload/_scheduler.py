@@ -301,6 +301,7 @@ class Epoch:
         tuning: Autotuner | None = None,
         memory_budget: int | None = None,
         read_ahead: ReadAheadTuner | None = None,
+        workers_memory: Callable[[], int] | None = None,
     ) -> None:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
         each batch is read when it is taken, and nothing ahead of it. `depth`: batches in
@@ -312,7 +313,8 @@ class Epoch:
         whichever worker is free. `tuning` (`"auto"`): the tuned stages, told of each batch
         delivered; their bound on batches in flight replaces `max_in_flight`.
         `memory_budget`: bytes the batches in flight may take: fewer in flight than the bound
-        where the largest batch so far says so (one until the first says how large).
+        where the largest batch so far says so (one until the first says how large), after
+        `workers_memory()`: the bytes worker processes hold of their own, last measured.
         `read_ahead` (`prefetch_factor="auto"`): told how long the consumer waits while held
         back (`_watch_held_back`), it scales the bound on batches in flight."""
         self._source = source
@@ -334,6 +336,9 @@ class Epoch:
         # Batches are weighed for the budget and the read-ahead (a flag: read per batch).
         self._weighing = self._budget is not None or read_ahead is not None
         self._largest_batch = 0  # bytes, of the batches delivered so far
+        self._workers_memory = None if self._budget is None else workers_memory
+        self._workers_held = 0  # bytes the worker processes hold of their own, last measured
+        self._warned_of_workers = False
         self._bound = max_in_flight  # at torch's prefetch factor, without the memory budget
         self._max_in_flight = max_in_flight
         self._bound_changed()
@@ -610,10 +615,14 @@ class Epoch:
             self._bound_changed()
 
     def _weigh(self, batch: Any) -> None:
-        """A delivered batch's bytes: the largest so far sets how many fit in the budget."""
+        """A delivered batch's bytes: the largest so far sets how many fit in the budget
+        (with what worker processes hold of their own taken out of it first)."""
         size = batch_nbytes(batch)
-        if size > self._largest_batch:
-            self._largest_batch = size
+        held = self._workers_held
+        if self._workers_memory is not None:
+            held = self._meter.workers_memory = self._workers_memory()
+        if size > self._largest_batch or held != self._workers_held:
+            self._largest_batch, self._workers_held = max(size, self._largest_batch), held
             self._bound_changed()
 
     def _bound_changed(self) -> None:
@@ -624,9 +633,25 @@ class Epoch:
         if self._read_ahead is not None:
             bound = round(bound * self._read_ahead.scale)
         if self._budget is not None:  # one until a batch says how large they are
-            fits = self._budget // self._largest_batch if self._largest_batch else 1
+            room = self._budget - self._workers_held
+            fits = room // self._largest_batch if self._largest_batch else 1
             bound = max(1, min(bound, fits))
+            workers_took_it = self._workers_held and room < self._largest_batch <= self._budget
+            if workers_took_it and not self._warned_of_workers:
+                self._warn_workers_memory()
         self._max_in_flight = bound
+
+    def _warn_workers_memory(self) -> None:
+        """Say once an epoch that the worker processes alone take the budget."""
+        self._warned_of_workers = True
+        warnings.warn(
+            f"memory_budget={self._budget:,} bytes: the worker processes hold "
+            f"{self._workers_held / 2**20:,.0f} MiB of their own, which leaves no room for a "
+            f"batch of {self._largest_batch / 2**20:,.1f} MiB; one is read at a time. Fewer "
+            "workers, or worker_mode='thread' (no copies), would fit",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _take_one(self) -> _Job | None:
         # Not a bound method kept on the epoch: that would be a cycle, and a dropped epoch

@@ -80,6 +80,10 @@ class EpochStats:
             the consumer reads its own batches, which no stage's time covers.
         read_concurrency: reads at once: `workers`, or an async dataset's
             `max_concurrency` (where tuned, the concurrency in force at the end).
+        workers_memory: the bytes worker processes held of their own (pages not shared
+            with this process) at the last look, taken out of `memory_budget` before the
+            batches in flight; None where not measured (no budget, no worker processes, or
+            not Linux).
     """
 
     epoch: int
@@ -99,6 +103,7 @@ class EpochStats:
     workers: int = 0
     read_concurrency: int = 0
     held_back_seconds: float = 0.0
+    workers_memory: int | None = None
 
     def stage(self, name: str) -> StageStats | None:
         """The stage called `name`, or None where the epoch has none."""
@@ -254,6 +259,7 @@ class EpochMeter:
         self.batches = self.samples = 0
         self.wait = self.body = 0.0
         self.held_back = 0.0  # seconds of `wait` that a slow batch, in order, held back
+        self.workers_memory: int | None = None  # bytes worker processes hold, where watched
         self.depth_sum = self.max_depth = self.in_flight = 0
         self.first_ask: float | None = None
         self.last_handover: float | None = None
@@ -367,6 +373,7 @@ class EpochMeter:
             wait_seconds=self.wait,
             body_seconds=self.body,
             held_back_seconds=self.held_back,
+            workers_memory=self.workers_memory,
             mean_queue_depth=self.depth_sum / self.batches if self.batches else 0.0,
             max_queue_depth=self.max_depth,
             in_flight=self.in_flight,

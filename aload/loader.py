@@ -170,7 +170,8 @@ class DataLoader(Generic[T_co]):
             for the loop, or staged for the device) may take: fewer batches are read ahead
             than `num_workers * prefetch_factor` where the largest batch so far says so, at
             least one (one until the first batch says how large they are). Counts the
-            tensors, arrays and bytes in a batch.
+            tensors, arrays and bytes in a batch, after what worker processes hold of their
+            own (on Linux; `stats.epoch.workers_memory`; a warning if that leaves no room).
 
     `state_dict()` at any point of an epoch, and `load_state_dict()` on a fresh loader with the
     same arguments, resume with exactly the batches not yet yielded, in the same order.
@@ -612,6 +613,7 @@ class DataLoader(Generic[T_co]):
             tuning=None if inline else self._tuning(pool, meter),
             memory_budget=config.memory_budget,
             read_ahead=None if inline else self._read_ahead,
+            workers_memory=self._watched_memory(pool),
         )
         self._judge_mode(meter, pool, start["epoch"])
         self._epochs.add(epoch)
@@ -660,6 +662,15 @@ class DataLoader(Generic[T_co]):
             chooser.judge_threads(epoch, seconds, meter.samples, waited, workers, helpers)
 
         meter.on_end.append(judge)
+
+    def _watched_memory(self, pool: WorkerPool) -> Callable[[], int] | None:
+        """With `memory_budget`, what the epoch's worker processes hold of their own (the
+        pool watches it from now on); None where no worker processes run here."""
+        processes = (pool.cpu or pool) if isinstance(pool, LoopPool) else pool
+        if self._config.memory_budget is None or not isinstance(processes, ProcessPool):
+            return None
+        processes.watch_memory()
+        return lambda: processes.private_memory
 
     def _name_stages(self, meter: EpochMeter, pool: WorkerPool) -> None:
         """Tell the epoch's stats its stages, and where its reads and the later stages run."""

@@ -49,6 +49,7 @@ from .._retry import Reads
 from .._worker_info import WorkerInfo
 from . import Job
 from ._exit import stop_at_exit
+from .memory import WATCH_SECONDS, private_bytes
 from .start_method import NO_MAIN_GUARD_EXIT, main_guard_help, refuse_start_in_bootstrap
 
 _GRACE_SECONDS = 5.0  # how long a worker may finish its task after shutdown before it is killed
@@ -98,6 +99,9 @@ class ProcessPool:
         self._tasks: list[Connection] = []
         self._results: list[Connection] = []
         self._processes: list[Any] = []
+        # The workers' own memory in bytes, read by the collector once watched (`watch_memory`).
+        self.private_memory = 0
+        self._memory_watched = False
         # Set at shutdown: workers drop what is queued and stop between two items, so none
         # is killed in the middle of writing a batch to shared memory. A plain shared byte:
         # workers read it once per item, without a lock.
@@ -181,6 +185,11 @@ class ProcessPool:
 
     def begin(self) -> None:
         self._begun.set()
+
+    def watch_memory(self) -> None:
+        """From now on, keep `private_memory` (the bytes the live workers hold of their own)
+        up to date, every `WATCH_SECONDS` (for `memory_budget`)."""
+        self._memory_watched = True
 
     def submit(self, job: Job, worker: int | None = None) -> None:
         read: ProcessRead = job.read  # type: ignore[attr-defined]
@@ -303,8 +312,13 @@ class ProcessPool:
         open_results = dict(enumerate(self._results))
         worker_of = {connection: w for w, connection in enumerate(self._results)}
         sentinels = {p.sentinel: w for w, p in enumerate(self._processes)}
+        next_look = 0.0  # when to read the workers' memory next, if watched
         while sentinels:  # until every worker process has ended
-            ready = wait(list(open_results.values()) + list(sentinels), timeout=0.5)
+            if self._memory_watched and time.monotonic() >= next_look:
+                live = [self._processes[worker].pid for worker in sentinels.values()]
+                self.private_memory = sum(private_bytes(pid) for pid in live)
+                next_look = time.monotonic() + WATCH_SECONDS
+            ready = wait(list(open_results.values()) + list(sentinels), timeout=WATCH_SECONDS)
             if self._closed and time.monotonic() - self._closed_at > _GRACE_SECONDS:
                 for worker in sentinels.values():  # still busy after shutdown: stop it now
                     self._processes[worker].kill()
