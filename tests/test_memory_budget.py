@@ -284,3 +284,32 @@ def test_the_warning_made_an_error_loses_no_batch():
             seen.extend(int(x) for x in batch[:, 0])
     assert raised == 1
     assert seen == list(range(128))
+
+
+@needs_linux
+@pytest.mark.anyio
+@pytest.mark.usefixtures("looks_often")
+async def test_watching_the_workers_memory_keeps_the_loop_running(anyio_backend):
+    """The pool reads its workers' page tables on its own thread, never on the caller's."""
+    loader = aload.DataLoader(
+        Quarters(128),
+        batch_size=4,
+        num_workers=2,
+        worker_mode="process",
+        worker_init_fn=hold_ballast,
+        memory_budget=2 * BALLAST + 48 * MIB,
+        persistent_workers=True,
+    )
+    seen: list[int] = []
+
+    async def run() -> None:
+        seen.clear()
+        async for batch in loader:
+            seen.extend(int(x) for x in batch[:, 0])
+
+    gc.collect()
+    pause = await best_pause(run, 0.03, tries=2)
+    await loader.aclose()
+    assert seen == list(range(128))
+    assert loader.stats.epoch.workers_memory >= 2 * BALLAST
+    assert pause < 0.03
