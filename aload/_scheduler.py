@@ -338,9 +338,9 @@ class Epoch:
         self._largest_batch = 0  # bytes, of the batches delivered so far
         self._workers_memory = None if self._budget is None else workers_memory
         self._workers_held = 0  # bytes the worker processes hold of their own, last measured
-        # A warning that the workers' memory takes the budget: "due" (said at the next poll,
-        # before a batch is taken, so that an error raised for it loses none), then "said".
-        self._workers_warning = ""
+        # The workers' memory takes the budget: said once an epoch, at the next poll (before
+        # a batch is taken, so that an error raised for the warning loses none).
+        self._warning_due = self._warned = False
         self._bound = max_in_flight  # at torch's prefetch factor, without the memory budget
         self._max_in_flight = max_in_flight
         self._bound_changed()
@@ -511,7 +511,7 @@ class Epoch:
 
     def _poll(self) -> Any:
         """The next batch if one is due; else `_WAIT` (workers are on it) or `_END`."""
-        if self._workers_warning == "due":
+        if self._warning_due:
             self._warn_workers_memory()
         while not self._closed:
             if self._stage is not None:
@@ -641,13 +641,12 @@ class Epoch:
             fits = room // self._largest_batch if self._largest_batch else 1
             bound = max(1, min(bound, fits))
             workers_took_it = self._workers_held and room < self._largest_batch <= self._budget
-            if workers_took_it and not self._workers_warning:
-                self._workers_warning = "due"
+            self._warning_due = bool(workers_took_it) and not self._warned
         self._max_in_flight = bound
 
     def _warn_workers_memory(self) -> None:
         """Say once an epoch that the worker processes alone take the budget."""
-        self._workers_warning = "said"
+        self._warning_due, self._warned = False, True
         warnings.warn(
             f"memory_budget={self._budget:,} bytes: the worker processes hold "
             f"{self._workers_held / 2**20:,.0f} MiB of their own, which leaves no room for a "

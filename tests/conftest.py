@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import os
 import random
 import threading
 import time
@@ -172,6 +173,21 @@ def wait_for_no_workers(limit: float = 3.0) -> None:
     while aload_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert aload_threads() == []
+
+
+def open_fds() -> int:
+    """File descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def eventually(condition, limit: float = 10.0) -> bool:
+    """Whether `condition()` holds within `limit` seconds (checked every 20 ms)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
 
 
 def flatten(batches: list) -> list[int]:

@@ -140,13 +140,9 @@ def test_auto_tunes_within_the_budget():
     assert sorted(seen) == list(range(256))
 
 
-@pytest.mark.anyio
-async def test_a_budget_under_async_for_keeps_the_loop_running(anyio_backend):
-    """The budget is applied as batches are delivered, on the caller's loop: it must not
-    stall it, and loses nothing."""
-    loader = aload.DataLoader(
-        Quarters(), batch_size=4, num_workers=2, memory_budget=2 * MIB, persistent_workers=True
-    )
+async def pause_over_epochs(loader: aload.DataLoader) -> tuple[float, list[int]]:
+    """The caller's loop pause over an `async for` epoch of `loader` (the better of two
+    tries), and the samples of the last epoch, in the order they came; closes it."""
     seen: list[int] = []
 
     async def run() -> None:
@@ -157,6 +153,17 @@ async def test_a_budget_under_async_for_keeps_the_loop_running(anyio_backend):
     gc.collect()
     pause = await best_pause(run, 0.03, tries=2)
     await loader.aclose()
+    return pause, seen
+
+
+@pytest.mark.anyio
+async def test_a_budget_under_async_for_keeps_the_loop_running(anyio_backend):
+    """The budget is applied as batches are delivered, on the caller's loop: it must not
+    stall it, and loses nothing."""
+    loader = aload.DataLoader(
+        Quarters(), batch_size=4, num_workers=2, memory_budget=2 * MIB, persistent_workers=True
+    )
+    pause, seen = await pause_over_epochs(loader)
     assert sorted(seen) == list(range(64))
     assert pause < 0.03
 
@@ -171,20 +178,24 @@ def hold_ballast(worker_id: int) -> None:
     _ballast = bytearray(b"\x01") * BALLAST  # written, so its pages are the worker's own
 
 
-def epochs_on_processes(budget: int, worker_init_fn=None) -> list:
-    """Two epochs of 32 batches of 1 MiB on 2 persistent worker processes (up to 32 in
-    flight without a budget) with a slow loop body: after each batch, the batches in flight
-    and the workers' memory as the loader last measured it; and the samples; per epoch."""
-    loader = aload.DataLoader(
+def on_processes(budget: int, worker_init_fn=hold_ballast, **kwargs) -> aload.DataLoader:
+    """128 samples in 32 batches of 1 MiB on 2 worker processes, within `budget`."""
+    return aload.DataLoader(
         Quarters(128),
         batch_size=4,
         num_workers=2,
         worker_mode="process",
-        prefetch_factor=16,
-        persistent_workers=True,
         worker_init_fn=worker_init_fn,
         memory_budget=budget,
+        **kwargs,
     )
+
+
+def epochs_on_processes(budget: int, worker_init_fn=None) -> list:
+    """Two epochs of 32 batches of 1 MiB on 2 persistent worker processes (up to 32 in
+    flight without a budget) with a slow loop body: after each batch, the batches in flight
+    and the workers' memory as the loader last measured it; and the samples; per epoch."""
+    loader = on_processes(budget, worker_init_fn, prefetch_factor=16, persistent_workers=True)
     epochs = []
     try:
         for _ in range(2):
@@ -260,14 +271,7 @@ def test_the_workers_memory_is_measured_only_for_processes_under_a_budget():
 def test_the_warning_made_an_error_loses_no_batch():
     """Said before a batch is taken: a loop that turns warnings into errors, and goes on after
     one, still gets every sample once, in order."""
-    loader = aload.DataLoader(
-        Quarters(128),
-        batch_size=4,
-        num_workers=2,
-        worker_mode="process",
-        worker_init_fn=hold_ballast,
-        memory_budget=32 * MIB,
-    )
+    loader = on_processes(32 * MIB)
     seen, raised = [], 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -291,25 +295,8 @@ def test_the_warning_made_an_error_loses_no_batch():
 @pytest.mark.usefixtures("looks_often")
 async def test_watching_the_workers_memory_keeps_the_loop_running(anyio_backend):
     """The pool reads its workers' page tables on its own thread, never on the caller's."""
-    loader = aload.DataLoader(
-        Quarters(128),
-        batch_size=4,
-        num_workers=2,
-        worker_mode="process",
-        worker_init_fn=hold_ballast,
-        memory_budget=2 * BALLAST + 48 * MIB,
-        persistent_workers=True,
-    )
-    seen: list[int] = []
-
-    async def run() -> None:
-        seen.clear()
-        async for batch in loader:
-            seen.extend(int(x) for x in batch[:, 0])
-
-    gc.collect()
-    pause = await best_pause(run, 0.03, tries=2)
-    await loader.aclose()
+    loader = on_processes(2 * BALLAST + 48 * MIB, persistent_workers=True)
+    pause, seen = await pause_over_epochs(loader)
     assert seen == list(range(128))
     assert loader.stats.epoch.workers_memory >= 2 * BALLAST
     assert pause < 0.03

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import wait_for_no_workers
+from conftest import eventually, open_fds, wait_for_no_workers
 from loop_pauses import best_pause
 
 import aload
@@ -204,9 +204,7 @@ def leave_early(prefetch_factor) -> int:
     if loader.stats.read_ahead is not None:
         factor = loader.stats.read_ahead.prefetch_factor
     del loader
-    deadline = time.monotonic() + 5
-    while multiprocessing.active_children() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: not multiprocessing.active_children(), 5)
     return factor
 
 
@@ -214,8 +212,8 @@ def test_leaving_a_grown_epoch_early_leaves_no_process_shared_memory_or_descript
     # A static epoch first: what multiprocessing opens once per program (its resource
     # tracker, the arena for shared values) is then open before the count.
     leave_early(2)
-    shm_before, fds_before = set(os.listdir("/dev/shm")), len(os.listdir("/proc/self/fd"))
+    shm_before, fds_before = set(os.listdir("/dev/shm")), open_fds()
     assert leave_early("auto") > START  # many more in flight than torch's bound
     assert multiprocessing.active_children() == []
     assert set(os.listdir("/dev/shm")) <= shm_before
-    assert len(os.listdir("/proc/self/fd")) <= fds_before
+    assert open_fds() <= fds_before

@@ -16,7 +16,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 import torch
-from conftest import Indexed, aload_threads, flatten, heartbeat
+from conftest import Indexed, aload_threads, eventually, flatten, heartbeat, open_fds
 from torch.utils.data import Dataset
 
 import aload
@@ -35,21 +35,8 @@ def process_services():
     assert eventually(lambda: not aload_threads())
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def shm_files() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("torch_")}
-
-
-def eventually(condition, limit: float = 10.0) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 class Rows(Dataset):

@@ -5,7 +5,8 @@ A forked worker shares its parent's pages until it writes to them. What it holds
 filled; buffers it allocated) is memory the loader adds to the machine. Linux says it in
 `/proc/<pid>/smaps_rollup`, whose reading walks the process's page tables (a millisecond or
 more for a large one), so the pool reads it every `WATCH_SECONDS`, off the consumer's thread.
-Elsewhere it is not known, and counts as 0.
+Elsewhere it is not known, and counts as 0. (`aload.bench.memory` reads the same file in a
+helper that runs as a standard-library script, so it keeps a copy of its own.)
 """
 
 from __future__ import annotations
