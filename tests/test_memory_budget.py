@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import time
 import warnings
 
 import pytest
 import torch
-from conftest import Indexed, aload_threads
+from conftest import Indexed, aload_threads, eventually, open_fds
 from loop_pauses import best_pause
 
 import aload
@@ -300,3 +301,26 @@ async def test_watching_the_workers_memory_keeps_the_loop_running(anyio_backend)
     assert seen == list(range(128))
     assert loader.stats.epoch.workers_memory >= 2 * BALLAST
     assert pause < 0.03
+
+
+def leave_early_on_processes(budget: int) -> None:
+    """Leave an epoch of watched worker processes after 8 batches, drop the loader, and wait
+    for its processes to end."""
+    loader = on_processes(budget)
+    for seen, _ in enumerate(loader):
+        if seen == 8:
+            break
+    assert loader.stats.epoch.workers_memory  # the pool was reading its workers' memory
+    del loader
+    assert eventually(lambda: not multiprocessing.active_children(), 5)
+
+
+@needs_linux
+@pytest.mark.usefixtures("looks_often")
+def test_leaving_a_watched_epoch_early_leaves_no_process_shared_memory_or_descriptor():
+    # A first run opens what multiprocessing keeps once per program (its resource tracker).
+    leave_early_on_processes(2 * BALLAST + 48 * MIB)
+    shm_before, fds_before = set(os.listdir("/dev/shm")), open_fds()
+    leave_early_on_processes(2 * BALLAST + 48 * MIB)
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    assert open_fds() <= fds_before
