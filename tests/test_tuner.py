@@ -297,7 +297,10 @@ async def test_max_concurrency_auto_finds_an_async_stores_limit(anyio_backend):
         batches = [b async for b in loader]
         assert sorted(int(i) for batch in batches for i in batch) == list(range(12_000))
         tuning = loader.stats.tuning
-        assert 48 <= tuning.concurrency <= 128
+        # Past the store's 64 slots more reads only wait, so a step to 128 may be kept on
+        # noise, and a probe above it (144, 192) may be on trial when the epoch ends; the
+        # tuner must not run away towards its maximum of 1,024.
+        assert 48 <= tuning.concurrency <= 256
         assert tuning.history[0].concurrency == 64  # from 32, while the loop waits
         assert loader.stats.epoch.read_concurrency == tuning.concurrency
 
