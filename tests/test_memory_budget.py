@@ -312,7 +312,8 @@ def leave_early_on_processes(budget: int) -> None:
             break
     assert loader.stats.epoch.workers_memory  # the pool was reading its workers' memory
     del loader
-    assert eventually(lambda: not multiprocessing.active_children(), 5)
+    # its processes, and the pool's collector thread, which closes their pipes as they end
+    assert eventually(lambda: not (multiprocessing.active_children() or aload_threads()), 5)
 
 
 @needs_linux

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import eventually, open_fds, wait_for_no_workers
+from conftest import aload_threads, eventually, open_fds, wait_for_no_workers
 from loop_pauses import best_pause
 
 import aload
@@ -204,7 +204,8 @@ def leave_early(prefetch_factor) -> int:
     if loader.stats.read_ahead is not None:
         factor = loader.stats.read_ahead.prefetch_factor
     del loader
-    eventually(lambda: not multiprocessing.active_children(), 5)
+    # its processes, and the pool's collector thread, which closes their pipes as they end
+    eventually(lambda: not (multiprocessing.active_children() or aload_threads()), 5)
     return factor
 
 
