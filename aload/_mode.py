@@ -1,27 +1,36 @@
-"""`worker_mode="auto"`: thread workers, unless an epoch shows their reads holding the GIL.
+"""`worker_mode="auto"`: thread workers, unless their reads are seen holding the GIL.
 
-Workers start as threads: no copy of the dataset, an instant start. At the end of each epoch
-read on threads in which the consumer waited for data, the CPU time of the loading (the
-worker threads' own clocks, and the helper threads they keep busy: BLAS, OpenMP; the
-consumer's thread left out) is set against the epoch's wall time. Worker threads that kept
-computing (at least `BUSY` of a core together) while the loading never used much more than
-one core (`ONE_CORE`), though at least two workers could run at once, were taking turns on
-the GIL: the next epoch runs on processes. Reads that wait (storage, network) use little
+Workers start as threads: no copy of the dataset, an instant start. While an epoch reads on
+threads, it is judged window by window (the first `MIN_SECONDS` long, each next twice as
+long, up to `LONGEST_WINDOW`; what is left of it at its end too): in a window in which the
+consumer waited for data, the CPU time of the loading (the worker threads' own clocks, and
+the helper threads they keep busy: BLAS, OpenMP; the consumer's thread left out) is set
+against the window's wall time. Worker threads that kept computing (at least `BUSY` of a
+core together) while the loading never used much more than one core (`ONE_CORE`), though at
+least two workers could run at once, were taking turns on the GIL: the epoch's remaining
+batches go to processes at once where it can move (a map-style dataset without a state of
+its own), else the next epoch runs on them. Reads that wait (storage, network) use little
 CPU, and work that releases the GIL (numpy, torch, decoders in C) spreads over the cores:
-both stay on threads, where processes would only add start-up time and memory. An epoch in
+both stay on threads, where processes would only add start-up time and memory. A window in
 which the consumer did not wait stays on threads too: data does not hold training back.
 
-The first epoch on processes is judged once: if it delivered fewer samples a second than
-the last epoch on threads, the workers go back to threads for good; else they stay.
+Processes are judged once, over their first `MIN_SECONDS` or more (the rest of the epoch
+they took over, else their first whole epoch): if they delivered fewer samples a second
+than the threads' last window, the workers go back to threads for good; else they stay.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._tuner import cpu_budget
+
+if TYPE_CHECKING:
+    from ._stats import EpochMeter
 
 logger = logging.getLogger("aload")
 
@@ -31,7 +40,8 @@ logger = logging.getLogger("aload")
 BUSY = 0.3
 ONE_CORE = 1.3  # ... and used at most this many cores together: one at a time
 WAITING = 0.1  # the consumer waited at least this share of the epoch: data held it back
-MIN_SECONDS = 0.2  # an epoch shorter than this says too little to move on
+MIN_SECONDS = 0.1  # a window (or epoch) shorter than this says too little to move on
+LONGEST_WINDOW = 5.0  # the windows an epoch on threads is judged in double up to this
 SLOWER = 0.05  # processes this much slower than threads: back to threads
 
 
@@ -84,17 +94,18 @@ class ModeChooser:
         workers_cpu: float,
         helpers_cpu: float,
     ) -> None:
-        """Epoch `epoch` ran on threads for `seconds`, delivering `samples`; the consumer
-        waited for data `waited` of it; the worker threads computed `workers_cpu` seconds and
-        other threads of the process (not the consumer's) `helpers_cpu`."""
+        """Epoch `epoch` ran on threads for `seconds` (a window of it), delivering `samples`;
+        the consumer waited for data `waited` of it; the worker threads computed
+        `workers_cpu` seconds and other threads of the process (not the consumer's)
+        `helpers_cpu`."""
         if self.settled or self.worker_mode != "thread" or seconds < MIN_SECONDS:
             return
         self._threads_rate = samples / seconds
         parallel = min(self.workers, self.budget)
         workers, loading = workers_cpu / seconds, (workers_cpu + helpers_cpu) / seconds
         measured = (
-            f"the worker threads computed on {workers:.2f} cores, the loading on "
-            f"{loading:.2f} of {self.budget:g}, while the loop waited {waited:.0%} of the epoch"
+            f"over {seconds:.2f} s, the worker threads computed on {workers:.2f} cores, the "
+            f"loading on {loading:.2f} of {self.budget:g}, and the loop waited {waited:.0%} of it"
         )
         if waited < WAITING:
             self._choose(epoch, "thread", f"{measured}: data does not hold training back")
@@ -108,8 +119,8 @@ class ModeChooser:
             self._choose(epoch, "process", f"{measured}: the reads hold the GIL")
 
     def judge_processes(self, epoch: int, seconds: float, samples: int) -> None:
-        """The first epoch on processes: keep them if they delivered at least as fast as the
-        threads did, else go back to threads; either way, for good."""
+        """The processes' first `seconds` (of epoch `epoch`): keep them if they delivered at
+        least as fast as the threads did, else go back to threads; either way, for good."""
         if self.settled or self.worker_mode != "process" or seconds <= 0:
             return
         self.settled = True
@@ -137,3 +148,63 @@ class ModeChooser:
             self.history.append(ModeChoice(epoch, worker_mode, reason))
         self.worker_mode = worker_mode
         logger.debug("aload: worker_mode='auto': epoch %d: %s -> %s", epoch, reason, worker_mode)
+
+
+class ThreadsWatch:
+    """Judges an epoch on thread workers while it runs, window by window, from the CPU time
+    the loading takes (`workers_cpu()`: the worker threads' clocks; the process's clock for
+    the rest), and what is left of it when it ends. Built, and then asked, on the consumer's
+    thread. A verdict for processes calls `move()` once: what it returns (the epoch's
+    remaining batches on processes) is the epoch's to put in force."""
+
+    def __init__(
+        self,
+        chooser: ModeChooser,
+        epoch: int,
+        meter: EpochMeter,
+        workers_cpu: Callable[[], float],
+        move: Callable[[], Any] | None = None,
+    ) -> None:
+        self._chooser, self._epoch, self._meter = chooser, epoch, meter
+        self._workers_cpu, self._move = workers_cpu, move
+        self._window = MIN_SECONDS
+        self._mark()
+
+    def _mark(self) -> None:
+        """Begin a window: where the clocks and counts stand now."""
+        self._since = time.perf_counter()
+        self._due = self._since + self._window
+        self._samples, self._wait = self._meter.samples, self._meter.waited()
+        self._workers = self._workers_cpu()
+        self._consumer, self._process = time.thread_time(), time.process_time()
+
+    def after_batch(self) -> Any:
+        """A batch was delivered: judge the window if it is over; the move to processes
+        when the verdict is theirs, else None."""
+        if time.perf_counter() < self._due:
+            return None
+        return self._judge()
+
+    def ended(self) -> None:
+        """The epoch ran out: judge what is left of its window, if long enough to say."""
+        if time.perf_counter() - self._since >= MIN_SECONDS:
+            self._judge(moving=False)
+
+    def _judge(self, moving: bool = True) -> Any:
+        chooser = self._chooser
+        if chooser.worker_mode != "thread" or chooser.settled:
+            self._due = float("inf")  # decided: nothing more to watch
+            return None
+        seconds = time.perf_counter() - self._since
+        workers = self._workers_cpu() - self._workers
+        consumer = time.thread_time() - self._consumer
+        helpers = max(0.0, time.process_time() - self._process - workers - consumer)
+        waited = min(1.0, (self._meter.waited() - self._wait) / seconds) if seconds > 0 else 0.0
+        samples = self._meter.samples - self._samples
+        chooser.judge_threads(self._epoch, seconds, samples, waited, workers, helpers)
+        if chooser.worker_mode == "thread":
+            self._window = min(2 * self._window, LONGEST_WINDOW)
+            self._mark()
+            return None
+        self._due = float("inf")
+        return self._move() if moving and self._move is not None else None

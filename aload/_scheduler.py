@@ -20,6 +20,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -35,6 +36,7 @@ from ._read_ahead import ReadAheadTuner
 from ._stats import EpochMeter, count_samples
 from ._tuner import Autotuner
 from .workers import WorkerPool
+from .workers.handoff import HandOff
 
 # anyio imports its asyncio backend on first use, which would be inside a caller's first
 # `async for`: 10-20 ms on that loop. Here it is paid once, with aload's own import.
@@ -49,6 +51,19 @@ _YIELD_EVERY = 0.001
 
 _WAIT = object()
 _END = object()
+
+
+@dataclass(frozen=True)
+class WorkersMove:
+    """Other workers for the rest of an epoch (`worker_mode="auto"` chose them while it ran):
+    the `pool` and how its jobs are read, whether the epoch owns (and so stops) it, the
+    epoch's bound on batches in flight with them, and the bytes they hold of their own."""
+
+    pool: WorkerPool
+    read: Any
+    owns_pool: bool
+    max_in_flight: int
+    workers_memory: Callable[[], int] | None = None
 
 
 async def wait_stopped(pool: WorkerPool, deadline: float | None = None) -> bool:
@@ -302,6 +317,7 @@ class Epoch:
         memory_budget: int | None = None,
         read_ahead: ReadAheadTuner | None = None,
         workers_memory: Callable[[], int] | None = None,
+        watch_workers: Callable[[], WorkersMove | None] | None = None,
     ) -> None:
         """`in_place`: the pool reads a job as it is submitted (on the consumer's thread), so
         each batch is read when it is taken, and nothing ahead of it. `depth`: batches in
@@ -316,7 +332,10 @@ class Epoch:
         where the largest batch so far says so (one until the first says how large), after
         `workers_memory()`: the bytes worker processes hold of their own, last measured.
         `read_ahead` (`prefetch_factor="auto"`): told how long the consumer waits while held
-        back (`_watch_held_back`), it scales the bound on batches in flight."""
+        back (`_watch_held_back`), it scales the bound on batches in flight.
+        `watch_workers` (`worker_mode="auto"`): asked after each batch delivered; the
+        workers it returns take the epoch's batches not yet given to the workers before
+        (`_move`), and the previous workers (which the epoch then owns) finish theirs."""
         self._source = source
         self._delivered = delivered
         self._meter = meter
@@ -365,6 +384,7 @@ class Epoch:
         self.length = length
         self._check_yielded = check_yielded
         self._deal_over = deal_over
+        self._watch_workers = watch_workers
         self._turn_due = 0.0  # when `anext` next gives other tasks a turn, at the latest
         # The running backend's cancellation check, found at the first `anext` (finding it
         # costs as much as the check): an epoch is iterated on one event loop.
@@ -561,8 +581,27 @@ class Epoch:
                     self._tune(meter, self._tuning)
             if self._check_yielded is not None:
                 self._check_yielded(meter.batches)
+            if self._watch_workers is not None and (move := self._watch_workers()) is not None:
+                self._move(move)
             return batch
         return _END
+
+    def _move(self, move: WorkersMove) -> None:
+        """Give the batches not yet submitted to `move`'s workers, with their bound (nothing
+        of the previous workers' is tuned any more); the previous workers finish what they
+        were given, and stop with the epoch."""
+        self._watch_workers = None
+        self._pool = HandOff(self._pool, move.pool, move.owns_pool)
+        self._owns_pool = True
+        self._read = move.read
+        self._deal_over = 0  # whichever worker is free
+        self._tuning = None
+        if self._budget is not None:
+            self._workers_memory = move.workers_memory
+        self._bound = move.max_in_flight
+        self._bound_changed()
+        self._pool.begin()
+        self._fill()
 
     def _tune(self, meter: EpochMeter, tuning: Autotuner) -> None:
         """Tell the tuned stages this batch's totals; adopt the bound a move brings."""

@@ -263,6 +263,7 @@ class EpochMeter:
         self.depth_sum = self.max_depth = self.in_flight = 0
         self.first_ask: float | None = None
         self.last_handover: float | None = None
+        self.asked_at: float | None = None  # the consumer waits since then (None: it does not)
         self.finished = False
 
     def asked(self) -> float:
@@ -273,6 +274,7 @@ class EpochMeter:
         if self.last_handover is not None:
             self.body += now - self.last_handover
             self.last_handover = None
+        self.asked_at = now
         return now
 
     def handed_over(self, asked_at: float) -> None:
@@ -280,6 +282,12 @@ class EpochMeter:
         now = time.perf_counter()
         self.wait += now - asked_at
         self.last_handover = now
+        self.asked_at = None
+
+    def waited(self) -> float:
+        """Seconds the consumer has waited so far, the wait it is in now included."""
+        asked_at = self.asked_at
+        return self.wait + (0.0 if asked_at is None else time.perf_counter() - asked_at)
 
     def reading_seconds(self) -> float:
         """Seconds spent reading so far, summed over the readers."""

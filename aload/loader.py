@@ -36,7 +36,7 @@ from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
 from ._elastic import resplit_indices
 from ._fetch import Finish, batch_bytes, batch_gather, map_reader, per_worker_reader
-from ._mode import ModeChooser
+from ._mode import MIN_SECONDS, ModeChooser, ThreadsWatch
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._read_ahead import ReadAheadTuner
@@ -48,6 +48,7 @@ from ._scheduler import (
     EpochIterator,
     IndexBatches,
     JobSource,
+    WorkersMove,
     WorkerStreams,
     wait_stopped,
 )
@@ -614,8 +615,8 @@ class DataLoader(Generic[T_co]):
             memory_budget=config.memory_budget,
             read_ahead=None if inline else self._read_ahead,
             workers_memory=self._watched_memory(pool),
+            watch_workers=self._judge_mode(meter, pool, start, reads),
         )
-        self._judge_mode(meter, pool, start["epoch"])
         self._epochs.add(epoch)
         return EpochIterator(epoch)
 
@@ -632,36 +633,88 @@ class DataLoader(Generic[T_co]):
         self._configure(config)
         self._stop_persistent()
 
-    def _judge_mode(self, meter: EpochMeter, pool: WorkerPool, epoch: int) -> None:
-        """With `worker_mode="auto"`, have the epoch judged when it runs out (`_mode`): on
-        thread workers, by the CPU time the loading takes from now on; on processes, by its
-        speed."""
+    def _judge_mode(
+        self, meter: EpochMeter, pool: WorkerPool, start: dict[str, Any], reads: Reads
+    ) -> Callable[[], WorkersMove | None] | None:
+        """With `worker_mode="auto"`, have the epoch judged (`_mode`): on thread workers, by
+        the CPU time the loading takes, while it runs (what the epoch asks after each batch
+        is returned: it moves the rest of the epoch to processes where it can) and at its
+        end; on processes, at its end, by its speed."""
         chooser = self._mode_chooser
         if chooser is None or chooser.settled:
-            return
+            return None
+        epoch = start["epoch"]
         if isinstance(pool, ProcessPool):
             meter.on_end.append(
                 lambda: chooser.judge_processes(epoch, meter.elapsed(), meter.samples)
             )
-            return
+            return None
         if not isinstance(pool, ThreadPool):
-            return
+            return None
         if not hasattr(time, "pthread_getcpuclockid"):  # macOS, Windows
             chooser.cannot_judge("a thread's CPU time cannot be read here: staying on threads")
-            return
-        # Persistent threads: what earlier epochs used is subtracted.
-        workers_before, consumer_before = pool.cpu_seconds(), time.thread_time()
-        process_before = time.process_time()
+            return None
+        move = None
+        if self._moves_mid_epoch():
 
-        def judge() -> None:
-            workers = pool.cpu_seconds() - workers_before
-            consumer = time.thread_time() - consumer_before
-            helpers = max(0.0, time.process_time() - process_before - workers - consumer)
-            seconds = meter.elapsed()
-            waited = min(1.0, meter.wait / seconds) if seconds > 0 else 0.0
-            chooser.judge_threads(epoch, seconds, meter.samples, waited, workers, helpers)
+            def move() -> WorkersMove | None:
+                return self._move_to_processes(pool, meter, start, reads)
+
+        watch = ThreadsWatch(chooser, epoch, meter, pool.cpu_seconds, move)
+        meter.on_end.append(watch.ended)
+        return watch.after_batch
+
+    def _moves_mid_epoch(self) -> bool:
+        """Whether an epoch on threads can give its remaining batches to processes: batches
+        of a map-style dataset's indices, in lists, and no state of the dataset's own that
+        each worker's copy would keep."""
+        config = self._config
+        return not (config.iterable or has_state(config.dataset) or self._gathers)
+
+    def _move_to_processes(
+        self, threads: ThreadPool, meter: EpochMeter, start: dict[str, Any], reads: Reads
+    ) -> WorkersMove | None:
+        """The processes that take over an epoch on `threads` (which it then stops), with the
+        same base seed, as `_adopt_mode` would for the next epoch; None where they cannot
+        take the loader's arguments (the verdict then says why), or where another epoch
+        shares the threads."""
+        chooser = self._mode_chooser
+        assert chooser is not None
+        try:
+            config = self._checked({**self._arguments, "worker_mode": "process"})
+        except (TypeError, ValueError) as error:
+            chooser.refused(self._config.worker_mode, str(error))
+            return None
+        with self._pool_lock:
+            if self._running_epochs() > 1:
+                return None  # the next epoch moves
+            if self._persistent_pool is threads:  # the epoch stops them once they finish
+                self._persistent_pool = None
+            self._configure(config)
+            plan = self._process_plan(Delivered(), start["epoch"])
+            seed = start["base_seed"]
+            processes = self._process_pool(config.dataset, seed, plan, blocking=False)
+            owns = not config.persistent_workers
+            if not owns:
+                self._persistent_pool, self._persistent_seed = processes, seed
+        meter.workers = meter.read_concurrency = config.num_workers
+        self._name_stages(meter, processes)
+        moved_at, samples = meter.elapsed(), meter.samples
+        epoch = start["epoch"]
+
+        def judge() -> None:  # over the rest of the epoch, if long enough to say
+            seconds = meter.elapsed() - moved_at
+            if seconds >= MIN_SECONDS:
+                chooser.judge_processes(epoch, seconds, meter.samples - samples)
 
         meter.on_end.append(judge)
+        return WorkersMove(
+            processes,
+            ProcessRead(plan, reads),
+            owns,
+            config.max_in_flight,
+            self._watched_memory(processes),
+        )
 
     def _watched_memory(self, pool: WorkerPool) -> Callable[[], int] | None:
         """With `memory_budget`, what the epoch's worker processes hold of their own (the

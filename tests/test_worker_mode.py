@@ -10,11 +10,21 @@ import time
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import Computes, Indexed, Shards, flatten, saved_and_loaded, take_and_save
+from conftest import (
+    Computes,
+    Indexed,
+    Shards,
+    aload_threads,
+    eventually,
+    flatten,
+    saved_and_loaded,
+    take_and_save,
+)
 from loop_pauses import best_pause
 
 import aload
 from aload._mode import ModeChooser
+from aload.workers.process import ProcessPool
 
 # -- the verdicts, on epochs described by their measures ------------------------------------
 
@@ -130,9 +140,51 @@ def test_reads_that_hold_the_gil_move_to_processes_with_torchs_batches():
     tuning = loader.stats.worker_mode
     assert tuning is not None
     assert "hold the GIL" in tuning.history[0].reason
-    # Processes judged against the threads, once, and kept.
-    assert tuning.history[-1].epoch == 1
+    # Seen within the first epoch, whose rest the processes took over: judged against the
+    # threads there, once, and kept.
+    assert [choice.epoch for choice in tuning.history] == [0, 0]
     assert "staying on processes" in tuning.history[-1].reason
+
+
+class ComputesWhere(Computes):
+    """`Computes`, each sample with the process that read it."""
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return super().__getitem__(index), os.getpid()
+
+
+def indices_and_readers(batches) -> tuple[list[int], list[int]]:
+    """The samples' indices, and the process that read each batch."""
+    return flatten([b[0] for b in batches]), [int(b[1][0]) for b in batches]
+
+
+@needs_two_cores
+@pytest.mark.parametrize("persistent", [False, True], ids=["new workers", "persistent"])
+def test_an_epoch_holding_the_gil_gives_its_rest_to_processes_as_it_runs(persistent):
+    kwargs = {"batch_size": 8, "shuffle": True, "num_workers": 2}
+    loader = aload.DataLoader(
+        ComputesWhere(480, 0.001),
+        generator=torch.Generator().manual_seed(4),
+        worker_mode="auto",
+        persistent_workers=persistent,
+        **kwargs,
+    )
+    first, readers = indices_and_readers(list(loader))
+    seeded = torch.Generator().manual_seed(4)
+    assert first == torch_epochs(Computes(480, 0.001), 1, generator=seeded, **kwargs)[0]
+    # The first batches were read here, on threads; the last ones by the processes.
+    assert readers[0] == os.getpid()
+    assert readers[-1] != os.getpid()
+    assert loader.stats.epoch.stages[0].where == "worker processes"
+    assert loader.worker_mode == "process"
+    assert isinstance(loader._persistent_pool, ProcessPool) is persistent
+    second, readers_after = indices_and_readers(list(loader))
+    assert sorted(second) == list(range(480))
+    assert os.getpid() not in readers_after
+    if persistent:  # the same processes went on
+        assert set(readers_after) == {r for r in readers if r != os.getpid()}
+    loader.close()
+    assert eventually(lambda: not aload_threads())
 
 
 @needs_two_cores
@@ -272,3 +324,68 @@ def test_auto_refuses_an_async_dataset():
 
     with pytest.raises(ValueError, match=r"worker_mode='auto'.*async dataset"):
         aload.DataLoader(Awaited(), num_workers=2, worker_mode="auto")
+
+
+@needs_two_cores
+def test_an_epoch_saved_after_its_rest_went_to_processes_resumes_exactly_on_them():
+    kwargs = {"batch_size": 8, "shuffle": True, "num_workers": 2, "worker_mode": "auto"}
+
+    def make():
+        return aload.DataLoader(
+            ComputesWhere(480, 0.001), generator=torch.Generator().manual_seed(6), **kwargs
+        )
+
+    whole, _ = indices_and_readers(list(make()))
+    head, state = take_and_save(make(), 40)
+    assert int(head[-1][1][0]) != os.getpid()  # saved once processes read the batches
+    assert state["tuning"] == {"worker_mode": "process"}
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest, readers = indices_and_readers(list(resumed))
+    assert indices_and_readers(head)[0] + rest == whole
+    assert os.getpid() not in readers
+
+
+class WaitsThenComputes(tud.Dataset):
+    """Reads that wait 2 ms (storage) for the first 120 items, then compute 1 ms of pure
+    Python each (a decode holding the GIL): one epoch whose cost changes after ~0.12 s."""
+
+    def __len__(self) -> int:
+        return 720
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        if index < 120:
+            time.sleep(0.002)
+        else:
+            Computes(1, 0.001)[0]
+        return index, os.getpid()
+
+
+@needs_two_cores
+def test_reads_that_start_holding_the_gil_within_an_epoch_move_then():
+    """The first window (0.1 s) sees waits; the next (0.2 s) mostly the GIL held."""
+    loader = aload.DataLoader(WaitsThenComputes(), batch_size=8, num_workers=2, worker_mode="auto")
+    indices, readers = indices_and_readers(list(loader))
+    assert indices == list(range(720))
+    history = loader.stats.worker_mode.history
+    assert "wait more than they compute" in history[0].reason
+    assert "hold the GIL" in history[1].reason
+    assert readers[:10] == [os.getpid()] * 10  # the waiting reads, on threads
+    assert readers[-1] != os.getpid()
+
+
+@pytest.mark.anyio
+@needs_two_cores
+async def test_async_for_keeps_the_loop_beating_while_an_epoch_moves(anyio_backend):
+    got: list[list[int]] = []
+
+    async def epoch() -> None:
+        loader = aload.DataLoader(
+            ComputesWhere(240, 0.001), batch_size=8, num_workers=2, worker_mode="auto"
+        )
+        batches = [batch async for batch in loader]
+        got.append(indices_and_readers(batches)[0])
+        assert int(batches[-1][1][0]) != os.getpid()  # moved within the epoch
+
+    assert await best_pause(epoch, 0.05, tries=2) < 0.05
+    assert got[-1] == list(range(240))
