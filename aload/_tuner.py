@@ -6,7 +6,8 @@ batches): while the consumer waits for data, read twice as many batches at once,
 step only if throughput rose with it: by 15% of the step's share, or by 30% of what the
 consumer's wait left to gain if that is less (waiting a third of the time, it can go at most
 1.5x as fast), and at least 2%. A kept step that gained less than half its share has passed
-where throughput flattens: halfway back is tried, and kept if it loses nothing. A step that
+where throughput flattens: halfway back is tried, and kept if it loses nothing (if it gains
+clearly, the step's own window was too early to tell: back up, and on). A step that
 did not help is taken back, and the level it reached becomes a ceiling that the next steps go
 halfway to. When the very first step up did not help (work that holds the GIL), half as many
 are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
@@ -110,6 +111,7 @@ class ConcurrencyTuner:
         self._settled: float | None = None  # the throughput where the climb stopped
         self._explored = False  # a step up raised throughput, or fewer were tried
         self._may_step_down = False  # the first step up did not help: try fewer, once
+        self._halfway = False  # the step down on trial is halfway back from a kept step up
 
     def resume(self, concurrency: int) -> None:
         """Start from the concurrency a saved run had settled on."""
@@ -132,7 +134,8 @@ class ConcurrencyTuner:
             before, baseline, waited = self._trial
             self._trial = None
             if self.concurrency < before:  # a step down: keep it if it lost nothing
-                self._judge_step_down(before, baseline, throughput)
+                from_a_kept_step, self._halfway = self._halfway, False
+                self._judge_step_down(before, baseline, throughput, from_a_kept_step)
                 return
             step = self.concurrency / before - 1
             if throughput <= baseline * (1 + needed_gain(step, waited)):
@@ -151,7 +154,7 @@ class ConcurrencyTuner:
             if throughput < baseline * (1 + HALF_SHARE * step) and self.concurrency - before > 1:
                 # Less than half its share: the plateau begins between; try halfway back.
                 halfway = before + (self.concurrency - before) // 2
-                self._trial = (self.concurrency, throughput, waiting)
+                self._trial, self._halfway = (self.concurrency, throughput, waiting), True
                 self._set(
                     halfway,
                     f"{self.concurrency} at once gave {throughput:,.0f} samples/s, "
@@ -217,9 +220,23 @@ class ConcurrencyTuner:
             f"{before}",
         )
 
-    def _judge_step_down(self, before: int, baseline: float, throughput: float) -> None:
+    def _judge_step_down(
+        self, before: int, baseline: float, throughput: float, halfway: bool = False
+    ) -> None:
         """After a step down from `before` (at `baseline` samples/s): stay if throughput held
-        (the same with fewer threads: less contention, less memory), else go back up."""
+        (the same with fewer threads: less contention, less memory), else go back up. Halfway
+        back from a step up that was kept, clearly more than `before` gave means no plateau:
+        `before` was measured while its new reads started (a window holds few batches when
+        each takes long), so back to it, and the climb goes on."""
+        if halfway and throughput > baseline * (1 + GAIN_SHARE):
+            self._settled = throughput
+            self._set(
+                before,
+                f"{self.concurrency} at once gave {throughput:,.0f} samples/s, more than "
+                f"{before} did as its reads started ({baseline:,.0f}): back to {before}, "
+                "climbing on",
+            )
+            return
         if throughput >= baseline * (1 - GAIN):
             self._ceiling, self._at_ceiling = before, 0
             self._settled = throughput
