@@ -22,6 +22,7 @@ than the threads' last window, the workers go back to threads for good; else the
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ logger = logging.getLogger("aload")
 # machine a thread that wants a core gets a share of one; a wrong guess costs one epoch on
 # processes, which are judged by their speed).
 BUSY = 0.3
-ONE_CORE = 1.3  # ... and used at most this many cores together: one at a time
+ONE_CORE = 1.3  # ... and used at most this many cores together: one at a time,
+SATURATED = 0.8  # ... and at least this share of what one core, or the idle cores, allowed
 WAITING = 0.1  # the consumer waited at least this share of the epoch: data held it back
 MIN_SECONDS = 0.1  # a window (or epoch) shorter than this says too little to move on
 LONGEST_WINDOW = 5.0  # the windows an epoch on threads is judged in double up to this
@@ -93,25 +95,30 @@ class ModeChooser:
         waited: float,
         workers_cpu: float,
         helpers_cpu: float,
+        idle: float = 0.0,
     ) -> None:
         """Epoch `epoch` ran on threads for `seconds` (a window of it), delivering `samples`;
         the consumer waited for data `waited` of it; the worker threads computed
         `workers_cpu` seconds and other threads of the process (not the consumer's)
-        `helpers_cpu`."""
+        `helpers_cpu`; the cores this process may use sat idle `idle` seconds in all."""
         if self.settled or self.worker_mode != "thread" or seconds < MIN_SECONDS:
             return
         self._threads_rate = samples / seconds
         parallel = min(self.workers, self.budget)
         workers, loading = workers_cpu / seconds, (workers_cpu + helpers_cpu) / seconds
+        # Threads taking turns on the GIL use one core, or what the machine leaves them of
+        # one: less than that, with cores idle, the GIL had room to spare.
+        allowed = min(1.0, loading + idle / seconds)
         measured = (
             f"over {seconds:.2f} s, the worker threads computed on {workers:.2f} cores, the "
-            f"loading on {loading:.2f} of {self.budget:g}, and the loop waited {waited:.0%} of it"
+            f"loading on {loading:.2f} of {self.budget:g} ({idle / seconds:.2f} idle), and the "
+            f"loop waited {waited:.0%} of it"
         )
         if waited < WAITING:
             self._choose(epoch, "thread", f"{measured}: data does not hold training back")
         elif parallel < 2:
             self._choose(epoch, "thread", f"{measured}: no two workers can run at once")
-        elif workers < BUSY:
+        elif workers < BUSY or loading < SATURATED * allowed:
             self._choose(epoch, "thread", f"{measured}: the reads wait more than they compute")
         elif loading > ONE_CORE:
             self._choose(epoch, "thread", f"{measured}: the reads run in parallel")
@@ -177,6 +184,7 @@ class ThreadsWatch:
         self._samples, self._wait = self._meter.samples, self._meter.waited()
         self._workers = self._workers_cpu()
         self._consumer, self._process = time.thread_time(), time.process_time()
+        self._idle = idle_seconds()
 
     def after_batch(self) -> Any:
         """A batch was delivered: judge the window if it is over; the move to processes
@@ -201,10 +209,27 @@ class ThreadsWatch:
         helpers = max(0.0, time.process_time() - self._process - workers - consumer)
         waited = min(1.0, (self._meter.waited() - self._wait) / seconds) if seconds > 0 else 0.0
         samples = self._meter.samples - self._samples
-        chooser.judge_threads(self._epoch, seconds, samples, waited, workers, helpers)
+        idle = max(0.0, idle_seconds() - self._idle)
+        chooser.judge_threads(self._epoch, seconds, samples, waited, workers, helpers, idle)
         if chooser.worker_mode == "thread":
             self._window = min(2 * self._window, LONGEST_WINDOW)
             self._mark()
             return None
         self._due = float("inf")
         return self._move() if moving and self._move is not None else None
+
+
+def idle_seconds() -> float:
+    """Seconds the cores this process may use have sat idle since the machine started, all
+    together (Linux's /proc/stat: idle and waiting on I/O); 0 where it cannot be read."""
+    try:
+        cores = {f"cpu{core}".encode() for core in os.sched_getaffinity(0)}
+        with open("/proc/stat", "rb") as stat:
+            lines = [line.split() for line in stat if line.startswith(b"cpu")]
+    except (OSError, AttributeError):
+        return 0.0
+    ticks = sum(int(f[4]) + int(f[5]) for f in lines if f[0] in cores and len(f) > 5)
+    return ticks / _TICKS_PER_SECOND
+
+
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -29,9 +29,11 @@ from aload.workers.process import ProcessPool
 # -- the verdicts, on epochs described by their measures ------------------------------------
 
 
-def judged(workers=2, budget=2, seconds=1.0, samples=1000, waited=0.5, cpu=1.0, helpers=0.0):
+def judged(
+    workers=2, budget=2, seconds=1.0, samples=1000, waited=0.5, cpu=1.0, helpers=0.0, idle=1.0
+):
     chooser = ModeChooser(workers, budget=budget)
-    chooser.judge_threads(0, seconds, samples, waited, cpu, helpers)
+    chooser.judge_threads(0, seconds, samples, waited, cpu, helpers, idle * seconds)
     return chooser
 
 
@@ -57,6 +59,17 @@ def test_threads_stay_where_processes_could_not_help(measures, why):
     chooser = judged(**measures)
     assert chooser.worker_mode == "thread"
     assert why in chooser.history[-1].reason
+
+
+def test_many_threads_that_mostly_wait_stay_threads_though_their_cpu_adds_up():
+    """32 threads reading storage compute half a core between them, with cores idle: the
+    GIL had room to spare (taking turns on it, they would use a whole core)."""
+    chooser = judged(workers=32, cpu=0.47, idle=1.5)
+    assert chooser.worker_mode == "thread"
+    assert "wait more than they compute" in chooser.history[-1].reason
+    # The same half core with no core idle (other processes take them) is what the GIL
+    # leaves threads that take turns on it: processes are tried.
+    assert judged(workers=32, cpu=0.47, idle=0.0).worker_mode == "process"
 
 
 def test_an_epoch_too_short_to_say_anything_leaves_the_choice_open():
