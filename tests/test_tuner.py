@@ -89,8 +89,9 @@ def test_past_the_plateau_a_step_that_gained_little_is_taken_halfway_back():
 def test_a_step_measured_while_its_reads_start_does_not_stop_the_climb():
     """Reads that take long (a batch of 2 ms reads: 64 ms), so that the window after a step
     sees the new readers' first batches only at its end: it measures the level before, and
-    under half of the step. Throughput grows to 32 at once; halfway back from 4 (3) gives more than 4 did
-    in its first window, so the climb goes on, rather than staying at 3 as at a plateau."""
+    under half of the step. Throughput grows to 32 at once; halfway back from 4 (3) gives
+    more than 4 did in its first window, so the climb goes on, rather than staying at 3 as
+    at a plateau."""
     tuner = ConcurrencyTuner(maximum=32, budget=64, start=2)
     path, level = [], tuner.concurrency
     for _ in range(12):
