@@ -208,6 +208,37 @@ def test_the_worker_mode_workloads_time_auto_over_epochs_beside_both_modes(tmp_p
             assert row["median_samples_per_s"] > 0
 
 
+def test_the_grid_runs_every_static_setting_and_auto_and_sets_them_side_by_side(tmp_path):
+    from aload.bench.grid import CONCURRENCY, PROCESSES, THREADS
+
+    out, report = bench_report(
+        "--workloads", "--grid", "io", "async", "--repeats", "1", "--scale", "0.005",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    grids = {workload["name"]: workload["results"] for workload in report["workloads"]}
+    assert list(grids) == ["grid-io", "grid-async"]
+    io = [row["loader"] for row in grids["grid-io"]]
+    assert io == [
+        *(f"aload thread workers={w}, for" for w in THREADS),
+        *(f"aload process workers={w}, for" for w in PROCESSES),
+        "aload auto workers=auto, for, num_workers='auto', worker_mode='auto'",
+    ]
+    assert [row["loader"] for row in grids["grid-async"]] == [
+        *(f"aload thread workers=0, for, max_concurrency={c}" for c in CONCURRENCY),
+        "aload auto workers=0, for, max_concurrency='auto'",
+    ]
+    for rows in grids.values():
+        assert all(row["error"] is None and row["median_samples_per_s"] > 0 for row in rows)
+    # The summary: each grid's fastest static row, beside auto and their ratio.
+    summary = out[out.index("**grid**") :].splitlines()
+    for name, rows in (("grid-io", grids["grid-io"]), ("grid-async", grids["grid-async"])):
+        best = max(rows[:-1], key=lambda row: row["median_samples_per_s"])
+        ratio = rows[-1]["median_samples_per_s"] / best["median_samples_per_s"]
+        (line,) = [line for line in summary if line.startswith(f"| {name.removeprefix('grid-')} |")]
+        assert best["loader"] in line
+        assert f"{ratio:.2f}x" in line
+
+
 def test_help_explains_every_workload_and_column(tmp_path):
     from aload.bench.fresh import CASES
     from aload.bench.workloads import WORKLOADS

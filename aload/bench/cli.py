@@ -13,6 +13,7 @@ in a new Python process, as a user's script meets it.
     python -m aload.bench --workloads tensor --busy  # while other processes take every core
     python -m aload.bench --workloads startup records loop # only fresh-process cases
     python -m aload.bench --workloads --plot workers.png   # only the sweep over worker counts
+    python -m aload.bench --workloads --grid         # only the grids: static settings and auto
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 
 from aload.bench.fresh import CASES, fresh_table, measure_fresh
+from aload.bench.grid import GRID, grid_workload, summary, verdict
 from aload.bench.memory import TreeMemory
 from aload.bench.plot import draw, sweep
 from aload.bench.report import document, environment, table
@@ -95,6 +97,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "that trains)",
     )
     parser.add_argument(
+        "--grid",
+        nargs="*",
+        choices=list(GRID),
+        metavar="WORKLOAD",
+        help="also run a grid of static settings against auto on these workloads' data (none "
+        f"named: all of {', '.join(GRID)})",
+    )
+    parser.add_argument(
         "--plot", metavar="FILE.png", help="sweep worker counts on --plot-workload and draw it"
     )
     parser.add_argument("--plot-workload", default="io", choices=list(WORKLOADS))
@@ -130,6 +140,16 @@ def main(argv: list[str] | None = None) -> None:
             results = measure(workload, args.repeats, memory)
             suites.append((workload, results))
             print(table(workload, results), file=out, flush=True)
+        if args.grid is not None:
+            verdicts = []
+            for name in args.grid or list(GRID):
+                workload = grid_workload(name, settings)
+                results = measure(workload, args.repeats, memory)
+                suites.append((workload, results))
+                print(table(workload, results), file=out, flush=True)
+                if (judged := verdict(name, results)) is not None:
+                    verdicts.append(judged)
+            print(summary(verdicts), file=out, flush=True)
         fresh_cases = [name for name in args.workloads if name in CASES]
         fresh = measure_fresh(fresh_cases, args.repeats, args.scale)
         for name in fresh_cases:

@@ -1,0 +1,185 @@
+"""`python -m aload.bench --grid`: for each of the suite's single-stage workloads, a grid of
+static settings against "auto", in one run: does the loader find its own concurrency?
+
+Each workload's data runs with 1 to 32 thread workers, 1 to 8 worker processes (more would
+only take turns on a machine of a few cores), or, for awaited reads, 8 to 512 reads at once;
+then with everything left to the loader: `num_workers="auto", worker_mode="auto"` (an async
+dataset: `max_concurrency="auto"`). Every run builds a fresh loader and reads one epoch, so
+auto's figure includes its search; the epochs take five to six seconds at the best static
+setting (a search may take a second or two: the tensor grid's epoch is shorter, as its
+reads need no workers), and a static run stops after `STATIC_SECONDS` (its pace is
+steady: the slow settings need not read it all). The summary
+sets auto against the fastest static setting: its throughput, and its peak memory against
+that setting's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils.data as tud
+
+from aload.bench import datasets as ds
+from aload.bench.contenders import Contender, Drained, aload_loader, batch_len
+from aload.bench.runner import Result
+from aload.bench.workloads import Settings, Workload
+
+THREADS = (1, 2, 4, 8, 16, 32)
+PROCESSES = (1, 2, 4, 8)
+CONCURRENCY = (8, 32, 128, 512)
+AUTO = "aload auto"  # the family of the rows that leave the settings to the loader
+STATIC_SECONDS = 3.0  # a static setting's run stops after this long
+
+
+def drain_for(seconds: float) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
+    """Build a loader and iterate one epoch with a plain `for`, for at most `seconds`."""
+
+    def drive(make: Callable[[], Iterable[Any]]) -> Drained:
+        started = time.perf_counter()
+        samples, first = 0, None
+        loader = make()
+        epoch = iter(loader)
+        for batch in epoch:
+            first = first or time.perf_counter() - started
+            samples += batch_len(batch)
+            if time.perf_counter() - started > seconds:
+                break
+        elapsed = time.perf_counter() - started
+        epoch.close()  # type: ignore[attr-defined] # aload's epochs stop their workers
+        return Drained(samples, first or 0.0, elapsed)
+
+    return drive
+
+
+@dataclass(frozen=True)
+class GridData:
+    """One workload's data for the grid: what it is, and how it is batched."""
+
+    description: str
+    dataset: Callable[[Settings], Any]
+    batch_size: int
+    shuffle: bool = False
+    awaited: bool = False  # an async dataset: the grid is over max_concurrency
+
+
+def _tensor(s: Settings) -> Any:
+    n = s.items(1_000_000)
+    return tud.TensorDataset(torch.randn(n, 64), torch.randint(0, 10, (n,)))
+
+
+GRID: dict[str, GridData] = {
+    "tensor": GridData("TensorDataset 1,000,000 x 64, shuffled", _tensor, 256, shuffle=True),
+    "io": GridData(
+        "a 2 ms blocking read per item, 80,000 items",
+        lambda s: ds.SleepDataset(s.items(80_000), 0.002),
+        32,
+    ),
+    "async": GridData(
+        "a 2 ms awaited read per item, 400,000 items",
+        lambda s: ds.AwaitingDataset(s.items(400_000), 0.002),
+        32,
+        awaited=True,
+    ),
+    "numpy": GridData(
+        "~2 ms of GIL-releasing numpy work per item, 5,000 items",
+        lambda s: ds.NumpyDataset(s.items(5000), s.numpy_size),
+        32,
+    ),
+    "blas": GridData(
+        "a numpy product of two 192 x 192 matrices per item, 25,000 items",
+        lambda s: ds.MatmulDataset(s.items(25_000), 192),
+        16,
+    ),
+    "python": GridData(
+        "~0.5 ms of pure-Python work per item (holds the GIL), 20,000 items",
+        lambda s: ds.PythonDataset(s.items(20_000), s.python_rounds),
+        32,
+    ),
+    "images": GridData(
+        "image-sized samples 3 x 224 x 224 float32, 20,000 items",
+        lambda s: ds.ImageDataset(s.items(20_000)),
+        64,
+    ),
+}
+
+
+def grid_workload(name: str, settings: Settings) -> Workload:
+    """The grid of `name`'s data: every static setting, then auto."""
+    data = GRID[name]
+    dataset = data.dataset(settings)
+    kw: dict[str, Any] = {"batch_size": data.batch_size, "shuffle": data.shuffle}
+    rows: list[Contender]
+    static = drain_for(STATIC_SECONDS)
+    if data.awaited:
+        rows = [
+            aload_loader(dataset, 0, detail=f"max_concurrency={c}", max_concurrency=c, **kw)
+            for c in CONCURRENCY
+        ]
+        detail = "max_concurrency='auto'"
+        auto = aload_loader(dataset, 0, max_concurrency="auto", detail=detail, **kw)
+    else:
+        rows = [aload_loader(dataset, w, **kw) for w in THREADS]
+        rows += [aload_loader(dataset, w, worker_mode="process", **kw) for w in PROCESSES]
+        auto = aload_loader(
+            dataset,
+            "auto",  # type: ignore[arg-type]
+            worker_mode="auto",
+            detail="num_workers='auto', worker_mode='auto'",
+            **kw,
+        )
+    auto = Contender(AUTO, auto.workers, auto.make, auto.drive, auto.detail)
+    return Workload(
+        f"grid-{name}",
+        f"{data.description}, batch {data.batch_size}: static settings (each run stopped "
+        f"after {STATIC_SECONDS:g} s) against auto (a fresh loader each run: its search "
+        "included)",
+        [*(dataclasses.replace(row, drive=static) for row in rows), auto],
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Auto against the fastest static setting of one grid."""
+
+    workload: str
+    best: Result
+    auto: Result
+
+    @property
+    def ratio(self) -> float:
+        return self.auto.throughput / self.best.throughput if self.best.throughput else 0.0
+
+
+def verdict(workload: str, results: list[Result]) -> Verdict | None:
+    """The fastest static row and the auto row of one grid (None if either failed)."""
+    static = [r for r in results if r.family != AUTO and r.error is None]
+    auto = [r for r in results if r.family == AUTO and r.error is None]
+    if not static or not auto:
+        return None
+    return Verdict(workload, max(static, key=lambda r: r.throughput), auto[0])
+
+
+def summary(verdicts: list[Verdict]) -> str:
+    """A Markdown table: each grid's best static setting beside auto."""
+    lines = [
+        "\n**grid**: auto against the best static setting of each grid",
+        "",
+        "| workload | best static setting | samples/s | peak MiB | auto samples/s | peak MiB "
+        "| auto / best |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for v in verdicts:
+        lines.append(
+            f"| {v.workload} | {v.best.loader} | {v.best.throughput:,.0f} "
+            f"| {_mib(v.best)} | {v.auto.throughput:,.0f} | {_mib(v.auto)} | {v.ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def _mib(result: Result) -> str:
+    return "n/a" if result.memory is None else f"{result.memory:,.0f}"
