@@ -688,12 +688,18 @@ class DataLoader(Generic[T_co]):
         with self._pool_lock:
             if self._running_epochs() > 1:
                 return None  # the next epoch moves
-            if self._persistent_pool is threads:  # the epoch stops them once they finish
-                self._persistent_pool = None
+            before = self._config
             self._configure(config)
             plan = self._process_plan(Delivered(), start["epoch"])
             seed = start["base_seed"]
-            processes = self._process_pool(config.dataset, seed, plan, blocking=False)
+            try:
+                processes = self._process_pool(config.dataset, seed, plan, blocking=False)
+            except Exception as error:  # the epoch goes on, on its threads
+                self._configure(before)
+                chooser.refused(before.worker_mode, str(error))
+                return None
+            if self._persistent_pool is threads:  # the epoch stops them once they finish
+                self._persistent_pool = None
             owns = not config.persistent_workers
             if not owns:
                 self._persistent_pool, self._persistent_seed = processes, seed

@@ -402,3 +402,20 @@ async def test_async_for_keeps_the_loop_beating_while_an_epoch_moves(anyio_backe
 
     assert await best_pause(epoch, 0.05, tries=2) < 0.05
     assert got[-1] == list(range(240))
+
+
+@needs_two_cores
+def test_processes_that_cannot_start_leave_the_epoch_on_its_threads(monkeypatch):
+    def cannot_start(self, *args, **kwargs):
+        raise RuntimeError("no processes here")
+
+    monkeypatch.setattr(ProcessPool, "__init__", cannot_start)
+    loader = aload.DataLoader(
+        ComputesWhere(240, 0.001), batch_size=8, num_workers=2, worker_mode="auto"
+    )
+    indices, readers = indices_and_readers(list(loader))
+    assert indices == list(range(240))
+    assert set(readers) == {os.getpid()}
+    assert loader.worker_mode == "thread"
+    assert "no processes here" in loader.stats.worker_mode.history[-1].reason
+    assert flatten(b[0] for b in loader) == list(range(240))  # and the next epoch too
