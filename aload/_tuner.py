@@ -12,8 +12,10 @@ did not help is taken back, and the level it reached becomes a ceiling that the 
 halfway to. When the very first step up did not help (work that holds the GIL), half as many
 are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
 forgotten when throughput falls well below where it settled (the data's cost changed). It
-never grows while the process already uses its CPU budget (the cores it may run on), and
-holds while the consumer does not wait: more reads would only queue more batches.
+never grows while the process already uses its CPU budget (the cores it may run on): found
+there before any step, half as many are tried once (readers that each run a team of threads
+take each other's cores), and kept if they lose nothing. It holds while the consumer does not
+wait: more reads would only queue more batches.
 
 The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
@@ -180,8 +182,18 @@ class ConcurrencyTuner:
             self._at_ceiling += 1
             if self._at_ceiling >= REPROBE_WINDOWS:
                 self._ceiling = None  # probe the ceiling again: costs may have changed
-        if cores >= self.budget * 0.95:
-            return  # the process uses every core it may: more threads cannot add any
+        if cores >= self.budget * 0.95:  # every core it may use: more cannot add any
+            if not self._explored and self.concurrency > 1:
+                # ... before any step: readers that each run a team of threads (the BLAS,
+                # torch's intra-op pool) may take each other's cores: fewer, once.
+                self._explored = True
+                self._trial = (self.concurrency, throughput, waiting)
+                self._set(
+                    max(1, self.concurrency // 2),
+                    f"the loop waited {waiting:.0%} of the time with {self.concurrency} at "
+                    f"once on {cores:.1f} of {self.budget:g} cores: trying fewer",
+                )
+            return
         if self._ceiling is None:
             wanted = min(self.maximum, 2 * self.concurrency)
         else:  # halfway to the level that did not help

@@ -128,6 +128,20 @@ def test_it_never_passes_its_cpu_budget():
     assert path[-1] == 4
 
 
+def test_readers_that_take_every_core_from_the_start_are_halved_once():
+    """Each read runs the BLAS on both cores: two readers take each other's cores, and one
+    reads faster. Kept; and readers that do need both cores get them back."""
+    tuner = ConcurrencyTuner(maximum=32, budget=2, start=2)
+    path = run(tuner, lambda c: 4500.0 if c == 1 else 3300.0, cores=lambda c: 2.0)
+    assert path[0] == 1
+    assert "trying fewer" in tuner.history[0].reason
+    assert path[-1] == 1
+    both = ConcurrencyTuner(maximum=32, budget=2, start=2)
+    path = run(both, lambda c: 500.0 * min(c, 2), cores=lambda c: float(min(c, 2)))
+    assert path[:2] == [1, 2]
+    assert path[-1] == 2
+
+
 def test_when_the_datas_cost_shifts_it_moves():
     """Reads that got 10x slower (a cache gone cold, another store) but overlap 10x further:
     throughput falls, the ceiling found before is forgotten, and it climbs again."""
