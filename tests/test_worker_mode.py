@@ -37,9 +37,13 @@ def judged(
     return chooser
 
 
-@pytest.mark.parametrize("cpu", [0.97, 0.45], ids=["idle machine", "busy machine"])
-def test_threads_that_compute_on_one_core_between_them_move_to_processes(cpu):
-    chooser = judged(cpu=cpu)
+@pytest.mark.parametrize(
+    ("cpu", "idle"),
+    [(0.97, 1.0), (0.45, 0.0)],  # busy: other processes leave half a core, and none idle
+    ids=["idle machine", "busy machine"],
+)
+def test_threads_that_compute_on_one_core_between_them_move_to_processes(cpu, idle):
+    chooser = judged(cpu=cpu, idle=idle)
     assert chooser.worker_mode == "process"
     assert "hold the GIL" in chooser.history[-1].reason
 
