@@ -423,3 +423,22 @@ def test_processes_that_cannot_start_leave_the_epoch_on_its_threads(monkeypatch)
     assert loader.worker_mode == "thread"
     assert "no processes here" in loader.stats.worker_mode.history[-1].reason
     assert flatten(b[0] for b in loader) == list(range(240))  # and the next epoch too
+
+
+@needs_two_cores
+def test_a_move_within_an_epoch_keeps_out_of_order_delivery_and_the_memory_budget():
+    """Batches as they finish (`in_order=False`) under a memory budget: every sample once
+    across the move, and the processes' own memory is watched from the move on."""
+    loader = aload.DataLoader(
+        ComputesWhere(480, 0.001),
+        batch_size=8,
+        num_workers=2,
+        worker_mode="auto",
+        in_order=False,
+        memory_budget=512 * 2**20,
+    )
+    indices, readers = indices_and_readers(list(loader))
+    assert sorted(indices) == list(range(480))
+    assert readers[0] == os.getpid()
+    assert readers[-1] != os.getpid()
+    assert loader.stats.epoch.workers_memory is not None  # the processes', once moved
