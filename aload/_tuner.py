@@ -166,11 +166,9 @@ class ConcurrencyTuner:
         if not climb:
             return
         if self._may_step_down:
-            self._may_step_down, self._explored = False, True
-            self._trial = (self.concurrency, throughput, waiting)
-            self._set(
-                max(1, self.concurrency // 2),
-                f"more than {self.concurrency} at once did not help: trying fewer",
+            self._may_step_down = False
+            self._try_fewer(
+                throughput, waiting, f"more than {self.concurrency} at once did not help"
             )
             return
         if waiting < WAITING:
@@ -186,12 +184,11 @@ class ConcurrencyTuner:
             if not self._explored and self.concurrency > 1:
                 # ... before any step: readers that each run a team of threads (the BLAS,
                 # torch's intra-op pool) may take each other's cores: fewer, once.
-                self._explored = True
-                self._trial = (self.concurrency, throughput, waiting)
-                self._set(
-                    max(1, self.concurrency // 2),
+                self._try_fewer(
+                    throughput,
+                    waiting,
                     f"the loop waited {waiting:.0%} of the time with {self.concurrency} at "
-                    f"once on {cores:.1f} of {self.budget:g} cores: trying fewer",
+                    f"once on {cores:.1f} of {self.budget:g} cores",
                 )
             return
         if self._ceiling is None:
@@ -231,6 +228,13 @@ class ConcurrencyTuner:
             f"{throughput:,.0f} samples/s, not more than {before} ({baseline:,.0f}): back to "
             f"{before}",
         )
+
+    def _try_fewer(self, throughput: float, waiting: float, why: str) -> None:
+        """Put half as many on trial, once (`_judge_step_down` keeps them if they lose
+        nothing)."""
+        self._explored = True
+        self._trial = (self.concurrency, throughput, waiting)
+        self._set(max(1, self.concurrency // 2), f"{why}: trying fewer")
 
     def _judge_step_down(
         self, before: int, baseline: float, throughput: float, halfway: bool = False

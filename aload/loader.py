@@ -625,13 +625,20 @@ class DataLoader(Generic[T_co]):
         (the samplers kept; persistent workers of the mode before stop). Where those workers
         cannot take the loader's arguments (a start method that pickles, and an argument
         that cannot be pickled), the workers stay, and the verdict says why."""
-        try:
-            config = self._checked({**self._arguments, "worker_mode": chooser.worker_mode})
-        except (TypeError, ValueError) as error:
-            chooser.refused(self._config.worker_mode, str(error))
+        config = self._checked_for(chooser, chooser.worker_mode)
+        if config is None:
             return
         self._configure(config)
         self._stop_persistent()
+
+    def _checked_for(self, chooser: ModeChooser, worker_mode: str) -> LoaderConfig | None:
+        """The loader's arguments checked again with `worker_mode`; None where those workers
+        cannot take them (the chooser is told why, and stays on the workers in use)."""
+        try:
+            return self._checked({**self._arguments, "worker_mode": worker_mode})
+        except (TypeError, ValueError) as error:
+            chooser.refused(self._config.worker_mode, str(error))
+            return None
 
     def _judge_mode(
         self, meter: EpochMeter, pool: WorkerPool, start: dict[str, Any], reads: Reads
@@ -680,10 +687,8 @@ class DataLoader(Generic[T_co]):
         shares the threads."""
         chooser = self._mode_chooser
         assert chooser is not None
-        try:
-            config = self._checked({**self._arguments, "worker_mode": "process"})
-        except (TypeError, ValueError) as error:
-            chooser.refused(self._config.worker_mode, str(error))
+        config = self._checked_for(chooser, "process")
+        if config is None:
             return None
         with self._pool_lock:
             if self._running_epochs() > 1:

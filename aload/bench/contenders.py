@@ -39,13 +39,19 @@ def batch_len(batch: Any) -> int:
     return len(batch)
 
 
-def drain(make: Callable[[], Iterable[Any]]) -> Drained:
-    """Build a loader and iterate it with a plain `for`."""
+def drain(make: Callable[[], Iterable[Any]], seconds: float | None = None) -> Drained:
+    """Build a loader and iterate it with a plain `for`: one epoch, or its first `seconds`
+    (then the epoch is closed, after the clock stops: an aload epoch stops its workers)."""
     started = time.perf_counter()
     samples, first = 0, None
-    for batch in make():
+    epoch = iter(make())
+    for batch in epoch:
         first = first or time.perf_counter() - started
         samples += batch_len(batch)
+        if seconds is not None and time.perf_counter() - started > seconds:
+            elapsed = time.perf_counter() - started
+            epoch.close()  # type: ignore[attr-defined]
+            return Drained(samples, first, elapsed)
     return Drained(samples, first or 0.0, time.perf_counter() - started)
 
 

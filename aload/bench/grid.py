@@ -16,8 +16,8 @@ that setting's.
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 import torch.utils.data as tud
 
 from aload.bench import datasets as ds
-from aload.bench.contenders import Contender, Drained, aload_loader, batch_len
+from aload.bench.contenders import Contender, aload_loader, drain
 from aload.bench.runner import Result
 from aload.bench.workloads import Settings, Workload
 
@@ -34,26 +34,6 @@ PROCESSES = (1, 2, 4, 8)
 CONCURRENCY = (8, 32, 128, 512)
 AUTO = "aload auto"  # the family of the rows that leave the settings to the loader
 STATIC_SECONDS = 3.0  # a static setting's run stops after this long
-
-
-def drain_for(seconds: float) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
-    """Build a loader and iterate one epoch with a plain `for`, for at most `seconds`."""
-
-    def drive(make: Callable[[], Iterable[Any]]) -> Drained:
-        started = time.perf_counter()
-        samples, first = 0, None
-        loader = make()
-        epoch = iter(loader)
-        for batch in epoch:
-            first = first or time.perf_counter() - started
-            samples += batch_len(batch)
-            if time.perf_counter() - started > seconds:
-                break
-        elapsed = time.perf_counter() - started
-        epoch.close()  # type: ignore[attr-defined] # aload's epochs stop their workers
-        return Drained(samples, first or 0.0, elapsed)
-
-    return drive
 
 
 @dataclass(frozen=True)
@@ -114,7 +94,7 @@ def grid_workload(name: str, settings: Settings) -> Workload:
     dataset = data.dataset(settings)
     kw: dict[str, Any] = {"batch_size": data.batch_size, "shuffle": data.shuffle}
     rows: list[Contender]
-    static = drain_for(STATIC_SECONDS)
+    static = functools.partial(drain, seconds=STATIC_SECONDS)
     if data.awaited:
         rows = [
             aload_loader(dataset, 0, detail=f"max_concurrency={c}", max_concurrency=c, **kw)
