@@ -663,9 +663,13 @@ class DataLoader(Generic[T_co]):
             return None
         move = None
         if self._moves_mid_epoch():
+            # Weakly: the watch stays in the epoch's stats, which the loader keeps (a cycle
+            # would keep a dropped loader, and its persistent workers, until the next GC).
+            loader = weakref.ref(self)
 
             def move() -> WorkersMove | None:
-                return self._move_to_processes(pool, meter, start, reads)
+                this = loader()
+                return None if this is None else this._move_to_processes(pool, meter, start, reads)
 
         watch = ThreadsWatch(chooser, epoch, meter, pool.cpu_seconds, move)
         meter.on_end.append(watch.ended)

@@ -4,6 +4,7 @@ threads and move to processes (or stay) with the batches torch's loader gives.""
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import time
 
@@ -17,6 +18,7 @@ from conftest import (
     aload_threads,
     eventually,
     flatten,
+    open_fds,
     saved_and_loaded,
     take_and_save,
 )
@@ -442,3 +444,34 @@ def test_a_move_within_an_epoch_keeps_out_of_order_delivery_and_the_memory_budge
     assert readers[0] == os.getpid()
     assert readers[-1] != os.getpid()
     assert loader.stats.epoch.workers_memory is not None  # the processes', once moved
+
+
+def leave_after_the_move(persistent: bool) -> None:
+    """Leave an epoch that moved to processes a few batches after the move, drop the
+    loader, and wait for its threads and processes to end."""
+    loader = aload.DataLoader(
+        ComputesWhere(480, 0.001),
+        batch_size=8,
+        num_workers=2,
+        worker_mode="auto",
+        persistent_workers=persistent,
+    )
+    moved = 0
+    for batch in loader:
+        moved += int(batch[1][0]) != os.getpid()
+        if moved == 3:
+            break
+    assert moved == 3
+    del loader, batch
+    assert eventually(lambda: not (multiprocessing.active_children() or aload_threads()), 5)
+
+
+@needs_two_cores
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="/dev/shm")
+@pytest.mark.parametrize("persistent", [False, True], ids=["new workers", "persistent"])
+def test_leaving_an_epoch_after_its_move_leaves_no_thread_process_or_descriptor(persistent):
+    leave_after_the_move(persistent)  # what multiprocessing opens once per program
+    shm_before, fds_before = set(os.listdir("/dev/shm")), open_fds()
+    leave_after_the_move(persistent)
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    assert open_fds() <= fds_before
