@@ -11,10 +11,12 @@ clearly, the step's own window was too early to tell: back up, and on). A step t
 did not help is taken back, and the level it reached becomes a ceiling that the next steps go
 halfway to. When the very first step up did not help (work that holds the GIL), half as many
 are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
-forgotten when throughput falls well below where it settled (the data's cost changed). It
-never grows while the process already uses its CPU budget (the cores it may run on): found
-there before any step, half as many are tried once (readers that each run a team of threads
-take each other's cores), and kept if they lose nothing. It holds while the consumer does not
+forgotten when throughput stays well below where it settled for two windows (the data's
+cost changed). A step is not tried where the cores the process leaves idle could not give
+it the gain it must show (each sample costs at least the CPU it cost before), so it never
+passes its CPU budget (the cores it may run on); found at that budget before any step, half
+as many are tried once (readers that each run a team of threads take each other's cores),
+and kept if they lose nothing. It holds while the consumer does not
 wait: more reads would only queue more batches.
 
 The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
@@ -33,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +50,9 @@ WINDOW_SECONDS = 0.1
 WINDOW_BATCHES = 4
 RAMP_WINDOW_SECONDS = 0.05  # a ramp's step doubles throughput or not: a shorter window tells
 REPROBE_WINDOWS = 16  # windows at a ceiling before it is probed again
-SHIFT = 0.3  # throughput this much below the settled level: the data's cost changed
+LEVEL_WINDOWS = 3  # a step is judged against the mean of this many windows before it
+SHIFT = 0.3  # throughput this much below the settled level,
+SHIFT_WINDOWS = 2  # this many windows in a row: the data's cost changed
 SATURATED = 0.9  # a stage busy this share of its workers' time has no room to spare
 RAMP_WAITING = 0.9  # while the loop waits this share of the time, stages double together
 HEADROOM = 0.5  # a stage busy more than this share would hold back a doubled throughput
@@ -114,6 +119,12 @@ class ConcurrencyTuner:
         self._explored = False  # a step up raised throughput, or fewer were tried
         self._may_step_down = False  # the first step up did not help: try fewer, once
         self._halfway = False  # the step down on trial is halfway back from a kept step up
+        self._below_settled = 0  # windows in a row well below the settled throughput
+        self._cores_before = 0.0  # the cores the process used in the window before
+        self._came_down = False  # the last change was a step down
+        # Samples/s in the first window since the last change, and in the last few after it.
+        self._first_at_level: float | None = None
+        self._at_level: deque[float] = deque(maxlen=LEVEL_WINDOWS)
 
     def resume(self, concurrency: int) -> None:
         """Start from the concurrency a saved run had settled on."""
@@ -128,10 +139,20 @@ class ConcurrencyTuner:
         is not one: it waits for a window in which this stage holds the others back.)"""
         return self._trial is not None
 
+    @property
+    def trying_more(self) -> bool:
+        """Whether the step on trial is one up."""
+        return self._trial is not None and self.concurrency > self._trial[0]
+
     def decide(self, throughput: float, waiting: float, cores: float, climb: bool = True) -> None:
         """One window's measures: samples/s, the consumer's share of time waiting, and the
         cores the process used. Moves `concurrency` (or not), as the module says; without
         `climb` (another stage holds this one back), only judges the step on trial."""
+        cores_before, self._cores_before = self._cores_before, cores
+        if self._first_at_level is None:
+            self._first_at_level = throughput
+        else:
+            self._at_level.append(throughput)
         if self._trial is not None:
             before, baseline, waited = self._trial
             self._trial = None
@@ -163,8 +184,8 @@ class ConcurrencyTuner:
                     f"{throughput / baseline - 1:.0%} more than {before}: trying {halfway}",
                 )
                 return
-        if not climb:
-            return
+        if not climb or (self._came_down and not self._at_level):
+            return  # (the first window after a step down ran partly at the level above)
         if self._may_step_down:
             self._may_step_down = False
             self._try_fewer(
@@ -174,8 +195,12 @@ class ConcurrencyTuner:
         if waiting < WAITING:
             return  # training holds the loop back, not data: more reads would only queue
         if self._settled is not None and throughput < self._settled * (1 - SHIFT):
-            self._ceiling = None  # the data's cost changed: climb again from here
-            self._settled, self._explored = None, False
+            self._below_settled += 1
+            if self._below_settled >= SHIFT_WINDOWS:  # not one slow window: a change
+                self._ceiling = None  # the data's cost changed: climb again from here
+                self._settled, self._explored = None, False
+        else:
+            self._below_settled = 0
         if self._ceiling is not None:
             self._at_ceiling += 1
             if self._at_ceiling >= REPROBE_WINDOWS:
@@ -198,7 +223,10 @@ class ConcurrencyTuner:
             wanted = min(wanted, self._ceiling - 1, self.maximum)
         if wanted <= self.concurrency:
             return
-        self._trial = (self.concurrency, throughput, waiting)
+        busiest = max(cores, cores_before)  # (one window's CPU time may dip)
+        if busiest * (1 + needed_gain(wanted / self.concurrency - 1, waiting)) > self.budget:
+            return  # the cores left idle could not give the step the gain it must show
+        self._trial = (self.concurrency, self._level_throughput(), waiting)
         self._set(
             wanted,
             f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s with "
@@ -233,7 +261,7 @@ class ConcurrencyTuner:
         """Put half as many on trial, once (`_judge_step_down` keeps them if they lose
         nothing)."""
         self._explored = True
-        self._trial = (self.concurrency, throughput, waiting)
+        self._trial = (self.concurrency, self._level_throughput(), waiting)
         self._set(max(1, self.concurrency // 2), f"{why}: trying fewer")
 
     def _judge_step_down(
@@ -269,7 +297,18 @@ class ConcurrencyTuner:
             f"({baseline:,.0f}): back to {before}",
         )
 
+    def _level_throughput(self) -> float:
+        """The throughput of the current level, to judge a step from: the mean of its last
+        windows (one window of a few batches is noisy, and a step tried after a slow one
+        would be kept for nothing), leaving out the first, which ran partly at the level
+        before, where there are others."""
+        windows = self._at_level or [self._first_at_level or 0.0]
+        return sum(windows) / len(windows)
+
     def _set(self, concurrency: int, reason: str) -> None:
+        self._came_down = concurrency < self.concurrency
+        self._first_at_level = None
+        self._at_level.clear()
         self.concurrency = concurrency
         seconds = time.perf_counter() - self._began
         self.history.append(Decision(seconds, concurrency, reason))
@@ -279,12 +318,14 @@ class ConcurrencyTuner:
 @dataclass(frozen=True)
 class TunedStage:
     """One stage's knob in an epoch: its tuner; how a concurrency is put in force (returning
-    the epoch's bound on batches in flight); and the seconds the stage has been busy so far
-    in the epoch, summed over its workers."""
+    the epoch's bound on batches in flight); the seconds the stage has been busy so far in
+    the epoch, summed over its workers; and the batches in flight that bound gives each
+    reader (torch's `prefetch_factor`)."""
 
     tuner: ConcurrencyTuner
     put_in_force: Callable[[int], int]
     busy_seconds: Callable[[], float]
+    depth: int = 1
 
 
 class Autotuner:
@@ -315,12 +356,22 @@ class Autotuner:
         # Stages that start their search together ramp up together (not a resumed search).
         self._ramping = len(stages) > 1 and not any(stage.tuner.history for stage in stages)
         self._ramp_trial: tuple[list[int], float, float] | None = None  # levels, samples/s, wait
+        self._bound = 0  # the epoch's bound on batches in flight, as last put in force
+        self._lean = False  # a step up on trial: its new readers got one batch each
 
-    def start(self) -> int:
-        """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
+    def start(self, lean: bool = False) -> int:
+        """Put each stage's concurrency in force; the epoch's bound on batches in flight.
+
+        `lean`: a step up is on trial. Its readers get one batch in flight each (or the bound
+        before the step, if that is more) until the step is kept: in a window in which the
+        consumer waits, batches do not queue, so the step is judged as well, and trying more
+        readers takes no more memory than the level it may go back to."""
         bound = 0
         for stage in self._stages:
             bound = stage.put_in_force(stage.tuner.concurrency)
+        if lean:
+            bound = max(self._bound, -(-bound // self._stages[-1].depth))
+        self._bound, self._lean = bound, lean
         return bound
 
     def observe(self, samples: int, batches: int, wait_seconds: float) -> int | None:
@@ -352,9 +403,9 @@ class Autotuner:
         stage = next((stage for stage in self._stages if stage.tuner.trying), bottleneck)
         before = stage.tuner.concurrency
         stage.tuner.decide(throughput, waiting, cpu / wall, climb=stage is bottleneck)
-        if stage.tuner.concurrency == before:
+        if stage.tuner.concurrency == before and not self._lean:
             return None
-        return stage.put_in_force(stage.tuner.concurrency)
+        return self.start(lean=stage.tuner.trying_more)
 
     def _ramp(
         self, throughput: float, waiting: float, cores: float, shares: list[float]
@@ -378,11 +429,11 @@ class Autotuner:
                 stage.tuner.ramp_kept(throughput)
             if throughput < baseline * (1 + HALF_SHARE):
                 self._ramping = False  # flattening: each stage's own search from here
-                return None
+                return self.start()  # (kept: each reader's full read-ahead)
         budget = min(stage.tuner.budget for stage in stages)
         if waiting < RAMP_WAITING or cores >= budget * 0.95:
             self._ramping = False
-            return None
+            return self.start() if self._lean else None
         bottleneck = self._bottleneck(shares)
         reason = (
             f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s, on "
@@ -396,9 +447,9 @@ class Autotuner:
         ]
         if not any(stepped):
             self._ramping = False
-            return None
+            return self.start() if self._lean else None
         self._ramp_trial = (levels, throughput, waiting)
-        return self.start()
+        return self.start(lean=True)
 
     def _busy(self) -> list[float]:
         """Each stage's busy seconds so far (read at a window's edges, not per batch)."""
