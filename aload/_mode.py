@@ -22,13 +22,12 @@ than the threads' last window, the workers go back to threads for good; else the
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._tuner import cpu_budget
+from ._tuner import cpu_budget, idle_seconds
 
 if TYPE_CHECKING:
     from ._stats import EpochMeter
@@ -184,7 +183,7 @@ class ThreadsWatch:
         self._samples, self._wait = self._meter.samples, self._meter.waited()
         self._workers = self._workers_cpu()
         self._consumer, self._process = time.thread_time(), time.process_time()
-        self._idle = idle_seconds()
+        self._idle = idle_seconds() or 0.0  # (0 where unreadable: as if none were idle)
 
     def after_batch(self) -> Any:
         """A batch was delivered: judge the window if it is over; the move to processes
@@ -209,7 +208,7 @@ class ThreadsWatch:
         helpers = max(0.0, time.process_time() - self._process - workers - consumer)
         waited = min(1.0, (self._meter.waited() - self._wait) / seconds) if seconds > 0 else 0.0
         samples = self._meter.samples - self._samples
-        idle = max(0.0, idle_seconds() - self._idle)
+        idle = max(0.0, (idle_seconds() or 0.0) - self._idle)
         chooser.judge_threads(self._epoch, seconds, samples, waited, workers, helpers, idle)
         if chooser.worker_mode == "thread":
             self._window = min(2 * self._window, LONGEST_WINDOW)
@@ -217,19 +216,3 @@ class ThreadsWatch:
             return None
         self._due = float("inf")
         return self._move() if moving and self._move is not None else None
-
-
-def idle_seconds() -> float:
-    """Seconds the cores this process may use have sat idle since the machine started, all
-    together (Linux's /proc/stat: idle and waiting on I/O); 0 where it cannot be read."""
-    try:
-        cores = {f"cpu{core}".encode() for core in os.sched_getaffinity(0)}
-        with open("/proc/stat", "rb") as stat:
-            lines = [line.split() for line in stat if line.startswith(b"cpu")]
-    except (OSError, AttributeError):
-        return 0.0
-    ticks = sum(int(f[4]) + int(f[5]) for f in lines if f[0] in cores and len(f) > 5)
-    return ticks / _TICKS_PER_SECOND
-
-
-_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

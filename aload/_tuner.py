@@ -88,6 +88,22 @@ def needed_gain(step: float, waited: float) -> float:
     return max(GAIN, share)
 
 
+def idle_seconds() -> float | None:
+    """Seconds the cores this process may use have sat idle since the machine started, all
+    together (Linux's /proc/stat: idle and waiting on I/O); None where it cannot be read."""
+    try:
+        cores = {f"cpu{core}".encode() for core in os.sched_getaffinity(0)}
+        with open("/proc/stat", "rb") as stat:
+            lines = [line.split() for line in stat if line.startswith(b"cpu")]
+    except (OSError, AttributeError):
+        return None
+    ticks = sum(int(f[4]) + int(f[5]) for f in lines if f[0] in cores and len(f) > 5)
+    return ticks / _TICKS_PER_SECOND
+
+
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 def cpu_budget() -> float:
     """The cores this process may run on."""
     try:
@@ -120,11 +136,13 @@ class ConcurrencyTuner:
         self._may_step_down = False  # the first step up did not help: try fewer, once
         self._halfway = False  # the step down on trial is halfway back from a kept step up
         self._below_settled = 0  # windows in a row well below the settled throughput
-        self._cores_before = 0.0  # the cores the process used in the window before
         self._came_down = False  # the last change was a step down
+        self._allowed_before: dict[int, float] = {}  # the least, at levels left behind
         # Samples/s in the first window since the last change, and in the last few after it.
         self._first_at_level: float | None = None
         self._at_level: deque[float] = deque(maxlen=LEVEL_WINDOWS)
+        # The gain the idle cores would allow more readers, in the same windows.
+        self._allows_at_level: deque[float] = deque(maxlen=LEVEL_WINDOWS)
 
     def resume(self, concurrency: int) -> None:
         """Start from the concurrency a saved run had settled on."""
@@ -144,15 +162,25 @@ class ConcurrencyTuner:
         """Whether the step on trial is one up."""
         return self._trial is not None and self.concurrency > self._trial[0]
 
-    def decide(self, throughput: float, waiting: float, cores: float, climb: bool = True) -> None:
-        """One window's measures: samples/s, the consumer's share of time waiting, and the
-        cores the process used. Moves `concurrency` (or not), as the module says; without
-        `climb` (another stage holds this one back), only judges the step on trial."""
-        cores_before, self._cores_before = self._cores_before, cores
+    def decide(
+        self,
+        throughput: float,
+        waiting: float,
+        cores: float,
+        climb: bool = True,
+        idle: float | None = None,
+    ) -> None:
+        """One window's measures: samples/s, the consumer's share of time waiting, the cores
+        the process used, and those that sat idle (None: the budget's cores it did not use).
+        Moves `concurrency` (or not), as the module says; without `climb` (another stage
+        holds this one back), only judges the step on trial."""
+        room = self.budget - cores if idle is None else min(self.budget - cores, idle)
+        allows = room / cores if cores > 0 else float("inf")  # at most this gain from more
         if self._first_at_level is None:
             self._first_at_level = throughput
         else:
             self._at_level.append(throughput)
+            self._allows_at_level.append(allows)
         if self._trial is not None:
             before, baseline, waited = self._trial
             self._trial = None
@@ -199,6 +227,7 @@ class ConcurrencyTuner:
             if self._below_settled >= SHIFT_WINDOWS:  # not one slow window: a change
                 self._ceiling = None  # the data's cost changed: climb again from here
                 self._settled, self._explored = None, False
+                self._allowed_before.clear()
         else:
             self._below_settled = 0
         if self._ceiling is not None:
@@ -223,9 +252,12 @@ class ConcurrencyTuner:
             wanted = min(wanted, self._ceiling - 1, self.maximum)
         if wanted <= self.concurrency:
             return
-        busiest = max(cores, cores_before)  # (one window's CPU time may dip)
-        if busiest * (1 + needed_gain(wanted / self.concurrency - 1, waiting)) > self.budget:
-            return  # the cores left idle could not give the step the gain it must show
+        # The least gain the idle cores allowed at this level, before a trial too (one
+        # window's CPU time may dip, and the first after a trial runs partly at its level)
+        allowed = min(self._allows_at_level, default=allows)
+        allowed = min(allowed, self._allowed_before.get(self.concurrency, allowed))
+        if allowed < needed_gain(wanted / self.concurrency - 1, waiting):
+            return  # the idle cores could not give the step the gain it must show
         self._trial = (self.concurrency, self._level_throughput(), waiting)
         self._set(
             wanted,
@@ -306,9 +338,12 @@ class ConcurrencyTuner:
         return sum(windows) / len(windows)
 
     def _set(self, concurrency: int, reason: str) -> None:
+        if self._allows_at_level:
+            self._allowed_before[self.concurrency] = min(self._allows_at_level)
         self._came_down = concurrency < self.concurrency
         self._first_at_level = None
         self._at_level.clear()
+        self._allows_at_level.clear()
         self.concurrency = concurrency
         seconds = time.perf_counter() - self._began
         self.history.append(Decision(seconds, concurrency, reason))
@@ -351,8 +386,9 @@ class Autotuner:
 
     def __init__(self, stages: Sequence[TunedStage]) -> None:
         self._stages = stages
-        # when, the process's CPU seconds, waited, samples, batches, and each stage's busy
-        self._window: tuple[float, float, float, int, int, list[float]] | None = None
+        # when, the process's CPU seconds, the idle cores' seconds, waited, samples, batches,
+        # and each stage's busy seconds
+        self._window: tuple[float, float, float | None, float, int, int, list[float]] | None = None
         # Stages that start their search together ramp up together (not a resumed search).
         self._ramping = len(stages) > 1 and not any(stage.tuner.history for stage in stages)
         self._ramp_trial: tuple[list[int], float, float] | None = None  # levels, samples/s, wait
@@ -380,16 +416,22 @@ class Autotuner:
         now = time.perf_counter()
         window = self._window
         if window is None:
-            self._window = (now, time.process_time(), wait_seconds, samples, batches, self._busy())
+            self._window = (
+                now, time.process_time(), idle_seconds(), wait_seconds, samples, batches,
+                self._busy(),
+            )  # fmt: skip
             return None
-        began, cpu_began, waited_before, samples_before, batches_before, busy_before = window
+        began, cpu_began, idle_began, waited_before, samples_before, batches_before, busy_before = (
+            window
+        )
         wall = now - began
         seconds = RAMP_WINDOW_SECONDS if self._ramping else WINDOW_SECONDS
         if wall < seconds or batches - batches_before < WINDOW_BATCHES:
             return None
-        busy = self._busy()
+        busy, idle_now = self._busy(), idle_seconds()
         cpu = time.process_time() - cpu_began
-        self._window = (now, time.process_time(), wait_seconds, samples, batches, busy)
+        self._window = (now, time.process_time(), idle_now, wait_seconds, samples, batches, busy)
+        idle = None if idle_now is None or idle_began is None else (idle_now - idle_began) / wall
         throughput = (samples - samples_before) / wall
         # (a wait that began before the window may end in it: at most all of it)
         waiting = min(1.0, (wait_seconds - waited_before) / wall)
@@ -402,7 +444,7 @@ class Autotuner:
         bottleneck = self._bottleneck(shares)
         stage = next((stage for stage in self._stages if stage.tuner.trying), bottleneck)
         before = stage.tuner.concurrency
-        stage.tuner.decide(throughput, waiting, cpu / wall, climb=stage is bottleneck)
+        stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle)
         if stage.tuner.concurrency == before and not self._lean:
             return None
         return self.start(lean=stage.tuner.trying_more)

@@ -138,6 +138,18 @@ def test_no_step_is_tried_that_the_idle_cores_could_not_pay_for():
     assert tuner.history == []
 
 
+def test_on_a_busy_machine_the_cores_left_idle_bound_a_step():
+    """Two readers use one of 2 cores, but other processes take the other: a doubling could
+    gain 5% at most, so it is not tried; on an idle machine it is."""
+    busy = ConcurrencyTuner(maximum=32, budget=2, start=2)
+    for _ in range(5):
+        busy.decide(1000.0, 1.0, 1.0, idle=0.05)
+    assert (busy.concurrency, busy.history) == (2, [])
+    idle = ConcurrencyTuner(maximum=32, budget=2, start=2)
+    idle.decide(1000.0, 1.0, 1.0, idle=1.0)
+    assert idle.concurrency == 4
+
+
 def test_a_step_is_judged_against_the_levels_mean_not_one_slow_window():
     """Windows of a few batches are noisy: a step up tried after a slow window, that reads
     no faster than the level did on average, is taken back."""
@@ -174,6 +186,7 @@ def test_a_step_up_on_trial_gets_one_batch_in_flight_a_reader():
     tuning = Autotuner([TunedStage(tuner, lambda c: 2 * c, lambda: 0.0, depth=2)])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_tuner, "time", clock)
+        patch.setattr(_tuner, "idle_seconds", lambda: None)
         assert tuning.start() == 4
         bounds, samples = [], 0
         for window in range(1, 4):
@@ -261,6 +274,7 @@ def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30
     `limit`, the cores), and the loop waits all the time. The concurrencies after each window."""
     clock = Clock()
     monkeypatch.setattr(_tuner, "time", clock)
+    monkeypatch.setattr(_tuner, "idle_seconds", lambda: None)  # the model's cores only
     tuners = [ConcurrencyTuner(maximum=1024, budget=64, start=start) for start in starts]
     busy = [0.0] * len(tuners)
     stages = [TunedStage(tuner, lambda c: c, lambda i=i: busy[i]) for i, tuner in enumerate(tuners)]
@@ -423,7 +437,7 @@ def test_fewer_reads_at_once_retire_fetchers_without_dropping_a_read():
     tuner = loader._tuner
     switched: list[float] = []
 
-    def decide(throughput, waiting, cores, climb=True):  # 32 (the start), then 4 at once
+    def decide(throughput, waiting, cores, climb=True, idle=None):  # 32 (the start), then 4 at once
         if not switched:
             switched.append(time.perf_counter())
             tuner.concurrency = 4
