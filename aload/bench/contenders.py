@@ -25,11 +25,13 @@ from aload.collate import default_collate
 
 @dataclass(frozen=True)
 class Drained:
-    """What one pass over a fresh loader delivered, timed from the call that built it."""
+    """What one pass over a fresh loader delivered, timed from the call that built it; and
+    its peak memory where the pass measured it itself (run in a fresh process)."""
 
     samples: int
     first_batch_s: float
     elapsed_s: float
+    peak_mib: float | None = None
 
 
 def batch_len(batch: Any) -> int:
@@ -98,10 +100,12 @@ def drain_stepping(step_seconds: float) -> Callable[[Callable[[], Iterable[Any]]
     return drive
 
 
-def drain_epochs(epochs: int) -> Callable[[Callable[[], Any]], Drained]:
+def drain_epochs(
+    epochs: int, seconds: float | None = None
+) -> Callable[[Callable[[], Any]], Drained]:
     """A drive that builds a loader and iterates `epochs` epochs of it with a plain `for`,
-    timed whole (`drain`): what a loader that learns across epochs (`worker_mode="auto"`)
-    pays for its search, next to loaders that do not search."""
+    timed whole (`drain`, stopped after `seconds` if given): what a loader that learns across
+    epochs (`worker_mode="auto"`) pays for its search, next to loaders that do not search."""
 
     def drive(make: Callable[[], Iterable[Any]]) -> Drained:
         def batches() -> Iterator[Any]:
@@ -114,7 +118,7 @@ def drain_epochs(epochs: int) -> Callable[[Callable[[], Any]], Drained]:
                 if close is not None:
                     close()
 
-        return drain(batches)
+        return drain(batches, seconds)
 
     return drive
 

@@ -4,19 +4,25 @@ static settings against "auto", in one run: does the loader find its own concurr
 Each workload's data runs with 1 to 32 thread workers, 1 to 8 worker processes (more would
 only take turns on a machine of a few cores), or, for awaited reads, 8 to 512 reads at once;
 then with everything left to the loader: `num_workers="auto", worker_mode="auto"` (an async
-dataset: `max_concurrency="auto"`). Every run builds a fresh loader and reads one epoch, so
-auto's figure includes its search; the epochs take five to six seconds at the best static
-setting (a search may take a second or two: the tensor grid's epoch is shorter, as its
-reads need no workers), and a static run stops after `STATIC_SECONDS` (its pace is
-steady: the slow settings need not read it all). The summary
-sets auto against the fastest static setting: its throughput, and its peak memory against
-that setting's.
+dataset: `max_concurrency="auto"`). Every run is a fresh Python process
+(`python -m aload.bench.grid WORKLOAD ROW SCALE`) that builds the data, then a loader, and
+reads one epoch, so auto's figure includes its search, and each peak memory is what that
+loader added to a process as a user's script meets it (in one long process, the heap that
+earlier rows grew and freed hides later rows' growth). The epochs take five to six seconds
+at the best static setting (a search may take a second or two; the tensor grid's epoch is a
+tenth of a second, as its reads need no workers, so its runs read ten), and a static run
+stops after `STATIC_SECONDS` (its pace is steady: the slow settings need not read it all).
+The summary sets auto against the fastest static setting: its throughput, and its peak
+memory against that setting's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import gc
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +31,8 @@ import torch
 import torch.utils.data as tud
 
 from aload.bench import datasets as ds
-from aload.bench.contenders import Contender, aload_loader, drain
+from aload.bench.contenders import Contender, Drained, aload_loader, drain_epochs
+from aload.bench.memory import TreeMemory
 from aload.bench.runner import Result
 from aload.bench.workloads import Settings, Workload
 
@@ -45,6 +52,7 @@ class GridData:
     batch_size: int
     shuffle: bool = False
     awaited: bool = False  # an async dataset: the grid is over max_concurrency
+    epochs: int = 1  # epochs a run reads (one loader): enough to time a fast epoch
 
 
 def _tensor(s: Settings) -> Any:
@@ -53,7 +61,14 @@ def _tensor(s: Settings) -> Any:
 
 
 GRID: dict[str, GridData] = {
-    "tensor": GridData("TensorDataset 1,000,000 x 64, shuffled", _tensor, 256, shuffle=True),
+    "tensor": GridData(
+        "TensorDataset 1,000,000 x 64, shuffled, ten epochs a run (an epoch takes a tenth of "
+        "a second: its reads need no workers)",
+        _tensor,
+        256,
+        shuffle=True,
+        epochs=10,
+    ),
     "io": GridData(
         "a 2 ms blocking read per item, 80,000 items",
         lambda s: ds.SleepDataset(s.items(80_000), 0.002),
@@ -88,13 +103,14 @@ GRID: dict[str, GridData] = {
 }
 
 
-def grid_workload(name: str, settings: Settings) -> Workload:
-    """The grid of `name`'s data: every static setting, then auto."""
+def grid_workload(name: str, settings: Settings, fresh: bool = True) -> Workload:
+    """The grid of `name`'s data: every static setting, then auto; each run in a fresh
+    process (`fresh`), or in this one (in that fresh process)."""
     data = GRID[name]
     dataset = data.dataset(settings)
     kw: dict[str, Any] = {"batch_size": data.batch_size, "shuffle": data.shuffle}
     rows: list[Contender]
-    static = functools.partial(drain, seconds=STATIC_SECONDS)
+    static = drain_epochs(data.epochs, seconds=STATIC_SECONDS)
     if data.awaited:
         rows = [
             aload_loader(dataset, 0, detail=f"max_concurrency={c}", max_concurrency=c, **kw)
@@ -112,14 +128,46 @@ def grid_workload(name: str, settings: Settings) -> Workload:
             detail="num_workers='auto', worker_mode='auto'",
             **kw,
         )
-    auto = Contender(AUTO, auto.workers, auto.make, auto.drive, auto.detail)
+    auto = Contender(AUTO, auto.workers, auto.make, drain_epochs(data.epochs), auto.detail)
+    contenders = [*(dataclasses.replace(row, drive=static) for row in rows), auto]
+    if fresh:
+        contenders = [
+            dataclasses.replace(row, drive=_in_fresh_process(name, index, settings.scale))
+            for index, row in enumerate(contenders)
+        ]
     return Workload(
         f"grid-{name}",
         f"{data.description}, batch {data.batch_size}: static settings (each run stopped "
-        f"after {STATIC_SECONDS:g} s) against auto (a fresh loader each run: its search "
-        "included)",
-        [*(dataclasses.replace(row, drive=static) for row in rows), auto],
+        f"after {STATIC_SECONDS:g} s) against auto (its search included), each run in a "
+        "fresh process",
+        contenders,
     )
+
+
+def _in_fresh_process(name: str, row: int, scale: float) -> Callable[[Any], Drained]:
+    """A drive that runs row `row` of `name`'s grid in a new Python process, with its peak
+    memory measured there (this process's loader is never built)."""
+
+    def drive(make: Any) -> Drained:
+        command = [sys.executable, "-m", "aload.bench.grid", name, str(row), repr(scale)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            raise RuntimeError(f"the fresh process failed: {lines[-1]}")
+        return Drained(**json.loads(done.stdout.splitlines()[-1]))
+
+    return drive
+
+
+def run_row(name: str, row: int, scale: float) -> Drained:
+    """In the fresh process: build the data, then run the row, with the peak memory of this
+    process and its workers above what they held once the data was built."""
+    contender = grid_workload(name, Settings(scale=scale), fresh=False).contenders[row]
+    with TreeMemory() as memory:
+        gc.collect()
+        memory.start()
+        drained = contender.drive(contender.make)
+        return dataclasses.replace(drained, peak_mib=memory.stop())
 
 
 @dataclass(frozen=True)
@@ -163,3 +211,8 @@ def summary(verdicts: list[Verdict]) -> str:
 
 def _mib(result: Result) -> str:
     return "n/a" if result.memory is None else f"{result.memory:,.0f}"
+
+
+if __name__ == "__main__":
+    figures = run_row(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+    print(json.dumps(dataclasses.asdict(figures)))

@@ -67,6 +67,8 @@ def run_once(contender: Contender, memory: TreeMemory, result: Result) -> None:
     memory.start()
     drained = contender.drive(contender.make)
     peak = memory.stop()
+    if drained.peak_mib is not None:  # measured where it ran (a fresh process)
+        peak = drained.peak_mib
     result.samples_per_s.append(drained.samples / drained.elapsed_s)
     result.first_batch_ms.append(drained.first_batch_s * 1000)
     if peak is not None:
