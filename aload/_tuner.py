@@ -21,8 +21,7 @@ consumer does not wait: more reads would only queue more batches.
 
 The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
-have, so a reader that finishes during a training step goes on to its next batch (a step up
-on trial gives its readers one batch each: trying more costs no memory); with an
+have, so a reader that finishes during a training step goes on to its next batch; with an
 async dataset, how many reads are awaited at once, and how many of its thread workers finish
 batches. Where an epoch has two knobs, `Autotuner` first ramps them up together while the
 loop waits nearly all the time, then gives each window to the stage that holds the other
@@ -158,11 +157,6 @@ class ConcurrencyTuner:
         is not one: it waits for a window in which this stage holds the others back.)"""
         return self._trial is not None
 
-    @property
-    def trying_more(self) -> bool:
-        """Whether the step on trial is one up."""
-        return self._trial is not None and self.concurrency > self._trial[0]
-
     def decide(
         self,
         throughput: float,
@@ -225,10 +219,11 @@ class ConcurrencyTuner:
             return  # training holds the loop back, not data: more reads would only queue
         if self._settled is not None and throughput < self._settled * (1 - SHIFT):
             self._below_settled += 1
-            if self._below_settled >= SHIFT_WINDOWS:  # not one slow window: a change
-                self._ceiling = None  # the data's cost changed: climb again from here
-                self._settled, self._explored = None, False
-                self._allowed_before.clear()
+            if self._below_settled < SHIFT_WINDOWS:
+                return  # one slow window: the next says whether the cost changed
+            self._ceiling = None  # the data's cost changed: climb again from here
+            self._settled, self._explored = None, False
+            self._allowed_before.clear()
         else:
             self._below_settled = 0
         if self._ceiling is not None:
@@ -354,14 +349,12 @@ class ConcurrencyTuner:
 @dataclass(frozen=True)
 class TunedStage:
     """One stage's knob in an epoch: its tuner; how a concurrency is put in force (returning
-    the epoch's bound on batches in flight); the seconds the stage has been busy so far in
-    the epoch, summed over its workers; and the batches in flight that bound gives each
-    reader (torch's `prefetch_factor`)."""
+    the epoch's bound on batches in flight); and the seconds the stage has been busy so far
+    in the epoch, summed over its workers."""
 
     tuner: ConcurrencyTuner
     put_in_force: Callable[[int], int]
     busy_seconds: Callable[[], float]
-    depth: int = 1
 
 
 class Autotuner:
@@ -393,22 +386,12 @@ class Autotuner:
         # Stages that start their search together ramp up together (not a resumed search).
         self._ramping = len(stages) > 1 and not any(stage.tuner.history for stage in stages)
         self._ramp_trial: tuple[list[int], float, float] | None = None  # levels, samples/s, wait
-        self._bound = 0  # the epoch's bound on batches in flight, as last put in force
-        self._lean = False  # a step up on trial: its new readers got one batch each
 
-    def start(self, lean: bool = False) -> int:
-        """Put each stage's concurrency in force; the epoch's bound on batches in flight.
-
-        `lean`: a step up is on trial. Its readers get one batch in flight each (or the bound
-        before the step, if that is more) until the step is kept: in a window in which the
-        consumer waits, batches do not queue, so the step is judged as well, and trying more
-        readers takes no more memory than the level it may go back to."""
+    def start(self) -> int:
+        """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
         bound = 0
         for stage in self._stages:
             bound = stage.put_in_force(stage.tuner.concurrency)
-        if lean:
-            bound = max(self._bound, -(-bound // self._stages[-1].depth))
-        self._bound, self._lean = bound, lean
         return bound
 
     def observe(self, samples: int, batches: int, wait_seconds: float) -> int | None:
@@ -446,9 +429,9 @@ class Autotuner:
         stage = next((stage for stage in self._stages if stage.tuner.trying), bottleneck)
         before = stage.tuner.concurrency
         stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle)
-        if stage.tuner.concurrency == before and not self._lean:
+        if stage.tuner.concurrency == before:
             return None
-        return self.start(lean=stage.tuner.trying_more)
+        return stage.put_in_force(stage.tuner.concurrency)
 
     def _ramp(
         self, throughput: float, waiting: float, cores: float, shares: list[float]
@@ -472,11 +455,11 @@ class Autotuner:
                 stage.tuner.ramp_kept(throughput)
             if throughput < baseline * (1 + HALF_SHARE):
                 self._ramping = False  # flattening: each stage's own search from here
-                return self.start()  # (kept: each reader's full read-ahead)
+                return None
         budget = min(stage.tuner.budget for stage in stages)
         if waiting < RAMP_WAITING or cores >= budget * 0.95:
             self._ramping = False
-            return self.start() if self._lean else None
+            return None
         bottleneck = self._bottleneck(shares)
         reason = (
             f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s, on "
@@ -490,9 +473,9 @@ class Autotuner:
         ]
         if not any(stepped):
             self._ramping = False
-            return self.start() if self._lean else None
+            return None
         self._ramp_trial = (levels, throughput, waiting)
-        return self.start(lean=True)
+        return self.start()
 
     def _busy(self) -> list[float]:
         """Each stage's busy seconds so far (read at a window's edges, not per batch)."""

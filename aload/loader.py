@@ -764,9 +764,7 @@ class DataLoader(Generic[T_co]):
                     meter.read_concurrency = concurrency
                     return config.in_flight_for(concurrency)
 
-                stages.append(
-                    TunedStage(self._tuner, set_reads, meter.reading_seconds, config.depth)
-                )
+                stages.append(TunedStage(self._tuner, set_reads, meter.reading_seconds))
             if self._workers_tuner is not None:
                 finishers, reads = pool.cpu, self._tuner
                 assert isinstance(finishers, ThreadPool)  # gated for the tuner (`readers`)
@@ -777,9 +775,7 @@ class DataLoader(Generic[T_co]):
                     return config.in_flight_for(_reads_at_once(config, reads))
 
                 tuner = self._workers_tuner
-                stages.append(
-                    TunedStage(tuner, set_finishers, meter.finishing_seconds, config.depth)
-                )
+                stages.append(TunedStage(tuner, set_finishers, meter.finishing_seconds))
         elif self._tuner is not None:
             readers = pool
             assert isinstance(readers, ThreadPool)  # gated for the tuner (`readers`)
@@ -791,7 +787,7 @@ class DataLoader(Generic[T_co]):
                 readers.limit_readers(concurrency)
                 return concurrency * config.depth
 
-            stages.append(TunedStage(self._tuner, set_readers, meter.reading_seconds, config.depth))
+            stages.append(TunedStage(self._tuner, set_readers, meter.reading_seconds))
         return Autotuner(stages) if stages else None
 
     def _deal_over(self, pool: WorkerPool) -> int:
