@@ -177,6 +177,14 @@ def indices_and_readers(batches) -> tuple[list[int], list[int]]:
     return flatten([b[0] for b in batches]), [int(b[1][0]) for b in batches]
 
 
+def moving_loader(n: int = 480, **kwargs) -> aload.DataLoader:
+    """`n` reads of 1 ms that hold the GIL, in batches of 8 on 2 workers with
+    `worker_mode="auto"`: the epoch moves to processes as it runs."""
+    return aload.DataLoader(
+        ComputesWhere(n, 0.001), batch_size=8, num_workers=2, worker_mode="auto", **kwargs
+    )
+
+
 @needs_two_cores
 @pytest.mark.parametrize("persistent", [False, True], ids=["new workers", "persistent"])
 def test_an_epoch_holding_the_gil_gives_its_rest_to_processes_as_it_runs(persistent):
@@ -399,9 +407,7 @@ async def test_async_for_keeps_the_loop_beating_while_an_epoch_moves(anyio_backe
     got: list[list[int]] = []
 
     async def epoch() -> None:
-        loader = aload.DataLoader(
-            ComputesWhere(240, 0.001), batch_size=8, num_workers=2, worker_mode="auto"
-        )
+        loader = moving_loader(240)
         batches = [batch async for batch in loader]
         got.append(indices_and_readers(batches)[0])
         assert int(batches[-1][1][0]) != os.getpid()  # moved within the epoch
@@ -416,9 +422,7 @@ def test_processes_that_cannot_start_leave_the_epoch_on_its_threads(monkeypatch)
         raise RuntimeError("no processes here")
 
     monkeypatch.setattr(ProcessPool, "__init__", cannot_start)
-    loader = aload.DataLoader(
-        ComputesWhere(240, 0.001), batch_size=8, num_workers=2, worker_mode="auto"
-    )
+    loader = moving_loader(240)
     indices, readers = indices_and_readers(list(loader))
     assert indices == list(range(240))
     assert set(readers) == {os.getpid()}
@@ -431,14 +435,7 @@ def test_processes_that_cannot_start_leave_the_epoch_on_its_threads(monkeypatch)
 def test_a_move_within_an_epoch_keeps_out_of_order_delivery_and_the_memory_budget():
     """Batches as they finish (`in_order=False`) under a memory budget: every sample once
     across the move, and the processes' own memory is watched from the move on."""
-    loader = aload.DataLoader(
-        ComputesWhere(480, 0.001),
-        batch_size=8,
-        num_workers=2,
-        worker_mode="auto",
-        in_order=False,
-        memory_budget=512 * 2**20,
-    )
+    loader = moving_loader(in_order=False, memory_budget=512 * 2**20)
     indices, readers = indices_and_readers(list(loader))
     assert sorted(indices) == list(range(480))
     assert readers[0] == os.getpid()
@@ -449,13 +446,7 @@ def test_a_move_within_an_epoch_keeps_out_of_order_delivery_and_the_memory_budge
 def leave_after_the_move(persistent: bool) -> None:
     """Leave an epoch that moved to processes a few batches after the move, drop the
     loader, and wait for its threads and processes to end."""
-    loader = aload.DataLoader(
-        ComputesWhere(480, 0.001),
-        batch_size=8,
-        num_workers=2,
-        worker_mode="auto",
-        persistent_workers=persistent,
-    )
+    loader = moving_loader(persistent_workers=persistent)
     moved = 0
     for batch in loader:
         moved += int(batch[1][0]) != os.getpid()

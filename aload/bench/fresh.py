@@ -109,6 +109,18 @@ def tree_pss_kib(root: int) -> int:
     return sum(rollup_kib(pid, "Pss:") for pid in [root, *descendants(root)])
 
 
+def child_figures(returncode: int, out: str, err: str) -> dict[str, Any]:
+    """What a fresh process printed as JSON on its last line of output.
+
+    Raises:
+        RuntimeError: with the child's last line of error output, when it failed.
+    """
+    if returncode != 0:
+        raise RuntimeError(err.strip().splitlines()[-1] if err.strip() else f"exit {returncode}")
+    figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return figures
+
+
 def run_fresh(case: str, loader: str, scale: float, interval: float = 0.05) -> dict[str, float]:
     """One run in a new process, its tree's PSS sampled every `interval` seconds.
 
@@ -129,11 +141,7 @@ def run_fresh(case: str, loader: str, scale: float, interval: float = 0.05) -> d
         peak = max(peak, tree_pss_kib(child.pid))
         time.sleep(interval)
     out, err = child.communicate()
-    if child.returncode != 0:
-        raise RuntimeError(
-            err.strip().splitlines()[-1] if err.strip() else f"exit {child.returncode}"
-        )
-    figures = json.loads(out.strip().splitlines()[-1])
+    figures = child_figures(child.returncode, out, err)
     if sampled:
         figures["peak_pss_mib"] = peak / 1024
     return figures

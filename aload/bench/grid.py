@@ -32,6 +32,7 @@ import torch.utils.data as tud
 
 from aload.bench import datasets as ds
 from aload.bench.contenders import Contender, Drained, aload_loader, drain_epochs
+from aload.bench.fresh import child_figures
 from aload.bench.memory import TreeMemory
 from aload.bench.runner import Result
 from aload.bench.workloads import Settings, Workload
@@ -151,10 +152,7 @@ def _in_fresh_process(name: str, row: int, scale: float) -> Callable[[Any], Drai
     def drive(make: Any) -> Drained:
         command = [sys.executable, "-m", "aload.bench.grid", name, str(row), repr(scale)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-            raise RuntimeError(f"the fresh process failed: {lines[-1]}")
-        return Drained(**json.loads(done.stdout.splitlines()[-1]))
+        return Drained(**child_figures(done.returncode, done.stdout, done.stderr))
 
     return drive
 
