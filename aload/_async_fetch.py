@@ -87,10 +87,11 @@ class AsyncMapReader:
                 after["dataset"] = self._dataset.state_dict()
             keys = job.indices
         else:
-            read = await self._pool.read_all(read_one, job.indices)
-            kept = [i for i, sample in enumerate(read) if sample is not _SKIPPED]
-            samples = [read[i] for i in kept]
-            keys = [job.indices[i] for i in kept]
+            samples = await self._pool.read_all(read_one, job.indices)
+            keys = job.indices
+            if any(sample is _SKIPPED for sample in samples):  # reads the budget dropped
+                kept = [i for i, sample in enumerate(samples) if sample is not _SKIPPED]
+                samples, keys = [samples[i] for i in kept], [keys[i] for i in kept]
         self._keep_state(job, after)
         finish = partial(self._finish.keyed, samples, keys, self._seeds)
         return await self._pool.run_cpu(finish, (samples, keys), timing)

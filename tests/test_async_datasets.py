@@ -274,6 +274,26 @@ def test_hung_read_times_out_naming_the_indices_and_is_cancelled():
     assert ds.cancelled >= 1
 
 
+def test_a_fault_of_aloads_own_loop_is_logged_and_leaves_no_read_running(monkeypatch, caplog):
+    """A fetcher that breaks (a bug of aload's, simulated) stops aload's loop with an error
+    on the `aload` logger, its reads are cancelled, and the consumer's timeout still ends the
+    wait: nothing is lost silently."""
+    from aload.workers import loop
+
+    def broken(self):
+        raise RuntimeError("fetcher bug")
+
+    monkeypatch.setattr(loop._ItemReads, "count_one", broken)
+    ds = Remote(64, latency=0.01)
+    with pytest.raises(TimeoutError):
+        list(aload.DataLoader(ds, batch_size=4, max_concurrency=8, timeout=0.5))
+    assert ds.active == 0
+    assert any(
+        "stopped on an error" in r.getMessage() and "fetcher bug" in str(r.exc_info[1])
+        for r in caplog.records
+    )
+
+
 @pytest.mark.anyio
 async def test_cancelling_the_consumer_cancels_every_read_in_flight(anyio_backend):
     ds = Remote(10_000, latency=0.05)

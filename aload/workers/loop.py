@@ -12,11 +12,14 @@ here before its first read and exited after the epoch.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from itertools import repeat
 from typing import Any, Protocol, TypeVar, cast
 
 import anyio
@@ -28,6 +31,7 @@ from . import Job, WorkerPool
 from ._exit import stop_at_exit
 
 T = TypeVar("T")
+logger = logging.getLogger("aload")
 
 
 class AsyncJob(Job, Protocol):
@@ -105,9 +109,8 @@ class LoopPool:
         if self._start_error is not None:
             job.fail(self._start_error)
             return
-        async_job = cast(AsyncJob, job)  # this pool is only given jobs with a coroutine read
         try:
-            self._call_soon(self._task_group.start_soon, async_job.arun)
+            self._call_soon(self._take_job, job)
         except RunFinishedError:
             job.fail(RuntimeError("aload's event loop has stopped; this batch did not run"))
 
@@ -119,6 +122,25 @@ class LoopPool:
         for job in waiting:
             self.submit(job)
 
+    def _take_job(self, job: Job) -> None:
+        """On the loop: queue `job` for a runner, waking an idle one or starting one (a
+        runner lives for the epoch: a task a batch would cost more than its reads' turns)."""
+        self._jobs.append(cast(AsyncJob, job))  # this pool is only given coroutine reads
+        if self._idle_runners:
+            self._idle_runners.pop().set()
+        else:
+            self._spawn(self._run_jobs())
+
+    async def _run_jobs(self) -> None:
+        """One runner: runs queued jobs one after another, or sleeps until one is queued."""
+        jobs, idle = self._jobs, self._idle_runners
+        while True:
+            while jobs:
+                await jobs.popleft().arun()
+            wake = anyio.Event()
+            idle.append(wake)
+            await wake.wait()
+
     async def read_all(
         self, read: Callable[[Any], Awaitable[Any]], items: Sequence[Any]
     ) -> list[Any]:
@@ -128,7 +150,7 @@ class LoopPool:
             the first error a read raised; the batch's other reads are dropped.
         """
         batch = _ItemReads(read, len(items))
-        self._requests.extend((batch, position, item) for position, item in enumerate(items))
+        self._requests.extend(zip(repeat(batch), range(len(items)), items))
         woken = min(len(items), len(self._idle))
         for _ in range(woken):
             self._idle.pop().set()
@@ -191,7 +213,7 @@ class LoopPool:
         as far as the target allows."""
         for _ in range(min(reads, self._target - (self._alive - self._retiring))):
             self._alive += 1
-            self._task_group.start_soon(self._fetch)
+            self._spawn(self._fetch())
 
     def begin(self) -> None:
         if self._cpu is not None:
@@ -248,11 +270,19 @@ class LoopPool:
         a busy spell while it lasts.
         """
         requests, idle, clock = self._requests, self._idle, self.read_clock
+        cancelled = anyio.get_cancelled_exc_class()
         while True:
             started = time.perf_counter()
             while requests:
                 batch, position, item = requests.popleft()
-                await batch.read_one(position, item)
+                if batch.error is None:  # else a read of its batch failed: the batch is lost
+                    try:
+                        batch.results[position] = await batch.read(item)
+                    except cancelled:
+                        raise
+                    except BaseException as error:
+                        batch.fail(error)
+                batch.count_one()
                 ended = time.perf_counter()
                 clock.seconds += ended - started
                 started = ended
@@ -269,46 +299,75 @@ class LoopPool:
 
     def _run(self) -> None:
         try:
-            anyio.run(self._main)
-        except BaseException as error:  # the dataset's __aenter__ failed: report it per job
-            if self._waiting is not None:
+            anyio.run(self._main, backend="asyncio")
+        except BaseException as error:
+            if self._waiting is not None:  # the dataset's __aenter__ failed: report it per job
                 self._started(error)
+            else:  # a fetcher or runner broke (a bug of aload's): say so, loudly
+                logger.error("aload's event loop stopped on an error", exc_info=error)
 
     async def _main(self) -> None:
         self._token = anyio.lowlevel.current_token()
+        self._loop = asyncio.get_running_loop()
         self._stop = anyio.Event()
         # Unbounded here; bounded by the scheduler, which keeps only so many batches in flight.
         self._requests: deque[tuple[_ItemReads, int, Any]] = deque()
         self._idle: list[anyio.Event] = []
-        async with _entered(self._dataset), anyio.create_task_group() as task_group:
-            self._task_group = task_group
-            self._started()
-            with self._lock:
-                closing = self._closing
-            if not closing:
-                await self._stop.wait()
-            task_group.cancel_scope.cancel()
+        self._jobs: deque[AsyncJob] = deque()  # submitted, for the runners
+        self._idle_runners: list[anyio.Event] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # the fetchers and runners
+        self._crash: BaseException | None = None
+        async with _entered(self._dataset):
+            try:
+                self._started()
+                with self._lock:
+                    closing = self._closing
+                if not closing:
+                    await self._stop.wait()
+            finally:  # they end before the dataset's context exits: no read outlives it
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._crash is not None:
+            raise self._crash
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Start a fetcher or a runner: a plain task of aload's loop (asyncio), which costs a
+        quarter of a task group's (256 fetchers held the first reads back by 3 ms);
+        `_main` cancels them before the dataset's context exits."""
+        task = self._loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A fetcher or runner ended: retired, cancelled, or broken by a bug of aload's own
+        (they catch every error of a read), which then stops the loop and is raised there."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._crash = self._crash or error
+            self._stop.set()
 
 
 class _ItemReads:
-    """The item reads of one batch, and the event that says they are all done (or one failed)."""
+    """The item reads of one batch, and the event that says they are all done (or one failed).
+    The fetchers await `read(item)` themselves: a coroutine less per item."""
+
+    __slots__ = ("_remaining", "done", "error", "read", "results")
 
     def __init__(self, read: Callable[[Any], Awaitable[Any]], count: int) -> None:
-        self._read = read
+        self.read = read
         self._remaining = count
         self.results: list[Any] = [None] * count
         self.error: BaseException | None = None
         self.done = anyio.Event()
 
-    async def read_one(self, position: int, item: Any) -> None:
-        if self.error is None:
-            try:
-                self.results[position] = await self._read(item)
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as error:
-                self.error = error
-                self.done.set()
+    def fail(self, error: BaseException) -> None:
+        """A read failed: the batch ends with `error`, its other reads are skipped."""
+        self.error = error
+        self.done.set()
+
+    def count_one(self) -> None:
+        """One read ended (or was skipped)."""
         self._remaining -= 1
         if self._remaining == 0:
             self.done.set()
