@@ -95,22 +95,32 @@ class ModeChooser:
         workers_cpu: float,
         helpers_cpu: float,
         idle: float = 0.0,
+        consumer_cpu: float = 0.0,
     ) -> None:
         """Epoch `epoch` ran on threads for `seconds` (a window of it), delivering `samples`;
         the consumer waited for data `waited` of it; the worker threads computed
-        `workers_cpu` seconds and other threads of the process (not the consumer's)
-        `helpers_cpu`; the cores this process may use sat idle `idle` seconds in all."""
+        `workers_cpu` seconds, the consumer's thread `consumer_cpu` and other threads of the
+        process `helpers_cpu`; the cores this process may use sat idle `idle` seconds in all.
+
+        One worker thread is judged with the consumer's thread (a training step): the two
+        take turns on the GIL when they compute on one core between them, and a worker
+        process would run beside the step."""
         if self.settled or self.worker_mode != "thread" or seconds < MIN_SECONDS:
             return
         self._threads_rate = samples / seconds
-        parallel = min(self.workers, self.budget)
         workers, loading = workers_cpu / seconds, (workers_cpu + helpers_cpu) / seconds
+        consumer = consumer_cpu / seconds
+        beside_one = self.workers == 1 and consumer >= BUSY  # one worker beside the step
+        parallel = min(self.workers + beside_one, self.budget)
+        if beside_one:
+            loading += consumer
         # Threads taking turns on the GIL use one core, or what the machine leaves them of
         # one: less than that, with cores idle, the GIL had room to spare.
         allowed = min(1.0, loading + idle / seconds)
         measured = (
             f"over {seconds:.2f} s, the worker threads computed on {workers:.2f} cores, the "
-            f"loading on {loading:.2f} of {self.budget:g} ({idle / seconds:.2f} idle), and the "
+            f"loading on {loading:.2f} of {self.budget:g}"
+            f"{' with the loop' if beside_one else ''} ({idle / seconds:.2f} idle), and the "
             f"loop waited {waited:.0%} of it"
         )
         if waited < WAITING:
@@ -209,7 +219,9 @@ class ThreadsWatch:
         waited = min(1.0, (self._meter.waited() - self._wait) / seconds) if seconds > 0 else 0.0
         samples = self._meter.samples - self._samples
         idle = max(0.0, (idle_seconds() or 0.0) - self._idle)
-        chooser.judge_threads(self._epoch, seconds, samples, waited, workers, helpers, idle)
+        chooser.judge_threads(
+            self._epoch, seconds, samples, waited, workers, helpers, idle, consumer
+        )
         if chooser.worker_mode == "thread":
             self._window = min(2 * self._window, LONGEST_WINDOW)
             self._mark()

@@ -275,7 +275,7 @@ def test_busy_runs_a_training_step_workload_beside_spinning_processes(tmp_path):
     assert report["environment"]["busy"] is True
     (workload,) = report["workloads"]
     families = [r["family"] for r in workload["results"]]
-    assert families == ["limit", "torch", "aload thread", "aload process"]
+    assert families == ["limit", "torch", "aload thread", "aload process", "aload auto"]
     assert all(r["error"] is None and r["of_the_limit"] > 0 for r in workload["results"])
     assert spinners() == before  # the busy processes end with the run
 

@@ -32,10 +32,20 @@ from aload.workers.process import ProcessPool
 
 
 def judged(
-    workers=2, budget=2, seconds=1.0, samples=1000, waited=0.5, cpu=1.0, helpers=0.0, idle=1.0
+    workers=2,
+    budget=2,
+    seconds=1.0,
+    samples=1000,
+    waited=0.5,
+    cpu=1.0,
+    helpers=0.0,
+    idle=1.0,
+    consumer=0.0,
 ):
     chooser = ModeChooser(workers, budget=budget)
-    chooser.judge_threads(0, seconds, samples, waited, cpu, helpers, idle * seconds)
+    chooser.judge_threads(
+        0, seconds, samples, waited, cpu, helpers, idle * seconds, consumer * seconds
+    )
     return chooser
 
 
@@ -65,6 +75,18 @@ def test_threads_stay_where_processes_could_not_help(measures, why):
     chooser = judged(**measures)
     assert chooser.worker_mode == "thread"
     assert why in chooser.history[-1].reason
+
+
+def test_one_worker_thread_taking_turns_on_the_gil_with_a_training_step_moves_to_processes():
+    """One worker thread in pure Python beside a training step: the two compute on one core
+    between them (0.45 + 0.5), a core sits idle, and the loop waits: a worker process would
+    run beside the step. With numpy items the two use both cores: threads stay."""
+    chooser = judged(workers=1, cpu=0.45, consumer=0.5, idle=1.0)
+    assert chooser.worker_mode == "process"
+    assert "with the loop" in chooser.history[-1].reason
+    assert judged(workers=1, cpu=0.95, consumer=0.9, idle=0.1).worker_mode == "thread"
+    # A consumer that does not compute (it only waits for data) is no second thread.
+    assert "no two workers" in judged(workers=1, cpu=0.95, consumer=0.02).history[-1].reason
 
 
 def test_many_threads_that_mostly_wait_stay_threads_though_their_cpu_adds_up():

@@ -9,10 +9,11 @@ where contention shows most.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -111,12 +112,31 @@ def batch_seconds(data: tud.Dataset, workers: int) -> float:
     return statistics.median(runs) / workers
 
 
-def train(step: Step) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
-    """A drive that runs `step` on every batch of a fresh loader (`for`) and times the steps
-    after the first batch arrived: the step time of a running job, start-up left out (the
-    first batch column has it)."""
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (None: left as they are)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train(
+    step: Step, step_threads: int | None = None
+) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
+    """A drive that runs `step` on every batch of a fresh loader (`for`), on `step_threads`
+    intra-op threads (None: torch's default), and times the steps after the first batch
+    arrived: the step time of a running job, start-up left out (the first batch column has
+    it)."""
 
     def drive(make: Callable[[], Iterable[Any]]) -> Drained:
+        with intra_op_threads(step_threads):
+            return _drive(make)
+
+    def _drive(make: Callable[[], Iterable[Any]]) -> Drained:
         started = time.perf_counter()
         samples, first = 0, None
         for batch in make():
@@ -132,20 +152,25 @@ def train(step: Step) -> Callable[[Callable[[], Iterable[Any]]], Drained]:
     return drive
 
 
-def training_contenders(work: Any, workers: int) -> tuple[list[Contender], float]:
+def training_contenders(
+    work: Any, workers: int, step_threads: int | None = None
+) -> tuple[list[Contender], float]:
     """The limit (steps over batches in memory), torch's loader in processes, aload's in
-    threads and in processes, each driving the same step; and the step's length, as long
-    as `workers` take for a batch at best."""
+    threads, in processes and choosing (`worker_mode="auto"`), each driving the same step
+    on `step_threads` intra-op threads (None: torch's default); and the step's length, as
+    long as `workers` take for a batch at best."""
     data = Featurized(work)
     seconds = batch_seconds(data, workers)
-    step = step_for(seconds)
+    with intra_op_threads(step_threads):
+        step = step_for(seconds)
     in_memory = list(tud.DataLoader(data, batch_size=BATCH))
-    drive = train(step)
+    drive = train(step, step_threads)
     limit = Contender("limit", 0, lambda: in_memory, drive, "the steps alone, data in memory")
     loaders = [
         torch_loader(data, workers, batch_size=BATCH),
         aload_loader(data, workers, batch_size=BATCH),
         aload_loader(data, workers, batch_size=BATCH, worker_mode="process"),
+        aload_loader(data, workers, batch_size=BATCH, worker_mode="auto"),
     ]
     return [limit, *(dataclasses.replace(c, drive=drive) for c in loaders)], seconds
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -542,22 +543,41 @@ def _ray_overhead(s: Settings) -> Workload:
     return _on_ray("ray-overhead", items, ds.IndexDataset, 8192)(s)
 
 
-def _train(work: Callable[[int, float], Any], kind: str) -> Callable[[Settings], Workload]:
+def _train(
+    work: Callable[[int, float], Any], kind: str, split: bool = False
+) -> Callable[[Settings], Workload]:
+    """`split`: the workers get half the cores and the step the other half (its intra-op
+    threads), the step as long as the workers take for a batch: each side could keep up on
+    its own cores, so what the step loses is what the loader takes from it."""
+
     def build(s: Settings) -> Workload:
         n, per_item = s.items(4096), 0.0002
-        (w,) = s.counts(2)
-        contenders, step_s = training.training_contenders(work(n, per_item), w)
+        cores = len(os.sched_getaffinity(0))
+        (w,) = s.counts(max(1, cores // 2) if split else 2)
+        threads = max(1, cores - w) if split else None
+        contenders, step_s = training.training_contenders(work(n, per_item), w, threads)
+        on = (
+            f"{threads} intra-op thread{'s' * (threads != 1)}"
+            if threads
+            else "torch's intra-op threads"
+        )
         return Workload(
-            f"train-{kind}",
-            f"a training step (MLP, SGD, torch's intra-op threads) per batch of 32; items "
+            f"train-{kind}" + ("-split" if split else ""),
+            f"a training step (MLP, SGD, {on}) per batch of 32; items "
             f"take ~0.2 ms of {kind} work each, {n:,} items; the step {step_s * 1000:.1f} ms, "
-            f"as long as a batch takes {w} workers at best; samples/s from the first batch on",
+            f"as long as a batch takes {w} worker{'s' * (w != 1)} at best; samples/s from the "
+            "first batch on",
             contenders,
         )
 
     build.__doc__ = (
         f"A training step per batch, items of ~0.2 ms {kind} work: how much the loader "
-        "slows training (the limit: the steps alone)."
+        "slows training (the limit: the steps alone)"
+        + (
+            "; the workers on half the cores, the step on the other half's intra-op threads."
+            if split
+            else "."
+        )
     )
     return build
 
@@ -583,6 +603,8 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "memory": _memory,
     "train-python": _train(training.python_work, "python"),
     "train-numpy": _train(training.numpy_work, "numpy"),
+    "train-python-split": _train(training.python_work, "python", split=True),
+    "train-numpy-split": _train(training.numpy_work, "numpy", split=True),
 }
 if importlib.util.find_spec("ray") is not None:  # pip install 'aload[ray]'
     WORKLOADS.update({"ray": _ray, "ray-overhead": _ray_overhead})
