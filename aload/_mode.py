@@ -14,6 +14,11 @@ CPU, and work that releases the GIL (numpy, torch, decoders in C) spreads over t
 both stay on threads, where processes would only add start-up time and memory. A window in
 which the consumer did not wait stays on threads too: data does not hold training back.
 
+Beside a training step, the consumer's thread counts too: one worker thread and the step
+compute on one core between them when they take turns on the GIL (a worker process would
+run beside the step), and a step on several intra-op threads keeps its team busy, so the
+workers are then judged by their own threads' CPU.
+
 Processes are judged once, over their first `MIN_SECONDS` or more (the rest of the epoch
 they took over, else their first whole epoch): if they delivered fewer samples a second
 than the threads' last window, the workers go back to threads for good; else they stay.
@@ -26,6 +31,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ._tuner import cpu_budget, idle_seconds
 
@@ -44,6 +51,7 @@ WAITING = 0.1  # the consumer waited at least this share of the epoch: data held
 MIN_SECONDS = 0.1  # a window (or epoch) shorter than this says too little to move on
 LONGEST_WINDOW = 5.0  # the windows an epoch on threads is judged in double up to this
 SLOWER = 0.05  # processes this much slower than threads: back to threads
+TEAM_LEFT_OUT = " (the loop's intra-op threads left out)"
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,7 @@ class ModeChooser:
         helpers_cpu: float,
         idle: float = 0.0,
         consumer_cpu: float = 0.0,
+        consumer_team: int = 1,
     ) -> None:
         """Epoch `epoch` ran on threads for `seconds` (a window of it), delivering `samples`;
         the consumer waited for data `waited` of it; the worker threads computed
@@ -104,12 +113,16 @@ class ModeChooser:
 
         One worker thread is judged with the consumer's thread (a training step): the two
         take turns on the GIL when they compute on one core between them, and a worker
-        process would run beside the step."""
+        process would run beside the step. A consumer that computes with `consumer_team`
+        intra-op threads keeps other threads busy too (its step's team, spinning between
+        ops): then the workers are judged by their own threads' CPU alone."""
         if self.settled or self.worker_mode != "thread" or seconds < MIN_SECONDS:
             return
         self._threads_rate = samples / seconds
-        workers, loading = workers_cpu / seconds, (workers_cpu + helpers_cpu) / seconds
         consumer = consumer_cpu / seconds
+        stepping = consumer >= BUSY and consumer_team > 1  # the other threads: its team's too
+        workers = workers_cpu / seconds
+        loading = workers if stepping else (workers_cpu + helpers_cpu) / seconds
         beside_one = self.workers == 1 and consumer >= BUSY  # one worker beside the step
         parallel = min(self.workers + beside_one, self.budget)
         if beside_one:
@@ -120,7 +133,9 @@ class ModeChooser:
         measured = (
             f"over {seconds:.2f} s, the worker threads computed on {workers:.2f} cores, the "
             f"loading on {loading:.2f} of {self.budget:g}"
-            f"{' with the loop' if beside_one else ''} ({idle / seconds:.2f} idle), and the "
+            f"{' with the loop' if beside_one else ''}"
+            f"{TEAM_LEFT_OUT if stepping else ''}"
+            f" ({idle / seconds:.2f} idle), and the "
             f"loop waited {waited:.0%} of it"
         )
         if waited < WAITING:
@@ -193,6 +208,7 @@ class ThreadsWatch:
         self._samples, self._wait = self._meter.samples, self._meter.waited()
         self._workers = self._workers_cpu()
         self._consumer, self._process = time.thread_time(), time.process_time()
+        self._team = torch.get_num_threads()  # the consumer's intra-op threads
         self._idle = idle_seconds() or 0.0  # (0 where unreadable: as if none were idle)
 
     def after_batch(self) -> Any:
@@ -220,7 +236,7 @@ class ThreadsWatch:
         samples = self._meter.samples - self._samples
         idle = max(0.0, (idle_seconds() or 0.0) - self._idle)
         chooser.judge_threads(
-            self._epoch, seconds, samples, waited, workers, helpers, idle, consumer
+            self._epoch, seconds, samples, waited, workers, helpers, idle, consumer, self._team
         )
         if chooser.worker_mode == "thread":
             self._window = min(2 * self._window, LONGEST_WINDOW)

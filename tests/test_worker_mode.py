@@ -41,10 +41,11 @@ def judged(
     helpers=0.0,
     idle=1.0,
     consumer=0.0,
+    team=1,
 ):
     chooser = ModeChooser(workers, budget=budget)
     chooser.judge_threads(
-        0, seconds, samples, waited, cpu, helpers, idle * seconds, consumer * seconds
+        0, seconds, samples, waited, cpu, helpers, idle * seconds, consumer * seconds, team
     )
     return chooser
 
@@ -87,6 +88,18 @@ def test_one_worker_thread_taking_turns_on_the_gil_with_a_training_step_moves_to
     assert judged(workers=1, cpu=0.95, consumer=0.9, idle=0.1).worker_mode == "thread"
     # A consumer that does not compute (it only waits for data) is no second thread.
     assert "no two workers" in judged(workers=1, cpu=0.95, consumer=0.02).history[-1].reason
+
+
+def test_a_training_steps_intra_op_team_is_not_taken_for_the_workers_helpers():
+    """8 worker threads in pure Python share one core (0.9) beside a step on 8 intra-op
+    threads, whose team computes 4 cores: the workers hold the GIL, processes are tried. The
+    same CPU beside a consumer that does not compute is BLAS threads the workers keep busy."""
+    stepping = judged(workers=8, budget=16, cpu=0.9, helpers=4.0, consumer=0.4, team=8)
+    assert stepping.worker_mode == "process"
+    assert "intra-op threads left out" in stepping.history[-1].reason
+    assert judged(workers=8, budget=16, cpu=0.9, helpers=4.0).worker_mode == "thread"
+    # Numpy items spread over the cores on the workers' own threads: threads stay.
+    assert judged(workers=8, budget=16, cpu=5.0, consumer=0.4, team=8).worker_mode == "thread"
 
 
 def test_many_threads_that_mostly_wait_stay_threads_though_their_cpu_adds_up():
