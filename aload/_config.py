@@ -438,10 +438,11 @@ AUTO = "auto"
 def _auto_workers(dataset: Any, worker_mode: str) -> int:
     """The workers `num_workers="auto"` may use; the tuner decides how many run at once.
     Threads (that read, or that finish an async dataset's batches): enough for work that
-    waits (on storage, on a service) to overlap, 32 or twice the cores; the tuner adds none
-    while the process uses its cores. Processes: one per core this process may use (each
-    computes; more would only take turns). Refused where it cannot tune yet, saying what to
-    pass instead."""
+    waits (on storage, on a service) to overlap, 64 or four times the cores (a thread costs
+    little; 32, the most a static setting of the bench's grid takes, left the search no room
+    above it); the tuner adds none while the process uses its cores. Processes: one per
+    core this process may use (each computes; more would only take turns). Refused where it
+    cannot tune yet, saying what to pass instead."""
     if worker_mode not in ("thread", "process", AUTO):
         raise ValueError(
             f"num_workers='auto' tunes thread and process workers; with "
@@ -455,7 +456,7 @@ def _auto_workers(dataset: Any, worker_mode: str) -> int:
         )
     if worker_mode == "process":
         return max(1, int(cpu_budget()))
-    return max(32, 2 * (os.cpu_count() or 1))
+    return max(64, 4 * (os.cpu_count() or 1))
 
 
 def _check_auto_mode(asynchronous: bool, ray_options: Any) -> None:

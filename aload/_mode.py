@@ -105,6 +105,7 @@ class ModeChooser:
         idle: float = 0.0,
         consumer_cpu: float = 0.0,
         consumer_team: int = 1,
+        tuned_readers: int | None = None,
     ) -> None:
         """Epoch `epoch` ran on threads for `seconds` (a window of it), delivering `samples`;
         the consumer waited for data `waited` of it; the worker threads computed
@@ -115,7 +116,12 @@ class ModeChooser:
         take turns on the GIL when they compute on one core between them, and a worker
         process would run beside the step. A consumer that computes with `consumer_team`
         intra-op threads keeps other threads busy too (its step's team, spinning between
-        ops): then the workers are judged by their own threads' CPU alone."""
+        ops): then the workers are judged by their own threads' CPU alone.
+
+        `tuned_readers`: with `num_workers="auto"`, the threads reading at once, which the
+        tuner only adds while each step up pays: more than twice the cores, the reads wait
+        (threads taking turns on the GIL gain nothing past one or two), whatever their CPU,
+        and processes (one a core) would read fewer at once."""
         if self.settled or self.worker_mode != "thread" or seconds < MIN_SECONDS:
             return
         self._threads_rate = samples / seconds
@@ -140,6 +146,9 @@ class ModeChooser:
         )
         if waited < WAITING:
             self._choose(epoch, "thread", f"{measured}: data does not hold training back")
+        elif tuned_readers is not None and tuned_readers > 2 * self.budget:
+            why = f"{tuned_readers} threads read at once, each step up having paid: they wait"
+            self._choose(epoch, "thread", f"{measured}: {why}")
         elif parallel < 2:
             self._choose(epoch, "thread", f"{measured}: no two workers can run at once")
         elif workers < BUSY or loading < SATURATED * allowed:
@@ -186,7 +195,8 @@ class ThreadsWatch:
     the loading takes (`workers_cpu()`: the worker threads' clocks; the process's clock for
     the rest), and what is left of it when it ends. Built, and then asked, on the consumer's
     thread. A verdict for processes calls `move()` once: what it returns (the epoch's
-    remaining batches on processes) is the epoch's to put in force."""
+    remaining batches on processes) is the epoch's to put in force. `tuned_readers()`: the
+    threads `num_workers="auto"` reads with now (None: a number was given)."""
 
     def __init__(
         self,
@@ -195,9 +205,11 @@ class ThreadsWatch:
         meter: EpochMeter,
         workers_cpu: Callable[[], float],
         move: Callable[[], Any] | None = None,
+        tuned_readers: Callable[[], int] | None = None,
     ) -> None:
         self._chooser, self._epoch, self._meter = chooser, epoch, meter
         self._workers_cpu, self._move = workers_cpu, move
+        self._tuned_readers = tuned_readers
         self._window = MIN_SECONDS
         self._mark()
 
@@ -235,8 +247,18 @@ class ThreadsWatch:
         waited = min(1.0, (self._meter.waited() - self._wait) / seconds) if seconds > 0 else 0.0
         samples = self._meter.samples - self._samples
         idle = max(0.0, (idle_seconds() or 0.0) - self._idle)
+        readers = None if self._tuned_readers is None else self._tuned_readers()
         chooser.judge_threads(
-            self._epoch, seconds, samples, waited, workers, helpers, idle, consumer, self._team
+            self._epoch,
+            seconds,
+            samples,
+            waited,
+            workers,
+            helpers,
+            idle,
+            consumer,
+            self._team,
+            readers,
         )
         if chooser.worker_mode == "thread":
             self._window = min(2 * self._window, LONGEST_WINDOW)

@@ -671,7 +671,9 @@ class DataLoader(Generic[T_co]):
                 this = loader()
                 return None if this is None else this._move_to_processes(pool, meter, start, reads)
 
-        watch = ThreadsWatch(chooser, epoch, meter, pool.cpu_seconds, move)
+        tuner = self._tuner if self._config.workers_tuned else None
+        readers = None if tuner is None else (lambda: tuner.concurrency)
+        watch = ThreadsWatch(chooser, epoch, meter, pool.cpu_seconds, move, readers)
         meter.on_end.append(watch.ended)
         return watch.after_batch
 

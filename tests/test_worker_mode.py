@@ -42,10 +42,11 @@ def judged(
     idle=1.0,
     consumer=0.0,
     team=1,
+    tuned=None,
 ):
     chooser = ModeChooser(workers, budget=budget)
     chooser.judge_threads(
-        0, seconds, samples, waited, cpu, helpers, idle * seconds, consumer * seconds, team
+        0, seconds, samples, waited, cpu, helpers, idle * seconds, consumer * seconds, team, tuned
     )
     return chooser
 
@@ -88,6 +89,19 @@ def test_one_worker_thread_taking_turns_on_the_gil_with_a_training_step_moves_to
     assert judged(workers=1, cpu=0.95, consumer=0.9, idle=0.1).worker_mode == "thread"
     # A consumer that does not compute (it only waits for data) is no second thread.
     assert "no two workers" in judged(workers=1, cpu=0.95, consumer=0.02).history[-1].reason
+
+
+def test_threads_the_tuner_climbed_to_past_the_cores_wait_whatever_their_cpu():
+    """48 threads of blocking 2 ms reads, found by num_workers='auto' (each step up paid),
+    spend a core handing batches over: that is not the GIL (threads taking turns on it gain
+    nothing past one or two), and 2 processes would read 24 times fewer at once. A number of
+    threads given by hand says nothing of the kind: the same CPU is judged by itself."""
+    tuned = judged(workers=64, cpu=0.99, idle=0.79, tuned=48)
+    assert tuned.worker_mode == "thread"
+    assert "48 threads read at once" in tuned.history[-1].reason
+    assert judged(workers=48, cpu=0.99, idle=0.79).worker_mode == "process"
+    # Two or four tuned threads on 2 cores are no evidence: GIL-bound reads are judged.
+    assert judged(workers=64, cpu=0.99, idle=0.79, tuned=4).worker_mode == "process"
 
 
 def test_a_training_steps_intra_op_team_is_not_taken_for_the_workers_helpers():
