@@ -438,9 +438,9 @@ AUTO = "auto"
 def _auto_workers(dataset: Any, worker_mode: str) -> int:
     """The workers `num_workers="auto"` may use; the tuner decides how many run at once.
     Threads (that read, or that finish an async dataset's batches): enough for work that
-    waits (on storage, on a service) to overlap, 64 or four times the cores (a thread costs
-    little; 32, the most a static setting of the bench's grid takes, left the search no room
-    above it); the tuner adds none while the process uses its cores. Processes: one per
+    waits (on storage, on a service) to overlap, 64 or four times the cores (a thread that
+    waits costs little: blocking 2 ms reads kept gaining up to 64); the tuner adds none
+    while the process uses its cores. Processes: one per
     core this process may use (each computes; more would only take turns). Refused where it
     cannot tune yet, saying what to pass instead."""
     if worker_mode not in ("thread", "process", AUTO):

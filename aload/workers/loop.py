@@ -2,12 +2,12 @@
 
 The workers are `max_concurrency` long-lived fetcher tasks that take item reads from one
 queue shared by every batch in flight, so reads overlap by the hundreds without a thread, or
-even a new task, each. The loop
-is aload's, not the caller's: the caller's loop (asyncio or trio) only waits for finished
-batches, so nothing of aload is left running on it between two batches, and the same
-dataset serves plain `for` loops too. Clients bound to a loop (HTTP sessions, database
-pools) therefore belong to this one: a dataset that is an async context manager is entered
-here before its first read and exited after the epoch.
+even a new task, each; the batches are run by runner tasks that live as long, one per batch
+in flight at most. The loop is asyncio's, and aload's, not the caller's: the caller's loop
+(asyncio or trio) only waits for finished batches, so nothing of aload is left running on it
+between two batches, and the same dataset serves plain `for` loops too. Clients bound to a
+loop (HTTP sessions, database pools) therefore belong to this one: a dataset that is an
+async context manager is entered here before its first read and exited after the epoch.
 """
 
 from __future__ import annotations
