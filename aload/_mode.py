@@ -16,8 +16,8 @@ which the consumer did not wait stays on threads too: data does not hold trainin
 
 Beside a training step, the consumer's thread counts too: one worker thread and the step
 compute on one core between them when they take turns on the GIL (a worker process would
-run beside the step), and a step on several intra-op threads keeps its team busy, so the
-workers are then judged by their own threads' CPU.
+run beside the step), and a step on several intra-op threads keeps its team busy, so where
+the team and the workers fit the cores, the workers are judged by their own threads' CPU.
 
 Processes are judged once, over their first `MIN_SECONDS` or more (the rest of the epoch
 they took over, else their first whole epoch): if they delivered fewer samples a second
@@ -116,7 +116,8 @@ class ModeChooser:
         take turns on the GIL when they compute on one core between them, and a worker
         process would run beside the step. A consumer that computes with `consumer_team`
         intra-op threads keeps other threads busy too (its step's team, spinning between
-        ops): then the workers are judged by their own threads' CPU alone.
+        ops): where the team and the workers fit the cores, the workers are then judged by
+        their own threads' CPU alone.
 
         `tuned_readers`: with `num_workers="auto"`, the threads reading at once, which the
         tuner only adds while each step up pays: more than twice the cores, the reads wait
@@ -126,7 +127,10 @@ class ModeChooser:
             return
         self._threads_rate = samples / seconds
         consumer = consumer_cpu / seconds
-        stepping = consumer >= BUSY and consumer_team > 1  # the other threads: its team's too
+        # The other threads are its step's team too; where the team and the workers want
+        # more cores than there are, shares of a core cannot tell the GIL from the crowd.
+        readers = self.workers if tuned_readers is None else tuned_readers
+        stepping = consumer >= BUSY and consumer_team > 1 and consumer_team + readers <= self.budget
         workers = workers_cpu / seconds
         loading = workers if stepping else (workers_cpu + helpers_cpu) / seconds
         beside_one = self.workers == 1 and consumer >= BUSY  # one worker beside the step

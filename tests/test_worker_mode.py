@@ -114,6 +114,10 @@ def test_a_training_steps_intra_op_team_is_not_taken_for_the_workers_helpers():
     assert judged(workers=8, budget=16, cpu=0.9, helpers=4.0).worker_mode == "thread"
     # Numpy items spread over the cores on the workers' own threads: threads stay.
     assert judged(workers=8, budget=16, cpu=5.0, consumer=0.4, team=8).worker_mode == "thread"
+    # 2 workers beside a step on 2 intra-op threads, on 2 cores: the crowd, not the GIL,
+    # holds the workers to a core (numpy items): the team's CPU counts as before.
+    crowded = judged(workers=2, budget=2, cpu=1.0, helpers=0.6, consumer=0.4, team=2, idle=0)
+    assert crowded.worker_mode == "thread"
 
 
 def test_many_threads_that_mostly_wait_stay_threads_though_their_cpu_adds_up():
