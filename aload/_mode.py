@@ -19,9 +19,10 @@ compute on one core between them when they take turns on the GIL (a worker proce
 run beside the step), and a step on several intra-op threads keeps its team busy, so where
 the team and the workers fit the cores, the workers are judged by their own threads' CPU.
 
-Processes are judged once, over their first `MIN_SECONDS` or more (the rest of the epoch
-they took over, else their first whole epoch): if they delivered fewer samples a second
-than the threads' last window, the workers go back to threads for good; else they stay.
+Processes are judged once: those that took over an epoch, over a window of it after their
+start (`ProcessesWatch`), and those an epoch started with, over the whole of it: if they
+delivered fewer samples a second than the threads' last window, the workers go back to
+threads for good (the rest of the epoch too, where they took it over); else they stay.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ WAITING = 0.1  # the consumer waited at least this share of the epoch: data held
 MIN_SECONDS = 0.1  # a window (or epoch) shorter than this says too little to move on
 LONGEST_WINDOW = 5.0  # the windows an epoch on threads is judged in double up to this
 SLOWER = 0.05  # processes this much slower than threads: back to threads
+PROCESSES_START = 0.25  # seconds processes that took over an epoch get to start up, unjudged
 TEAM_LEFT_OUT = " (the loop's intra-op threads left out)"
 
 
@@ -270,3 +272,33 @@ class ThreadsWatch:
             return None
         self._due = float("inf")
         return self._move() if moving and self._move is not None else None
+
+
+class ProcessesWatch:
+    """Judges the processes that took over an epoch while it runs: after `PROCESSES_START`
+    seconds to start up, over a window as long again (at least `MIN_SECONDS`). A verdict for
+    threads calls `move()` once: what it returns (the epoch's remaining batches back on
+    threads) is the epoch's to put in force. Asked on the consumer's thread."""
+
+    def __init__(
+        self, chooser: ModeChooser, epoch: int, meter: EpochMeter, move: Callable[[], Any]
+    ) -> None:
+        self._chooser, self._epoch, self._meter, self._move = chooser, epoch, meter, move
+        self._since: float | None = None
+        self._samples = 0
+        self._due = time.perf_counter() + PROCESSES_START
+
+    def after_batch(self) -> Any:
+        """A batch was delivered: start the window once the processes had their start, judge
+        it once it is over; the move back to threads when the verdict is theirs."""
+        now = time.perf_counter()
+        if now < self._due:
+            return None
+        if self._since is None:
+            self._since, self._samples = now, self._meter.samples
+            self._due = now + max(MIN_SECONDS, PROCESSES_START)
+            return None
+        self._due = float("inf")  # judged once
+        chooser = self._chooser
+        chooser.judge_processes(self._epoch, now - self._since, self._meter.samples - self._samples)
+        return self._move() if chooser.worker_mode == "thread" else None

@@ -57,13 +57,15 @@ _END = object()
 class WorkersMove:
     """Other workers for the rest of an epoch (`worker_mode="auto"` chose them while it ran):
     the `pool` and how its jobs are read, whether the epoch owns (and so stops) it, the
-    epoch's bound on batches in flight with them, and the bytes they hold of their own."""
+    epoch's bound on batches in flight with them, the bytes they hold of their own, and
+    what the epoch asks after each batch from then on (it may move the epoch again)."""
 
     pool: WorkerPool
     read: Any
     owns_pool: bool
     max_in_flight: int
     workers_memory: Callable[[], int] | None = None
+    watch: Callable[[], WorkersMove | None] | None = None
 
 
 async def wait_stopped(pool: WorkerPool, deadline: float | None = None) -> bool:
@@ -590,7 +592,7 @@ class Epoch:
         """Give the batches not yet submitted to `move`'s workers, with their bound (nothing
         of the previous workers' is tuned any more); the previous workers finish what they
         were given, and stop with the epoch."""
-        self._watch_workers = None
+        self._watch_workers = move.watch
         self._pool = HandOff(self._pool, move.pool, move.owns_pool)
         self._owns_pool = True
         self._read = move.read

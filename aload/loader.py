@@ -36,7 +36,7 @@ from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
 from ._elastic import resplit_indices
 from ._fetch import Finish, batch_bytes, batch_gather, map_reader, per_worker_reader
-from ._mode import MIN_SECONDS, ModeChooser, ThreadsWatch
+from ._mode import MIN_SECONDS, ModeChooser, ProcessesWatch, ThreadsWatch
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
 from ._read_ahead import ReadAheadTuner
@@ -615,7 +615,7 @@ class DataLoader(Generic[T_co]):
             memory_budget=config.memory_budget,
             read_ahead=None if inline else self._read_ahead,
             workers_memory=self._watched_memory(pool),
-            watch_workers=self._judge_mode(meter, pool, start, reads),
+            watch_workers=self._judge_mode(meter, pool, start, reads, read),
         )
         self._epochs.add(epoch)
         return EpochIterator(epoch)
@@ -641,7 +641,12 @@ class DataLoader(Generic[T_co]):
             return None
 
     def _judge_mode(
-        self, meter: EpochMeter, pool: WorkerPool, start: dict[str, Any], reads: Reads
+        self,
+        meter: EpochMeter,
+        pool: WorkerPool,
+        start: dict[str, Any],
+        reads: Reads,
+        read: Any,
     ) -> Callable[[], WorkersMove | None] | None:
         """With `worker_mode="auto"`, have the epoch judged (`_mode`): on thread workers, by
         the CPU time the loading takes, while it runs (what the epoch asks after each batch
@@ -669,7 +674,9 @@ class DataLoader(Generic[T_co]):
 
             def move() -> WorkersMove | None:
                 this = loader()
-                return None if this is None else this._move_to_processes(pool, meter, start, reads)
+                if this is None:
+                    return None
+                return this._move_to_processes(pool, meter, start, reads, read)
 
         tuner = self._tuner if self._config.workers_tuned else None
         readers = None if tuner is None else (lambda: tuner.concurrency)
@@ -685,12 +692,19 @@ class DataLoader(Generic[T_co]):
         return not (config.iterable or has_state(config.dataset) or self._gathers)
 
     def _move_to_processes(
-        self, threads: ThreadPool, meter: EpochMeter, start: dict[str, Any], reads: Reads
+        self,
+        threads: ThreadPool,
+        meter: EpochMeter,
+        start: dict[str, Any],
+        reads: Reads,
+        threads_read: Any,
     ) -> WorkersMove | None:
         """The processes that take over an epoch on `threads` (which it then stops), with the
         same base seed, as `_adopt_mode` would for the next epoch; None where they cannot
         take the loader's arguments (the verdict then says why), or where another epoch
-        shares the threads."""
+        shares the threads. Unless they are persistent, they are judged after their start
+        (`ProcessesWatch`): slower than the threads were, the epoch goes back to threads
+        that read as `threads_read`."""
         chooser = self._mode_chooser
         assert chooser is not None
         config = self._checked_for(chooser, "process")
@@ -699,7 +713,7 @@ class DataLoader(Generic[T_co]):
         with self._pool_lock:
             if self._running_epochs() > 1:
                 return None  # the next epoch moves
-            before = self._config
+            before, tuner = self._config, self._tuner
             self._configure(config)
             plan = self._process_plan(Delivered(), start["epoch"])
             seed = start["base_seed"]
@@ -725,13 +739,46 @@ class DataLoader(Generic[T_co]):
                 chooser.judge_processes(epoch, seconds, meter.samples - samples)
 
         meter.on_end.append(judge)
+        watch = None
+        if owns:
+            loader = weakref.ref(self)  # (as `_judge_mode`'s move: no cycle through the epoch)
+
+            def back() -> WorkersMove | None:
+                this = loader()
+                if this is None:
+                    return None
+                return this._move_back_to_threads(before, tuner, meter, start, threads_read)
+
+            watch = ProcessesWatch(chooser, epoch, meter, back).after_batch
         return WorkersMove(
             processes,
             ProcessRead(plan, reads),
             owns,
             config.max_in_flight,
             self._watched_memory(processes),
+            watch,
         )
+
+    def _move_back_to_threads(
+        self,
+        config: LoaderConfig,
+        tuner: ConcurrencyTuner | None,
+        meter: EpochMeter,
+        start: dict[str, Any],
+        read: Any,
+    ) -> WorkersMove | None:
+        """Threads that take an epoch back from the processes that read it slower than the
+        threads before them: the loader's arguments and the threads' tuner as they were, the
+        same base seed; None where another epoch shares the processes."""
+        with self._pool_lock:
+            if self._running_epochs() > 1:
+                return None  # the next epoch moves
+            self._configure(config)
+            self._tuner = tuner
+            threads = self._thread_pool(config, start["base_seed"])
+        meter.workers = meter.read_concurrency = max(1, config.num_workers)
+        self._name_stages(meter, threads)
+        return WorkersMove(threads, read, True, config.max_in_flight)
 
     def _watched_memory(self, pool: WorkerPool) -> Callable[[], int] | None:
         """With `memory_budget`, what the epoch's worker processes hold of their own (the
@@ -1088,20 +1135,23 @@ class DataLoader(Generic[T_co]):
             elif plan is not None:  # worker_mode="process"
                 pool = self._process_pool(config.dataset, base_seed, plan, blocking)
             else:
-                setup = worker_setup(
-                    config.num_workers, base_seed, config.dataset, config.worker_init_fn
-                )
-                pool = ThreadPool(
-                    config.num_workers,
-                    setup,
-                    dedicated_queues=config.iterable,
-                    every_worker=config.worker_init_fn is not None,
-                    readers=None if self._tuner is None else self._tuner.concurrency,
-                )
+                pool = self._thread_pool(config, base_seed)
             if config.persistent_workers:
                 self._persistent_pool, self._persistent_seed = pool, base_seed
                 return pool, False
             return pool, True
+
+    def _thread_pool(self, config: LoaderConfig, base_seed: int) -> ThreadPool:
+        """Thread workers that read by `config`, seeded from `base_seed`, as many reading at
+        once as the tuner says (all, without one)."""
+        setup = worker_setup(config.num_workers, base_seed, config.dataset, config.worker_init_fn)
+        return ThreadPool(
+            config.num_workers,
+            setup,
+            dedicated_queues=config.iterable,
+            every_worker=config.worker_init_fn is not None,
+            readers=None if self._tuner is None else self._tuner.concurrency,
+        )
 
 
 def _reads_at_once(config: LoaderConfig, tuner: ConcurrencyTuner | None) -> int:

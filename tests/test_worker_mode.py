@@ -21,6 +21,7 @@ from conftest import (
     open_fds,
     saved_and_loaded,
     take_and_save,
+    wait_for_no_workers,
 )
 from loop_pauses import best_pause
 
@@ -282,6 +283,68 @@ def test_reads_that_release_the_gil_or_wait_stay_on_threads(dataset, why):
         assert flatten(list(loader)) == list(range(len(dataset)))
     assert loader.worker_mode == "thread"
     assert why in loader.stats.worker_mode.history[0].reason
+
+
+class SlowInWorkerProcesses(tud.Dataset):
+    """Each read waits 1 ms in this process's threads and 20 ms in a worker process (a cache
+    that each process would have to warm), and says which process read it."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.parent = n, os.getpid()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        pid = os.getpid()
+        time.sleep(0.001 if pid == self.parent else 0.02)
+        return index, pid
+
+
+def test_processes_slower_than_the_threads_give_the_rest_of_the_epoch_back(monkeypatch):
+    """A wrong verdict (forced here) moves the epoch to processes that read 20 times slower:
+    judged after their start, they hand the rest of the epoch back to threads, which read it
+    exactly once, instead of reading it all at their pace."""
+    chooser_judge = ModeChooser.judge_threads
+
+    def for_processes(self, epoch, seconds, samples, *args):
+        chooser_judge(self, epoch, seconds, samples, *args)
+        if self.worker_mode == "thread" and not self.settled and seconds >= 0.1:
+            self._choose(epoch, "process", "forced by the test")
+
+    monkeypatch.setattr(ModeChooser, "judge_threads", for_processes)
+    loader = aload.DataLoader(
+        SlowInWorkerProcesses(2400), batch_size=8, num_workers=4, worker_mode="auto"
+    )
+    started = time.monotonic()
+    batches = list(loader)
+    elapsed = time.monotonic() - started
+    indices = [int(i) for batch in batches for i in batch[0]]
+    readers = [int(pid) for batch in batches for pid in batch[1]]
+    assert sorted(indices) == list(range(2400))
+    assert any(pid != os.getpid() for pid in readers)  # the processes read some
+    assert readers[-1] == os.getpid()  # ... and threads read the end of the epoch
+    history = loader.stats.worker_mode.history
+    assert [c.worker_mode for c in history][-2:] == ["process", "thread"]
+    assert history[-1].epoch == 0
+    assert "back to threads" in history[-1].reason
+    assert loader.worker_mode == "thread"
+    assert elapsed < 10  # the processes alone would take about 12 s
+    wait_for_no_workers()
+    # Left a few batches after the move back, the epoch leaves no thread or process behind.
+    loader = aload.DataLoader(
+        SlowInWorkerProcesses(2400), batch_size=8, num_workers=4, worker_mode="auto"
+    )
+    read_in_a_process, back = False, 0
+    for _, pids in loader:
+        here = all(int(pid) == os.getpid() for pid in pids)
+        read_in_a_process = read_in_a_process or not here
+        back += read_in_a_process and here  # batches read by threads after the processes'
+        if back == 3:
+            break
+    assert back == 3
+    del loader, pids
+    assert eventually(lambda: not (multiprocessing.active_children() or aload_threads()), 5)
 
 
 @needs_two_cores
