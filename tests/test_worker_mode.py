@@ -301,18 +301,22 @@ class SlowInWorkerProcesses(tud.Dataset):
         return index, pid
 
 
+_judge_threads = ModeChooser.judge_threads
+
+
+def judged_for_processes(self, epoch, seconds, samples, *args):
+    """`judge_threads`, then a verdict for processes however the window looked (a wrong
+    verdict, forced)."""
+    _judge_threads(self, epoch, seconds, samples, *args)
+    if self.worker_mode == "thread" and not self.settled and seconds >= 0.1:
+        self._choose(epoch, "process", "forced by the test")
+
+
 def test_processes_slower_than_the_threads_give_the_rest_of_the_epoch_back(monkeypatch):
     """A wrong verdict (forced here) moves the epoch to processes that read 20 times slower:
     judged after their start, they hand the rest of the epoch back to threads, which read it
     exactly once, instead of reading it all at their pace."""
-    chooser_judge = ModeChooser.judge_threads
-
-    def for_processes(self, epoch, seconds, samples, *args):
-        chooser_judge(self, epoch, seconds, samples, *args)
-        if self.worker_mode == "thread" and not self.settled and seconds >= 0.1:
-            self._choose(epoch, "process", "forced by the test")
-
-    monkeypatch.setattr(ModeChooser, "judge_threads", for_processes)
+    monkeypatch.setattr(ModeChooser, "judge_threads", judged_for_processes)
     loader = aload.DataLoader(
         SlowInWorkerProcesses(2400), batch_size=8, num_workers=4, worker_mode="auto"
     )
@@ -345,6 +349,24 @@ def test_processes_slower_than_the_threads_give_the_rest_of_the_epoch_back(monke
     assert back == 3
     del loader, pids
     assert eventually(lambda: not (multiprocessing.active_children() or aload_threads()), 5)
+
+
+@pytest.mark.anyio
+async def test_async_for_keeps_the_loop_beating_while_an_epoch_moves_back(
+    anyio_backend, monkeypatch
+):
+    monkeypatch.setattr(ModeChooser, "judge_threads", judged_for_processes)
+    got: list[list[int]] = []
+
+    async def epoch() -> None:
+        loader = aload.DataLoader(
+            SlowInWorkerProcesses(1200), batch_size=8, num_workers=4, worker_mode="auto"
+        )
+        got.append([int(i) async for indices, _ in loader for i in indices])
+        assert "back to threads" in loader.stats.worker_mode.history[-1].reason
+
+    assert await best_pause(epoch, 0.05, tries=2) < 0.05
+    assert sorted(got[-1]) == list(range(1200))
 
 
 @needs_two_cores
