@@ -52,7 +52,7 @@ WAITING = 0.1  # the consumer waited at least this share of the epoch: data held
 MIN_SECONDS = 0.1  # a window (or epoch) shorter than this says too little to move on
 LONGEST_WINDOW = 5.0  # the windows an epoch on threads is judged in double up to this
 SLOWER = 0.05  # processes this much slower than threads: back to threads
-PROCESSES_START = 0.25  # seconds processes that took over an epoch get to start up, unjudged
+PROCESSES_START = 0.25  # seconds processes that took over an epoch get to start (> MIN_SECONDS)
 TEAM_LEFT_OUT = " (the loop's intra-op threads left out)"
 
 
@@ -262,9 +262,9 @@ class ThreadsWatch:
             workers,
             helpers,
             idle,
-            consumer,
-            self._team,
-            readers,
+            consumer_cpu=consumer,
+            consumer_team=self._team,
+            tuned_readers=readers,
         )
         if chooser.worker_mode == "thread":
             self._window = min(2 * self._window, LONGEST_WINDOW)
@@ -276,7 +276,7 @@ class ThreadsWatch:
 
 class ProcessesWatch:
     """Judges the processes that took over an epoch while it runs: after `PROCESSES_START`
-    seconds to start up, over a window as long again (at least `MIN_SECONDS`). A verdict for
+    seconds to start up, over a window as long again. A verdict for
     threads calls `move()` once: what it returns (the epoch's remaining batches back on
     threads) is the epoch's to put in force. Asked on the consumer's thread."""
 
@@ -296,7 +296,7 @@ class ProcessesWatch:
             return None
         if self._since is None:
             self._since, self._samples = now, self._meter.samples
-            self._due = now + max(MIN_SECONDS, PROCESSES_START)
+            self._due = now + PROCESSES_START
             return None
         self._due = float("inf")  # judged once
         chooser = self._chooser

@@ -668,21 +668,26 @@ class DataLoader(Generic[T_co]):
             return None
         move = None
         if self._moves_mid_epoch():
-            # Weakly: the watch stays in the epoch's stats, which the loader keeps (a cycle
-            # would keep a dropped loader, and its persistent workers, until the next GC).
-            loader = weakref.ref(self)
-
-            def move() -> WorkersMove | None:
-                this = loader()
-                if this is None:
-                    return None
-                return this._move_to_processes(pool, meter, start, reads, read)
-
+            move = self._weakly(DataLoader._move_to_processes, pool, meter, start, reads, read)
         tuner = self._tuner if self._config.workers_tuned else None
         readers = None if tuner is None else (lambda: tuner.concurrency)
         watch = ThreadsWatch(chooser, epoch, meter, pool.cpu_seconds, move, readers)
         meter.on_end.append(watch.ended)
         return watch.after_batch
+
+    def _weakly(
+        self, move: Callable[..., WorkersMove | None], *args: Any
+    ) -> Callable[[], WorkersMove | None]:
+        """`move(self, *args)` for an epoch to call later, holding the loader weakly: the
+        epoch's stats keep the call, and the loader keeps the stats (a cycle would keep a
+        dropped loader, and its persistent workers, until the next GC)."""
+        loader = weakref.ref(self)
+
+        def call() -> WorkersMove | None:
+            this = loader()
+            return None if this is None else move(this, *args)
+
+        return call
 
     def _moves_mid_epoch(self) -> bool:
         """Whether an epoch on threads can give its remaining batches to processes: batches
@@ -741,14 +746,9 @@ class DataLoader(Generic[T_co]):
         meter.on_end.append(judge)
         watch = None
         if owns:
-            loader = weakref.ref(self)  # (as `_judge_mode`'s move: no cycle through the epoch)
-
-            def back() -> WorkersMove | None:
-                this = loader()
-                if this is None:
-                    return None
-                return this._move_back_to_threads(before, tuner, meter, start, threads_read)
-
+            back = self._weakly(
+                DataLoader._move_back_to_threads, before, tuner, meter, start, threads_read
+            )
             watch = ProcessesWatch(chooser, epoch, meter, back).after_batch
         return WorkersMove(
             processes,

@@ -304,10 +304,10 @@ class SlowInWorkerProcesses(tud.Dataset):
 _judge_threads = ModeChooser.judge_threads
 
 
-def judged_for_processes(self, epoch, seconds, samples, *args):
+def judged_for_processes(self, epoch, seconds, samples, *args, **kwargs):
     """`judge_threads`, then a verdict for processes however the window looked (a wrong
     verdict, forced)."""
-    _judge_threads(self, epoch, seconds, samples, *args)
+    _judge_threads(self, epoch, seconds, samples, *args, **kwargs)
     if self.worker_mode == "thread" and not self.settled and seconds >= 0.1:
         self._choose(epoch, "process", "forced by the test")
 
