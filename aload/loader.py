@@ -108,8 +108,8 @@ class DataLoader(Generic[T_co]):
             dataset: finish its batches) is found while the epoch runs, and kept across
             epochs and in `state_dict()`: more while the loop waits for data and that raises
             throughput, never past the cores this process may use; `loader.stats.tuning`
-            (`workers_tuning` for an async dataset's) shows each change and why. Up to 32
-            threads (or twice the cores); with processes, one per core.
+            (`workers_tuning` for an async dataset's) shows each change and why. Up to 64
+            threads (or four times the cores); with processes, one per core.
         collate_fn: merges samples into a batch; torch's `default_collate` by default.
         pin_memory: return batches in pinned memory (needs CUDA; warns and ignores otherwise).
         drop_last: drop the last incomplete batch.
