@@ -19,19 +19,18 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
-import numpy as np
-import torch
 from anyio import RunFinishedError
 
 from ._checkpoint import END_REPORT, Delivered
 from ._errors import LoaderTimeoutError
 from ._fetch import EXHAUSTED, Abandoned, describe_indices, timed_call
+from ._memory_budget import MemoryBudget, batch_nbytes
 from ._read_ahead import ReadAheadTuner
 from ._stats import EpochMeter, count_samples
 from ._tuner import Autotuner
@@ -280,20 +279,6 @@ class WorkerStreams:
 JobSource = IndexBatches | WorkerStreams
 
 
-def batch_nbytes(batch: Any) -> int:
-    """The bytes of a batch's tensors, arrays and bytes, in sequences and mappings at any
-    depth (other Python objects are not counted)."""
-    if isinstance(batch, torch.Tensor | np.ndarray):
-        return int(batch.nbytes)
-    if isinstance(batch, bytes | bytearray | memoryview):
-        return len(batch)
-    if isinstance(batch, Mapping):
-        return sum(batch_nbytes(value) for value in batch.values())
-    if isinstance(batch, list | tuple):
-        return sum(batch_nbytes(value) for value in batch)
-    return 0
-
-
 class Epoch:
     """The state of one pass over the data; `EpochIterator` is the handle users hold."""
 
@@ -316,7 +301,7 @@ class Epoch:
         check_yielded: Callable[[int], None] | None = None,
         deal_over: int = 0,
         tuning: Autotuner | None = None,
-        memory_budget: int | None = None,
+        memory_budget: MemoryBudget | None = None,
         read_ahead: ReadAheadTuner | None = None,
         workers_memory: Callable[[], int] | None = None,
         watch_workers: Callable[[], WorkersMove | None] | None = None,
@@ -330,9 +315,10 @@ class Epoch:
         its worker processes (so each worker's own RNG draws what torch's would); 0: to
         whichever worker is free. `tuning` (`"auto"`): the tuned stages, told of each batch
         delivered; their bound on batches in flight replaces `max_in_flight`.
-        `memory_budget`: bytes the batches in flight may take: fewer in flight than the bound
-        where the largest batch so far says so (one until the first says how large), after
-        `workers_memory()`: the bytes worker processes hold of their own, last measured.
+        `memory_budget`: the bytes this process's batches may take (the one the loop holds,
+        those being built, those ready): fewer in flight than the bound where the largest
+        batch so far says so (one until the first says how large), after `workers_memory()`:
+        the bytes worker processes hold of their own, last measured.
         `read_ahead` (`prefetch_factor="auto"`): told how long the consumer waits while held
         back (`_watch_held_back`), it scales the bound on batches in flight.
         `watch_workers` (`worker_mode="auto"`): asked after each batch delivered; the
@@ -359,9 +345,10 @@ class Epoch:
         self._largest_batch = 0  # bytes, of the batches delivered so far
         self._workers_memory = None if self._budget is None else workers_memory
         self._workers_held = 0  # bytes the worker processes hold of their own, last measured
-        # The workers' memory takes the budget: said once an epoch, at the next poll (before
+        # Not one batch fits the budget: said once an epoch, at the next poll (before
         # a batch is taken, so that an error raised for the warning loses none).
         self._warning_due = self._warned = False
+        self._depth = max(1, depth)
         self._bound = max_in_flight  # at torch's prefetch factor, without the memory budget
         self._max_in_flight = max_in_flight
         self._bound_changed()
@@ -376,7 +363,6 @@ class Epoch:
         self._ready_fifo: deque[_Job] = deque()
         self._stage = stage
         self._stage_depth = 0 if in_place else depth
-        self._depth = max(1, depth)
         # In order, a slow batch can hold back those finished after it: timed (`held_back`).
         self._watching_order = in_order and not in_place
         self._staged: deque[_Job] = deque()
@@ -534,7 +520,7 @@ class Epoch:
     def _poll(self) -> Any:
         """The next batch if one is due; else `_WAIT` (workers are on it) or `_END`."""
         if self._warning_due:
-            self._warn_workers_memory()
+            self._warn_over_budget()
         while not self._closed:
             if self._stage is not None:
                 job = self._take_staged()
@@ -677,22 +663,38 @@ class Epoch:
         bound = self._bound
         if self._read_ahead is not None:
             bound = round(bound * self._read_ahead.scale)
-        if self._budget is not None:  # one until a batch says how large they are
-            room = self._budget - self._workers_held
-            fits = room // self._largest_batch if self._largest_batch else 1
-            bound = max(1, min(bound, fits))
-            workers_took_it = self._workers_held and room < self._largest_batch <= self._budget
-            self._warning_due = bool(workers_took_it) and not self._warned
+        budget = self._budget
+        if budget is not None:  # one until a batch says how large they are
+            batch, held = self._largest_batch, self._workers_held
+            builders = max(1, bound // self._depth)
+            bound = min(bound, budget.batches(batch, held, builders))
+            too_small = batch and budget.limit - held < budget.needs(batch)
+            self._warning_due = bool(too_small) and not self._warned
         self._max_in_flight = bound
 
-    def _warn_workers_memory(self) -> None:
-        """Say once an epoch that the worker processes alone take the budget."""
+    def _warn_over_budget(self) -> None:
+        """Say once an epoch that not even one batch fits the budget, and what takes it."""
         self._warning_due, self._warned = False, True
+        budget, batch, held = self._budget, self._largest_batch, self._workers_held
+        assert budget is not None
+        mib = 2**20
+        if held and budget.needs(batch) <= budget.limit:  # the workers took the room
+            reason = (
+                f"the worker processes hold {held / mib:,.0f} MiB of their own, which leaves "
+                f"no room for a batch of {batch / mib:,.1f} MiB"
+            )
+            advice = "Fewer workers, or worker_mode='thread' (no copies), would fit"
+        else:
+            built = " (its samples and the batch they become)" if budget.samples_here else ""
+            reason = (
+                f"a batch of {batch / mib:,.1f} MiB in flight needs "
+                f"{budget.needs(batch) / mib:,.1f} MiB: the batch the loop holds and one "
+                f"being built{built}"
+            )
+            advice = "A larger budget, or smaller batches, would fit"
         warnings.warn(
-            f"memory_budget={self._budget:,} bytes: the worker processes hold "
-            f"{self._workers_held / 2**20:,.0f} MiB of their own, which leaves no room for a "
-            f"batch of {self._largest_batch / 2**20:,.1f} MiB; one is read at a time. Fewer "
-            "workers, or worker_mode='thread' (no copies), would fit",
+            f"memory_budget={budget.limit:,} bytes: {reason}; one batch is read at a time. "
+            f"{advice}",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -36,6 +36,7 @@ from ._cuda import pinning_enabled
 from ._device import DeviceStage, ToDevice
 from ._elastic import resplit_indices
 from ._fetch import Finish, batch_bytes, batch_gather, map_reader, per_worker_reader
+from ._memory_budget import MemoryBudget
 from ._mode import MIN_SECONDS, ModeChooser, ProcessesWatch, ThreadsWatch
 from ._plans import ProcessRead, ReaderPlan
 from ._progress import progress_available, watch_progress
@@ -167,12 +168,14 @@ class DataLoader(Generic[T_co]):
             (normalization, augmentation on the GPU), so it overlaps the training step too.
         ray_options: for `worker_mode="ray"`: Ray's options for each actor, in Ray's words
             (`num_cpus` (1 by default), `resources`, `scheduling_strategy`, ...).
-        memory_budget: bytes that the batches in flight (being read, or ready and waiting
-            for the loop, or staged for the device) may take: fewer batches are read ahead
-            than `num_workers * prefetch_factor` where the largest batch so far says so, at
-            least one (one until the first batch says how large they are). Counts the
+        memory_budget: bytes that this loader's batches may take: the one the loop holds, and
+            those in flight (being built, with the samples they collate from where that
+            happens in this process, or ready and waiting for the loop, or staged for the
+            device). Fewer batches are read ahead than `num_workers * prefetch_factor` where
+            the largest batch so far says so, at least one (one until the first batch says
+            how large they are, and a warning once an epoch if one does not fit). Counts the
             tensors, arrays and bytes in a batch, after what worker processes hold of their
-            own (on Linux; `stats.epoch.workers_memory`; a warning if that leaves no room).
+            own (on Linux; `stats.epoch.workers_memory`).
 
     `state_dict()` at any point of an epoch, and `load_state_dict()` on a fresh loader with the
     same arguments, resume with exactly the batches not yet yielded, in the same order.
@@ -612,7 +615,7 @@ class DataLoader(Generic[T_co]):
             check_yielded=check,
             deal_over=self._deal_over(pool),
             tuning=None if inline else self._tuning(pool, meter),
-            memory_budget=config.memory_budget,
+            memory_budget=self._memory_budget(config),
             read_ahead=None if inline else self._read_ahead,
             workers_memory=self._watched_memory(pool),
             watch_workers=self._judge_mode(meter, pool, start, reads, read),
@@ -779,6 +782,15 @@ class DataLoader(Generic[T_co]):
         meter.workers = meter.read_concurrency = max(1, config.num_workers)
         self._name_stages(meter, threads)
         return WorkersMove(threads, read, True, config.max_in_flight)
+
+    def _memory_budget(self, config: LoaderConfig) -> MemoryBudget | None:
+        """The budget as the epoch weighs it: batches collated from samples in this process
+        weigh their samples too while they are built."""
+        if config.memory_budget is None:
+            return None
+        elsewhere = config.worker_mode in ("process", "ray") and not config.asynchronous
+        one_op = self._gathers or not config.auto_collation
+        return MemoryBudget(config.memory_budget, samples_here=not (elsewhere or one_op))
 
     def _watched_memory(self, pool: WorkerPool) -> Callable[[], int] | None:
         """With `memory_budget`, what the epoch's worker processes hold of their own (the

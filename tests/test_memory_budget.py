@@ -5,8 +5,10 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import threading
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from loop_pauses import best_pause
 
 import aload
 import aload.workers.process
-from aload._scheduler import batch_nbytes
+from aload._memory_budget import batch_nbytes
 
 MIB = 2**20
 
@@ -46,9 +48,10 @@ def most_read_ahead(budget: int | None, **kwargs) -> tuple[int, list[int]]:
 
 @pytest.mark.parametrize("in_order", [True, False])
 def test_batches_in_flight_stay_within_the_budget(in_order):
-    """Without a budget, 4 workers x 2 read 8 batches ahead; 3 MiB of 1 MiB batches: 3."""
+    """Without a budget, 4 workers x 2 read 8 batches ahead. 7 MiB of 1 MiB batches: the one
+    the loop holds, and 3 being built (each its samples and the batch they become)."""
     unbounded, seen = most_read_ahead(None, in_order=in_order)
-    bounded, seen_bounded = most_read_ahead(3 * MIB, in_order=in_order)
+    bounded, seen_bounded = most_read_ahead(7 * MIB, in_order=in_order)
     assert unbounded >= 6
     assert bounded <= 3
     assert sorted(seen) == sorted(seen_bounded) == list(range(64))
@@ -58,7 +61,7 @@ def test_no_more_worker_threads_start_than_the_budget_lets_read_at_once():
     """Each thread that allocates keeps a malloc arena: 8 threads for 2 batches in flight
     would hold memory the budget does not see. Threads start for jobs that wait for one."""
     dataset = Quarters()
-    loader = aload.DataLoader(dataset, batch_size=4, num_workers=8, memory_budget=2 * MIB)
+    loader = aload.DataLoader(dataset, batch_size=4, num_workers=8, memory_budget=5 * MIB)
     most = 0
     for _batch in loader:
         time.sleep(0.005)
@@ -78,11 +81,69 @@ def test_the_first_batch_is_read_alone_until_it_says_how_large_batches_are():
     assert rest == 60
 
 
-def test_a_budget_smaller_than_a_batch_still_reads_one_at_a_time():
+def test_a_budget_smaller_than_a_batch_still_reads_one_at_a_time_and_says_so():
     dataset = Quarters(16)
     loader = aload.DataLoader(dataset, batch_size=4, num_workers=4, memory_budget=1)
-    seen = [int(x) for batch in loader for x in batch[:, 0]]
+    with pytest.warns(RuntimeWarning, match=r"needs 3.0 MiB: the batch the loop holds and one"):
+        seen = [int(x) for batch in loader for x in batch[:, 0]]
     assert seen == list(range(16))
+
+
+class LiveBytes:
+    """Counts the bytes of the samples and batches alive at once, and the most there were."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+
+    def track(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.now += tensor.nbytes
+            self.most = max(self.most, self.now)
+        weakref.finalize(tensor, self.drop, tensor.nbytes)
+        return tensor
+
+    def drop(self, size: int) -> None:
+        with self.lock:
+            self.now -= size
+
+
+class TrackedQuarters(Quarters):
+    """Quarters whose samples, read slowly (1 ms each), and batches are counted alive."""
+
+    def __init__(self, live: LiveBytes) -> None:
+        super().__init__(96)
+        self.live = live
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(0.001)
+        return self.live.track(super().__getitem__(index))
+
+
+@pytest.mark.parametrize(
+    "budget", [None, 7 * MIB, 4 * MIB], ids=["no budget", "3 in flight", "1 in flight"]
+)
+def test_the_samples_and_batches_alive_at_once_stay_within_the_budget(budget):
+    """What a budget promises a user: the batch the loop holds, the batches ready and those
+    being built, with their samples, never take more than it (with thread workers: 1 MiB
+    batches of 4 samples). Without one, 4 workers x 2 read 8 batches ahead."""
+    live = LiveBytes()
+    loader = aload.DataLoader(
+        TrackedQuarters(live),
+        batch_size=4,
+        num_workers=4,
+        memory_budget=budget,
+        collate_fn=lambda samples: live.track(torch.stack(samples)),
+    )
+    seen = []
+    for batch in loader:
+        time.sleep(0.01)  # a slow loop body: the workers fill what the budget lets them
+        seen.extend(int(x) for x in batch[:, 0])
+    assert seen == list(range(96))
+    if budget is None:
+        assert live.most > 8 * MIB
+    else:
+        assert live.most <= budget
 
 
 @pytest.mark.parametrize(
@@ -116,8 +177,9 @@ class AwaitedQuarters(Quarters):
 )
 def test_every_mode_keeps_its_batches_in_flight_within_the_budget(make, kwargs):
     """What the loader itself counts in flight after each batch, in each kind of pool (worker
-    processes, whose own memory counts too, below)."""
-    loader = aload.DataLoader(make(), batch_size=4, memory_budget=2 * MIB, **kwargs)
+    processes, whose own memory counts too, below): 5 MiB hold the batch the loop holds and
+    two being built."""
+    loader = aload.DataLoader(make(), batch_size=4, memory_budget=5 * MIB, **kwargs)
     in_flight, seen = [], []
     for batch in loader:
         time.sleep(0.005)
@@ -131,7 +193,7 @@ def test_auto_tunes_within_the_budget():
     """`num_workers="auto"` may try more reads at once; the budget still caps what is in
     flight (a step past it adds nothing, so the tuner takes it back)."""
     loader = aload.DataLoader(
-        Quarters(256), batch_size=4, num_workers="auto", memory_budget=2 * MIB
+        Quarters(256), batch_size=4, num_workers="auto", memory_budget=5 * MIB
     )
     in_flight, seen = [], []
     for batch in loader:
@@ -162,7 +224,7 @@ async def test_a_budget_under_async_for_keeps_the_loop_running(anyio_backend):
     """The budget is applied as batches are delivered, on the caller's loop: it must not
     stall it, and loses nothing."""
     loader = aload.DataLoader(
-        Quarters(), batch_size=4, num_workers=2, memory_budget=2 * MIB, persistent_workers=True
+        Quarters(), batch_size=4, num_workers=2, memory_budget=5 * MIB, persistent_workers=True
     )
     pause, seen = await pause_over_epochs(loader)
     assert sorted(seen) == list(range(64))
