@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.utils.data
@@ -192,6 +193,33 @@ def test_a_start_method_that_pickles_names_what_cannot_be_pickled_when_built(
         aload.DataLoader(
             ds, num_workers=1, worker_mode="process", multiprocessing_context=method, **argument
         )
+    assert no_children_left()
+
+
+class ArrayRows(torch.utils.data.Dataset):
+    """Rows of a 512 KiB numpy array: pickled, its data is a buffer written out of band."""
+
+    def __init__(self):
+        self.array = np.arange(256 * 256, dtype=np.float64).reshape(256, 256)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.from_numpy(self.array[index].copy())
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_start_method_that_pickles_sends_a_dataset_holding_a_large_array(method):
+    """The check that names what cannot be pickled took a large buffer for an error."""
+    theirs = list(torch.utils.data.DataLoader(ArrayRows(), batch_size=4))
+    loader = aload.DataLoader(
+        ArrayRows(), batch_size=4, num_workers=1, worker_mode="process",
+        multiprocessing_context=method,
+    )  # fmt: skip
+    ours = list(loader)
+    assert len(ours) == len(theirs) == 2
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
     assert no_children_left()
 
 

@@ -70,8 +70,9 @@ def check_picklable(what: dict[str, Any]) -> None:
 class _Discard:
     """A file that drops what is written to it: pickling for the check alone."""
 
-    def write(self, data: bytes) -> int:
-        return len(data)
+    def write(self, data: bytes | pickle.PickleBuffer) -> int:
+        # Large buffers (a numpy array's data) come as a `PickleBuffer`, which has no len().
+        return memoryview(data).nbytes
 
 
 # A worker process that found itself started while its parent's main module was being run
