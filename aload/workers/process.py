@@ -44,6 +44,7 @@ import torch.utils.data._utils.worker as torch_worker
 
 from .._cuda import pin_batch
 from .._fetch import Abandoned, timed_call
+from .._intra_op import BlasTeamWatch
 from .._plans import ProcessRead, ReaderPlan
 from .._retry import Reads
 from .._worker_info import WorkerInfo
@@ -122,27 +123,7 @@ class ProcessPool:
     def _start(self, background: bool = False) -> None:
         """Start the worker processes (on the caller's thread, or the collector's)."""
         try:
-            for worker_id in range(self._num_workers):
-                if self._closed:
-                    break
-                task_reader, task_writer = self._context.Pipe(duplex=False)
-                result_reader, result_writer = self._context.Pipe(duplex=False)
-                process = self._context.Process(  # type: ignore[attr-defined] # all have it
-                    target=_work,
-                    args=(worker_id, *self._worker_args, task_reader, result_writer),
-                    name=f"aload-worker-{worker_id}",
-                    daemon=True,
-                )
-                process.start()
-                task_reader.close()
-                result_writer.close()
-                if background:
-                    # A fork holds the GIL while it copies the page tables (milliseconds for
-                    # a large parent): let the caller's loop run between two of them.
-                    time.sleep(0.001)
-                self._tasks.append(task_writer)
-                self._results.append(result_reader)
-                self._processes.append(process)
+            self._start_workers(background)
         except (pickle.PicklingError, TypeError, AttributeError) as error:
             self._terminate()
             raise TypeError(
@@ -171,6 +152,30 @@ class ProcessPool:
                 self._stop_workers()
         for job, worker in waiting:
             self.submit(job, worker)
+
+    def _start_workers(self, background: bool) -> None:
+        """Fork (or spawn) each worker, with its two pipes."""
+        for worker_id in range(self._num_workers):
+            if self._closed:
+                break
+            task_reader, task_writer = self._context.Pipe(duplex=False)
+            result_reader, result_writer = self._context.Pipe(duplex=False)
+            process = self._context.Process(  # type: ignore[attr-defined] # all have it
+                target=_work,
+                args=(worker_id, *self._worker_args, task_reader, result_writer),
+                name=f"aload-worker-{worker_id}",
+                daemon=True,
+            )
+            process.start()
+            task_reader.close()
+            result_writer.close()
+            if background:
+                # A fork holds the GIL while it copies the page tables (milliseconds for
+                # a large parent): let the caller's loop run between two of them.
+                time.sleep(0.001)
+            self._tasks.append(task_writer)
+            self._results.append(result_reader)
+            self._processes.append(process)
 
     def _run(self, start: bool) -> None:
         """The collector thread: start the workers if asked, then collect until they end."""
@@ -576,6 +581,7 @@ def _work(
     init_error = start_worker(worker_id, num_workers, base_seed, dataset, worker_init_fn)
     reads, reader = epoch_reader(plan, dataset, base_seed, init_error)
     parent = os.getppid()
+    blas = BlasTeamWatch()  # a BLAS team per worker would take turns on the cores
     while True:
         try:
             # A parent killed outright (SIGKILL, the OOM killer) closes no pipe while a
@@ -604,6 +610,7 @@ def _work(
             batch, timing = timed_call(reader, task)  # type: ignore[arg-type]
             reply = (True, batch, _wire_report(reads), task.state, timing)
             results.send_bytes(wire_bytes((key, reply)))
+            blas.batch_done()
         except Abandoned:
             continue
         except BaseException as error:
