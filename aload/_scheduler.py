@@ -56,8 +56,10 @@ _END = object()
 class WorkersMove:
     """Other workers for the rest of an epoch (`worker_mode="auto"` chose them while it ran):
     the `pool` and how its jobs are read, whether the epoch owns (and so stops) it, the
-    epoch's bound on batches in flight with them, the bytes they hold of their own, and
-    what the epoch asks after each batch from then on (it may move the epoch again)."""
+    epoch's bound on batches in flight with them, the bytes they hold of their own, what
+    the epoch asks after each batch from then on (it may move the epoch again), and the
+    loader's persistent workers it stops using (`retired`: the epoch owns them from then on;
+    they finish what they were given, and stop with it)."""
 
     pool: WorkerPool
     read: Any
@@ -65,6 +67,7 @@ class WorkersMove:
     max_in_flight: int
     workers_memory: Callable[[], int] | None = None
     watch: Callable[[], WorkersMove | None] | None = None
+    retired: WorkerPool | None = None
 
 
 async def wait_stopped(pool: WorkerPool, deadline: float | None = None) -> bool:
@@ -579,7 +582,7 @@ class Epoch:
         of the previous workers' is tuned any more); the previous workers finish what they
         were given, and stop with the epoch."""
         self._watch_workers = move.watch
-        self._pool = HandOff(self._pool, move.pool, move.owns_pool)
+        self._pool = HandOff(self._pool, move.pool, move.owns_pool, move.retired)
         self._owns_pool = True
         self._read = move.read
         self._deal_over = 0  # whichever worker is free

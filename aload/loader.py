@@ -710,9 +710,9 @@ class DataLoader(Generic[T_co]):
         """The processes that take over an epoch on `threads` (which it then stops), with the
         same base seed, as `_adopt_mode` would for the next epoch; None where they cannot
         take the loader's arguments (the verdict then says why), or where another epoch
-        shares the threads. Unless they are persistent, they are judged after their start
-        (`ProcessesWatch`): slower than the threads were, the epoch goes back to threads
-        that read as `threads_read`."""
+        shares the threads. They are judged after their start (`ProcessesWatch`): slower
+        than the threads were, the epoch goes back to threads that read as `threads_read`
+        (persistent ones too: they stop with the epoch)."""
         chooser = self._mode_chooser
         assert chooser is not None
         config = self._checked_for(chooser, "process")
@@ -747,12 +747,10 @@ class DataLoader(Generic[T_co]):
                 chooser.judge_processes(epoch, seconds, meter.samples - samples)
 
         meter.on_end.append(judge)
-        watch = None
-        if owns:
-            back = self._weakly(
-                DataLoader._move_back_to_threads, before, tuner, meter, start, threads_read
-            )
-            watch = ProcessesWatch(chooser, epoch, meter, back).after_batch
+        back = self._weakly(
+            DataLoader._move_back_to_threads, before, tuner, meter, start, threads_read, processes
+        )
+        watch = ProcessesWatch(chooser, epoch, meter, back).after_batch
         return WorkersMove(
             processes,
             ProcessRead(plan, reads),
@@ -769,19 +767,25 @@ class DataLoader(Generic[T_co]):
         meter: EpochMeter,
         start: dict[str, Any],
         read: Any,
+        processes: WorkerPool,
     ) -> WorkersMove | None:
-        """Threads that take an epoch back from the processes that read it slower than the
+        """Threads that take an epoch back from the `processes` that read it slower than the
         threads before them: the loader's arguments and the threads' tuner as they were, the
-        same base seed; None where another epoch shares the processes."""
+        same base seed; None where another epoch shares the processes. Persistent processes
+        are let go: they finish what they were given and stop with the epoch, and the next
+        epoch starts persistent threads."""
         with self._pool_lock:
             if self._running_epochs() > 1:
                 return None  # the next epoch moves
             self._configure(config)
             self._tuner = tuner
             threads = self._thread_pool(config, start["base_seed"])
+            retired = None
+            if self._persistent_pool is processes:
+                self._persistent_pool, retired = None, processes
         meter.workers = meter.read_concurrency = max(1, config.num_workers)
         self._name_stages(meter, threads)
-        return WorkersMove(threads, read, True, config.max_in_flight)
+        return WorkersMove(threads, read, True, config.max_in_flight, retired=retired)
 
     def _memory_budget(self, config: LoaderConfig) -> MemoryBudget | None:
         """The budget as the epoch weighs it: batches collated from samples in this process

@@ -351,6 +351,35 @@ def test_processes_slower_than_the_threads_give_the_rest_of_the_epoch_back(monke
     assert eventually(lambda: not (multiprocessing.active_children() or aload_threads()), 5)
 
 
+def test_persistent_processes_slower_than_the_threads_give_the_epoch_back_and_stop(monkeypatch):
+    """Persistent processes are judged within the epoch too: slower than the threads, they
+    finish what they were given and stop with the epoch; the rest of it, and the next epoch,
+    are read by threads, each index once."""
+    monkeypatch.setattr(ModeChooser, "judge_threads", judged_for_processes)
+    loader = aload.DataLoader(
+        SlowInWorkerProcesses(2400),
+        batch_size=8,
+        num_workers=4,
+        worker_mode="auto",
+        persistent_workers=True,
+    )
+    started = time.monotonic()
+    batches = list(loader)
+    elapsed = time.monotonic() - started
+    readers = [int(pid) for batch in batches for pid in batch[1]]
+    assert sorted(int(i) for batch in batches for i in batch[0]) == list(range(2400))
+    assert any(pid != os.getpid() for pid in readers)
+    assert readers[-1] == os.getpid()
+    assert "back to threads" in loader.stats.worker_mode.history[-1].reason
+    assert elapsed < 10  # the processes alone would take about 12 s
+    assert eventually(lambda: not multiprocessing.active_children(), 5)  # stopped with it
+    second = [int(pid) for _, pids in loader for pid in pids]
+    assert second == [os.getpid()] * 2400
+    assert not multiprocessing.active_children()
+    loader.close()
+    wait_for_no_workers()
+
+
 @pytest.mark.anyio
 async def test_async_for_keeps_the_loop_beating_while_an_epoch_moves_back(
     anyio_backend, monkeypatch

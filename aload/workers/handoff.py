@@ -8,11 +8,19 @@ from . import Job, WorkerPool
 class HandOff:
     """New jobs go to `current`; `previous` finish the jobs they were given, and stop with
     the epoch, which owns them; `current` stops with it only where the epoch owns it (else
-    it is the loader's persistent workers)."""
+    it is the loader's persistent workers). `retired`: persistent workers among `previous`
+    that the loader let go, which the epoch now owns too."""
 
-    def __init__(self, previous: WorkerPool, current: WorkerPool, owns_current: bool) -> None:
+    def __init__(
+        self,
+        previous: WorkerPool,
+        current: WorkerPool,
+        owns_current: bool,
+        retired: WorkerPool | None = None,
+    ) -> None:
         self._previous, self._current = previous, current
-        self._owned = (previous, current) if owns_current else (previous,)
+        owned = [previous] if retired is None else [previous, retired]
+        self._owned = (*owned, current) if owns_current else tuple(owned)
         self.where = current.where
 
     def submit(self, job: Job, worker: int | None = None) -> None:
