@@ -59,7 +59,8 @@ class WorkersMove:
     epoch's bound on batches in flight with them, the bytes they hold of their own, what
     the epoch asks after each batch from then on (it may move the epoch again), and the
     loader's persistent workers it stops using (`retired`: the epoch owns them from then on;
-    they finish what they were given, and stop with it)."""
+    they finish what they were given, and stop with it), and the tuned stages of the new
+    workers, whose bound on batches in flight then replaces `max_in_flight`."""
 
     pool: WorkerPool
     read: Any
@@ -68,6 +69,7 @@ class WorkersMove:
     workers_memory: Callable[[], int] | None = None
     watch: Callable[[], WorkersMove | None] | None = None
     retired: WorkerPool | None = None
+    tuning: Autotuner | None = None
 
 
 async def wait_stopped(pool: WorkerPool, deadline: float | None = None) -> bool:
@@ -579,17 +581,17 @@ class Epoch:
 
     def _move(self, move: WorkersMove) -> None:
         """Give the batches not yet submitted to `move`'s workers, with their bound (nothing
-        of the previous workers' is tuned any more); the previous workers finish what they
-        were given, and stop with the epoch."""
+        of the previous workers' is tuned any more; the new ones may be); the previous
+        workers finish what they were given, and stop with the epoch."""
         self._watch_workers = move.watch
         self._pool = HandOff(self._pool, move.pool, move.owns_pool, move.retired)
         self._owns_pool = True
         self._read = move.read
         self._deal_over = 0  # whichever worker is free
-        self._tuning = None
+        self._tuning = move.tuning
         if self._budget is not None:
             self._workers_memory = move.workers_memory
-        self._bound = move.max_in_flight
+        self._bound = move.max_in_flight if move.tuning is None else move.tuning.start()
         self._bound_changed()
         self._pool.begin()
         self._fill()

@@ -771,9 +771,9 @@ class DataLoader(Generic[T_co]):
     ) -> WorkersMove | None:
         """Threads that take an epoch back from the `processes` that read it slower than the
         threads before them: the loader's arguments and the threads' tuner as they were, the
-        same base seed; None where another epoch shares the processes. Persistent processes
-        are let go: they finish what they were given and stop with the epoch, and the next
-        epoch starts persistent threads."""
+        same base seed, tuned on from where the tuner stood; None where another epoch shares
+        the processes. Persistent processes are let go: they finish what they were given and
+        stop with the epoch, and the next epoch starts persistent threads."""
         with self._pool_lock:
             if self._running_epochs() > 1:
                 return None  # the next epoch moves
@@ -785,7 +785,10 @@ class DataLoader(Generic[T_co]):
                 self._persistent_pool, retired = None, processes
         meter.workers = meter.read_concurrency = max(1, config.num_workers)
         self._name_stages(meter, threads)
-        return WorkersMove(threads, read, True, config.max_in_flight, retired=retired)
+        tuning = self._tuning(threads, meter)  # `num_workers="auto"` tunes them on
+        return WorkersMove(
+            threads, read, True, config.max_in_flight, retired=retired, tuning=tuning
+        )
 
     def _memory_budget(self, config: LoaderConfig) -> MemoryBudget | None:
         """The budget as the epoch weighs it: batches collated from samples in this process

@@ -380,6 +380,30 @@ def test_persistent_processes_slower_than_the_threads_give_the_epoch_back_and_st
     wait_for_no_workers()
 
 
+def test_threads_that_take_an_epoch_back_are_tuned_on(monkeypatch):
+    """`num_workers="auto"`: the threads that take an epoch back from slower processes read
+    ahead as far as their tuned count allows (each with prefetch_factor batches), not as far
+    as the most threads the tuner may use: the tuner goes on from where it stood (on an idle
+    machine it climbs from 4 to 32 threads here)."""
+    monkeypatch.setattr(ModeChooser, "judge_threads", judged_for_processes)
+    loader = aload.DataLoader(
+        SlowInWorkerProcesses(3200), batch_size=8, num_workers="auto", worker_mode="auto"
+    )
+    moved, back = False, []
+    for _, pids in loader:
+        here = all(int(pid) == os.getpid() for pid in pids)
+        moved = moved or not here
+        if moved and here:
+            epoch, tuning = loader.stats.epoch, loader.stats.tuning
+            back.append((epoch.in_flight, tuning.concurrency))
+    assert len(back) > 100
+    settled = back[len(back) // 2 :]  # the processes' last batches are long delivered
+    # (without the tuner: 128 in flight, the most threads x 2, and 2 threads reading)
+    assert all(in_flight <= 2 * concurrency for in_flight, concurrency in settled)
+    assert loader.worker_mode == "thread"
+    wait_for_no_workers()
+
+
 @pytest.mark.anyio
 async def test_async_for_keeps_the_loop_beating_while_an_epoch_moves_back(
     anyio_backend, monkeypatch
