@@ -48,6 +48,7 @@ class MemoryBudget:
         return batch + self.building(batch)
 
     def building(self, batch: int) -> int:
+        """The bytes a batch of `batch` bytes takes while it is built."""
         return 2 * batch if self.samples_here else batch
 
     def batches(self, batch: int, taken: int, builders: int) -> int:

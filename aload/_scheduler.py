@@ -56,11 +56,11 @@ _END = object()
 class WorkersMove:
     """Other workers for the rest of an epoch (`worker_mode="auto"` chose them while it ran):
     the `pool` and how its jobs are read, whether the epoch owns (and so stops) it, the
-    epoch's bound on batches in flight with them, the bytes they hold of their own, what
-    the epoch asks after each batch from then on (it may move the epoch again), and the
-    loader's persistent workers it stops using (`retired`: the epoch owns them from then on;
-    they finish what they were given, and stop with it), and the tuned stages of the new
-    workers, whose bound on batches in flight then replaces `max_in_flight`."""
+    epoch's bound on batches in flight with them, the bytes they hold of their own, and
+    what the epoch asks after each batch from then on (it may move the epoch again).
+    `retired`: the loader's persistent workers that it stops using; the epoch owns them
+    from then on (they finish what they were given, and stop with it). `tuning`: the new
+    workers' tuned stages, whose bound on batches in flight replaces `max_in_flight`."""
 
     pool: WorkerPool
     read: Any
