@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import Indexed, Shards, flatten, heartbeat
 
 import aload
+from aload._mode import ModeChooser
 from aload._threaded_reads import ThreadedReads
 
 
@@ -147,11 +148,48 @@ async def leave_three_epochs() -> None:
             break
 
 
+class SlowInWorkers:
+    """Each read waits 1 ms in this process and 20 ms in a worker process (a cache that each
+    process would have to warm)."""
+
+    def __init__(self, n):
+        self.n, self.parent = n, os.getpid()
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        time.sleep(0.001 if os.getpid() == self.parent else 0.02)
+        return index
+
+
+async def move_to_processes_and_back() -> None:
+    """`worker_mode="auto"` moves an epoch to processes (a verdict forced here), which read
+    slower: it starts them, judges them, and gives the rest of the epoch back to threads."""
+    judge = ModeChooser.judge_threads
+
+    def forced(self, epoch, seconds, samples, *args, **kwargs):
+        judge(self, epoch, seconds, samples, *args, **kwargs)
+        if self.worker_mode == "thread" and not self.settled and seconds >= 0.1:
+            self._choose(epoch, "process", "forced by the test")
+
+    ModeChooser.judge_threads = forced
+    try:
+        loader = aload.DataLoader(
+            SlowInWorkers(1200), batch_size=8, num_workers=4, worker_mode="auto"
+        )
+        assert sorted(flatten([b async for b in loader])) == list(range(1200))
+        assert "back to threads" in loader.stats.worker_mode.history[-1].reason
+    finally:
+        ModeChooser.judge_threads = judge
+
+
 # Pools that end: a kill, a replacement and the stops fork and reap more than two epochs do.
 ENDINGS = {
     "a broken persistent pool replaced": replace_a_broken_pool,
     "async with closing persistent workers": two_epochs_then_close,
     "epochs left early": leave_three_epochs,
+    "an epoch moved to processes and back": move_to_processes_and_back,
 }
 ENDINGS_BOUND = 0.03
 
