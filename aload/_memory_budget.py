@@ -47,6 +47,10 @@ class MemoryBudget:
         built."""
         return batch + self.building(batch)
 
+    def fits(self, batch: int, taken: int = 0) -> bool:
+        """Whether one batch in flight fits, with `taken` bytes gone."""
+        return self.limit - taken >= self.needs(batch)
+
     def building(self, batch: int) -> int:
         """The bytes a batch of `batch` bytes takes while it is built."""
         return 2 * batch if self.samples_here else batch
@@ -54,13 +58,14 @@ class MemoryBudget:
     def batches(self, batch: int, taken: int, builders: int) -> int:
         """How many batches of `batch` bytes may be in flight, at least one, with `taken`
         bytes gone (what worker processes hold of their own) and the loop holding one batch.
-        Up to `builders` (the workers) may be built at once, and a consumer faster than the
-        workers leaves every batch in flight being built; past that, the rest wait finished."""
+        Up to `builders` (the workers, at least one) may be built at once, and a consumer
+        faster than the workers leaves every batch in flight being built; past that, the
+        rest wait finished."""
         if batch <= 0:
             return 1  # nothing said yet how large they are: one, to find out
         left = self.limit - taken - batch
         building = self.building(batch)
         built_at_once = left // building
-        if built_at_once <= max(1, builders):
+        if built_at_once <= builders:
             return max(1, built_at_once)
         return builders + (left - builders * building) // batch

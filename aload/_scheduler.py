@@ -673,8 +673,7 @@ class Epoch:
             batch, held = self._largest_batch, self._workers_held
             builders = max(1, bound // self._depth)
             bound = min(bound, budget.batches(batch, held, builders))
-            too_small = batch and budget.limit - held < budget.needs(batch)
-            self._warning_due = bool(too_small) and not self._warned
+            self._warning_due = bool(batch) and not budget.fits(batch, held) and not self._warned
         self._max_in_flight = bound
 
     def _warn_over_budget(self) -> None:
@@ -683,7 +682,7 @@ class Epoch:
         budget, batch, held = self._budget, self._largest_batch, self._workers_held
         assert budget is not None
         mib = 2**20
-        if held and budget.needs(batch) <= budget.limit:  # the workers took the room
+        if held and budget.fits(batch):  # the workers took the room
             reason = (
                 f"the worker processes hold {held / mib:,.0f} MiB of their own, which leaves "
                 f"no room for a batch of {batch / mib:,.1f} MiB"

@@ -19,8 +19,8 @@ class HandOff:
         retired: WorkerPool | None = None,
     ) -> None:
         self._previous, self._current = previous, current
-        owned = [previous] if retired is None else [previous, retired]
-        self._owned = (*owned, current) if owns_current else tuple(owned)
+        owned = (previous, retired, current if owns_current else None)
+        self._owned = tuple(pool for pool in owned if pool is not None)
         self.where = current.where
 
     def submit(self, job: Job, worker: int | None = None) -> None:
