@@ -404,18 +404,24 @@ def test_threads_that_take_an_epoch_back_are_tuned_on(monkeypatch):
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_workers": 4}, {"num_workers": 4, "persistent_workers": True}, {"num_workers": "auto"}],
+    ids=["processes", "persistent processes", "tuned threads"],
+)
 async def test_async_for_keeps_the_loop_beating_while_an_epoch_moves_back(
-    anyio_backend, monkeypatch
+    anyio_backend, monkeypatch, kwargs
 ):
     monkeypatch.setattr(ModeChooser, "judge_threads", judged_for_processes)
     got: list[list[int]] = []
 
     async def epoch() -> None:
         loader = aload.DataLoader(
-            SlowInWorkerProcesses(1200), batch_size=8, num_workers=4, worker_mode="auto"
+            SlowInWorkerProcesses(1200), batch_size=8, worker_mode="auto", **kwargs
         )
         got.append([int(i) async for indices, _ in loader for i in indices])
         assert "back to threads" in loader.stats.worker_mode.history[-1].reason
+        await loader.aclose()
 
     # One fork of this suite's large process holds the GIL for up to ~50 ms: measured in a
     # fresh process, as a user's script runs, the pause is bounded at 30 ms
