@@ -65,12 +65,17 @@ class AsyncMapReader:
         self._reads = reads
         self._pool = pool
         self._seeds = seeds
+        # A read with no seeds to point and no budget to skip on is the dataset's own: the
+        # fetchers await it with no coroutine of ours around it.
+        skips = batched and reads.skips
+        self._read = self._read_one if seeds is not None or skips else self._getitem
+        self._skips = skips
 
     async def __call__(self, job: JobState) -> Batch:
         if self._stateful:
             self._start_state()
         after: dict[str, Any] = {}  # the dataset's state after this batch's last read
-        read_one = self._read_one if not self._stateful else partial(self._read_noting, after)
+        read_one = self._read if not self._stateful else partial(self._read_noting, after)
         # Seconds in each stage (the fetchers' reads count on the pool's read clock).
         timing = job.timing = [0.0] * len(STAGES)
         if not self._batched:
@@ -89,7 +94,7 @@ class AsyncMapReader:
         else:
             samples = await self._pool.read_all(read_one, job.indices)
             keys = job.indices
-            if any(sample is _SKIPPED for sample in samples):  # reads the budget dropped
+            if self._skips and any(sample is _SKIPPED for sample in samples):  # dropped reads
                 kept = [i for i, sample in enumerate(samples) if sample is not _SKIPPED]
                 samples, keys = [samples[i] for i in kept], [keys[i] for i in kept]
         self._keep_state(job, after)
@@ -130,7 +135,7 @@ class AsyncMapReader:
         try:
             return await self._getitem(index)
         except Exception as error:
-            if self._batched and self._reads.may_skip(index, error):
+            if self._skips and self._reads.may_skip(index, error):
                 return _SKIPPED
             raise
 

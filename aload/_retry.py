@@ -104,6 +104,11 @@ class Reads:
                 await anyio.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")
 
+    @property
+    def skips(self) -> bool:
+        """Whether a failed read may be dropped at all (a failure budget is set)."""
+        return self._max_skipped > 0
+
     def may_skip(self, index: Any, error: BaseException) -> bool:
         """Whether the budget allows dropping sample `index` after `error`; counts it if so."""
         with self._lock:

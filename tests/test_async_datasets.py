@@ -296,6 +296,27 @@ def test_a_fault_of_aloads_own_loop_is_logged_and_leaves_no_read_running(monkeyp
     )
 
 
+def test_a_batch_handed_to_aloads_stopped_loop_fails_at_once():
+    """Batches are handed to aload's loop in bursts (one wake-up of the loop takes all that
+    came meanwhile): one handed over once the loop has stopped fails at once, saying why,
+    instead of waiting for a loop that will never take it."""
+    from aload.workers.loop import LoopPool
+
+    class Batch:
+        failed: ClassVar[list[BaseException]] = []
+
+        def fail(self, error):
+            self.failed.append(error)
+
+    pool = LoopPool(Remote(1))
+    pool.shutdown()
+    assert pool.join(5)
+    pool.submit(Batch())
+    (error,) = Batch.failed
+    assert isinstance(error, RuntimeError)
+    assert "event loop has stopped" in str(error)
+
+
 @pytest.mark.anyio
 async def test_cancelling_the_consumer_cancels_every_read_in_flight(anyio_backend):
     ds = Remote(10_000, latency=0.05)

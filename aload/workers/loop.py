@@ -94,6 +94,11 @@ class LoopPool:
         # wait here: the caller never waits for the start.
         self._lock = threading.Lock()
         self._waiting: list[Job] | None = []
+        # Jobs handed over once the loop is up, taken on the loop in one turn however many
+        # came meanwhile (a consumer that takes a burst of batches submits a burst of jobs,
+        # and one wake-up of the loop serves them all); None once the loop has stopped.
+        self._inbox: list[Job] | None = []
+        self._inbox_due = False  # a turn of the loop that takes the inbox is queued
         self._closing = False
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="aload-worker-loop", daemon=True)
@@ -101,18 +106,25 @@ class LoopPool:
         stop_at_exit(pool=self, thread=self._thread)
 
     def submit(self, job: Job, worker: int | None = None) -> None:
-        if self._waiting is not None:  # only until the loop is up: then no lock per batch
-            with self._lock:
-                if self._waiting is not None:
-                    self._waiting.append(job)
+        with self._lock:
+            if self._waiting is not None:
+                self._waiting.append(job)
+                return
+            inbox = self._inbox
+            if self._start_error is None and inbox is not None:
+                inbox.append(job)
+                if self._inbox_due:  # the loop takes it with the others
                     return
+                self._inbox_due = True
         if self._start_error is not None:
             job.fail(self._start_error)
-            return
-        try:
-            self._call_soon(self._take_job, job)
-        except RunFinishedError:
-            job.fail(RuntimeError("aload's event loop has stopped; this batch did not run"))
+        elif inbox is None:
+            job.fail(_stopped())
+        else:
+            try:
+                self._call_soon(self._take_inbox)
+            except RunFinishedError:
+                self._close_inbox()
 
     def _started(self, error: BaseException | None = None) -> None:
         """The loop is up (or failed to start): run (or fail) the jobs that waited for it."""
@@ -122,24 +134,38 @@ class LoopPool:
         for job in waiting:
             self.submit(job)
 
-    def _take_job(self, job: Job) -> None:
-        """On the loop: queue `job` for a runner, waking an idle one or starting one (a
-        runner lives for the epoch: a task a batch would cost more than its reads' turns)."""
-        self._jobs.append(cast(AsyncJob, job))  # this pool is only given coroutine reads
-        if self._idle_runners:
-            self._idle_runners.pop().set()
-        else:
-            self._spawn(self._run_jobs())
+    def _take_inbox(self) -> None:
+        """On the loop: queue the jobs handed over for runners, waking idle ones or starting
+        them (a runner lives for the epoch: a task a batch would cost more than its reads'
+        turns)."""
+        with self._lock:
+            jobs = self._inbox
+            if jobs is None:  # the loop is stopping
+                return
+            self._inbox, self._inbox_due = [], False
+        for job in jobs:
+            self._jobs.append(cast(AsyncJob, job))  # this pool is only given coroutine reads
+            if self._idle_runners:
+                _wake(self._idle_runners.pop())
+            else:
+                self._spawn(self._run_jobs())
+
+    def _close_inbox(self) -> None:
+        """The loop has stopped: jobs handed over that it did not take fail, as later ones."""
+        with self._lock:
+            jobs, self._inbox = self._inbox or [], None
+        for job in jobs:
+            job.fail(_stopped())
 
     async def _run_jobs(self) -> None:
         """One runner: runs queued jobs one after another, or sleeps until one is queued."""
-        jobs, idle = self._jobs, self._idle_runners
+        jobs, idle, loop = self._jobs, self._idle_runners, self._loop
         while True:
             while jobs:
                 await jobs.popleft().arun()
-            wake = anyio.Event()
+            wake = loop.create_future()
             idle.append(wake)
-            await wake.wait()
+            await wake
 
     async def read_all(
         self, read: Callable[[Any], Awaitable[Any]], items: Sequence[Any]
@@ -149,14 +175,14 @@ class LoopPool:
         Raises:
             the first error a read raised; the batch's other reads are dropped.
         """
-        batch = _ItemReads(read, len(items))
+        batch = _ItemReads(read, len(items), self._loop.create_future())
         self._requests.extend(zip(repeat(batch), range(len(items)), items))
         woken = min(len(items), len(self._idle))
         for _ in range(woken):
-            self._idle.pop().set()
+            _wake(self._idle.pop())
         self._start_fetchers(len(items) - woken)
         if items:
-            await batch.done.wait()
+            await batch.done
         if batch.error is not None:
             raise batch.error
         return batch.results
@@ -269,7 +295,7 @@ class LoopPool:
         reads add up in `read_clock` as each ends (one clock read a read), so the tuner sees
         a busy spell while it lasts.
         """
-        requests, idle, clock = self._requests, self._idle, self.read_clock
+        requests, idle, clock, loop = self._requests, self._idle, self.read_clock, self._loop
         cancelled = anyio.get_cancelled_exc_class()
         while True:
             started = time.perf_counter()
@@ -290,9 +316,9 @@ class LoopPool:
                     self._retiring -= 1
                     self._alive -= 1
                     return
-            wake = anyio.Event()
+            wake = loop.create_future()
             idle.append(wake)
-            await wake.wait()
+            await wake
 
     def _call_soon(self, func: Callable[..., Any], *args: Any) -> None:
         self._token.backend_class.run_sync_soon(func, args, self._token.native_token)
@@ -312,9 +338,11 @@ class LoopPool:
         self._stop = anyio.Event()
         # Unbounded here; bounded by the scheduler, which keeps only so many batches in flight.
         self._requests: deque[tuple[_ItemReads, int, Any]] = deque()
-        self._idle: list[anyio.Event] = []
+        # Idle fetchers and runners wait on plain futures of this (asyncio) loop: an idle
+        # spell a read costs half what an anyio Event's does.
+        self._idle: list[asyncio.Future[None]] = []
         self._jobs: deque[AsyncJob] = deque()  # submitted, for the runners
-        self._idle_runners: list[anyio.Event] = []
+        self._idle_runners: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()  # the fetchers and runners
         self._crash: BaseException | None = None
         async with _entered(self._dataset):
@@ -325,6 +353,7 @@ class LoopPool:
                 if not closing:
                     await self._stop.wait()
             finally:  # they end before the dataset's context exits: no read outlives it
+                self._close_inbox()
                 for task in self._tasks:
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -349,28 +378,40 @@ class LoopPool:
 
 
 class _ItemReads:
-    """The item reads of one batch, and the event that says they are all done (or one failed).
-    The fetchers await `read(item)` themselves: a coroutine less per item."""
+    """The item reads of one batch, and the future that says they are all done (or one
+    failed). The fetchers await `read(item)` themselves: a coroutine less per item."""
 
     __slots__ = ("_remaining", "done", "error", "read", "results")
 
-    def __init__(self, read: Callable[[Any], Awaitable[Any]], count: int) -> None:
+    def __init__(
+        self, read: Callable[[Any], Awaitable[Any]], count: int, done: asyncio.Future[None]
+    ) -> None:
         self.read = read
         self._remaining = count
         self.results: list[Any] = [None] * count
         self.error: BaseException | None = None
-        self.done = anyio.Event()
+        self.done = done
 
     def fail(self, error: BaseException) -> None:
         """A read failed: the batch ends with `error`, its other reads are skipped."""
         self.error = error
-        self.done.set()
+        _wake(self.done)
 
     def count_one(self) -> None:
         """One read ended (or was skipped)."""
         self._remaining -= 1
         if self._remaining == 0:
-            self.done.set()
+            _wake(self.done)
+
+
+def _stopped() -> RuntimeError:
+    return RuntimeError("aload's event loop has stopped; this batch did not run")
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    """Wake the task awaiting `waiter`, unless it was cancelled (the epoch is ending)."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @contextlib.asynccontextmanager
