@@ -13,6 +13,11 @@ its own), else the next epoch runs on them. Reads that wait (storage, network) u
 CPU, and work that releases the GIL (numpy, torch, decoders in C) spreads over the cores:
 both stay on threads, where processes would only add start-up time and memory. A window in
 which the consumer did not wait stays on threads too: data does not hold training back.
+Worker threads that hand much of their work to other threads of the process (`TEAMS`: a
+BLAS team runs each matrix product on every core), while the consumer computes little, go
+to processes too: each worker process runs one BLAS thread (`_intra_op`), so products run
+side by side instead of every team fighting for every core, and a wrong guess is caught by
+the processes' own judgement below.
 
 Beside a training step, the consumer's thread counts too: one worker thread and the step
 compute on one core between them when they take turns on the GIL (a worker process would
@@ -52,6 +57,9 @@ WAITING = 0.1  # the consumer waited at least this share of the epoch: data held
 MIN_SECONDS = 0.1  # a window (or epoch) shorter than this says too little to move on
 LONGEST_WINDOW = 5.0  # the windows an epoch on threads is judged in double up to this
 SLOWER = 0.05  # processes this much slower than threads: back to threads
+# Threads other than the workers' and the consumer's computed at least this share of what the
+# worker threads did (and at least BUSY of a core): the workers keep a team busy (the BLAS).
+TEAMS = 0.5
 PROCESSES_START = 0.25  # seconds processes that took over an epoch get to start (> MIN_SECONDS)
 TEAM_LEFT_OUT = " (the loop's intra-op threads left out)"
 
@@ -135,6 +143,8 @@ class ModeChooser:
         stepping = consumer >= BUSY and consumer_team > 1 and consumer_team + readers <= self.budget
         workers = workers_cpu / seconds
         loading = workers if stepping else (workers_cpu + helpers_cpu) / seconds
+        # The other threads' CPU, where no step of the consumer's can be theirs: the workers'.
+        team = 0.0 if stepping or consumer >= BUSY else helpers_cpu / seconds
         beside_one = self.workers == 1 and consumer >= BUSY  # one worker beside the step
         parallel = min(self.workers + beside_one, self.budget)
         if beside_one:
@@ -159,6 +169,9 @@ class ModeChooser:
             self._choose(epoch, "thread", f"{measured}: no two workers can run at once")
         elif workers < BUSY or loading < SATURATED * allowed:
             self._choose(epoch, "thread", f"{measured}: the reads wait more than they compute")
+        elif team >= max(BUSY, TEAMS * workers):
+            why = "the reads keep other threads busy (a BLAS team): processes run one each"
+            self._choose(epoch, "process", f"{measured}: {why}")
         elif loading > ONE_CORE:
             self._choose(epoch, "thread", f"{measured}: the reads run in parallel")
         else:

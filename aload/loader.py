@@ -726,7 +726,9 @@ class DataLoader(Generic[T_co]):
             plan = self._process_plan(Delivered(), start["epoch"])
             seed = start["base_seed"]
             try:
-                processes = self._process_pool(config.dataset, seed, plan, blocking=False)
+                processes = self._process_pool(
+                    config.dataset, seed, plan, blocking=False, fork_after=threads.wait_finished
+                )
             except Exception as error:  # the epoch goes on, on its threads
                 self._configure(before)
                 chooser.refused(before.worker_mode, str(error))
@@ -980,9 +982,15 @@ class DataLoader(Generic[T_co]):
         )
 
     def _process_pool(
-        self, dataset: Any, base_seed: int, plan: ReaderPlan, blocking: bool
+        self,
+        dataset: Any,
+        base_seed: int,
+        plan: ReaderPlan,
+        blocking: bool,
+        fork_after: Callable[[float], bool] | None = None,
     ) -> ProcessPool:
-        """Worker processes reading by `plan`; for `async for` they start in the background."""
+        """Worker processes reading by `plan`; for `async for` they start in the background
+        (once `fork_after` says they may fork, where given)."""
         config = self._config
         return ProcessPool(
             config.num_workers,
@@ -993,6 +1001,7 @@ class DataLoader(Generic[T_co]):
             plan,
             pin=self._pin,
             background=not blocking,
+            fork_after=fork_after,
         )
 
     def _async_plan(

@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,7 +70,8 @@ def test_threads_that_compute_on_one_core_between_them_move_to_processes(cpu, id
     ("measures", "why"),
     [
         ({"cpu": 1.9}, "in parallel"),  # the reads release the GIL in the worker threads
-        ({"cpu": 0.9, "helpers": 0.9}, "in parallel"),  # ... or hand work to BLAS threads
+        # ... or hand a little of their work to other threads (a BLAS call now and then)
+        ({"cpu": 1.6, "helpers": 0.3}, "in parallel"),
         ({"cpu": 0.05}, "wait more than they compute"),  # storage, network
         ({"waited": 0.02}, "does not hold training back"),
         ({"workers": 1}, "no two workers"),
@@ -78,6 +82,19 @@ def test_threads_stay_where_processes_could_not_help(measures, why):
     chooser = judged(**measures)
     assert chooser.worker_mode == "thread"
     assert why in chooser.history[-1].reason
+
+
+def test_threads_that_keep_a_blas_team_busy_move_to_processes():
+    """Matrix products on 2 worker threads: each product runs on a BLAS team of every core,
+    so the workers' own threads compute 0.9 of a core and the team as much again; worker
+    processes run one BLAS thread each, side by side. Beside a training step (the consumer
+    computes), the other threads may be the step's own: its team is never the workers'."""
+    chooser = judged(cpu=0.9, helpers=0.9, idle=0.0)
+    assert chooser.worker_mode == "process"
+    assert "BLAS team" in chooser.history[-1].reason
+    beside_a_step = judged(cpu=0.9, helpers=0.9, idle=0.0, consumer=0.5)
+    assert beside_a_step.worker_mode == "thread"
+    assert "in parallel" in beside_a_step.history[-1].reason
 
 
 def test_one_worker_thread_taking_turns_on_the_gil_with_a_training_step_moves_to_processes():
@@ -108,11 +125,13 @@ def test_threads_the_tuner_climbed_to_past_the_cores_wait_whatever_their_cpu():
 def test_a_training_steps_intra_op_team_is_not_taken_for_the_workers_helpers():
     """8 worker threads in pure Python share one core (0.9) beside a step on 8 intra-op
     threads, whose team computes 4 cores: the workers hold the GIL, processes are tried. The
-    same CPU beside a consumer that does not compute is BLAS threads the workers keep busy."""
+    same CPU beside a consumer that does not compute is a BLAS team the workers keep busy,
+    which processes are tried for too (one BLAS thread each)."""
     stepping = judged(workers=8, budget=16, cpu=0.9, helpers=4.0, consumer=0.4, team=8)
     assert stepping.worker_mode == "process"
     assert "intra-op threads left out" in stepping.history[-1].reason
-    assert judged(workers=8, budget=16, cpu=0.9, helpers=4.0).worker_mode == "thread"
+    teams = judged(workers=8, budget=16, cpu=0.9, helpers=4.0)
+    assert "BLAS team" in teams.history[-1].reason
     # Numpy items spread over the cores on the workers' own threads: threads stay.
     assert judged(workers=8, budget=16, cpu=5.0, consumer=0.4, team=8).worker_mode == "thread"
     # 2 workers beside a step on 2 intra-op threads, on 2 cores: the crowd, not the GIL,
@@ -283,6 +302,25 @@ def test_reads_that_release_the_gil_or_wait_stay_on_threads(dataset, why):
         assert flatten(list(loader)) == list(range(len(dataset)))
     assert loader.worker_mode == "thread"
     assert why in loader.stats.worker_mode.history[0].reason
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="no fork start method here"
+)
+def test_an_epoch_moves_to_forked_processes_while_its_threads_multiply_matrices():
+    """The worker threads an epoch moves from finish their reads before the processes fork:
+    forked while a thread was inside a BLAS call, the fork deadlocked in OpenBLAS (it stops
+    its busy team as a process forks). Run in a fresh process (tests/blas_move.py), where a
+    hang is a timeout; every batch is torch's."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("blas_move.py"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "process"  # the epoch did move
 
 
 class SlowInWorkerProcesses(tud.Dataset):

@@ -64,6 +64,9 @@ class ProcessPool:
         plan: how workers read; the pool's epochs differ only in their plan's `skip`.
         background: start the processes on the collector thread, queueing jobs until they
             run, so that the caller (an event loop) never waits for a start.
+        fork_after: with `background` and the fork start method: a wait, given a timeout in
+            seconds, that says whether the process may fork now (thread workers that an
+            epoch moves from must first finish their reads: `ThreadPool.wait_finished`).
 
     Raises:
         TypeError: at start, when the dataset or worker_init_fn cannot be sent to a process
@@ -82,8 +85,11 @@ class ProcessPool:
         plan: ReaderPlan,
         pin: bool = False,
         background: bool = False,
+        fork_after: Callable[[float], bool] | None = None,
     ) -> None:
         refuse_start_in_bootstrap()
+        forks = context.get_start_method() == "fork"
+        self._fork_after = fork_after if forks else None
         self._num_workers = num_workers
         self._context = context
         self._pin = pin
@@ -181,6 +187,9 @@ class ProcessPool:
         """The collector thread: start the workers if asked, then collect until they end."""
         if start:
             self._begun.wait()
+            while self._fork_after is not None and not self._fork_after(0.05):
+                if self._closed:  # stopped before it could start: `_start` forks nothing
+                    break
             try:
                 self._start(background=True)
             except BaseException as error:

@@ -60,11 +60,12 @@ class ThreadPool:
         self._dedicated = dedicated_queues
         self._every_worker = every_worker
         self._idle = _Idle()
+        self._unfinished = _Unfinished()
         self._gate = None if readers is None else _Gate(readers)
         self._threads = [
             threading.Thread(
                 target=_work,
-                args=(i, queue, setup, self._idle, self._gate),
+                args=(i, queue, setup, self._idle, self._gate, self._unfinished),
                 name=f"aload-worker-{i}",
                 daemon=True,
             )
@@ -82,6 +83,7 @@ class ThreadPool:
         hold memory)."""
         with self._lock:
             if not self._closed:
+                self._unfinished.add(1)
                 self._queues[worker or 0].put(job)
                 if self._started < len(self._threads):  # once all run, nothing more per job
                     if self._dedicated:
@@ -134,8 +136,16 @@ class ThreadPool:
                 queue.put(_STOP)
             if self._gate is not None:  # threads held at the gate go on to their _STOP
                 self._gate.set(len(self._threads))
+            self._unfinished.add(-len(queued))
         for job in queued:
             job.fail(_shut_down())
+
+    def wait_finished(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every job given so far to end; whether they
+        have (none queued, none running). Worker processes are forked only then where these
+        threads read: a thread inside a BLAS call while the process forks deadlocks the
+        fork (OpenBLAS stops its team in the fork, and the team is busy with that call)."""
+        return self._unfinished.wait_none(timeout)
 
     def join(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -183,6 +193,25 @@ class _Idle:
             self.count += change
 
 
+class _Unfinished:
+    """How many jobs given to a pool's threads have not ended yet (the threads hold this,
+    not the pool)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def add(self, change: int) -> None:
+        with self._changed:
+            self._count += change
+            if not self._count:
+                self._changed.notify_all()
+
+    def wait_none(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._count, timeout)
+
+
 class _Gate:
     """At most `limit` of a pool's threads take and run jobs at once; the others wait here,
     before the queue, so jobs still start in the order they were queued. A reader holds its
@@ -217,6 +246,7 @@ def _work(
     setup: Callable[[int], None] | None,
     idle: _Idle,
     gate: _Gate | None,
+    unfinished: _Unfinished,
 ) -> None:
     use_one_thread()  # one intra-op thread, as torch's worker processes have
     setup_error: BaseException | None = None
@@ -237,6 +267,7 @@ def _work(
             job.run()
         else:
             job.fail(setup_error)
+        unfinished.add(-1)
         if gate is not None:
             gate.leave()
 
