@@ -278,8 +278,9 @@ def test_hung_read_times_out_naming_the_indices_and_is_cancelled():
 
 def test_a_fault_of_aloads_own_loop_is_logged_and_leaves_no_read_running(monkeypatch, caplog):
     """A fetcher that breaks (a bug of aload's, simulated) stops aload's loop with an error
-    on the `aload` logger, its reads are cancelled, and the consumer's timeout still ends the
-    wait: nothing is lost silently."""
+    on the `aload` logger, its reads are cancelled, and the batches it held fail at once
+    with that error as their cause: the consumer is not left waiting (with no `timeout`, it
+    had waited for good)."""
     from aload.workers import loop
 
     def broken(self):
@@ -287,8 +288,12 @@ def test_a_fault_of_aloads_own_loop_is_logged_and_leaves_no_read_running(monkeyp
 
     monkeypatch.setattr(loop._ItemReads, "count_one", broken)
     ds = Remote(64, latency=0.01)
-    with pytest.raises(TimeoutError):
-        list(aload.DataLoader(ds, batch_size=4, max_concurrency=8, timeout=0.5))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="stopped on an error") as raised:
+        list(aload.DataLoader(ds, batch_size=4, max_concurrency=8, timeout=30))
+    assert not isinstance(raised.value, TimeoutError)
+    assert "fetcher bug" in str(raised.value.__cause__)
+    assert time.monotonic() - started < 10
     assert ds.active == 0
     assert any(
         "stopped on an error" in r.getMessage() and "fetcher bug" in str(r.exc_info[1])

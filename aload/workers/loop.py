@@ -159,10 +159,13 @@ class LoopPool:
 
     async def _run_jobs(self) -> None:
         """One runner: runs queued jobs one after another, or sleeps until one is queued."""
-        jobs, idle, loop = self._jobs, self._idle_runners, self._loop
+        jobs, idle, loop, running = self._jobs, self._idle_runners, self._loop, self._running
         while True:
             while jobs:
-                await jobs.popleft().arun()
+                job = jobs.popleft()
+                running.add(job)
+                await job.arun()  # reports its outcome; cancelled, it stays in `running`
+                running.discard(job)
             wake = loop.create_future()
             idle.append(wake)
             await wake
@@ -329,7 +332,7 @@ class LoopPool:
         except BaseException as error:
             if self._waiting is not None:  # the dataset's __aenter__ failed: report it per job
                 self._started(error)
-            else:  # a fetcher or runner broke (a bug of aload's): say so, loudly
+            elif error is not self._crash:  # (a crash is logged as the loop stops)
                 logger.error("aload's event loop stopped on an error", exc_info=error)
 
     async def _main(self) -> None:
@@ -342,6 +345,7 @@ class LoopPool:
         # spell a read costs half what an anyio Event's does.
         self._idle: list[asyncio.Future[None]] = []
         self._jobs: deque[AsyncJob] = deque()  # submitted, for the runners
+        self._running: set[AsyncJob] = set()  # the runners' jobs now
         self._idle_runners: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()  # the fetchers and runners
         self._crash: BaseException | None = None
@@ -357,8 +361,27 @@ class LoopPool:
                 for task in self._tasks:
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+                self._fail_unfinished()
         if self._crash is not None:
             raise self._crash
+
+    def _fail_unfinished(self) -> None:
+        """The loop is stopping: the jobs its runners held or had queued fail, saying why,
+        rather than leave a consumer waiting for them (an epoch that stopped has cancelled
+        its jobs already: their failure goes nowhere)."""
+        error = _stopped()
+        if self._crash is not None:  # a fetcher or runner broke (a bug of aload's): say so
+            logger.error("aload's event loop stopped on an error", exc_info=self._crash)
+            error = RuntimeError(
+                f"aload's event loop stopped on an error ({self._crash!r}); this batch did "
+                "not finish"
+            )
+            error.__cause__ = self._crash
+        unfinished = [*self._running, *self._jobs]
+        self._running.clear()
+        self._jobs.clear()
+        for job in unfinished:
+            job.fail(error)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Start a fetcher or a runner: a plain task of aload's loop (asyncio), which costs a
