@@ -7,9 +7,12 @@ import gc
 import io
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import numpy as np
@@ -161,6 +164,20 @@ def assert_resumes_exactly(make, stop: int, settle: float = 0.0) -> None:
     resumed = make()
     resumed.load_state_dict(state)
     assert [b.tolist() for b in head] + [b.tolist() for b in resumed] == whole
+
+
+def run_fresh(script: str, timeout: float) -> str:
+    """Run `script` (a file beside the tests) in a fresh Python process, as a user's script
+    runs (a hang there is a timeout here, not a stuck suite); its stdout, once it passed."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(script))],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def aload_threads() -> list[threading.Thread]:

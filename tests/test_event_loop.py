@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import anyio
 import pytest
-from conftest import Indexed, flatten
+from conftest import Indexed, flatten, run_fresh
 from loop_pauses import BOUND, ENDINGS, ENDINGS_BOUND, MODES  # measured in a fresh process
 
 import aload
@@ -25,15 +22,7 @@ import aload
 @pytest.fixture(scope="module")
 def fresh_process_pauses() -> dict[str, float]:
     """Every mode's pause, measured in one fresh process (tests/loop_pauses.py)."""
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("loop_pauses.py"))],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(run_fresh("loop_pauses.py", timeout=240).strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -6,10 +6,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +19,7 @@ from conftest import (
     eventually,
     flatten,
     open_fds,
+    run_fresh,
     saved_and_loaded,
     take_and_save,
     wait_for_no_workers,
@@ -312,15 +310,7 @@ def test_an_epoch_moves_to_forked_processes_while_its_threads_multiply_matrices(
     forked while a thread was inside a BLAS call, the fork deadlocked in OpenBLAS (it stops
     its busy team as a process forks). Run in a fresh process (tests/blas_move.py), where a
     hang is a timeout; every batch is torch's."""
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("blas_move.py"))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-1] == "process"  # the epoch did move
+    assert run_fresh("blas_move.py", timeout=120).split()[-1] == "process"  # it did move
 
 
 class SlowInWorkerProcesses(tud.Dataset):

@@ -59,8 +59,8 @@ class ThreadPool:
         self._closed = False
         self._dedicated = dedicated_queues
         self._every_worker = every_worker
-        self._idle = _Idle()
-        self._unfinished = _Unfinished()
+        self._idle = _Count()  # threads waiting for a job
+        self._unfinished = _Count()  # jobs given and not yet ended
         self._gate = None if readers is None else _Gate(readers)
         self._threads = [
             threading.Thread(
@@ -89,7 +89,7 @@ class ThreadPool:
                     if self._dedicated:
                         self._start_up_to(worker or 0)
                     elif self._every_worker or (
-                        self._queues[0].qsize() > self._idle.count  # more than idle threads take
+                        self._queues[0].qsize() > self._idle.value  # more than idle threads take
                         and (self._gate is None or self._started < self._gate.limit)
                     ):
                         self._start_up_to(0)
@@ -145,7 +145,7 @@ class ThreadPool:
         have (none queued, none running). Worker processes are forked only then where these
         threads read: a thread inside a BLAS call while the process forks deadlocks the
         fork (OpenBLAS stops its team in the fork, and the team is busy with that call)."""
-        return self._unfinished.wait_none(timeout)
+        return self._unfinished.wait_zero(timeout)
 
     def join(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -181,35 +181,24 @@ class ThreadPool:
             self.shutdown()
 
 
-class _Idle:
-    """How many of a pool's threads wait for a job (the threads hold this, not the pool)."""
+class _Count:
+    """A count that a pool's threads change (they hold this, not the pool): its idle
+    threads, or its jobs not yet ended, which `wait_zero` waits to see at none."""
 
     def __init__(self) -> None:
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def add(self, change: int) -> None:
-        with self._lock:
-            self.count += change
-
-
-class _Unfinished:
-    """How many jobs given to a pool's threads have not ended yet (the threads hold this,
-    not the pool)."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._changed = threading.Condition()
+        self.value = 0
+        self._changed = threading.Condition(threading.Lock())
 
     def add(self, change: int) -> None:
         with self._changed:
-            self._count += change
-            if not self._count:
+            self.value += change
+            if not self.value:
                 self._changed.notify_all()
 
-    def wait_none(self, timeout: float) -> bool:
+    def wait_zero(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the count to reach 0; whether it did."""
         with self._changed:
-            return self._changed.wait_for(lambda: not self._count, timeout)
+            return self._changed.wait_for(lambda: not self.value, timeout)
 
 
 class _Gate:
@@ -244,9 +233,9 @@ def _work(
     worker_id: int,
     queue: SimpleQueue[Job | None],
     setup: Callable[[int], None] | None,
-    idle: _Idle,
+    idle: _Count,
     gate: _Gate | None,
-    unfinished: _Unfinished,
+    unfinished: _Count,
 ) -> None:
     use_one_thread()  # one intra-op thread, as torch's worker processes have
     setup_error: BaseException | None = None
