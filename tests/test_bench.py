@@ -11,11 +11,11 @@ import time
 import pytest
 
 from aload.bench.cli import parse
-from aload.bench.contenders import Contender, torch_loader
+from aload.bench.contenders import Contender, Drained, torch_loader
 from aload.bench.memory import TreeMemory
 from aload.bench.report import table
-from aload.bench.runner import measure
-from aload.bench.workloads import Workload
+from aload.bench.runner import Result, measure, run_once
+from aload.bench.workloads import MIN_RUN_S, Workload
 
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="/proc")
 
@@ -134,6 +134,23 @@ def test_bad_options_are_refused_by_name(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_run_drains_fresh_loaders_until_it_has_lasted_long_enough_to_time():
+    epochs = []
+
+    def drive(make):
+        epochs.append(make())
+        return Drained(samples=100, first_batch_s=0.001 * len(epochs), elapsed_s=0.05)
+
+    result = Result("w", "short epochs", "aload thread", 0)
+    with TreeMemory() as memory:
+        run_once(Contender("aload thread", 0, object, drive), memory, result)
+    assert len(epochs) == round(MIN_RUN_S / 0.05)
+    assert len({id(e) for e in epochs}) == len(epochs)  # a new loader each time
+    assert result.samples_per_s == [pytest.approx(100 / 0.05)]
+    assert result.first_batch_ms == [pytest.approx(1.0)]  # the first epoch's
+    assert result.step_ms == []  # no training step in the loop
+
+
 def test_a_failing_loader_is_reported_and_the_others_still_run():
     def broken():
         raise OSError("disk gone")
@@ -247,7 +264,8 @@ def test_help_explains_every_workload_and_column(tmp_path):
     assert done.returncode == 0, done.stderr
     for name in [*WORKLOADS, *CASES]:
         assert f"\n  {name} " in done.stdout, name
-    for column in ("samples/s", "vs best torch", "first batch", "peak memory", "loop pause"):
+    columns = ("samples/s", "vs best torch", "first batch", "peak memory", "loop pause", "step")
+    for column in (*columns, "step inflation"):
         assert f"\n  {column} " in done.stdout, column
 
 
@@ -277,6 +295,11 @@ def test_busy_runs_a_training_step_workload_beside_spinning_processes(tmp_path):
     families = [r["family"] for r in workload["results"]]
     assert families == ["limit", "torch", "aload thread", "aload process", "aload auto"]
     assert all(r["error"] is None and r["of_the_limit"] > 0 for r in workload["results"])
+    # The step is timed beside every loader, and set against the steps alone.
+    assert all(r["median_step_ms"] > 0 for r in workload["results"])
+    assert workload["results"][0]["step_inflation"] == pytest.approx(0.0)
+    assert all(r["step_inflation"] > -1 for r in workload["results"])
+    assert "| step (ms) | step inflation |" in stdout
     assert spinners() == before  # the busy processes end with the run
 
 

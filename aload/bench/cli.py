@@ -63,11 +63,15 @@ def _workloads_help() -> str:
     lines += [f"  {name:<13} {case.description}" for name, case in CASES.items()]
     lines += [
         "columns:",
-        "  samples/s        median over the runs of one epoch each, building the loader included",
+        "  samples/s        median over the runs, building the loader included; a run drains a",
+        "                   fresh loader, again until 0.3 s have passed (short epochs are noise)",
         "  vs best torch    that, over the fastest torch configuration in the same table",
         "  of the limit     that, over the workload's limit: its work done by hand with no",
         "                   loader (the `limit` row; the train-* limit: the steps alone)",
         "  first batch      milliseconds from building the loader to holding its first batch",
+        "  step             train-*: the median training step (ms) beside the loader",
+        "  step inflation   that, over the median step alone (the limit): what the loader takes",
+        "                   from the step's cores and its turns on the GIL",
         "  peak memory      MiB the run added: this process's peak RSS, plus each worker's peak",
         "                   private memory (USS); peak PSS: the whole process tree's, sampled",
         "  loop pause       the longest a 5 ms heartbeat task on the caller's loop was late",

@@ -25,13 +25,15 @@ from aload.collate import default_collate
 
 @dataclass(frozen=True)
 class Drained:
-    """What one pass over a fresh loader delivered, timed from the call that built it; and
-    its peak memory where the pass measured it itself (run in a fresh process)."""
+    """What one pass over a fresh loader delivered, timed from the call that built it; its
+    peak memory where the pass measured it itself (run in a fresh process); and the median
+    loop body where that body is a training step."""
 
     samples: int
     first_batch_s: float
     elapsed_s: float
     peak_mib: float | None = None
+    step_s: float | None = None
 
 
 def batch_len(batch: Any) -> int:

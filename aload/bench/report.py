@@ -10,30 +10,38 @@ from typing import Any
 import torch
 
 import aload
-from aload.bench.runner import Result, best_torch, limit_of
+from aload.bench.runner import Result, best_torch, limit_of, step_alone, step_inflation
 from aload.bench.workloads import Workload
 
 
 def table(workload: Workload, results: list[Result]) -> str:
     reference, limit = best_torch(results), limit_of(results)
+    alone = step_alone(results)
+    stepped = alone is not None
     lines = [
         f"\n**{workload.name}**: {workload.description}",
         "",
         "| loader | samples/s | vs best torch | of the limit | first batch (ms) "
-        "| peak memory (MiB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| peak memory (MiB) |" + (" step (ms) | step inflation |" if stepped else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if stepped else ""),
     ]
     for r in results:
         if r.error is not None:
-            lines.append(f"| {r.loader} | failed: {r.error} | | | | |")
+            blanks = " | | | |" if stepped else " | |"
+            lines.append(f"| {r.loader} | failed: {r.error} | | |{blanks}")
             continue
         ratio = f"{r.throughput / reference:.2f}x" if reference else "n/a"
         share = f"{r.throughput / limit:.2f}" if limit else ""
         memory = "n/a" if r.memory is None else f"{r.memory:,.0f}"
-        lines.append(
+        line = (
             f"| {r.loader} | {r.throughput:,.0f} | {ratio} | {share} | {r.first_batch:,.1f} "
             f"| {memory} |"
         )
+        if stepped:
+            step, inflation = r.step, step_inflation(r, alone)
+            line += f" {step:.2f} |" if step is not None else " |"
+            line += f" {inflation:+.0%} |" if inflation is not None else " |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -61,7 +69,9 @@ def document(
 ) -> dict[str, Any]:
     """Everything measured, with medians and ratios beside the raw runs."""
 
-    def row(r: Result, reference: float | None, limit: float | None = None) -> dict[str, Any]:
+    def row(
+        r: Result, reference: float | None, limit: float | None = None, alone: float | None = None
+    ) -> dict[str, Any]:
         ratio = r.throughput / reference if reference and r.error is None else None
         return {
             **asdict(r),
@@ -70,6 +80,8 @@ def document(
             "median_peak_mib": r.memory,
             "vs_best_torch": ratio,
             "of_the_limit": r.throughput / limit if limit and r.error is None else None,
+            "median_step_ms": r.step,
+            "step_inflation": step_inflation(r, alone),
         }
 
     return {
@@ -78,7 +90,10 @@ def document(
             {
                 "name": w.name,
                 "description": w.description,
-                "results": [row(r, best_torch(results), limit_of(results)) for r in results],
+                "results": [
+                    row(r, best_torch(results), limit_of(results), step_alone(results))
+                    for r in results
+                ],
             }
             for w, results in suites
         ],

@@ -13,9 +13,9 @@ from typing import Any
 import aload
 from aload._retry import NO_RETRY
 from aload._stats import StatsKeeper
-from aload.bench.contenders import Contender
+from aload.bench.contenders import Contender, Drained
 from aload.bench.memory import TreeMemory
-from aload.bench.workloads import Workload
+from aload.bench.workloads import MIN_RUN_S, Workload
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Result:
     samples_per_s: list[float] = field(default_factory=list)
     first_batch_ms: list[float] = field(default_factory=list)
     peak_mib: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -42,6 +43,11 @@ class Result:
     @property
     def memory(self) -> float | None:
         return statistics.median(self.peak_mib) if self.peak_mib else None
+
+    @property
+    def step(self) -> float | None:
+        """The median training step (ms) where the loop body is one, else None."""
+        return statistics.median(self.step_ms) if self.step_ms else None
 
 
 def prepare() -> None:
@@ -61,18 +67,27 @@ def prepare() -> None:
     warnings.filterwarnings("ignore", message="This DataLoader will create")
 
 
-def run_once(contender: Contender, memory: TreeMemory, result: Result) -> None:
-    """One pass: build the loader, drain it, record samples/s, first batch and peak memory."""
+def run_once(
+    contender: Contender, memory: TreeMemory, result: Result, min_run_s: float = MIN_RUN_S
+) -> None:
+    """One run: build the loader and drain it, again until `min_run_s` have passed; record
+    samples/s over the run, the first epoch's first batch, peak memory and the median step."""
     gc.collect()
     memory.start()
-    drained = contender.drive(contender.make)
+    passes: list[Drained] = []
+    while not passes or sum(p.elapsed_s for p in passes) < min_run_s:
+        passes.append(contender.drive(contender.make))
     peak = memory.stop()
-    if drained.peak_mib is not None:  # measured where it ran (a fresh process)
-        peak = drained.peak_mib
-    result.samples_per_s.append(drained.samples / drained.elapsed_s)
-    result.first_batch_ms.append(drained.first_batch_s * 1000)
+    measured_there = [p.peak_mib for p in passes if p.peak_mib is not None]
+    if measured_there:  # measured where it ran (a fresh process)
+        peak = max(measured_there)
+    result.samples_per_s.append(sum(p.samples for p in passes) / sum(p.elapsed_s for p in passes))
+    result.first_batch_ms.append(passes[0].first_batch_s * 1000)
     if peak is not None:
         result.peak_mib.append(peak)
+    steps = [p.step_s for p in passes if p.step_s is not None]
+    if steps:
+        result.step_ms.append(statistics.median(steps) * 1000)
 
 
 def progress(line: str) -> None:
@@ -92,7 +107,7 @@ def measure(workload: Workload, repeats: int, memory: TreeMemory) -> list[Result
                 continue
             progress(f"{workload.name}: {contender.name}, run {repeat + 1} of {repeats}")
             try:
-                run_once(contender, memory, result)
+                run_once(contender, memory, result, workload.min_run_s)
             except Exception as exc:
                 memory.stop()
                 result.error = f"{type(exc).__name__}: {exc}"
@@ -116,6 +131,19 @@ def stats_cost_us(batches: int = 100_000) -> float:
         meter.delivered(256, 2, 4)
         meter.handed_over(asked_at)
     return (time.perf_counter() - started) / batches * 1e6
+
+
+def step_alone(results: list[Result]) -> float | None:
+    """The limit's median training step (ms): the steps over batches already in memory."""
+    steps = [r.step for r in results if r.family == "limit" and r.step is not None]
+    return steps[0] if steps else None
+
+
+def step_inflation(result: Result, alone: float | None) -> float | None:
+    """How much longer the median step took beside this loader than alone (0.1: 10%)."""
+    if alone is None or result.step is None or result.error is not None:
+        return None
+    return result.step / alone - 1
 
 
 def limit_of(results: list[Result]) -> float | None:

@@ -1,11 +1,12 @@
 """The loader beside a training step: each batch feeds a real forward, backward and optimizer
 step of a small MLP on the CPU (torch's intra-op threads, as a user's loop has them).
 
-The limit is the same steps over batches already in memory; a loader's share of it says how
-much it slows training down (step-time inflation = 1 / share - 1), timed from the first batch
-on. The step is sized to take about as long as the loader's workers need to prepare a batch,
-where contention shows most.
-"""
+The limit is the same steps over batches already in memory. Two figures say what a loader
+costs training: its share of the limit's samples/s (it includes waits for data), and the
+step-time inflation, the median step beside the loader against the median step alone (what
+the loader's work takes from the step's cores and from its turns on the GIL). The step is
+sized to take about as long as the loader's workers need to prepare a batch, where
+contention shows most."""
 
 from __future__ import annotations
 
@@ -139,15 +140,19 @@ def train(
     def _drive(make: Callable[[], Iterable[Any]]) -> Drained:
         started = time.perf_counter()
         samples, first = 0, None
+        steps: list[float] = []
         for batch in make():
             if first is None:
                 first = time.perf_counter()
             else:
                 samples += batch_len(batch)
+            step_started = time.perf_counter()
             step(batch)
+            steps.append(time.perf_counter() - step_started)
         if first is None:
             return Drained(0, 0.0, time.perf_counter() - started)
-        return Drained(samples, first - started, time.perf_counter() - first)
+        elapsed = time.perf_counter() - first
+        return Drained(samples, first - started, elapsed, step_s=statistics.median(steps))
 
     return drive
 

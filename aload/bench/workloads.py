@@ -56,11 +56,18 @@ class Settings:
         return ds.python_rounds_for(0.0005)
 
 
+# A run lasts at least this long: a fresh loader is built and drained again until it has. An
+# in-memory epoch can take 10 ms, where one preemption on a shared machine moves the figure
+# by half; users' epochs are long.
+MIN_RUN_S = 0.3
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
     description: str
     contenders: list[Contender]
+    min_run_s: float = MIN_RUN_S  # 0: one pass a run (runs sized to last on their own)
 
 
 def _every_loader(
