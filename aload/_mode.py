@@ -116,6 +116,7 @@ class ModeChooser:
         consumer_cpu: float = 0.0,
         consumer_team: int = 1,
         tuned_readers: int | None = None,
+        fewest_readers: int | None = None,
     ) -> None:
         """Epoch `epoch` ran on threads for `seconds` (a window of it), delivering `samples`;
         the consumer waited for data `waited` of it; the worker threads computed
@@ -132,7 +133,9 @@ class ModeChooser:
         `tuned_readers`: with `num_workers="auto"`, the threads reading at once, which the
         tuner only adds while each step up pays: more than twice the cores, the reads wait
         (threads taking turns on the GIL gain nothing past one or two), whatever their CPU,
-        and processes (one a core) would read fewer at once."""
+        and processes (one a core) would read fewer at once. `fewest_readers`: the fewest it
+        read with during the window (it tries fewer too): a window in which one thread read
+        for a while shows cores idle whatever the GIL does."""
         if self.settled or self.worker_mode != "thread" or seconds < MIN_SECONDS:
             return
         self._threads_rate = samples / seconds
@@ -145,8 +148,9 @@ class ModeChooser:
         loading = workers if stepping else (workers_cpu + helpers_cpu) / seconds
         # The other threads' CPU, where no step of the consumer's can be theirs: the workers'.
         team = 0.0 if stepping or consumer >= BUSY else helpers_cpu / seconds
-        beside_one = self.workers == 1 and consumer >= BUSY  # one worker beside the step
-        parallel = min(self.workers + beside_one, self.budget)
+        fewest = self.workers if fewest_readers is None else min(self.workers, fewest_readers)
+        beside_one = fewest == 1 and consumer >= BUSY  # one worker beside the step
+        parallel = min(fewest + beside_one, self.budget)
         if beside_one:
             loading += consumer
         # Threads taking turns on the GIL use one core, or what the machine leaves them of
@@ -164,6 +168,9 @@ class ModeChooser:
             self._choose(epoch, "thread", f"{measured}: data does not hold training back")
         elif tuned_readers is not None and tuned_readers > 2 * self.budget:
             why = f"{tuned_readers} threads read at once, each step up having paid: they wait"
+            self._choose(epoch, "thread", f"{measured}: {why}")
+        elif parallel < 2 and fewest < self.workers:
+            why = f"the tuner read with {fewest} thread for a while: idle cores tell nothing"
             self._choose(epoch, "thread", f"{measured}: {why}")
         elif parallel < 2:
             self._choose(epoch, "thread", f"{measured}: no two workers can run at once")
@@ -234,6 +241,7 @@ class ThreadsWatch:
 
     def _mark(self) -> None:
         """Begin a window: where the clocks and counts stand now."""
+        self._fewest = self._tuned_readers() if self._tuned_readers is not None else 0
         self._since = time.perf_counter()
         self._due = self._since + self._window
         self._samples, self._wait = self._meter.samples, self._meter.waited()
@@ -244,7 +252,10 @@ class ThreadsWatch:
 
     def after_batch(self) -> Any:
         """A batch was delivered: judge the window if it is over; the move to processes
-        when the verdict is theirs, else None."""
+        when the verdict is theirs, else None. The fewest threads the tuner read with meanwhile
+        are noted."""
+        if self._tuned_readers is not None:
+            self._fewest = min(self._fewest, self._tuned_readers())
         if time.perf_counter() < self._due:
             return None
         return self._judge()
@@ -278,6 +289,7 @@ class ThreadsWatch:
             consumer_cpu=consumer,
             consumer_team=self._team,
             tuned_readers=readers,
+            fewest_readers=self._fewest if self._tuned_readers is not None else None,
         )
         if chooser.worker_mode == "thread":
             self._window = min(2 * self._window, LONGEST_WINDOW)

@@ -45,10 +45,21 @@ def judged(
     consumer=0.0,
     team=1,
     tuned=None,
+    fewest=None,
 ):
     chooser = ModeChooser(workers, budget=budget)
     chooser.judge_threads(
-        0, seconds, samples, waited, cpu, helpers, idle * seconds, consumer * seconds, team, tuned
+        0,
+        seconds,
+        samples,
+        waited,
+        cpu,
+        helpers,
+        idle * seconds,
+        consumer * seconds,
+        team,
+        tuned,
+        fewest,
     )
     return chooser
 
@@ -118,6 +129,17 @@ def test_threads_the_tuner_climbed_to_past_the_cores_wait_whatever_their_cpu():
     assert judged(workers=48, cpu=0.99, idle=0.79).worker_mode == "process"
     # Two or four tuned threads on 2 cores are no evidence: GIL-bound reads are judged.
     assert judged(workers=64, cpu=0.99, idle=0.79, tuned=4).worker_mode == "process"
+
+
+def test_a_window_in_which_the_tuner_read_on_one_thread_for_a_while_says_nothing_of_the_gil():
+    """numpy reads on 2 tuned threads, the tuner trying 1 for part of the window: the
+    threads computed 1.25 cores with 0.68 idle, as GIL-bound reads would, but one thread
+    cannot use two cores whatever the GIL does. The same figures with 2 threads all along
+    are judged as before."""
+    tried_one = judged(workers=64, cpu=1.25, idle=0.68, tuned=2, fewest=1)
+    assert tried_one.worker_mode == "thread"
+    assert "read with 1 thread for a while" in tried_one.history[-1].reason
+    assert judged(workers=64, cpu=1.25, idle=0.68, tuned=2, fewest=2).worker_mode == "process"
 
 
 def test_a_training_steps_intra_op_team_is_not_taken_for_the_workers_helpers():
