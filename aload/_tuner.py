@@ -2,22 +2,23 @@
 many workers finish batches, found online.
 
 A hill climb on measured throughput, one window at a time (a tenth of a second and a few
-batches): while the consumer waits for data, read twice as many batches at once, and keep the
-step only if throughput rose with it over the mean of the level's last windows: by 15% of
-the step's share, or by 30% of what the consumer's wait left to gain if that is less
-(waiting a third of the time, it can go at most 1.5x as fast), and at least 2%. A kept step
-that gained less than half its share has passed where throughput flattens: halfway back is
-tried, and kept if it loses nothing (if it gains clearly, the step's own window was too
-early to tell: back up, and on). A step that did not help is taken back, and the level it
-reached becomes a ceiling that the next steps go halfway to. When the very first step up
-did not help (work that holds the GIL), half as many are tried once, and kept if they lose
-nothing. The ceiling is probed again now and then, and forgotten when throughput stays well
-below where it settled for two windows (the data's cost changed). A step is not tried where
-the machine's idle cores could not give it the gain it must show (each sample costs at
-least the CPU it cost before), so it never passes its CPU budget (the cores it may run on);
-found at that budget before any step, half as many are tried once (readers that each run a
-team of threads take each other's cores), and kept if they lose nothing. It holds while the
-consumer does not wait: more reads would only queue more batches.
+batches, and two of a batch's read times where each worker reads a whole batch): while the
+consumer waits for data, read twice as many batches at once, and keep the step only if
+throughput rose with it over the mean of the level's last windows: by 15% of the step's share,
+or by 30% of what the consumer's wait left to gain if that is less (waiting a third of the
+time, it can go at most 1.5x as fast), and at least 2%. A kept step that gained less than half
+its share has passed where throughput flattens: halfway back is tried, and kept if it loses
+nothing (if it gains clearly, the step's own window was too early to tell: back up, and on). A
+step that did not help is taken back, and the level it reached becomes a ceiling that the next
+steps go halfway to. When the very first step up did not help (work that holds the GIL), half
+as many are tried once, and kept if they lose nothing. The ceiling is probed again now and
+then, and forgotten when throughput stays well below where it settled for two windows (the
+data's cost changed). A step is not tried where the machine's idle cores could not give it the
+gain it must show (each sample costs at least the CPU it cost before), so it never passes its
+CPU budget (the cores it may run on); found at that budget before any step, half as many are
+tried once (readers that each run a team of threads take each other's cores), and kept if they
+lose nothing. It holds while the consumer does not wait: more reads would only queue more
+batches.
 
 The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
@@ -48,6 +49,10 @@ HALF_SHARE = 0.5  # a kept step that gained less than this share: try halfway ba
 WAITING = 0.05  # the consumer waits at least this share of a window: data holds it back
 WINDOW_SECONDS = 0.1
 WINDOW_BATCHES = 4
+# ... and at least this many of a batch's read time, where a worker reads a whole batch: one
+# added by a step delivers its first batch a read time after it (0.5 s for 256 items of 2 ms),
+# so a shorter window would judge the step before the new workers could show.
+READ_TIMES = 2
 RAMP_WINDOW_SECONDS = 0.05  # a ramp's step doubles throughput or not: a shorter window tells
 REPROBE_WINDOWS = 16  # windows at a ceiling before it is probed again
 LEVEL_WINDOWS = 3  # a step is judged against the mean of this many windows before it
@@ -349,19 +354,23 @@ class ConcurrencyTuner:
 @dataclass(frozen=True)
 class TunedStage:
     """One stage's knob in an epoch: its tuner; how a concurrency is put in force (returning
-    the epoch's bound on batches in flight); and the seconds the stage has been busy so far
-    in the epoch, summed over its workers."""
+    the epoch's bound on batches in flight); the seconds the stage has been busy so far in
+    the epoch, summed over its workers; and whether each worker takes a whole batch (threads:
+    its busy seconds a batch are how long a new worker takes to show), not one item (reads
+    awaited at once)."""
 
     tuner: ConcurrencyTuner
     put_in_force: Callable[[int], int]
     busy_seconds: Callable[[], float]
+    whole_batches: bool = True
 
 
 class Autotuner:
     """The tuned stages of one epoch (an async dataset's reads and the workers that finish
     its batches; or thread workers' reads), told of each batch the consumer receives.
 
-    It measures a window at a time (a tenth of a second and a few batches). A fresh search
+    It measures a window at a time (a tenth of a second and a few batches, and `READ_TIMES`
+    of a batch's busy seconds in a stage whose workers take whole batches). A fresh search
     of several stages begins with a ramp: while the loop waits nearly all the time, the
     bottleneck doubles, and with it every stage busy enough to hold back twice the
     throughput, all judged as one step; the ramp ends at the first step that gains less
@@ -386,6 +395,7 @@ class Autotuner:
         # Stages that start their search together ramp up together (not a resumed search).
         self._ramping = len(stages) > 1 and not any(stage.tuner.history for stage in stages)
         self._ramp_trial: tuple[list[int], float, float] | None = None  # levels, samples/s, wait
+        self._read_time = 0.0  # a batch's busy seconds in the slowest whole-batch stage, lately
 
     def start(self) -> int:
         """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
@@ -410,9 +420,18 @@ class Autotuner:
         )
         wall = now - began
         seconds = RAMP_WINDOW_SECONDS if self._ramping else WINDOW_SECONDS
+        seconds = max(seconds, READ_TIMES * self._read_time)
         if wall < seconds or batches - batches_before < WINDOW_BATCHES:
             return None
         busy, idle_now = self._busy(), idle_seconds()
+        self._read_time = max(
+            (
+                (busy[i] - busy_before[i]) / (batches - batches_before)
+                for i, stage in enumerate(self._stages)
+                if stage.whole_batches
+            ),
+            default=0.0,
+        )
         cpu = time.process_time() - cpu_began
         self._window = (now, time.process_time(), idle_now, wait_seconds, samples, batches, busy)
         idle = None if idle_now is None or idle_began is None else (idle_now - idle_began) / wall

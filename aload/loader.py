@@ -834,7 +834,10 @@ class DataLoader(Generic[T_co]):
                     meter.read_concurrency = concurrency
                     return config.in_flight_for(concurrency)
 
-                stages.append(TunedStage(self._tuner, set_reads, meter.reading_seconds))
+                reads_stage = TunedStage(
+                    self._tuner, set_reads, meter.reading_seconds, whole_batches=False
+                )
+                stages.append(reads_stage)
             if self._workers_tuner is not None:
                 finishers, reads = pool.cpu, self._tuner
                 assert isinstance(finishers, ThreadPool)  # gated for the tuner (`readers`)

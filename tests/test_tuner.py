@@ -287,6 +287,36 @@ def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30
     return path, tuners
 
 
+def test_a_step_is_judged_once_the_threads_it_added_could_deliver_a_batch(monkeypatch):
+    """Thread readers that take 0.5 s a batch (256 items of 2 ms each), 64 at most: threads
+    added by a step deliver their first batch 0.5 s after it. Judged in a tenth of a second,
+    every step up showed nothing and was taken back (the tuner stayed at 4, a tenth of the
+    speed of 64); judged over two read times, each doubling shows."""
+    clock = Clock()
+    monkeypatch.setattr(_tuner, "time", clock)
+    monkeypatch.setattr(_tuner, "idle_seconds", lambda: None)
+    tuner = ConcurrencyTuner(maximum=64, budget=64, start=2)
+    busy = 0.0
+    tuning = Autotuner([TunedStage(tuner, lambda c: c, lambda: busy)])
+    due: dict[int, float] = {}  # each reading thread: when its batch is done
+    batches, tick = 0, 0.01
+    tuning.observe(0, 0, 0.0)
+    while clock.now < 20:
+        for thread in range(tuner.concurrency):
+            due.setdefault(thread, clock.now + 0.5)
+        for thread in [t for t in due if t >= tuner.concurrency]:
+            del due[thread]  # taken back: its batch goes to another
+        for thread, when in due.items():
+            if when <= clock.now:
+                batches += 1
+                due[thread] = when + 0.5
+        busy += tuner.concurrency * tick
+        clock.now += tick
+        tuning.observe(samples=256 * batches, batches=batches, wait_seconds=clock.now)
+    assert tuner.concurrency == 64
+    assert all("not more than" not in d.reason for d in tuner.history)
+
+
 def test_two_stages_that_hold_each_other_back_ramp_up_together(monkeypatch):
     """Reads from a store of 64 slots (5 ms each: 200/s a read at once) and a 1 ms call per
     sample on threads (1,000/s a thread), on cores that serve 10,000/s. Searched one after
