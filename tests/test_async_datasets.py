@@ -280,7 +280,8 @@ def test_a_fault_of_aloads_own_loop_is_logged_and_leaves_no_read_running(monkeyp
     """A fetcher that breaks (a bug of aload's, simulated) stops aload's loop with an error
     on the `aload` logger, its reads are cancelled, and the batches it held fail at once
     with that error as their cause: the consumer is not left waiting (with no `timeout`, it
-    had waited for good)."""
+    had waited for good). A consumer that goes on gets every later batch failed the same
+    way, the cause with it, and then the end of the epoch."""
     from aload.workers import loop
 
     def broken(self):
@@ -299,6 +300,18 @@ def test_a_fault_of_aloads_own_loop_is_logged_and_leaves_no_read_running(monkeyp
         "stopped on an error" in r.getMessage() and "fetcher bug" in str(r.exc_info[1])
         for r in caplog.records
     )
+    epoch = iter(aload.DataLoader(Remote(64, latency=0.01), batch_size=4, max_concurrency=8))
+    failures: list[RuntimeError] = []
+    while True:
+        try:
+            next(epoch)
+        except StopIteration:
+            break
+        except RuntimeError as error:
+            failures.append(error)
+    assert len(failures) == 16  # every batch, none delivered, none lost
+    assert all("stopped on an error" in str(error) for error in failures)
+    assert all("fetcher bug" in str(error.__cause__) for error in failures)
 
 
 def test_a_batch_handed_to_aloads_stopped_loop_fails_at_once():

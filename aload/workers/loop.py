@@ -101,6 +101,7 @@ class LoopPool:
         self._inbox_due = False  # a turn of the loop that takes the inbox is queued
         self._closing = False
         self._start_error: BaseException | None = None
+        self._crash: BaseException | None = None  # the fault of aload's own that stopped it
         self._thread = threading.Thread(target=self._run, name="aload-worker-loop", daemon=True)
         self._thread.start()
         stop_at_exit(pool=self, thread=self._thread)
@@ -119,7 +120,7 @@ class LoopPool:
         if self._start_error is not None:
             job.fail(self._start_error)
         elif inbox is None:
-            job.fail(_stopped())
+            job.fail(self._stopped())
         else:
             try:
                 self._call_soon(self._take_inbox)
@@ -154,8 +155,9 @@ class LoopPool:
         """The loop has stopped: jobs handed over that it did not take fail, as later ones."""
         with self._lock:
             jobs, self._inbox = self._inbox or [], None
+        error = self._stopped()
         for job in jobs:
-            job.fail(_stopped())
+            job.fail(error)
 
     async def _run_jobs(self) -> None:
         """One runner: runs queued jobs one after another, or sleeps until one is queued."""
@@ -348,7 +350,6 @@ class LoopPool:
         self._running: set[AsyncJob] = set()  # the runners' jobs now
         self._idle_runners: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()  # the fetchers and runners
-        self._crash: BaseException | None = None
         async with _entered(self._dataset):
             try:
                 self._started()
@@ -369,19 +370,25 @@ class LoopPool:
         """The loop is stopping: the jobs its runners held or had queued fail, saying why,
         rather than leave a consumer waiting for them (an epoch that stopped has cancelled
         its jobs already: their failure goes nowhere)."""
-        error = _stopped()
         if self._crash is not None:  # a fetcher or runner broke (a bug of aload's): say so
             logger.error("aload's event loop stopped on an error", exc_info=self._crash)
-            error = RuntimeError(
-                f"aload's event loop stopped on an error ({self._crash!r}); this batch did "
-                "not finish"
-            )
-            error.__cause__ = self._crash
+        error = self._stopped()
         unfinished = [*self._running, *self._jobs]
         self._running.clear()
         self._jobs.clear()
         for job in unfinished:
             job.fail(error)
+
+    def _stopped(self) -> RuntimeError:
+        """The error of a job this pool will not finish: its loop has stopped, on a fault of
+        aload's own (then the cause) or not."""
+        if self._crash is None:
+            return RuntimeError("aload's event loop has stopped; this batch did not run")
+        error = RuntimeError(
+            f"aload's event loop stopped on an error ({self._crash!r}); this batch did not finish"
+        )
+        error.__cause__ = self._crash
+        return error
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Start a fetcher or a runner: a plain task of aload's loop (asyncio), which costs a
@@ -425,10 +432,6 @@ class _ItemReads:
         self._remaining -= 1
         if self._remaining == 0:
             _wake(self.done)
-
-
-def _stopped() -> RuntimeError:
-    return RuntimeError("aload's event loop has stopped; this batch did not run")
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
