@@ -191,7 +191,8 @@ def test_fresh_process_cases_report_each_loader_from_its_own_process(tmp_path):
 
 def test_the_auto_workloads_set_auto_beside_every_static_setting(tmp_path):
     _, report = bench_report(
-        "--workloads", "auto", "auto-gil", "auto-async", "auto-train", "auto-shift", "auto-tail",
+        "--workloads", "auto", "auto-batches", "auto-gil", "auto-async", "auto-train", "auto-shift",
+        "auto-tail",
         "--repeats", "1",
         "--scale", "0.05",
         tmp_path=tmp_path,

@@ -13,7 +13,7 @@ from typing import Any
 import aload
 from aload._retry import NO_RETRY
 from aload._stats import StatsKeeper
-from aload.bench.contenders import Contender, Drained
+from aload.bench.contenders import Contender
 from aload.bench.memory import TreeMemory
 from aload.bench.workloads import MIN_RUN_S, Workload
 
@@ -74,14 +74,16 @@ def run_once(
     samples/s over the run, the first epoch's first batch, peak memory and the median step."""
     gc.collect()
     memory.start()
-    passes: list[Drained] = []
-    while not passes or sum(p.elapsed_s for p in passes) < min_run_s:
+    passes = [contender.drive(contender.make)]
+    elapsed = passes[0].elapsed_s
+    while 0 < elapsed < min_run_s:  # (a pass that took no time will not add any)
         passes.append(contender.drive(contender.make))
+        elapsed += passes[-1].elapsed_s
     peak = memory.stop()
     measured_there = [p.peak_mib for p in passes if p.peak_mib is not None]
     if measured_there:  # measured where it ran (a fresh process)
         peak = max(measured_there)
-    result.samples_per_s.append(sum(p.samples for p in passes) / sum(p.elapsed_s for p in passes))
+    result.samples_per_s.append(sum(p.samples for p in passes) / elapsed)
     result.first_batch_ms.append(passes[0].first_batch_s * 1000)
     if peak is not None:
         result.peak_mib.append(peak)

@@ -268,6 +268,15 @@ def _auto(s: Settings) -> Workload:
     return _auto_grid("auto", items, ds.StoreDataset(n, 0.002, 8), 4, s.counts(2, 4, 8, 16, 32))
 
 
+def _auto_batches(s: Settings) -> Workload:
+    """Blocking 2 ms reads in batches of 256: a thread takes half a second a batch, so a step
+    up shows that long after it is taken."""
+    n = s.items(30_000)
+    items = f"a 2 ms blocking read per item, {n:,} items"
+    data = ds.SleepDataset(n, 0.002)
+    return _auto_grid("auto-batches", items, data, 256, s.counts(16, 32, 64))
+
+
 def _auto_gil(s: Settings) -> Workload:
     """Pure-Python items: more threads only contend for the GIL."""
     n = s.items(2048)
@@ -603,6 +612,7 @@ WORKLOADS: dict[str, Callable[[Settings], Workload]] = {
     "remote-decode": _remote_decode,
     "images": _images,
     "auto": _auto,
+    "auto-batches": _auto_batches,
     "auto-gil": _auto_gil,
     "auto-async": _auto_async,
     "auto-train": _auto_train,
