@@ -3,7 +3,8 @@ many workers finish batches, found online.
 
 A hill climb on measured throughput, one window at a time (a tenth of a second and a few
 batches, and two of a batch's read times where each worker reads a whole batch): while the
-consumer waits for data, read twice as many batches at once, and keep the step only if
+consumer waits for data, read twice as many batches at once (four times where a batch takes so
+long to read that windows last longer than a tenth of a second), and keep the step only if
 throughput rose with it over the mean of the level's last windows: by 15% of the step's share,
 or by 30% of what the consumer's wait left to gain if that is less (waiting a third of the
 time, it can go at most 1.5x as fast), and at least 2%. A kept step that gained less than half
@@ -53,6 +54,7 @@ WINDOW_BATCHES = 4
 # added by a step delivers its first batch a read time after it (0.5 s for 256 items of 2 ms),
 # so a shorter window would judge the step before the new workers could show.
 READ_TIMES = 2
+LONG_GROWTH = 4  # where windows are that long, a climb multiplies by this, not 2, a step
 RAMP_WINDOW_SECONDS = 0.05  # a ramp's step doubles throughput or not: a shorter window tells
 REPROBE_WINDOWS = 16  # windows at a ceiling before it is probed again
 LEVEL_WINDOWS = 3  # a step is judged against the mean of this many windows before it
@@ -132,6 +134,9 @@ class ConcurrencyTuner:
         self.concurrency = max(1, min(start, maximum))
         self.history: list[Decision] = []
         self._began = time.perf_counter()
+        # What a step up multiplies by: 2, or more where each window is long (slow batches:
+        # a doubling a window would take most of an epoch to get anywhere).
+        self.growth = 2
         # The level before a step, its throughput, and the consumer's share of time waiting.
         self._trial: tuple[int, float, float] | None = None
         self._ceiling: int | None = None  # a level that did not help
@@ -247,7 +252,7 @@ class ConcurrencyTuner:
                 )
             return
         if self._ceiling is None:
-            wanted = min(self.maximum, 2 * self.concurrency)
+            wanted = min(self.maximum, self.growth * self.concurrency)
         else:  # halfway to the level that did not help
             wanted = self.concurrency + max(1, (self._ceiling - self.concurrency) // 2)
             wanted = min(wanted, self._ceiling - 1, self.maximum)
@@ -447,6 +452,8 @@ class Autotuner:
         bottleneck = self._bottleneck(shares)
         stage = next((stage for stage in self._stages if stage.tuner.trying), bottleneck)
         before = stage.tuner.concurrency
+        long_windows = READ_TIMES * self._read_time > WINDOW_SECONDS
+        stage.tuner.growth = LONG_GROWTH if long_windows and stage.whole_batches else 2
         stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle)
         if stage.tuner.concurrency == before:
             return None

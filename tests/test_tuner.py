@@ -268,7 +268,12 @@ def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30
     monkeypatch.setattr(_tuner, "idle_seconds", lambda: None)  # the model's cores only
     tuners = [ConcurrencyTuner(maximum=1024, budget=64, start=start) for start in starts]
     busy = [0.0] * len(tuners)
-    stages = [TunedStage(tuner, lambda c: c, lambda i=i: busy[i]) for i, tuner in enumerate(tuners)]
+    # The first stage is an async dataset's reads, awaited at once (no worker takes a whole
+    # batch); the others are threads that finish batches, as the loader builds them.
+    stages = [
+        TunedStage(tuner, lambda c: c, lambda i=i: busy[i], whole_batches=i > 0)
+        for i, tuner in enumerate(tuners)
+    ]
     tuning = Autotuner(stages)
     samples = batches = 0.0
     tuning.observe(0, 0, 0.0)  # the first batch opens the first window
@@ -291,7 +296,8 @@ def test_a_step_is_judged_once_the_threads_it_added_could_deliver_a_batch(monkey
     """Thread readers that take 0.5 s a batch (256 items of 2 ms each), 64 at most: threads
     added by a step deliver their first batch 0.5 s after it. Judged in a tenth of a second,
     every step up showed nothing and was taken back (the tuner stayed at 4, a tenth of the
-    speed of 64); judged over two read times, each doubling shows."""
+    speed of 64); judged over two read times, each step up shows, and steps that long
+    multiply the threads by 4."""
     clock = Clock()
     monkeypatch.setattr(_tuner, "time", clock)
     monkeypatch.setattr(_tuner, "idle_seconds", lambda: None)
@@ -315,6 +321,9 @@ def test_a_step_is_judged_once_the_threads_it_added_could_deliver_a_batch(monkey
         tuning.observe(samples=256 * batches, batches=batches, wait_seconds=clock.now)
     assert tuner.concurrency == 64
     assert all("not more than" not in d.reason for d in tuner.history)
+    # A window that long, the climb multiplies by 4 a step: 64 within three windows.
+    assert [d.concurrency for d in tuner.history][:3] == [8, 32, 64]
+    assert tuner.history[2].seconds < 4
 
 
 def test_two_stages_that_hold_each_other_back_ramp_up_together(monkeypatch):
