@@ -312,6 +312,9 @@ def test_a_fault_of_aloads_own_loop_is_logged_and_leaves_no_read_running(monkeyp
     assert len(failures) == 16  # every batch, none delivered, none lost
     assert all("stopped on an error" in str(error) for error in failures)
     assert all("fetcher bug" in str(error.__cause__) for error in failures)
+    # Each its own error, naming its own batch only.
+    assert len({id(error) for error in failures}) == 16
+    assert all(len(error.__notes__) == 1 for error in failures)
 
 
 def test_a_batch_handed_to_aloads_stopped_loop_fails_at_once():

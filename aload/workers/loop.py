@@ -155,9 +155,8 @@ class LoopPool:
         """The loop has stopped: jobs handed over that it did not take fail, as later ones."""
         with self._lock:
             jobs, self._inbox = self._inbox or [], None
-        error = self._stopped()
         for job in jobs:
-            job.fail(error)
+            job.fail(self._stopped())
 
     async def _run_jobs(self) -> None:
         """One runner: runs queued jobs one after another, or sleeps until one is queued."""
@@ -372,16 +371,15 @@ class LoopPool:
         its jobs already: their failure goes nowhere)."""
         if self._crash is not None:  # a fetcher or runner broke (a bug of aload's): say so
             logger.error("aload's event loop stopped on an error", exc_info=self._crash)
-        error = self._stopped()
         unfinished = [*self._running, *self._jobs]
         self._running.clear()
         self._jobs.clear()
         for job in unfinished:
-            job.fail(error)
+            job.fail(self._stopped())
 
     def _stopped(self) -> RuntimeError:
         """The error of a job this pool will not finish: its loop has stopped, on a fault of
-        aload's own (then the cause) or not."""
+        aload's own (then the cause) or not. One each: the consumer adds its batch's note."""
         if self._crash is None:
             return RuntimeError("aload's event loop has stopped; this batch did not run")
         error = RuntimeError(
