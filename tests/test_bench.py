@@ -310,6 +310,7 @@ def test_a_killed_busy_bench_leaves_no_spinner_behind(tmp_path):
     bench_process = subprocess.Popen(
         [sys.executable, "-m", "aload.bench", "--workloads", "tensor", "--busy"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # its fork server's socket dies with it
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while len(spinners()) <= len(before) and time.monotonic() < deadline:
