@@ -44,6 +44,7 @@ from ._tuner import cpu_budget, idle_seconds
 
 if TYPE_CHECKING:
     from ._stats import EpochMeter
+    from ._tuner import ConcurrencyTuner
 
 logger = logging.getLogger("aload")
 
@@ -221,8 +222,9 @@ class ThreadsWatch:
     the loading takes (`workers_cpu()`: the worker threads' clocks; the process's clock for
     the rest), and what is left of it when it ends. Built, and then asked, on the consumer's
     thread. A verdict for processes calls `move()` once: what it returns (the epoch's
-    remaining batches on processes) is the epoch's to put in force. `tuned_readers()`: the
-    threads `num_workers="auto"` reads with now (None: a number was given)."""
+    remaining batches on processes) is the epoch's to put in force. `tuner`: the one
+    `num_workers="auto"` sets the threads that read at once with (None: a number was
+    given)."""
 
     def __init__(
         self,
@@ -231,17 +233,16 @@ class ThreadsWatch:
         meter: EpochMeter,
         workers_cpu: Callable[[], float],
         move: Callable[[], Any] | None = None,
-        tuned_readers: Callable[[], int] | None = None,
+        tuner: ConcurrencyTuner | None = None,
     ) -> None:
         self._chooser, self._epoch, self._meter = chooser, epoch, meter
         self._workers_cpu, self._move = workers_cpu, move
-        self._tuned_readers = tuned_readers
+        self._tuner = tuner
         self._window = MIN_SECONDS
         self._mark()
 
     def _mark(self) -> None:
         """Begin a window: where the clocks and counts stand now."""
-        self._fewest = self._tuned_readers() if self._tuned_readers is not None else 0
         self._since = time.perf_counter()
         self._due = self._since + self._window
         self._samples, self._wait = self._meter.samples, self._meter.waited()
@@ -252,10 +253,7 @@ class ThreadsWatch:
 
     def after_batch(self) -> Any:
         """A batch was delivered: judge the window if it is over; the move to processes
-        when the verdict is theirs, else None. The fewest threads the tuner read with meanwhile
-        are noted."""
-        if self._tuned_readers is not None:
-            self._fewest = min(self._fewest, self._tuned_readers())
+        when the verdict is theirs, else None."""
         if time.perf_counter() < self._due:
             return None
         return self._judge()
@@ -277,7 +275,7 @@ class ThreadsWatch:
         waited = min(1.0, (self._meter.waited() - self._wait) / seconds) if seconds > 0 else 0.0
         samples = self._meter.samples - self._samples
         idle = max(0.0, (idle_seconds() or 0.0) - self._idle)
-        readers = None if self._tuned_readers is None else self._tuned_readers()
+        tuner = self._tuner
         chooser.judge_threads(
             self._epoch,
             seconds,
@@ -288,8 +286,8 @@ class ThreadsWatch:
             idle,
             consumer_cpu=consumer,
             consumer_team=self._team,
-            tuned_readers=readers,
-            fewest_readers=self._fewest if self._tuned_readers is not None else None,
+            tuned_readers=None if tuner is None else tuner.concurrency,
+            fewest_readers=None if tuner is None else tuner.fewest_since(self._since),
         )
         if chooser.worker_mode == "thread":
             self._window = min(2 * self._window, LONGEST_WINDOW)

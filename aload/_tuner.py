@@ -132,11 +132,9 @@ class ConcurrencyTuner:
         self.knob = knob  # the argument set to "auto", for the log
         self.budget = cpu_budget() if budget is None else budget
         self.concurrency = max(1, min(start, maximum))
+        self._start = self.concurrency
         self.history: list[Decision] = []
         self._began = time.perf_counter()
-        # What a step up multiplies by: 2, or more where each window is long (slow batches:
-        # a doubling a window would take most of an epoch to get anywhere).
-        self.growth = 2
         # The level before a step, its throughput, and the consumer's share of time waiting.
         self._trial: tuple[int, float, float] | None = None
         self._ceiling: int | None = None  # a level that did not help
@@ -161,6 +159,16 @@ class ConcurrencyTuner:
     def snapshot(self) -> Tuning:
         return Tuning(self.concurrency, self.maximum, tuple(self.history))
 
+    def fewest_since(self, moment: float) -> int:
+        """The fewest at once from `moment` (a `time.perf_counter()`) to now: the level in
+        force then, and each set since."""
+        fewest = self.concurrency
+        for decision in reversed(self.history):
+            fewest = min(fewest, decision.concurrency)
+            if self._began + decision.seconds < moment:  # the level in force at `moment`
+                return fewest
+        return min(fewest, self._start)
+
     @property
     def trying(self) -> bool:
         """Whether a step is on trial: the next window judges it. (A step down still to try
@@ -174,11 +182,13 @@ class ConcurrencyTuner:
         cores: float,
         climb: bool = True,
         idle: float | None = None,
+        growth: int = 2,
     ) -> None:
         """One window's measures: samples/s, the consumer's share of time waiting, the cores
         the process used, and those that sat idle (None: the budget's cores it did not use).
         Moves `concurrency` (or not), as the module says; without `climb` (another stage
-        holds this one back), only judges the step on trial."""
+        holds this one back), only judges the step on trial. A climb multiplies by `growth`
+        (more than 2 where windows are long: slow batches)."""
         room = self.budget - cores if idle is None else min(self.budget - cores, idle)
         allows = room / cores if cores > 0 else float("inf")  # at most this gain from more
         if self._first_at_level is None:
@@ -252,7 +262,7 @@ class ConcurrencyTuner:
                 )
             return
         if self._ceiling is None:
-            wanted = min(self.maximum, self.growth * self.concurrency)
+            wanted = min(self.maximum, growth * self.concurrency)
         else:  # halfway to the level that did not help
             wanted = self.concurrency + max(1, (self._ceiling - self.concurrency) // 2)
             wanted = min(wanted, self._ceiling - 1, self.maximum)
@@ -453,8 +463,8 @@ class Autotuner:
         stage = next((stage for stage in self._stages if stage.tuner.trying), bottleneck)
         before = stage.tuner.concurrency
         long_windows = READ_TIMES * self._read_time > WINDOW_SECONDS
-        stage.tuner.growth = LONG_GROWTH if long_windows and stage.whole_batches else 2
-        stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle)
+        growth = LONG_GROWTH if long_windows and stage.whole_batches else 2
+        stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle, growth)
         if stage.tuner.concurrency == before:
             return None
         return stage.put_in_force(stage.tuner.concurrency)

@@ -673,8 +673,7 @@ class DataLoader(Generic[T_co]):
         if self._moves_mid_epoch():
             move = self._weakly(DataLoader._move_to_processes, pool, meter, start, reads, read)
         tuner = self._tuner if self._config.workers_tuned else None
-        readers = None if tuner is None else (lambda: tuner.concurrency)
-        watch = ThreadsWatch(chooser, epoch, meter, pool.cpu_seconds, move, readers)
+        watch = ThreadsWatch(chooser, epoch, meter, pool.cpu_seconds, move, tuner)
         meter.on_end.append(watch.ended)
         return watch.after_batch
 

@@ -467,7 +467,7 @@ def test_fewer_reads_at_once_retire_fetchers_without_dropping_a_read():
     tuner = loader._tuner
     switched: list[float] = []
 
-    def decide(throughput, waiting, cores, climb=True, idle=None):  # 32 (the start), then 4 at once
+    def decide(throughput, waiting, cores, climb=True, idle=None, growth=2):  # 32, then 4 at once
         if not switched:
             switched.append(time.perf_counter())
             tuner.concurrency = 4

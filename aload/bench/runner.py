@@ -135,10 +135,15 @@ def stats_cost_us(batches: int = 100_000) -> float:
     return (time.perf_counter() - started) / batches * 1e6
 
 
+def _limit_row(results: list[Result]) -> Result | None:
+    """The workload's limit (its work done by hand, no loader), where it ran."""
+    return next((r for r in results if r.family == "limit" and r.error is None), None)
+
+
 def step_alone(results: list[Result]) -> float | None:
     """The limit's median training step (ms): the steps over batches already in memory."""
-    steps = [r.step for r in results if r.family == "limit" and r.step is not None]
-    return steps[0] if steps else None
+    limit = _limit_row(results)
+    return None if limit is None else limit.step
 
 
 def step_inflation(result: Result, alone: float | None) -> float | None:
@@ -150,5 +155,5 @@ def step_inflation(result: Result, alone: float | None) -> float | None:
 
 def limit_of(results: list[Result]) -> float | None:
     """The median samples/s of the workload's limit (its work done by hand, no loader)."""
-    limits = [r.throughput for r in results if r.family == "limit" and r.error is None]
-    return limits[0] if limits else None
+    limit = _limit_row(results)
+    return None if limit is None else limit.throughput
