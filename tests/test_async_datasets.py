@@ -317,6 +317,31 @@ def test_a_fault_of_aloads_own_loop_is_logged_and_leaves_no_read_running(monkeyp
     assert all(len(error.__notes__) == 1 for error in failures)
 
 
+@pytest.mark.anyio
+async def test_async_for_gets_a_fault_of_aloads_loop_at_once_and_the_loop_beats_on(
+    anyio_backend, monkeypatch, caplog
+):
+    """The same fault met by `async for`: the batch fails with the fault as its cause, within
+    seconds under a 30 s timeout, the caller's loop beating throughout, and no read runs on."""
+    from aload.workers import loop
+
+    def broken(self):
+        raise RuntimeError("fetcher bug")
+
+    monkeypatch.setattr(loop._ItemReads, "count_one", broken)
+    ds = Remote(64, latency=0.01)
+    loader = aload.DataLoader(ds, batch_size=4, max_concurrency=8, timeout=30)
+    started = time.monotonic()
+    async with heartbeat() as beat:
+        with pytest.raises(RuntimeError, match="stopped on an error") as raised:
+            async for _batch in loader:
+                pass
+    assert "fetcher bug" in str(raised.value.__cause__)
+    assert time.monotonic() - started < 10
+    assert beat.longest_gap < 0.05
+    assert ds.active == 0
+
+
 def test_a_batch_handed_to_aloads_stopped_loop_fails_at_once():
     """Batches are handed to aload's loop in bursts (one wake-up of the loop takes all that
     came meanwhile): one handed over once the loop has stopped fails at once, saying why,
