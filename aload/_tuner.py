@@ -3,13 +3,17 @@ many workers finish batches, found online.
 
 A hill climb on measured throughput, one window at a time (a tenth of a second and a few
 batches, and two of a batch's read times where each worker reads a whole batch): while the
-consumer waits for data, read twice as many batches at once (four times where a batch takes so
-long to read that windows last longer than a tenth of a second), and keep the step only if
+consumer waits for data, read twice as many batches at once (where a batch takes so long to
+read that windows last longer than a tenth of a second, as many more as the idle cores and the
+consumer's wait leave room for, at least four times: each window costs seconds), and keep the
+step only if
 throughput rose with it over the mean of the level's last windows: by 15% of the step's share,
 or by 30% of what the consumer's wait left to gain if that is less (waiting a third of the
 time, it can go at most 1.5x as fast), and at least 2%. A kept step that gained less than half
 its share has passed where throughput flattens: halfway back is tried, and kept if it loses
 nothing (if it gains clearly, the step's own window was too early to tell: back up, and on). A
+long step is judged on its second window, once the threads it added have delivered; one that
+still gained much, but less than its share, tries as many as gave that gain. A
 step that did not help is taken back, and the level it reached becomes a ceiling that the next
 steps go halfway to. When the very first step up did not help (work that holds the GIL), half
 as many are tried once, and kept if they lose nothing. The ceiling is probed again now and
@@ -54,7 +58,7 @@ WINDOW_BATCHES = 4
 # added by a step delivers its first batch a read time after it (0.5 s for 256 items of 2 ms),
 # so a shorter window would judge the step before the new workers could show.
 READ_TIMES = 2
-LONG_GROWTH = 4  # where windows are that long, a climb multiplies by this, not 2, a step
+LONG_GROWTH = 4  # where windows are that long, a climb multiplies by at least this, not 2
 RAMP_WINDOW_SECONDS = 0.05  # a ramp's step doubles throughput or not: a shorter window tells
 REPROBE_WINDOWS = 16  # windows at a ceiling before it is probed again
 LEVEL_WINDOWS = 3  # a step is judged against the mean of this many windows before it
@@ -182,13 +186,14 @@ class ConcurrencyTuner:
         cores: float,
         climb: bool = True,
         idle: float | None = None,
-        growth: int = 2,
+        bold: bool = False,
     ) -> None:
         """One window's measures: samples/s, the consumer's share of time waiting, the cores
         the process used, and those that sat idle (None: the budget's cores it did not use).
         Moves `concurrency` (or not), as the module says; without `climb` (another stage
-        holds this one back), only judges the step on trial. A climb multiplies by `growth`
-        (more than 2 where windows are long: slow batches)."""
+        holds this one back), only judges the step on trial. A climb doubles; `bold` (windows
+        are long: slow batches, so each step costs seconds) goes as far as the idle cores and
+        the consumer's wait leave room for, at least `LONG_GROWTH` times."""
         room = self.budget - cores if idle is None else min(self.budget - cores, idle)
         allows = room / cores if cores > 0 else float("inf")  # at most this gain from more
         if self._first_at_level is None:
@@ -196,6 +201,8 @@ class ConcurrencyTuner:
         else:
             self._at_level.append(throughput)
             self._allows_at_level.append(allows)
+        if self._trial is not None and bold and not self._at_level:
+            return  # slow batches: the workers a step added delivered in part of the window
         if self._trial is not None:
             before, baseline, waited = self._trial
             self._trial = None
@@ -207,6 +214,19 @@ class ConcurrencyTuner:
             if throughput <= baseline * (1 + needed_gain(step, waited)):
                 self._ceiling, self._at_ceiling = self.concurrency, 0
                 self._settled = baseline
+                gain = throughput / baseline if baseline > 0 else 1.0
+                proportional = min(round(before * gain), self.concurrency - 1)
+                if step > 1 and gain >= 1 + HALF_SHARE and proportional > before:
+                    # A long step that still gained much: as many as gave that gain, each
+                    # as productive as before (a store that serves 8 at once: 2 -> 64 gave 4x).
+                    self._trial = (before, baseline, waited)
+                    self._set(
+                        proportional,
+                        f"{self.concurrency} at once gave {throughput:,.0f} samples/s, "
+                        f"{gain:.1f}x {before} ({baseline:,.0f}), less than the step's share: "
+                        f"trying {proportional}",
+                    )
+                    return
                 self._set(
                     before,
                     f"{self.concurrency} at once gave {throughput:,.0f} samples/s, not more "
@@ -261,17 +281,21 @@ class ConcurrencyTuner:
                     f"once on {cores:.1f} of {self.budget:g} cores",
                 )
             return
+        # The least gain the idle cores allowed at this level, before a trial too (one
+        # window's CPU time may dip, and the first after a trial runs partly at its level)
+        allowed = min(self._allows_at_level, default=allows)
+        allowed = min(allowed, self._allowed_before.get(self.concurrency, allowed))
         if self._ceiling is None:
-            wanted = min(self.maximum, growth * self.concurrency)
+            growth = 2.0
+            if bold:  # the gain the cores could feed and the wait leave, at least LONG_GROWTH
+                attainable = 1 / (1 - waiting) if waiting < 1 else float("inf")
+                growth = max(LONG_GROWTH, min(1 + allowed, attainable))
+            wanted = int(min(self.maximum, growth * self.concurrency))
         else:  # halfway to the level that did not help
             wanted = self.concurrency + max(1, (self._ceiling - self.concurrency) // 2)
             wanted = min(wanted, self._ceiling - 1, self.maximum)
         if wanted <= self.concurrency:
             return
-        # The least gain the idle cores allowed at this level, before a trial too (one
-        # window's CPU time may dip, and the first after a trial runs partly at its level)
-        allowed = min(self._allows_at_level, default=allows)
-        allowed = min(allowed, self._allowed_before.get(self.concurrency, allowed))
         if allowed < needed_gain(wanted / self.concurrency - 1, waiting):
             return  # the idle cores could not give the step the gain it must show
         self._trial = (self.concurrency, self._level_throughput(), waiting)
@@ -463,8 +487,8 @@ class Autotuner:
         stage = next((stage for stage in self._stages if stage.tuner.trying), bottleneck)
         before = stage.tuner.concurrency
         long_windows = READ_TIMES * self._read_time > WINDOW_SECONDS
-        growth = LONG_GROWTH if long_windows and stage.whole_batches else 2
-        stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle, growth)
+        bold = long_windows and stage.whole_batches
+        stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle, bold)
         if stage.tuner.concurrency == before:
             return None
         return stage.put_in_force(stage.tuner.concurrency)

@@ -292,38 +292,62 @@ def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30
     return path, tuners
 
 
-def test_a_step_is_judged_once_the_threads_it_added_could_deliver_a_batch(monkeypatch):
-    """Thread readers that take 0.5 s a batch (256 items of 2 ms each), 64 at most: threads
-    added by a step deliver their first batch 0.5 s after it. Judged in a tenth of a second,
-    every step up showed nothing and was taken back (the tuner stayed at 4, a tenth of the
-    speed of 64); judged over two read times, each step up shows, and steps that long
-    multiply the threads by 4."""
+def slow_batches(monkeypatch, slots=None, seconds=20.0):
+    """Thread readers that take 0.5 s a batch (256 items of 2 ms each), 64 at most, each
+    using a hundredth of one of 2 cores; `slots`: a store that serves that many reads at
+    once (the others queue). The tuner's concurrency at each of its decisions, and when."""
     clock = Clock()
+    cpu = [0.0]
+    clock.process_time = lambda: cpu[0]
     monkeypatch.setattr(_tuner, "time", clock)
     monkeypatch.setattr(_tuner, "idle_seconds", lambda: None)
-    tuner = ConcurrencyTuner(maximum=64, budget=64, start=2)
+    tuner = ConcurrencyTuner(maximum=64, budget=2, start=2)
     busy = 0.0
     tuning = Autotuner([TunedStage(tuner, lambda c: c, lambda: busy)])
     due: dict[int, float] = {}  # each reading thread: when its batch is done
     batches, tick = 0, 0.01
     tuning.observe(0, 0, 0.0)
-    while clock.now < 20:
-        for thread in range(tuner.concurrency):
-            due.setdefault(thread, clock.now + 0.5)
-        for thread in [t for t in due if t >= tuner.concurrency]:
+    while clock.now < seconds:
+        threads = tuner.concurrency
+        read_time = 0.5 * max(1.0, threads / (slots or threads))
+        for thread in range(threads):
+            due.setdefault(thread, clock.now + read_time)
+        for thread in [t for t in due if t >= threads]:
             del due[thread]  # taken back: its batch goes to another
         for thread, when in due.items():
             if when <= clock.now:
                 batches += 1
-                due[thread] = when + 0.5
-        busy += tuner.concurrency * tick
+                due[thread] = when + read_time
+        busy += threads * tick
+        cpu[0] += 0.01 * threads * tick
         clock.now += tick
         tuning.observe(samples=256 * batches, batches=batches, wait_seconds=clock.now)
+    return tuner
+
+
+def test_a_step_is_judged_once_the_threads_it_added_could_deliver_a_batch(monkeypatch):
+    """Slow batches: threads added by a step deliver their first batch 0.5 s after it.
+    Judged in a tenth of a second, every step up showed nothing and was taken back (the
+    tuner stayed at 4, a tenth of the speed of 64). Judged over two read times, each step
+    shows; a step that long goes as far as the idle cores allow (2 threads used 2% of the
+    cores: 64 at once), and is judged on the window after the one its threads started in."""
+    tuner = slow_batches(monkeypatch)
     assert tuner.concurrency == 64
-    assert all("not more than" not in d.reason for d in tuner.history)
-    # A window that long, the climb multiplies by 4 a step: 64 within three windows.
-    assert [d.concurrency for d in tuner.history][:3] == [8, 32, 64]
-    assert tuner.history[2].seconds < 4
+    assert [d.concurrency for d in tuner.history] == [64]
+    assert tuner.history[0].seconds < 2
+
+
+def test_a_long_step_that_gained_less_than_its_share_tries_as_many_as_gave_the_gain(
+    monkeypatch,
+):
+    """Slow batches from a store that serves 8 reads at once: 2 -> 64 gives 4x, far less
+    than 32 times as many readers should, so as many as gave that gain, 8, are tried: as
+    fast, and kept: a probe above them is taken back to them."""
+    tuner = slow_batches(monkeypatch, slots=8, seconds=35)
+    levels = [d.concurrency for d in tuner.history]
+    assert levels == [64, 8, 36, 8]
+    assert "4.0x 2" in tuner.history[1].reason
+    assert "not more than 8" in tuner.history[3].reason
 
 
 def test_two_stages_that_hold_each_other_back_ramp_up_together(monkeypatch):
