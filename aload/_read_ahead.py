@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from ._history import History
 from ._tuner import Decision
 
 logger = logging.getLogger("aload")
@@ -35,10 +36,12 @@ PACE_SECONDS, PACE_BATCHES = 0.01, 4  # enough of the loop to measure its pace
 @dataclass(frozen=True)
 class ReadAhead:
     """What `prefetch_factor="auto"` settled on: batches in flight per worker now, and every
-    change with its reason, oldest first (a `Decision`'s `concurrency` is the factor)."""
+    change with its reason, oldest first (a `Decision`'s `concurrency` is the factor): the
+    first 32 and the latest 224, `dropped` counting those left out between."""
 
     prefetch_factor: int
     history: tuple[Decision, ...]
+    dropped: int = 0
 
 
 class ReadAheadTuner:
@@ -48,7 +51,7 @@ class ReadAheadTuner:
     def __init__(self, memory_budget: int | None = None) -> None:
         self.factor = START
         self.memory_budget = memory_budget
-        self.history: list[Decision] = []
+        self.history: History[Decision] = History()
         self._began = time.perf_counter()
         self._since = self._began  # the last change (or the epoch's start)
         self._held = 0.0  # seconds held back since then
@@ -64,7 +67,7 @@ class ReadAheadTuner:
         self._set(max(START, min(factor, MAXIMUM)), "resumed from a state")
 
     def snapshot(self) -> ReadAhead:
-        return ReadAhead(self.factor, tuple(self.history))
+        return ReadAhead(self.factor, tuple(self.history), self.history.dropped)
 
     def restart(self) -> None:
         """A new epoch: its time held back is measured from its start."""

@@ -45,6 +45,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ._history import History
+
 logger = logging.getLogger("aload")
 
 GAIN = 0.02  # a step must raise throughput at least this much to be kept,
@@ -83,11 +85,14 @@ class Decision:
 @dataclass(frozen=True)
 class Tuning:
     """What `num_workers="auto"` settled on: batches read at once now, at most `maximum`
-    (the threads it may use), and every change with its reason, oldest first."""
+    (the threads it may use), and its changes with their reasons, oldest first: the first
+    32 (the search) and the latest 224, with `dropped` counting those left out between (a
+    tuner watches, and probes again, for as long as the loader runs)."""
 
     concurrency: int
     maximum: int
     history: tuple[Decision, ...]
+    dropped: int = 0
 
 
 def needed_gain(step: float, waited: float) -> float:
@@ -137,7 +142,7 @@ class ConcurrencyTuner:
         self.budget = cpu_budget() if budget is None else budget
         self.concurrency = max(1, min(start, maximum))
         self._start = self.concurrency
-        self.history: list[Decision] = []
+        self.history: History[Decision] = History()
         self._began = time.perf_counter()
         # The level before a step, its throughput, and the consumer's share of time waiting.
         self._trial: tuple[int, float, float] | None = None
@@ -161,11 +166,13 @@ class ConcurrencyTuner:
         self._set(max(1, min(concurrency, self.maximum)), "resumed from a state")
 
     def snapshot(self) -> Tuning:
-        return Tuning(self.concurrency, self.maximum, tuple(self.history))
+        history = self.history
+        return Tuning(self.concurrency, self.maximum, tuple(history), history.dropped)
 
     def fewest_since(self, moment: float) -> int:
         """The fewest at once from `moment` (a `time.perf_counter()`) to now: the level in
-        force then, and each set since."""
+        force then, and each set since (where `moment` falls among decisions dropped from
+        the history, from the last one kept before them: a window spans a few decisions)."""
         fewest = self.concurrency
         for decision in reversed(self.history):
             fewest = min(fewest, decision.concurrency)

@@ -18,7 +18,7 @@ from conftest import Computes, wait_for_no_workers
 from loop_pauses import best_pause
 
 import aload
-from aload import _tuner
+from aload import _history, _tuner
 from aload._tuner import REPROBE_WINDOWS, Autotuner, ConcurrencyTuner, TunedStage
 
 
@@ -118,7 +118,7 @@ def test_it_holds_while_training_is_the_bottleneck():
     tuner = ConcurrencyTuner(maximum=32, budget=64)
     path = run(tuner, lambda c: 100.0 * c, demand=150.0)
     assert path[-1] == 2
-    assert tuner.history == []
+    assert list(tuner.history) == []
 
 
 def test_it_never_passes_its_cpu_budget():
@@ -135,7 +135,7 @@ def test_no_step_is_tried_that_the_idle_cores_could_not_pay_for():
     tuner = ConcurrencyTuner(maximum=32, budget=2, start=2)
     path = run(tuner, lambda c: 1000.0 * min(c, 2), cores=lambda c: 0.9 * min(c, 2))
     assert set(path) == {2}
-    assert tuner.history == []
+    assert list(tuner.history) == []
 
 
 def test_on_a_busy_machine_the_cores_left_idle_bound_a_step():
@@ -144,7 +144,7 @@ def test_on_a_busy_machine_the_cores_left_idle_bound_a_step():
     busy = ConcurrencyTuner(maximum=32, budget=2, start=2)
     for _ in range(5):
         busy.decide(1000.0, 1.0, 1.0, idle=0.05)
-    assert (busy.concurrency, busy.history) == (2, [])
+    assert (busy.concurrency, list(busy.history)) == (2, [])
     idle = ConcurrencyTuner(maximum=32, budget=2, start=2)
     idle.decide(1000.0, 1.0, 1.0, idle=1.0)
     assert idle.concurrency == 4
@@ -374,7 +374,7 @@ def test_a_ramp_step_that_does_not_help_is_taken_back(monkeypatch):
     assert path.index((32, 1)) <= 5  # (after the windows that ran partly at 4)
     assert path[-1] == (32, 1)
     assert max(f for _, f in path) == 4
-    assert read_tuner.history == []
+    assert list(read_tuner.history) == []
     assert "with the other stages stepped up" in finish_tuner.history[1].reason
 
 
@@ -730,3 +730,23 @@ def test_a_tuned_thread_pool_runs_at_most_its_readers():
     finally:
         pool.shutdown()  # threads held back by the limit end too
         assert pool.join(timeout=5)
+
+
+def test_a_tuner_that_watches_for_a_long_run_keeps_its_first_and_latest_decisions():
+    """A tuner probes its ceiling again every few windows for as long as the loader runs:
+    its history keeps the search (the first decisions) and where it stands (the latest),
+    counts those left out between, and so stays the same size however long the run."""
+    tuner = ConcurrencyTuner(maximum=32, budget=64)
+    run(tuner, lambda c: 100.0 * min(c, 8), windows=40)
+    search = list(tuner.history)
+    run(tuner, lambda c: 100.0 * min(c, 8), windows=20_000)
+    tuning = tuner.snapshot()
+    assert tuning.dropped > 0
+    assert len(tuning.history) == _history.FIRST + _history.LATEST
+    assert list(tuning.history[: len(search)]) == search
+    # The latest decisions are the run's last ones: one more lands at the end.
+    run(tuner, lambda c: 100.0 * min(c, 8), windows=100)
+    assert tuner.snapshot().history[-1] == tuner.history[-1]
+    assert tuner.snapshot().history[-1].seconds >= tuning.history[-1].seconds
+    assert tuner.snapshot().dropped > tuning.dropped
+    assert 8 <= tuner.concurrency <= 9
