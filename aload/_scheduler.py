@@ -723,6 +723,9 @@ class Epoch:
         if job is not None:
             del self._in_flight[job.seq]
             self._fill()
+            in_flight = len(self._in_flight)  # where the others stand now, for the stats
+            ready = len(self._ready_by_seq) + len(self._ready_fifo)
+            self._meter.sample(in_flight, ready, in_flight >= self._max_in_flight)
         return job
 
     def _take_in_place(self) -> _Job | None:

@@ -8,6 +8,7 @@ A few clock reads per batch: cheap enough to stay on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -42,6 +43,18 @@ class StageStats:
         seconds: time spent in it, summed over the workers that run it.
         busy_fraction: `seconds` over what its workers had (concurrency x the epoch's
             seconds): 1 means a call in every slot, always.
+        queued: batches waiting for one of its workers, on average over the epoch: more
+            than a few, and this stage holds the others back.
+        waiting_before: seconds its workers sat idle, summed over them, with nothing to
+            take: the stage before had not delivered (an async dataset's reads), or no batch
+            was left to read.
+        waiting_after: seconds its workers sat idle, summed over them, because the batches
+            they had finished filled the bound on batches in flight: the consumer (or the
+            copy to the device) had not taken them.
+
+    `queued` and the waits are the workers', so they are given on the first stage the
+    workers run (the stages after it on the same workers follow in the same call), and are
+    0 on the others and where no workers run (the consumer, aload's loop reading).
     """
 
     name: str
@@ -50,6 +63,9 @@ class StageStats:
     items: int
     seconds: float
     busy_fraction: float
+    queued: float = 0.0
+    waiting_before: float = 0.0
+    waiting_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -224,14 +240,24 @@ class LoaderStats:
         return self.wait_seconds / total if total > 0 else 0.0
 
 
-def _busy(stage: StageStats) -> str:
-    """A stage for the epoch's log line: "map 91% busy (2 at once on worker processes)"."""
+def _busy(stage: StageStats, seconds: float) -> str:
+    """A stage for the epoch's log line, over `seconds` of the epoch: "map 91% busy (2 at
+    once on worker processes)", and for the workers' first stage their queue and waits
+    ("... 1.2 batches queued, idle 2% waiting before, 5% after")."""
     if not stage.concurrency:
         return f"{stage.name} on {stage.where}"
-    return (
+    line = (
         f"{stage.name} {stage.busy_fraction:.0%} busy "
         f"({stage.concurrency} at once on {stage.where})"
     )
+    if stage.queued or stage.waiting_before or stage.waiting_after:
+        capacity = stage.concurrency * seconds
+        line += (
+            f", {stage.queued:.1f} batches queued, idle "
+            f"{_share(stage.waiting_before, capacity):.0%} waiting on the stage before, "
+            f"{_share(stage.waiting_after, capacity):.0%} on the stage after"
+        )
+    return line
 
 
 def _share(busy: float, capacity: float) -> float:
@@ -261,6 +287,12 @@ class EpochMeter:
         self.held_back = 0.0  # seconds of `wait` that a slow batch, in order, held back
         self.workers_memory: int | None = None  # bytes worker processes hold, where watched
         self.depth_sum = self.max_depth = self.in_flight = 0
+        # The workers over time, from a look as the consumer takes each batch (`sample`):
+        # batch-seconds queued for a worker, and worker-seconds idle (waiting on the stage
+        # after: the part in which the batches they finished filled the bound).
+        self.sampled_at = 0.0
+        self.queued_seconds = self.idle_seconds = self.idle_after_seconds = 0.0
+        self._queued = self._idle = self._idle_after = 0  # as the last look saw them
         self.first_ask: float | None = None
         self.last_handover: float | None = None
         self.asked_at: float | None = None  # the consumer waits since then (None: it does not)
@@ -336,7 +368,7 @@ class EpochMeter:
             stats.samples_per_second,
             100 * stats.wait_fraction,
             stats.bottleneck,
-            "; ".join(_busy(stage) for stage in stats.stages),
+            "; ".join(_busy(stage, stats.seconds) for stage in stats.stages),
             stats.retries,
             stats.skipped,
         )
@@ -344,26 +376,71 @@ class EpochMeter:
         for tell in told:
             tell()
 
+    def sample(self, in_flight: int, ready: int, full: bool) -> None:
+        """Where the scheduler's batches stand once the consumer has taken one (and more
+        were submitted): `in_flight` not yet yielded, `ready` of them finished, and whether
+        they `full`y take the bound. It counts until the next batch is taken: batches beyond
+        the workers are queued for them; idle workers wait on the stage after where the
+        batches finished fill the bound and none is being read before them (else on the
+        stage before). Changes come mostly as a wait ends, so from its start, this is what
+        the consumer's wait (or loop body) saw."""
+        now = time.perf_counter()
+        last, self.sampled_at = self.sampled_at, now
+        if last:
+            spent = now - last
+            self.queued_seconds += spent * self._queued
+            self.idle_seconds += spent * self._idle
+            self.idle_after_seconds += spent * self._idle_after
+        clock = self.read_clock
+        reading = 0 if clock is None else clock.batches
+        spare = self.workers - (in_flight - ready - reading)
+        self._queued = max(0, -spare)
+        self._idle = max(0, spare) if self.workers else 0
+        self._idle_after = self._idle if full and not reading else 0
+
     def _stages(self, seconds: float) -> tuple[StageStats, ...]:
         """The epoch's stages as measured so far, over `seconds` of the epoch."""
         spent = list(self.stage_seconds)
         spent[0] = self.reading_seconds()
+        # The workers' first stage: the reads, unless aload's loop reads (`read_clock`).
+        first = next((n for n in self.stages if n != "read"), None)
+        if self.read_clock is None:
+            first = "read"
+        workers_busy = sum(
+            spent[STAGES.index(name)]
+            for name in self.stages
+            if name != "read" or self.read_clock is None
+        )
         stages = []
         for name in self.stages:
             reads = name == "read"
             concurrency = self.read_concurrency if reads else self.workers
             stage_seconds = spent[STAGES.index(name)]
-            stages.append(
-                StageStats(
-                    name=name,
-                    where=self.read_where if reads else self.workers_where,
-                    concurrency=concurrency,
-                    items=self.samples if name in ("read", "map") else self.batches,
-                    seconds=stage_seconds,
-                    busy_fraction=_share(stage_seconds, concurrency * seconds),
-                )
+            stage = StageStats(
+                name=name,
+                where=self.read_where if reads else self.workers_where,
+                concurrency=concurrency,
+                items=self.samples if name in ("read", "map") else self.batches,
+                seconds=stage_seconds,
+                busy_fraction=_share(stage_seconds, concurrency * seconds),
             )
+            if name == first and self.workers:
+                stage = self._with_waits(stage, seconds, workers_busy)
+            stages.append(stage)
         return tuple(stages)
+
+    def _with_waits(self, stage: StageStats, seconds: float, busy: float) -> StageStats:
+        """`stage` with the workers' queue over `seconds`, and their idle time (their time
+        less `busy`: exact) told apart in the shares the looks saw."""
+        idle = max(0.0, self.workers * seconds - busy)
+        looked = self.idle_seconds
+        after = idle * self.idle_after_seconds / looked if looked > 0 else 0.0
+        return dataclasses.replace(
+            stage,
+            queued=self.queued_seconds / seconds if seconds > 0 else 0.0,
+            waiting_before=idle - after,
+            waiting_after=after,
+        )
 
     def elapsed(self) -> float:
         """Seconds from the first batch asked for to the last handed over (or now)."""

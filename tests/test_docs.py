@@ -81,5 +81,6 @@ def test_every_block_runs_and_prints_what_the_text_says(
     assert "147 batches left" in printed
     assert "10000 samples read by 2 Ray actors" in printed
     assert "bottleneck: collate" in printed
+    assert re.search(r"bottleneck: read; map waited on the reads (9\d|100)% of its time", printed)
     if torch.cuda.is_available():
         assert re.search(r"loss [\d.]+ on cuda:0", printed)

@@ -8,7 +8,7 @@ import time
 import anyio
 import pytest
 import torch
-from conftest import Indexed, Shards
+from conftest import Indexed, Shards, heartbeat
 from torch.utils.data import Dataset
 
 import aload
@@ -290,3 +290,61 @@ def test_an_async_datasets_slow_stage_is_named_too(
     assert epoch.bottleneck == stage, epoch
     assert (epoch.workers, epoch.read_concurrency) == (2, max_concurrency)
     assert epoch.read_seconds >= 128 * read_seconds * 0.9  # each awaited read counted
+    # What the CPU workers waited for: the reads, or nothing (batches queued for them).
+    workers = epoch.stage("map" if transform else "collate")
+    capacity = workers.concurrency * epoch.seconds
+    if stage == "read":
+        assert workers.waiting_before >= 0.6 * capacity, workers
+        assert workers.queued < 0.5, workers
+    else:
+        assert workers.queued >= 0.5, workers
+        assert workers.waiting_before + workers.waiting_after <= 0.2 * capacity, workers
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_workers_ahead_of_the_training_loop_wait_on_the_stage_after(mode):
+    """Reads of 1 ms and a loop body of 10 ms a batch (32 of them): the workers finish
+    their batches and sit idle until the loop takes them, so their idle time is waiting on
+    the stage after (but at the epoch's end: no batch left to read), and no batch waits
+    for a worker."""
+    loader = aload.DataLoader(
+        SleepyReads(0.001), batch_size=2, num_workers=2, persistent_workers=True, worker_mode=mode
+    )
+    for _ in range(2):  # the second epoch: the workers' start is not in it
+        for _ in loader:
+            time.sleep(0.01)
+    loader.close()
+    epoch = loader.stats.epoch
+    read = epoch.stage("read")
+    idle = read.waiting_before + read.waiting_after
+    assert idle >= 0.5 * read.concurrency * epoch.seconds, read
+    assert read.waiting_after >= 0.8 * idle, read
+    assert read.queued < 0.5, read
+    assert epoch.stage("collate").waiting_after == 0.0  # the workers' waits are on `read`
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_workers_behind_the_training_loop_have_batches_queued_and_do_not_wait(mode):
+    """Reads of 5 ms (40 ms a batch) and a loop that takes batches at once: batches wait
+    for the 2 workers, which are never idle for long."""
+    epoch = second_epoch_stats(SleepyReads(0.005), worker_mode=mode)
+    read = epoch.stage("read")
+    assert read.queued >= 0.5, read
+    assert read.waiting_before + read.waiting_after <= 0.2 * read.concurrency * epoch.seconds
+
+
+@pytest.mark.anyio
+async def test_async_for_tells_what_the_workers_wait_for_and_the_loop_beats_on(anyio_backend):
+    """`async for` over awaited reads of 20 ms (8 at once) and a cheap map on 2 threads:
+    the map waits on the reads, and the caller's loop keeps beating all along."""
+    loader = aload.DataLoader(
+        AwaitedReads(0.02), batch_size=8, num_workers=2, max_concurrency=8, transform=str
+    )
+    async with heartbeat() as beat:
+        batches = [batch async for batch in loader]
+    assert len(batches) == 16
+    epoch = loader.stats.epoch
+    decode = epoch.stage("map")
+    assert decode.waiting_before >= 0.6 * decode.concurrency * epoch.seconds, decode
+    assert decode.waiting_after <= 0.1 * decode.concurrency * epoch.seconds, decode
+    assert beat.longest_gap < 0.05

@@ -50,13 +50,15 @@ def _add_finishing(timing: list[float], spent: Sequence[float]) -> None:
 
 
 class ReadClock:
-    """Seconds the fetchers have spent on reads, summed over fetchers: read by the loader's
-    stats, which keep this small object and not the pool."""
+    """Seconds the fetchers have spent on reads, summed over fetchers, and the batches whose
+    reads are under way: read by the loader's stats, which keep this small object and not
+    the pool."""
 
-    __slots__ = ("seconds",)
+    __slots__ = ("batches", "seconds")
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.batches = 0
 
 
 class LoopPool:
@@ -186,7 +188,11 @@ class LoopPool:
             _wake(self._idle.pop())
         self._start_fetchers(len(items) - woken)
         if items:
-            await batch.done
+            self.read_clock.batches += 1
+            try:
+                await batch.done
+            finally:
+                self.read_clock.batches -= 1
         if batch.error is not None:
             raise batch.error
         return batch.results
