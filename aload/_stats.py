@@ -402,15 +402,12 @@ class EpochMeter:
         """The epoch's stages as measured so far, over `seconds` of the epoch."""
         spent = list(self.stage_seconds)
         spent[0] = self.reading_seconds()
-        # The workers' first stage: the reads, unless aload's loop reads (`read_clock`).
-        first = next((n for n in self.stages if n != "read"), None)
-        if self.read_clock is None:
-            first = "read"
-        workers_busy = sum(
-            spent[STAGES.index(name)]
-            for name in self.stages
-            if name != "read" or self.read_clock is None
-        )
+        # The workers' stages: all, unless aload's loop reads (`read_clock`); the first of
+        # them carries their queue and waits.
+        loop_reads = self.read_clock is not None
+        on_workers = [name for name in self.stages if not (loop_reads and name == "read")]
+        first = on_workers[0] if on_workers else None
+        workers_busy = sum(spent[STAGES.index(name)] for name in on_workers)
         stages = []
         for name in self.stages:
             reads = name == "read"

@@ -6,24 +6,22 @@ batches, and two of a batch's read times where each worker reads a whole batch):
 consumer waits for data, read twice as many batches at once (where a batch takes so long to
 read that windows last longer than a tenth of a second, as many more as the idle cores and the
 consumer's wait leave room for, at least four times: each window costs seconds), and keep the
-step only if
-throughput rose with it over the mean of the level's last windows: by 15% of the step's share,
-or by 30% of what the consumer's wait left to gain if that is less (waiting a third of the
-time, it can go at most 1.5x as fast), and at least 2%. A kept step that gained less than half
-its share has passed where throughput flattens: halfway back is tried, and kept if it loses
-nothing (if it gains clearly, the step's own window was too early to tell: back up, and on). A
-long step is judged on its second window, once the threads it added have delivered; one that
-still gained much, but less than its share, tries as many as gave that gain. A
-step that did not help is taken back, and the level it reached becomes a ceiling that the next
-steps go halfway to. When the very first step up did not help (work that holds the GIL), half
-as many are tried once, and kept if they lose nothing. The ceiling is probed again now and
-then, and forgotten when throughput stays well below where it settled for two windows (the
-data's cost changed). A step is not tried where the machine's idle cores could not give it the
-gain it must show (each sample costs at least the CPU it cost before), so it never passes its
-CPU budget (the cores it may run on); found at that budget before any step, half as many are
-tried once (readers that each run a team of threads take each other's cores), and kept if they
-lose nothing. It holds while the consumer does not wait: more reads would only queue more
-batches.
+step only if throughput rose with it over the mean of the level's last windows: by 15% of the
+step's share, or by 30% of what the consumer's wait left to gain if that is less (waiting a
+third of the time, it can go at most 1.5x as fast), and at least 2%. A kept step that gained
+less than half its share has passed where throughput flattens: halfway back is tried, and kept
+if it loses nothing (if it gains clearly, the step's own window was too early to tell: back up,
+and on). A long step is judged on its second window, once the threads it added have delivered;
+one that still gained much, but less than its share, tries as many as gave that gain. A step
+that did not help is taken back, and the level it reached becomes a ceiling that the next steps
+go halfway to. When the very first step up did not help (work that holds the GIL), half as many
+are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
+forgotten when throughput stays well below where it settled for two windows (the data's cost
+changed). A step is not tried where the machine's idle cores could not give it the gain it must
+show (each sample costs at least the CPU it cost before), so it never passes its CPU budget
+(the cores it may run on); found at that budget before any step, half as many are tried once
+(readers that each run a team of threads take each other's cores), and kept if they lose
+nothing. It holds while the consumer does not wait: more reads would only queue more batches.
 
 The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
