@@ -414,7 +414,9 @@ class Autotuner:
     its batches; or thread workers' reads), told of each batch the consumer receives.
 
     It measures a window at a time (a tenth of a second and a few batches, and `READ_TIMES`
-    of a batch's busy seconds in a stage whose workers take whole batches). A fresh search
+    of a batch's busy seconds in a stage whose workers take whole batches). The first window
+    begins with the first batch, so that the workers' start is not in it; where that batch
+    took a window's time already (slow batches), with the epoch. A fresh search
     of several stages begins with a ramp: while the loop waits nearly all the time, the
     bottleneck doubles, and with it every stage busy enough to hold back twice the
     throughput, all judged as one step; the ramp ends at the first step that gains less
@@ -440,9 +442,13 @@ class Autotuner:
         self._ramping = len(stages) > 1 and not any(stage.tuner.history for stage in stages)
         self._ramp_trial: tuple[list[int], float, float] | None = None  # levels, samples/s, wait
         self._read_time = 0.0  # a batch's busy seconds in the slowest whole-batch stage, lately
+        # When the epoch started: its time, CPU seconds, idle cores' seconds, busy seconds.
+        self._opened: tuple[float, float, float | None, list[float]] | None = None
 
     def start(self) -> int:
         """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
+        if self._opened is None:  # the epoch starts: a window may begin here (`observe`)
+            self._opened = (time.perf_counter(), time.process_time(), idle_seconds(), self._busy())
         bound = 0
         for stage in self._stages:
             bound = stage.put_in_force(stage.tuner.concurrency)
@@ -454,11 +460,18 @@ class Autotuner:
         now = time.perf_counter()
         window = self._window
         if window is None:
-            self._window = (
-                now, time.process_time(), idle_seconds(), wait_seconds, samples, batches,
-                self._busy(),
-            )  # fmt: skip
-            return None
+            opened = self._opened
+            if opened is not None and now - opened[0] >= WINDOW_SECONDS:
+                # A first batch that took a window's time: the first window began with the
+                # epoch (waiting for 4 more batches from the first readers would take long).
+                began, cpu, idle, busy = opened
+                window = self._window = (began, cpu, idle, 0.0, 0, 0, busy)
+            else:  # it begins with the first batch: the workers' start-up is not in it
+                self._window = (
+                    now, time.process_time(), idle_seconds(), wait_seconds, samples, batches,
+                    self._busy(),
+                )  # fmt: skip
+                return None
         began, cpu_began, idle_began, waited_before, samples_before, batches_before, busy_before = (
             window
         )
