@@ -17,8 +17,9 @@ that did not help is taken back, and the level it reached becomes a ceiling that
 go halfway to. When the very first step up did not help (work that holds the GIL), half as many
 are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
 forgotten when throughput stays well below where it settled for two windows (the data's cost
-changed). A step is not tried where the machine's idle cores could not give it the gain it must
-show (each sample costs at least the CPU it cost before), so it never passes its CPU budget
+changed). A step is not tried where the machine's idle cores (at least a tenth of a core, which
+a busy machine still shares) could not give it the gain it must show (each sample costs at
+least the CPU it cost before), so it never passes its CPU budget
 (the cores it may run on); found at that budget before any step, half as many are tried once
 (readers that each run a team of threads take each other's cores), and kept if they lose
 nothing. It holds while the consumer does not wait: more reads would only queue more batches.
@@ -67,6 +68,10 @@ SHIFT_WINDOWS = 2  # this many windows in a row: the data's cost changed
 SATURATED = 0.9  # a stage busy this share of its workers' time has no room to spare
 RAMP_WAITING = 0.9  # while the loop waits this share of the time, stages double together
 HEADROOM = 0.5  # a stage busy more than this share would hold back a doubled throughput
+# Cores a busy machine still gives readers that want a little more: its scheduler shares the
+# cores among the threads that can run, so readers that wait (on storage, a service) and use a
+# hundredth of a core can double, where idle cores alone would forbid any step.
+SHARED_ROOM = 0.1
 THREADS_START = 2  # batches read at once by thread workers, to begin with
 ASYNC_START = 32  # an async dataset's reads awaited at once, to begin with
 
@@ -199,7 +204,9 @@ class ConcurrencyTuner:
         holds this one back), only judges the step on trial. A climb doubles; `bold` (windows
         are long: slow batches, so each step costs seconds) goes as far as the idle cores and
         the consumer's wait leave room for, at least `LONG_GROWTH` times."""
-        room = self.budget - cores if idle is None else min(self.budget - cores, idle)
+        room = self.budget - cores
+        if idle is not None:  # a busy machine still shares a little with more readers
+            room = min(room, max(idle, SHARED_ROOM))
         allows = room / cores if cores > 0 else float("inf")  # at most this gain from more
         if self._first_at_level is None:
             self._first_at_level = throughput

@@ -150,6 +150,16 @@ def test_on_a_busy_machine_the_cores_left_idle_bound_a_step():
     assert idle.concurrency == 4
 
 
+def test_on_a_busy_machine_readers_that_wait_still_step_up():
+    """Two readers that wait on storage use a hundredth of a core, on a machine whose cores
+    other processes keep busy: a doubling needs another hundredth, which the machine's
+    scheduler still gives, so it is tried (with idle cores alone as the bound, the tuner
+    stayed at 2 on a busy machine, however long the reads waited)."""
+    tuner = ConcurrencyTuner(maximum=32, budget=2, start=2)
+    tuner.decide(1000.0, 1.0, 0.01, idle=0.0)
+    assert tuner.concurrency == 4
+
+
 def test_a_step_is_judged_against_the_levels_mean_not_one_slow_window():
     """Windows of a few batches are noisy: a step up tried after a slow window, that reads
     no faster than the level did on average, is taken back."""
