@@ -19,10 +19,10 @@ are tried once, and kept if they lose nothing. The ceiling is probed again now a
 forgotten when throughput stays well below where it settled for two windows (the data's cost
 changed). A step is not tried where the machine's idle cores (at least a tenth of a core, which
 a busy machine still shares) could not give it the gain it must show (each sample costs at
-least the CPU it cost before), so it never passes its CPU budget
-(the cores it may run on); found at that budget before any step, half as many are tried once
-(readers that each run a team of threads take each other's cores), and kept if they lose
-nothing. It holds while the consumer does not wait: more reads would only queue more batches.
+least the CPU it cost before), so it never passes its CPU budget (the cores it may run on);
+found at that budget before any step, half as many are tried once (readers that each run a
+team of threads take each other's cores), and kept if they lose nothing. It holds while the
+consumer does not wait: more reads would only queue more batches.
 
 The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
@@ -449,13 +449,13 @@ class Autotuner:
         self._ramping = len(stages) > 1 and not any(stage.tuner.history for stage in stages)
         self._ramp_trial: tuple[list[int], float, float] | None = None  # levels, samples/s, wait
         self._read_time = 0.0  # a batch's busy seconds in the slowest whole-batch stage, lately
-        # When the epoch started: its time, CPU seconds, idle cores' seconds, busy seconds.
-        self._opened: tuple[float, float, float | None, list[float]] | None = None
+        # The window as it stood when the epoch started (nothing delivered or waited yet).
+        self._opened: tuple[float, float, float | None, float, int, int, list[float]] | None = None
 
     def start(self) -> int:
         """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
         if self._opened is None:  # the epoch starts: a window may begin here (`observe`)
-            self._opened = (time.perf_counter(), time.process_time(), idle_seconds(), self._busy())
+            self._opened = self._mark(time.perf_counter(), 0.0, 0, 0)
         bound = 0
         for stage in self._stages:
             bound = stage.put_in_force(stage.tuner.concurrency)
@@ -471,13 +471,9 @@ class Autotuner:
             if opened is not None and now - opened[0] >= WINDOW_SECONDS:
                 # A first batch that took a window's time: the first window began with the
                 # epoch (waiting for 4 more batches from the first readers would take long).
-                began, cpu, idle, busy = opened
-                window = self._window = (began, cpu, idle, 0.0, 0, 0, busy)
+                window = self._window = opened
             else:  # it begins with the first batch: the workers' start-up is not in it
-                self._window = (
-                    now, time.process_time(), idle_seconds(), wait_seconds, samples, batches,
-                    self._busy(),
-                )  # fmt: skip
+                self._window = self._mark(now, wait_seconds, samples, batches)
                 return None
         began, cpu_began, idle_began, waited_before, samples_before, batches_before, busy_before = (
             window
@@ -487,7 +483,8 @@ class Autotuner:
         seconds = max(seconds, READ_TIMES * self._read_time)
         if wall < seconds or batches - batches_before < WINDOW_BATCHES:
             return None
-        busy, idle_now = self._busy(), idle_seconds()
+        self._window = mark = self._mark(now, wait_seconds, samples, batches)
+        cpu, idle_now, busy = mark[1] - cpu_began, mark[2], mark[6]
         self._read_time = max(
             (
                 (busy[i] - busy_before[i]) / (batches - batches_before)
@@ -496,8 +493,6 @@ class Autotuner:
             ),
             default=0.0,
         )
-        cpu = time.process_time() - cpu_began
-        self._window = (now, time.process_time(), idle_now, wait_seconds, samples, batches, busy)
         idle = None if idle_now is None or idle_began is None else (idle_now - idle_began) / wall
         throughput = (samples - samples_before) / wall
         # (a wait that began before the window may end in it: at most all of it)
@@ -561,6 +556,14 @@ class Autotuner:
             return None
         self._ramp_trial = (levels, throughput, waiting)
         return self.start()
+
+    def _mark(
+        self, now: float, waited: float, samples: int, batches: int
+    ) -> tuple[float, float, float | None, float, int, int, list[float]]:
+        """A window's edge: `now`, the process's CPU seconds, the idle cores' seconds, the
+        consumer's seconds `waited`, `samples` and `batches` delivered, and each stage's busy
+        seconds."""
+        return (now, time.process_time(), idle_seconds(), waited, samples, batches, self._busy())
 
     def _busy(self) -> list[float]:
         """Each stage's busy seconds so far (read at a window's edges, not per batch)."""
