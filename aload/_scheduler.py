@@ -437,6 +437,13 @@ class Epoch:
         try:
             if self._mailbox.done or self._closed:
                 return
+            look = self._look_in(deadline)
+            if look is not None:
+                with anyio.move_on_after(look):
+                    await arrived.wait()
+                    return
+                self._look()
+                return
             if deadline is None:
                 await arrived.wait()
                 return
@@ -486,6 +493,11 @@ class Epoch:
         self._pool.begin()
         try:
             if self._mailbox.done or self._closed:
+                return
+            look = self._look_in(deadline)
+            if look is not None:
+                if not arrived.wait(look):
+                    self._look()
                 return
             remaining = None if deadline is None else deadline - time.monotonic()
             if not arrived.wait(remaining):
@@ -595,6 +607,28 @@ class Epoch:
         self._bound_changed()
         self._pool.begin()
         self._fill()
+
+    def _look_in(self, deadline: float | None) -> float | None:
+        """Seconds until the tuner looks at the readers before the first batch, where that
+        comes before the timeout's `deadline`; None: no look is due."""
+        tuning = self._tuning
+        due = None if tuning is None else tuning.look_due()
+        if due is None:
+            return None
+        look = max(0.0, due - time.perf_counter())
+        if deadline is not None and look >= deadline - time.monotonic():
+            return None
+        return look
+
+    def _look(self) -> None:
+        """The tuner's look before the first batch, while the consumer waits for it: adopt
+        the bound its step brings (the next poll submits what it allows)."""
+        with self._lock:
+            tuning = self._tuning
+            bound = None if tuning is None else tuning.look(self._meter.waited())
+            if bound is not None:
+                self._bound = bound
+                self._bound_changed()
 
     def _tune(self, meter: EpochMeter, tuning: Autotuner) -> None:
         """Tell the tuned stages this batch's totals; adopt the bound a move brings."""

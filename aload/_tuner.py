@@ -72,8 +72,19 @@ HEADROOM = 0.5  # a stage busy more than this share would hold back a doubled th
 # cores among the threads that can run, so readers that wait (on storage, a service) and use a
 # hundredth of a core can double, where idle cores alone would forbid any step.
 SHARED_ROOM = 0.1
+# No batch yet this long into a fresh search: readers that wait (each used less than
+# WAITING_READERS of a core) take their first step now, not after their first, slow batches.
+FIRST_LOOK_SECONDS = 0.2
+WAITING_READERS = 0.25
 THREADS_START = 2  # batches read at once by thread workers, to begin with
 ASYNC_START = 32  # an async dataset's reads awaited at once, to begin with
+
+
+def _bold_growth(waiting: float, allowed: float) -> float:
+    """How far a long step goes: the gain the idle cores could feed (`allowed`) and the
+    consumer's wait leave, at least `LONG_GROWTH` times."""
+    attainable = 1 / (1 - waiting) if waiting < 1 else float("inf")
+    return max(LONG_GROWTH, min(1 + allowed, attainable))
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,7 @@ class ConcurrencyTuner:
         self._may_step_down = False  # the first step up did not help: try fewer, once
         self._halfway = False  # the step down on trial is halfway back from a kept step up
         self._below_settled = 0  # windows in a row well below the settled throughput
+        self._unmeasured = False  # the step on trial was taken before its level's first batch
         self._came_down = False  # the last change was a step down
         self._allowed_before: dict[int, float] = {}  # the least, at levels left behind
         # Samples/s in the first window since the last change, and in the last few after it.
@@ -204,10 +216,7 @@ class ConcurrencyTuner:
         holds this one back), only judges the step on trial. A climb doubles; `bold` (windows
         are long: slow batches, so each step costs seconds) goes as far as the idle cores and
         the consumer's wait leave room for, at least `LONG_GROWTH` times."""
-        room = self.budget - cores
-        if idle is not None:  # a busy machine still shares a little with more readers
-            room = min(room, max(idle, SHARED_ROOM))
-        allows = room / cores if cores > 0 else float("inf")  # at most this gain from more
+        allows = self._allows(cores, idle)
         if self._first_at_level is None:
             self._first_at_level = throughput
         else:
@@ -298,10 +307,7 @@ class ConcurrencyTuner:
         allowed = min(self._allows_at_level, default=allows)
         allowed = min(allowed, self._allowed_before.get(self.concurrency, allowed))
         if self._ceiling is None:
-            growth = 2.0
-            if bold:  # the gain the cores could feed and the wait leave, at least LONG_GROWTH
-                attainable = 1 / (1 - waiting) if waiting < 1 else float("inf")
-                growth = max(LONG_GROWTH, min(1 + allowed, attainable))
+            growth = _bold_growth(waiting, allowed) if bold else 2.0
             wanted = int(min(self.maximum, growth * self.concurrency))
         else:  # halfway to the level that did not help
             wanted = self.concurrency + max(1, (self._ceiling - self.concurrency) // 2)
@@ -316,6 +322,34 @@ class ConcurrencyTuner:
             f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s with "
             f"{self.concurrency} at once, on {cores:.1f} of {self.budget:g} cores: trying {wanted}",
         )
+
+    def step_before_a_batch(self, waiting: float, cores: float, idle: float | None) -> bool:
+        """No batch yet, `FIRST_LOOK_SECONDS` into a fresh search (the consumer waited
+        `waiting` of that time; the process used `cores`, and `idle` sat idle): readers that
+        wait take a long step now, rather than after their first batches, which take seconds
+        where batches are slow. What the level before gave is not known until its first
+        batch (`measured_before`), which judges the step with the others."""
+        if self.history or waiting < WAITING or cores >= WAITING_READERS * self.concurrency:
+            return False  # (readers that use cores are left to their first window)
+        allows = self._allows(cores, idle)
+        wanted = int(min(self.maximum, _bold_growth(waiting, allows) * self.concurrency))
+        if wanted <= self.concurrency or allows < needed_gain(wanted / self.concurrency - 1, 1):
+            return False
+        self._trial, self._unmeasured = (self.concurrency, 0.0, waiting), True
+        self._set(
+            wanted,
+            f"no batch yet after {FIRST_LOOK_SECONDS:g} s with {self.concurrency} at once, "
+            f"which used {cores:.2f} of {self.budget:g} cores while the loop waited: trying "
+            f"{wanted}",
+        )
+        return True
+
+    def measured_before(self, throughput: float) -> None:
+        """What the level before a step taken before any batch gave, known from its first
+        batch: the step's trial is judged against it."""
+        if self._unmeasured and self._trial is not None:
+            before, _, waited = self._trial
+            self._trial, self._unmeasured = (before, throughput, waited), False
 
     def ramp_up(self, reason: str) -> bool:
         """Double, as one of the stages that `Autotuner` steps together; False at the maximum."""
@@ -380,6 +414,15 @@ class ConcurrencyTuner:
             f"{self.concurrency} at once gave {throughput:,.0f} samples/s, less than {before} "
             f"({baseline:,.0f}): back to {before}",
         )
+
+    def _allows(self, cores: float, idle: float | None) -> float:
+        """The most that more readers could multiply throughput by: the room the budget's
+        cores leave (a busy machine's idle cores, but at least `SHARED_ROOM`) over the cores
+        used."""
+        room = self.budget - cores
+        if idle is not None:  # a busy machine still shares a little with more readers
+            room = min(room, max(idle, SHARED_ROOM))
+        return room / cores if cores > 0 else float("inf")
 
     def _level_throughput(self) -> float:
         """The throughput of the current level, to judge a step from: the mean of its last
@@ -451,6 +494,8 @@ class Autotuner:
         self._read_time = 0.0  # a batch's busy seconds in the slowest whole-batch stage, lately
         # The window as it stood when the epoch started (nothing delivered or waited yet).
         self._opened: tuple[float, float, float | None, float, int, int, list[float]] | None = None
+        self._looked = False  # the look before the first batch (`look`) is over
+        self._stepped_from = 0  # readers before the step it took, until their first batch
 
     def start(self) -> int:
         """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
@@ -466,6 +511,13 @@ class Autotuner:
         totals). Returns the epoch's new bound on batches in flight if a stage moved."""
         now = time.perf_counter()
         window = self._window
+        if self._stepped_from and self._opened is not None:
+            # The level a step before the first batch left: each of its readers delivered
+            # about a batch in the time this first one took.
+            per_batch = samples / max(batches, 1)
+            rate = per_batch * self._stepped_from / max(now - self._opened[0], 1e-9)
+            self._stages[0].tuner.measured_before(rate)
+            self._stepped_from = 0
         if window is None:
             opened = self._opened
             if opened is not None and now - opened[0] >= WINDOW_SECONDS:
@@ -511,6 +563,38 @@ class Autotuner:
         stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle, bold)
         if stage.tuner.concurrency == before:
             return None
+        return stage.put_in_force(stage.tuner.concurrency)
+
+    def look_due(self) -> float | None:
+        """When (a `time.perf_counter()`) the epoch should `look` at its readers if no batch
+        has come by then; None: no look (a batch came, or it looked, or the search is not
+        a fresh one of thread readers that each read a whole batch)."""
+        opened = self._opened
+        if opened is None or self._window is not None or self._looked or len(self._stages) > 1:
+            return None
+        stage = self._stages[0]
+        if not stage.whole_batches or stage.tuner.history:
+            return None
+        return opened[0] + FIRST_LOOK_SECONDS
+
+    def look(self, wait_seconds: float) -> int | None:
+        """No batch has come `FIRST_LOOK_SECONDS` into the epoch (the consumer waited
+        `wait_seconds` of it): readers that wait step up now (`step_before_a_batch`), and
+        the next window begins with the step. Returns the epoch's new bound if they did."""
+        opened = self._opened
+        if self._looked or opened is None or self._window is not None:
+            return None
+        self._looked = True
+        (stage,) = self._stages
+        now = time.perf_counter()
+        mark = self._mark(now, wait_seconds, 0, 0)
+        wall = max(now - opened[0], 1e-9)
+        idle = None if mark[2] is None or opened[2] is None else (mark[2] - opened[2]) / wall
+        before = stage.tuner.concurrency
+        cores, waiting = (mark[1] - opened[1]) / wall, min(1.0, wait_seconds / wall)
+        if not stage.tuner.step_before_a_batch(waiting, cores, idle):
+            return None
+        self._window, self._stepped_from = mark, before
         return stage.put_in_force(stage.tuner.concurrency)
 
     def _ramp(

@@ -19,7 +19,13 @@ from loop_pauses import best_pause
 
 import aload
 from aload import _history, _tuner
-from aload._tuner import REPROBE_WINDOWS, Autotuner, ConcurrencyTuner, TunedStage
+from aload._tuner import (
+    FIRST_LOOK_SECONDS,
+    REPROBE_WINDOWS,
+    Autotuner,
+    ConcurrencyTuner,
+    TunedStage,
+)
 
 
 def run(tuner: ConcurrencyTuner, produce, demand: float = 1e9, windows: int = 40, cores=None):
@@ -302,10 +308,11 @@ def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30
     return path, tuners
 
 
-def slow_batches(monkeypatch, slots=None, seconds=20.0):
+def slow_batches(monkeypatch, slots=None, seconds=20.0, core_share=0.01):
     """Thread readers that take 0.5 s a batch (256 items of 2 ms each), 64 at most, each
-    using a hundredth of one of 2 cores; `slots`: a store that serves that many reads at
-    once (the others queue). The tuner's concurrency at each of its decisions, and when."""
+    using `core_share` of one of 2 cores; `slots`: a store that serves that many reads at
+    once (the others queue). While no batch has come, the tuner looks when it asks to, as
+    the epoch has it look. The tuner, its concurrency at each of its decisions, and when."""
     clock = Clock()
     cpu = [0.0]
     clock.process_time = lambda: cpu[0]
@@ -330,8 +337,11 @@ def slow_batches(monkeypatch, slots=None, seconds=20.0):
                 batches += 1
                 due[thread] = when + read_time
         busy += threads * tick
-        cpu[0] += 0.01 * threads * tick
+        cpu[0] += core_share * threads * tick
         clock.now += tick
+        look_at = tuning.look_due()
+        if not batches and look_at is not None and clock.now >= look_at:
+            tuning.look(wait_seconds=clock.now)
         if batches > delivered:  # the consumer got a batch (or more)
             tuning.observe(samples=256 * batches, batches=batches, wait_seconds=clock.now)
     return tuner
@@ -343,12 +353,24 @@ def test_a_step_is_judged_once_the_threads_it_added_could_deliver_a_batch(monkey
     tuner stayed at 4, a tenth of the speed of 64). Judged over two read times, each step
     shows; a step that long goes as far as the idle cores allow (2 threads used 2% of the
     cores: 64 at once), and is judged on the window after the one its threads started in.
-    The first batch took a window's time, so the first window began with the epoch: the
-    step comes with the fourth batch, at 1 s, not 4 batches after the first (1.5 s)."""
+    Readers that wait take it before their first batch, at the look 0.2 s in (it came with
+    the fourth batch, at 1 s, before; 4 batches after the first, 1.5 s, before that); the
+    level they left is measured by its first batch, and the step is kept."""
     tuner = slow_batches(monkeypatch)
     assert tuner.concurrency == 64
     assert [d.concurrency for d in tuner.history] == [64]
-    assert tuner.history[0].seconds <= 1.05
+    assert tuner.history[0].seconds <= FIRST_LOOK_SECONDS + 0.05
+    assert "no batch yet" in tuner.history[0].reason
+
+
+def test_readers_that_use_their_cores_are_not_stepped_up_before_a_batch(monkeypatch):
+    """Slow batches of CPU work (each reader uses half a core): no step at the look (more
+    readers would take cores, not overlap waits); the first window, from the epoch's start
+    to the fourth batch, decides as before."""
+    tuner = slow_batches(monkeypatch, seconds=1.2, core_share=0.5)
+    assert tuner.history
+    assert tuner.history[0].seconds >= 1.0
+    assert "no batch yet" not in tuner.history[0].reason
 
 
 def test_a_long_step_that_gained_less_than_its_share_tries_as_many_as_gave_the_gain(
@@ -422,6 +444,50 @@ def test_auto_finds_the_stores_limit_and_delivers_every_sample_once():
     assert 6 <= tuning.concurrency <= 24
     assert tuning.history[0].concurrency == 4  # from 2, while the loop waits
     assert "waited" in tuning.history[0].reason
+
+
+class SlowBatches(tud.Dataset):
+    """Reads that wait 2 ms each (a remote store), in batches of 128: a quarter of a second
+    a batch for one reader."""
+
+    def __len__(self):
+        return 3072
+
+    def __getitem__(self, index):
+        time.sleep(0.002)
+        return index
+
+
+def sequential_batches(n: int, size: int) -> list[list[int]]:
+    """The batches torch's default sampler gives a map-style dataset of `n`, unshuffled."""
+    return [list(b) for b in tud.BatchSampler(tud.SequentialSampler(range(n)), size, False)]
+
+
+def test_readers_of_slow_batches_step_up_before_their_first_batch():
+    """2 readers take a quarter of a second for a batch: the tuner looks before one comes,
+    steps up then, and the epoch delivers torch's batches, each once, in order."""
+    loader = aload.DataLoader(SlowBatches(), batch_size=128, num_workers="auto")
+    started = time.perf_counter()
+    epoch = iter(loader)
+    batches = [next(epoch).tolist()]
+    first_batch = time.perf_counter() - started
+    batches += [batch.tolist() for batch in epoch]
+    assert batches == sequential_batches(3072, 128)
+    first = loader.stats.tuning.history[0]
+    assert "no batch yet" in first.reason
+    assert first.seconds < first_batch
+    assert first.concurrency >= 8
+
+
+@pytest.mark.anyio
+async def test_the_look_before_the_first_batch_keeps_the_callers_loop_running(anyio_backend):
+    async def epoch():
+        loader = aload.DataLoader(SlowBatches(), batch_size=128, num_workers="auto")
+        batches = [batch.tolist() async for batch in loader]
+        assert batches == sequential_batches(3072, 128)
+        assert "no batch yet" in loader.stats.tuning.history[0].reason
+
+    assert await pause_while(epoch) < 0.05
 
 
 async def pause_while(run) -> float:
