@@ -622,10 +622,14 @@ class Epoch:
 
     def _look(self) -> None:
         """The tuner's look before the first batch, while the consumer waits for it: adopt
-        the bound its step brings (the next poll submits what it allows)."""
+        the bound its step brings (the next poll submits what it allows). Batches finished
+        but held back behind the first, read in order, say that the readers are not slow:
+        it is one slow batch."""
         with self._lock:
             tuning = self._tuning
-            bound = None if tuning is None else tuning.look(self._meter.waited())
+            self._collect()
+            finished = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
+            bound = None if tuning is None else tuning.look(self._meter.waited(), finished)
             if bound is not None:
                 self._bound = bound
                 self._bound_changed()

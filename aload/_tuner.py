@@ -5,7 +5,9 @@ A hill climb on measured throughput, one window at a time (a tenth of a second a
 batches, and two of a batch's read times where each worker reads a whole batch): while the
 consumer waits for data, read twice as many batches at once (where a batch takes so long to
 read that windows last longer than a tenth of a second, as many more as the idle cores and the
-consumer's wait leave room for, at least four times: each window costs seconds), and keep the
+consumer's wait leave room for, at least four times: each window costs seconds; readers that
+wait, with no batch finished a tenth of a second into the search, take that step then, before
+their first batch, which then measures the level they left), and keep the
 step only if throughput rose with it over the mean of the level's last windows: by 15% of the
 step's share, or by 30% of what the consumer's wait left to gain if that is less (waiting a
 third of the time, it can go at most 1.5x as fast), and at least 2%. A kept step that gained
@@ -72,9 +74,9 @@ HEADROOM = 0.5  # a stage busy more than this share would hold back a doubled th
 # cores among the threads that can run, so readers that wait (on storage, a service) and use a
 # hundredth of a core can double, where idle cores alone would forbid any step.
 SHARED_ROOM = 0.1
-# No batch yet this long into a fresh search: readers that wait (each used less than
+# No batch yet a window into a fresh search: readers that wait (each used less than
 # WAITING_READERS of a core) take their first step now, not after their first, slow batches.
-FIRST_LOOK_SECONDS = 0.2
+FIRST_LOOK_SECONDS = WINDOW_SECONDS
 WAITING_READERS = 0.25
 THREADS_START = 2  # batches read at once by thread workers, to begin with
 ASYNC_START = 32  # an async dataset's reads awaited at once, to begin with
@@ -577,14 +579,18 @@ class Autotuner:
             return None
         return opened[0] + FIRST_LOOK_SECONDS
 
-    def look(self, wait_seconds: float) -> int | None:
+    def look(self, wait_seconds: float, finished: int = 0) -> int | None:
         """No batch has come `FIRST_LOOK_SECONDS` into the epoch (the consumer waited
-        `wait_seconds` of it): readers that wait step up now (`step_before_a_batch`), and
-        the next window begins with the step. Returns the epoch's new bound if they did."""
+        `wait_seconds` of it, and `finished` batches wait behind the first, read in order):
+        readers that wait, and have finished nothing, step up now (`step_before_a_batch`),
+        and the next window begins with the step. Returns the epoch's new bound if they
+        did."""
         opened = self._opened
         if self._looked or opened is None or self._window is not None:
             return None
         self._looked = True
+        if finished:
+            return None  # one slow batch holds the others back: the first window decides
         (stage,) = self._stages
         now = time.perf_counter()
         mark = self._mark(now, wait_seconds, 0, 0)

@@ -353,7 +353,7 @@ def test_a_step_is_judged_once_the_threads_it_added_could_deliver_a_batch(monkey
     tuner stayed at 4, a tenth of the speed of 64). Judged over two read times, each step
     shows; a step that long goes as far as the idle cores allow (2 threads used 2% of the
     cores: 64 at once), and is judged on the window after the one its threads started in.
-    Readers that wait take it before their first batch, at the look 0.2 s in (it came with
+    Readers that wait take it before their first batch, at the look 0.1 s in (it came with
     the fourth batch, at 1 s, before; 4 batches after the first, 1.5 s, before that); the
     level they left is measured by its first batch, and the step is kept."""
     tuner = slow_batches(monkeypatch)
@@ -477,6 +477,25 @@ def test_readers_of_slow_batches_step_up_before_their_first_batch():
     assert "no batch yet" in first.reason
     assert first.seconds < first_batch
     assert first.concurrency >= 8
+
+
+class OneSlowRead(tud.Dataset):
+    """Fast reads (0.2 ms), but the first waits 0.3 s: one slow batch, not slow batches."""
+
+    def __len__(self):
+        return 800
+
+    def __getitem__(self, index):
+        time.sleep(0.3 if index == 0 else 0.0002)
+        return index
+
+
+def test_one_slow_first_batch_is_not_taken_for_slow_readers():
+    """The batches after the first are finished, held back behind it (in order): the look
+    takes no step, and the first window decides."""
+    loader = aload.DataLoader(OneSlowRead(), batch_size=8, num_workers="auto")
+    assert [batch.tolist() for batch in loader] == sequential_batches(800, 8)
+    assert not any("no batch yet" in d.reason for d in loader.stats.tuning.history)
 
 
 @pytest.mark.anyio
