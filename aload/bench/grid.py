@@ -1,8 +1,9 @@
 """`python -m aload.bench --grid`: for each of the suite's single-stage workloads, a grid of
 static settings against "auto", in one run: does the loader find its own concurrency?
 
-Each workload's data runs with 1 to 32 thread workers, 1 to 8 worker processes (more would
-only take turns on a machine of a few cores), or, for awaited reads, 8 to 512 reads at once;
+Each workload's data runs with 1 to 64 thread workers (as many as auto may use), 1 to 8
+worker processes (more would only take turns on a machine of a few cores), or, for awaited
+reads, 8 to 512 reads at once;
 then with everything left to the loader: `num_workers="auto", worker_mode="auto"` (an async
 dataset: `max_concurrency="auto"`). Every run is a fresh Python process
 (`python -m aload.bench.grid WORKLOAD ROW SCALE`) that builds the data, then a loader, and
@@ -37,7 +38,7 @@ from aload.bench.memory import TreeMemory
 from aload.bench.runner import Result
 from aload.bench.workloads import Settings, Workload
 
-THREADS = (1, 2, 4, 8, 16, 32)
+THREADS = (1, 2, 4, 8, 16, 32, 64)  # up to the most threads auto may use
 PROCESSES = (1, 2, 4, 8)
 CONCURRENCY = (8, 32, 128, 512)
 AUTO = "aload auto"  # the family of the rows that leave the settings to the loader
