@@ -54,7 +54,10 @@ class StageStats:
 
     `queued` and the waits are the workers', so they are given on the first stage the
     workers run (the stages after it on the same workers follow in the same call), and are
-    0 on the others and where no workers run (the consumer, aload's loop reading).
+    0 on the others and where no workers run (the consumer). An async dataset's reads on
+    aload's loop have their own: batches' worth of item reads waiting for a free read slot,
+    and the slots' idle time, waiting after where the bound on batches in flight was full
+    (the stages after had not taken what was read), else before (no batch left to read).
     """
 
     name: str
@@ -293,6 +296,10 @@ class EpochMeter:
         self.sampled_at = 0.0
         self.queued_seconds = self.idle_seconds = self.idle_after_seconds = 0.0
         self._queued = self._idle = self._idle_after = 0  # as the last look saw them
+        # aload's loop reading: item-seconds of reads queued for a free slot, and the
+        # seconds the bound was full, of those the looks covered.
+        self.reads_queued_seconds = self.bound_full_seconds = self.looked_seconds = 0.0
+        self._reads_queued = self._full = 0
         self.first_ask: float | None = None
         self.last_handover: float | None = None
         self.asked_at: float | None = None  # the consumer waits since then (None: it does not)
@@ -391,12 +398,17 @@ class EpochMeter:
             self.queued_seconds += spent * self._queued
             self.idle_seconds += spent * self._idle
             self.idle_after_seconds += spent * self._idle_after
+            self.reads_queued_seconds += spent * self._reads_queued
+            self.bound_full_seconds += spent * self._full
+            self.looked_seconds += spent
         clock = self.read_clock
         reading = 0 if clock is None else clock.batches
         spare = self.workers - (in_flight - ready - reading)
         self._queued = max(0, -spare)
         self._idle = max(0, spare) if self.workers else 0
         self._idle_after = self._idle if full and not reading else 0
+        self._full = full
+        self._reads_queued = 0 if clock is None else len(clock.queue)
 
     def _stages(self, seconds: float) -> tuple[StageStats, ...]:
         """The epoch's stages as measured so far, over `seconds` of the epoch."""
@@ -423,8 +435,26 @@ class EpochMeter:
             )
             if name == first and self.workers:
                 stage = self._with_waits(stage, seconds, workers_busy)
+            elif reads and loop_reads:
+                stage = self._with_read_waits(stage, seconds)
             stages.append(stage)
         return tuple(stages)
+
+    def _with_read_waits(self, stage: StageStats, seconds: float) -> StageStats:
+        """aload's reads `stage` with the item reads queued for a slot (in batches' worth,
+        over `seconds`), and the slots' idle time (exact) told apart by the share of the
+        time the bound on batches in flight was full (waiting after: nothing more could be
+        submitted)."""
+        idle = max(0.0, stage.concurrency * seconds - stage.seconds)
+        looked = self.looked_seconds
+        after = idle * self.bound_full_seconds / looked if looked > 0 else 0.0
+        per_batch = self.samples / self.batches if self.batches else 1.0
+        return dataclasses.replace(
+            stage,
+            queued=self.reads_queued_seconds / per_batch / seconds if seconds > 0 else 0.0,
+            waiting_before=idle - after,
+            waiting_after=after,
+        )
 
     def _with_waits(self, stage: StageStats, seconds: float, busy: float) -> StageStats:
         """`stage` with the workers' queue over `seconds`, and their idle time (their time

@@ -252,11 +252,11 @@ def test_async_reads_are_weighed_against_their_own_concurrency():
 class AwaitedReads:
     """An async dataset whose reads await `seconds` (a remote store)."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float, n: int = 128) -> None:
+        self.seconds, self.n = seconds, n
 
     def __len__(self) -> int:
-        return 128
+        return self.n
 
     async def __getitem__(self, index: int) -> int:
         await anyio.sleep(self.seconds)
@@ -296,9 +296,27 @@ def test_an_async_datasets_slow_stage_is_named_too(
     if stage == "read":
         assert workers.waiting_before >= 0.6 * capacity, workers
         assert workers.queued < 0.5, workers
+        # and the reads: item reads wait for one of the 8 slots, which are never idle long
+        reads = epoch.stage("read")
+        assert reads.queued >= 0.5, reads
+        slots = reads.concurrency * epoch.seconds
+        assert reads.waiting_before + reads.waiting_after <= 0.2 * slots, reads
     else:
         assert workers.queued >= 0.5, workers
         assert workers.waiting_before + workers.waiting_after <= 0.2 * capacity, workers
+
+
+def test_awaited_reads_ahead_of_the_training_loop_wait_on_the_stage_after():
+    """Awaited reads of 1 ms (64 slots) and a loop body of 5 ms a batch (64 batches): the
+    read slots sit idle while the batches in flight fill the bound, waiting on the stages
+    after (but for the epoch's end: no batch left to read), and no read waits for a slot."""
+    epoch = second_epoch_stats(AwaitedReads(0.001, n=512), body=0.005, max_concurrency=64)
+    reads = epoch.stage("read")
+    assert reads.where == "aload's loop"
+    idle = reads.waiting_before + reads.waiting_after
+    assert idle >= 0.9 * reads.concurrency * epoch.seconds, reads
+    assert reads.waiting_after >= 0.6 * idle, reads
+    assert reads.queued < 0.5, reads
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

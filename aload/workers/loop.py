@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence, Sized
 from itertools import repeat
 from typing import Any, Protocol, TypeVar, cast
 
@@ -50,15 +50,17 @@ def _add_finishing(timing: list[float], spent: Sequence[float]) -> None:
 
 
 class ReadClock:
-    """Seconds the fetchers have spent on reads, summed over fetchers, and the batches whose
-    reads are under way: read by the loader's stats, which keep this small object and not
-    the pool."""
+    """Seconds the fetchers have spent on reads, summed over fetchers, the batches whose
+    reads are under way, and the item reads queued for a fetcher (`queue`, the fetchers'
+    own queue once the loop is up): read by the loader's stats, which keep this small
+    object and not the pool."""
 
-    __slots__ = ("batches", "seconds")
+    __slots__ = ("batches", "queue", "seconds")
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.batches = 0
+        self.queue: Sized = ()
 
 
 class LoopPool:
@@ -348,6 +350,7 @@ class LoopPool:
         self._stop = anyio.Event()
         # Unbounded here; bounded by the scheduler, which keeps only so many batches in flight.
         self._requests: deque[tuple[_ItemReads, int, Any]] = deque()
+        self.read_clock.queue = self._requests
         # Idle fetchers and runners wait on plain futures of this (asyncio) loop: an idle
         # spell a read costs half what an anyio Event's does.
         self._idle: list[asyncio.Future[None]] = []
