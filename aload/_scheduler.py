@@ -627,6 +627,8 @@ class Epoch:
         it is one slow batch."""
         with self._lock:
             tuning = self._tuning
+            if self._closed:  # stopped meanwhile (by another thread): nothing to tune
+                return
             self._collect()
             finished = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
             bound = None if tuning is None else tuning.look(self._meter.waited(), finished)

@@ -479,6 +479,17 @@ def test_readers_of_slow_batches_step_up_before_their_first_batch():
     assert first.concurrency >= 8
 
 
+def test_the_look_before_the_first_batch_keeps_the_timeout():
+    """A timeout shorter than a batch's read: the look at 0.1 s steps up, and the wait goes
+    on to the timeout, which is raised as without the look (torch's error type)."""
+    loader = aload.DataLoader(SlowBatches(), batch_size=128, num_workers="auto", timeout=0.15)
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"timed out after 0\.15 seconds"):
+        next(iter(loader))
+    assert 0.15 <= time.perf_counter() - started < 0.25
+    assert "no batch yet" in loader.stats.tuning.history[0].reason
+
+
 class OneSlowRead(tud.Dataset):
     """Fast reads (0.2 ms), but the first waits 0.3 s: one slow batch, not slow batches."""
 
