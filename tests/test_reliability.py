@@ -11,6 +11,7 @@ import gc
 import os
 import threading
 import time
+import weakref
 
 import anyio
 import anyio.lowlevel
@@ -278,6 +279,41 @@ def test_stats_keep_totals_in_bounded_memory():
     stats = loader.stats
     assert (stats.epochs, stats.batches, stats.samples) == (300, 600, 1200)
     assert len(loader._stats._meters) <= 8  # the window of recent epochs, not the history
+
+
+class Sample:
+    """A sample that can say whether anything still holds it."""
+
+
+class TrackedReads:
+    """An async dataset that keeps a weak reference to each sample it read."""
+
+    def __init__(self) -> None:
+        self.read = weakref.WeakSet()
+
+    def __len__(self) -> int:
+        return 4096
+
+    async def __getitem__(self, index: int) -> Sample:
+        await anyio.sleep(0.001)
+        sample = Sample()
+        self.read.add(sample)
+        return sample
+
+
+def test_an_async_epoch_left_early_holds_none_of_its_samples():
+    """Reads queued when the epoch is left (a batch read in part) are dropped with it: the
+    loader's stats, which outlive the epoch, hold none of their samples."""
+    dataset = TrackedReads()
+    loader = aload.DataLoader(dataset, batch_size=64, max_concurrency=4, collate_fn=list)
+    epoch = iter(loader)
+    first = next(epoch)
+    time.sleep(0.01)  # the next batch is read in part: 4 at a time, 1 ms each
+    del epoch, first  # the epoch is left, with that batch's other reads still queued
+    assert eventually(lambda: not any(t.name == "aload-worker-loop" for t in threading.enumerate()))
+    gc.collect()
+    assert len(dataset.read) == 0
+    assert loader.stats.epoch.batches == 1
 
 
 # -- 9. a bad Retry names its argument --------------------------------------------------------

@@ -371,6 +371,10 @@ class LoopPool:
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
                 self._fail_unfinished()
+                # Reads left queued (an epoch stopped early) hold their batches' samples:
+                # the stats, which outlive the loop, keep none of them.
+                self._requests.clear()
+                self.read_clock.queue = ()
         if self._crash is not None:
             raise self._crash
 
