@@ -627,11 +627,11 @@ class Epoch:
         it is one slow batch."""
         with self._lock:
             tuning = self._tuning
-            if self._closed:  # stopped meanwhile (by another thread): nothing to tune
+            if tuning is None or self._closed:  # (stopped meanwhile, by another thread)
                 return
             self._collect()
             finished = len(self._ready_by_seq) + len(self._ready_fifo) + len(self._staged)
-            bound = None if tuning is None else tuning.look(self._meter.waited(), finished)
+            bound = tuning.look(self._meter.waited(), finished)
             if bound is not None:
                 self._bound = bound
                 self._bound_changed()

@@ -398,17 +398,18 @@ class EpochMeter:
             self.queued_seconds += spent * self._queued
             self.idle_seconds += spent * self._idle
             self.idle_after_seconds += spent * self._idle_after
-            self.reads_queued_seconds += spent * self._reads_queued
-            self.bound_full_seconds += spent * self._full
-            self.looked_seconds += spent
+            if self.read_clock is not None:  # aload's loop reads: its slots' queue and waits
+                self.reads_queued_seconds += spent * self._reads_queued
+                self.bound_full_seconds += spent * self._full
+                self.looked_seconds += spent
         clock = self.read_clock
         reading = 0 if clock is None else clock.batches
         spare = self.workers - (in_flight - ready - reading)
         self._queued = max(0, -spare)
         self._idle = max(0, spare) if self.workers else 0
         self._idle_after = self._idle if full and not reading else 0
-        self._full = full
-        self._reads_queued = 0 if clock is None else len(clock.queue)
+        if clock is not None:
+            self._full, self._reads_queued = full, len(clock.queue)
 
     def _stages(self, seconds: float) -> tuple[StageStats, ...]:
         """The epoch's stages as measured so far, over `seconds` of the epoch."""

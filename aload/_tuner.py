@@ -82,6 +82,12 @@ THREADS_START = 2  # batches read at once by thread workers, to begin with
 ASYNC_START = 32  # an async dataset's reads awaited at once, to begin with
 
 
+def _idle_cores(began: float | None, ended: float | None, wall: float) -> float | None:
+    """The cores that sat idle on average between two reads of `idle_seconds`, `wall`
+    seconds apart (None where /proc/stat could not be read)."""
+    return None if began is None or ended is None else (ended - began) / wall
+
+
 def _bold_growth(waiting: float, allowed: float) -> float:
     """How far a long step goes: the gain the idle cores could feed (`allowed`) and the
     consumer's wait leave, at least `LONG_GROWTH` times."""
@@ -547,7 +553,7 @@ class Autotuner:
             ),
             default=0.0,
         )
-        idle = None if idle_now is None or idle_began is None else (idle_now - idle_began) / wall
+        idle = _idle_cores(idle_began, idle_now, wall)
         throughput = (samples - samples_before) / wall
         # (a wait that began before the window may end in it: at most all of it)
         waiting = min(1.0, (wait_seconds - waited_before) / wall)
@@ -586,7 +592,7 @@ class Autotuner:
         and the next window begins with the step. Returns the epoch's new bound if they
         did."""
         opened = self._opened
-        if self._looked or opened is None or self._window is not None:
+        if opened is None or self.look_due() is None:
             return None
         self._looked = True
         if finished:
@@ -595,7 +601,7 @@ class Autotuner:
         now = time.perf_counter()
         mark = self._mark(now, wait_seconds, 0, 0)
         wall = max(now - opened[0], 1e-9)
-        idle = None if mark[2] is None or opened[2] is None else (mark[2] - opened[2]) / wall
+        idle = _idle_cores(opened[2], mark[2], wall)
         before = stage.tuner.concurrency
         cores, waiting = (mark[1] - opened[1]) / wall, min(1.0, wait_seconds / wall)
         if not stage.tuner.step_before_a_batch(waiting, cores, idle):

@@ -17,7 +17,15 @@ import anyio
 import anyio.lowlevel
 import pytest
 import torch
-from conftest import Indexed, aload_threads, eventually, flatten, heartbeat, open_fds
+from conftest import (
+    Indexed,
+    aload_threads,
+    eventually,
+    flatten,
+    heartbeat,
+    open_fds,
+    wait_for_no_workers,
+)
 from torch.utils.data import Dataset
 
 import aload
@@ -310,7 +318,7 @@ def test_an_async_epoch_left_early_holds_none_of_its_samples():
     first = next(epoch)
     time.sleep(0.01)  # the next batch is read in part: 4 at a time, 1 ms each
     del epoch, first  # the epoch is left, with that batch's other reads still queued
-    assert eventually(lambda: not any(t.name == "aload-worker-loop" for t in threading.enumerate()))
+    wait_for_no_workers()
     gc.collect()
     assert len(dataset.read) == 0
     assert loader.stats.epoch.batches == 1

@@ -14,7 +14,7 @@ import anyio.lowlevel
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import Computes, wait_for_no_workers
+from conftest import Computes, Indexed, wait_for_no_workers
 from loop_pauses import best_pause
 
 import aload
@@ -446,18 +446,6 @@ def test_auto_finds_the_stores_limit_and_delivers_every_sample_once():
     assert "waited" in tuning.history[0].reason
 
 
-class SlowBatches(tud.Dataset):
-    """Reads that wait 2 ms each (a remote store), in batches of 128: a quarter of a second
-    a batch for one reader."""
-
-    def __len__(self):
-        return 3072
-
-    def __getitem__(self, index):
-        time.sleep(0.002)
-        return index
-
-
 def sequential_batches(n: int, size: int) -> list[list[int]]:
     """The batches torch's default sampler gives a map-style dataset of `n`, unshuffled."""
     return [list(b) for b in tud.BatchSampler(tud.SequentialSampler(range(n)), size, False)]
@@ -466,7 +454,7 @@ def sequential_batches(n: int, size: int) -> list[list[int]]:
 def test_readers_of_slow_batches_step_up_before_their_first_batch():
     """2 readers take a quarter of a second for a batch: the tuner looks before one comes,
     steps up then, and the epoch delivers torch's batches, each once, in order."""
-    loader = aload.DataLoader(SlowBatches(), batch_size=128, num_workers="auto")
+    loader = aload.DataLoader(Indexed(3072, 0.002), batch_size=128, num_workers="auto")
     started = time.perf_counter()
     epoch = iter(loader)
     batches = [next(epoch).tolist()]
@@ -482,7 +470,8 @@ def test_readers_of_slow_batches_step_up_before_their_first_batch():
 def test_the_look_before_the_first_batch_keeps_the_timeout():
     """A timeout shorter than a batch's read: the look at 0.1 s steps up, and the wait goes
     on to the timeout, which is raised as without the look (torch's error type)."""
-    loader = aload.DataLoader(SlowBatches(), batch_size=128, num_workers="auto", timeout=0.15)
+    slow = Indexed(3072, 0.002)  # 2 ms reads, a quarter of a second a batch of 128
+    loader = aload.DataLoader(slow, batch_size=128, num_workers="auto", timeout=0.15)
     started = time.perf_counter()
     with pytest.raises(RuntimeError, match=r"timed out after 0\.15 seconds"):
         next(iter(loader))
@@ -512,7 +501,7 @@ def test_one_slow_first_batch_is_not_taken_for_slow_readers():
 @pytest.mark.anyio
 async def test_the_look_before_the_first_batch_keeps_the_callers_loop_running(anyio_backend):
     async def epoch():
-        loader = aload.DataLoader(SlowBatches(), batch_size=128, num_workers="auto")
+        loader = aload.DataLoader(Indexed(3072, 0.002), batch_size=128, num_workers="auto")
         batches = [batch.tolist() async for batch in loader]
         assert batches == sequential_batches(3072, 128)
         assert "no batch yet" in loader.stats.tuning.history[0].reason
