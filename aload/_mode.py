@@ -25,9 +25,11 @@ run beside the step), and a step on several intra-op threads keeps its team busy
 the team and the workers fit the cores, the workers are judged by their own threads' CPU.
 
 Processes are judged once: those that took over an epoch, over a window of it after their
-start (`ProcessesWatch`), and those an epoch started with, over the whole of it: if they
-delivered fewer samples a second than the threads' last window, the workers go back to
-threads for good (the rest of the epoch too, where they took it over); else they stay.
+start (`ProcessesWatch`; a window that finds them slower is confirmed over one twice as long,
+as windows a few tenths of a second long on a busy machine can be a fifth off either way),
+and those an epoch started with, over the whole of it: if they delivered fewer samples a
+second than the threads' last window, the workers go back to threads for good (the rest of the
+epoch too, where they took it over); else they stay.
 """
 
 from __future__ import annotations
@@ -193,10 +195,15 @@ class ModeChooser:
         self.settled = True
         rate = samples / seconds
         measured = f"{rate:,.0f} samples/s on processes, {self._threads_rate:,.0f} on threads"
-        if rate < self._threads_rate * (1 - SLOWER):
+        if self.slower_than_threads(seconds, samples):
             self._choose(epoch, "thread", f"{measured}: back to threads")
         else:
             self._choose(epoch, "process", f"{measured}: staying on processes")
+
+    def slower_than_threads(self, seconds: float, samples: int) -> bool:
+        """Whether processes that delivered `samples` in `seconds` were slower than the
+        threads' last window."""
+        return samples / seconds < self._threads_rate * (1 - SLOWER)
 
     def cannot_judge(self, why: str) -> None:
         """Nothing here can tell GIL-bound reads: threads, for good."""
@@ -299,7 +306,8 @@ class ThreadsWatch:
 
 class ProcessesWatch:
     """Judges the processes that took over an epoch while it runs: after `PROCESSES_START`
-    seconds to start up, over a window as long again. A verdict for
+    seconds to start up, over a window as long again, or twice as long where the first half
+    found them slower (one short window is too noisy to move back on). A verdict for
     threads calls `move()` once: what it returns (the epoch's remaining batches back on
     threads) is the epoch's to put in force. Asked on the consumer's thread."""
 
@@ -310,6 +318,7 @@ class ProcessesWatch:
         self._since: float | None = None
         self._samples = 0
         self._due = time.perf_counter() + PROCESSES_START
+        self._confirming = False  # the window's first half found them slower
 
     def after_batch(self) -> Any:
         """A batch was delivered: start the window once the processes had their start, judge
@@ -321,7 +330,12 @@ class ProcessesWatch:
             self._since, self._samples = now, self._meter.samples
             self._due = now + PROCESSES_START
             return None
-        self._due = float("inf")  # judged once
         chooser = self._chooser
-        chooser.judge_processes(self._epoch, now - self._since, self._meter.samples - self._samples)
+        seconds, samples = now - self._since, self._meter.samples - self._samples
+        if not self._confirming and chooser.slower_than_threads(seconds, samples):
+            self._confirming = True
+            self._due = now + PROCESSES_START
+            return None
+        self._due = float("inf")  # judged once
+        chooser.judge_processes(self._epoch, seconds, samples)
         return self._move() if chooser.worker_mode == "thread" else None

@@ -27,7 +27,7 @@ from conftest import (
 from loop_pauses import best_pause
 
 import aload
-from aload._mode import ModeChooser
+from aload._mode import ModeChooser, ProcessesWatch
 from aload.workers.process import ProcessPool
 
 # -- the verdicts, on epochs described by their measures ------------------------------------
@@ -190,6 +190,41 @@ def test_processes_as_fast_as_threads_or_faster_stay():
     chooser.judge_processes(1, seconds=1.0, samples=1900)
     assert (chooser.worker_mode, chooser.settled) == ("process", True)
     assert [choice.worker_mode for choice in chooser.history] == ["process", "process"]
+
+
+class Delivered:
+    """An epoch's meter, as a watch reads it: the samples delivered so far."""
+
+    samples = 0
+
+
+@pytest.mark.parametrize(
+    ("second_half", "verdict", "moved"),
+    [(300, "process", False), (150, "thread", True)],
+    ids=["slow start, then as fast", "slower over both halves"],
+)
+def test_processes_found_slower_are_watched_for_a_second_window_before_moving_back(
+    monkeypatch, second_half, verdict, moved
+):
+    """A short window of a busy machine can be a fifth off: processes that took over an epoch
+    and look slower than the threads (1,000 samples/s) over their first window are judged
+    again over it and one as long, and only moved back if still slower."""
+    clock = [100.0]
+    monkeypatch.setattr("aload._mode.time.perf_counter", lambda: clock[0])
+    chooser = judged(samples=1000, cpu=1.0)
+    assert chooser.worker_mode == "process"
+    meter, moves = Delivered(), []
+    watch = ProcessesWatch(chooser, 0, meter, lambda: moves.append("back") or "back")
+    for at, samples in [(0.25, 0), (0.5, 200)]:  # started; then 800 samples/s
+        clock[0], meter.samples = 100.0 + at, samples
+        assert watch.after_batch() is None
+    assert not chooser.settled  # one window slower: not judged yet
+    clock[0], meter.samples = 100.75, 200 + second_half
+    assert (watch.after_batch() == "back") is moved
+    assert (chooser.worker_mode, chooser.settled, moves) == (verdict, True, ["back"] * moved)
+    clock[0], meter.samples = 101.5, 2000
+    assert watch.after_batch() is None  # judged once
+    assert moves == ["back"] * moved
 
 
 def test_the_history_keeps_changes_not_every_epoch_that_agrees():
