@@ -7,6 +7,7 @@ import hashlib
 import multiprocessing
 import os
 import time
+import types
 
 import pytest
 import torch
@@ -210,7 +211,7 @@ def test_processes_found_slower_are_watched_for_a_second_window_before_moving_ba
     and look slower than the threads (1,000 samples/s) over their first window are judged
     again over it and one as long, and only moved back if still slower."""
     clock = [100.0]
-    monkeypatch.setattr("aload._mode.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("aload._mode.time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     chooser = judged(samples=1000, cpu=1.0)
     assert chooser.worker_mode == "process"
     meter, moves = Delivered(), []
