@@ -226,6 +226,8 @@ def test_the_worker_mode_workloads_time_auto_over_epochs_beside_both_modes(tmp_p
             assert row["median_samples_per_s"] > 0
 
 
+# 17 rows, each a fresh interpreter that imports torch: about a minute on an idle 2-core machine.
+@pytest.mark.timeout(240)
 def test_the_grid_runs_every_static_setting_and_auto_and_sets_them_side_by_side(tmp_path):
     from aload.bench.grid import CONCURRENCY, PROCESSES, THREADS
 
