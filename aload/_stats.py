@@ -47,7 +47,8 @@ class StageStats:
             than a few, and this stage holds the others back.
         waiting_before: seconds its workers sat idle, summed over them, with nothing to
             take: the stage before had not delivered (an async dataset's reads), or no batch
-            was left to read.
+            was left to read. (Idle time while batches were queued for them went between
+            calls, to the hand-over and the GIL: it is in neither wait.)
         waiting_after: seconds its workers sat idle, summed over them, because the batches
             they had finished filled the bound on batches in flight: the consumer (or the
             copy to the device) had not taken them.
@@ -295,10 +296,12 @@ class EpochMeter:
         # after: the part in which the batches they finished filled the bound).
         self.sampled_at = 0.0
         self.queued_seconds = self.idle_seconds = self.idle_after_seconds = 0.0
+        # seconds the looks covered, and those in which batches were queued for a worker
+        self.sampled_seconds = self.queue_held_seconds = 0.0
         self._queued = self._idle = self._idle_after = 0  # as the last look saw them
         # aload's loop reading: item-seconds of reads queued for a free slot, and the
         # seconds the bound was full, of those the looks covered.
-        self.reads_queued_seconds = self.bound_full_seconds = self.looked_seconds = 0.0
+        self.reads_queued_seconds = self.bound_full_seconds = 0.0
         self._reads_queued = self._full = 0
         self.first_ask: float | None = None
         self.last_handover: float | None = None
@@ -398,10 +401,12 @@ class EpochMeter:
             self.queued_seconds += spent * self._queued
             self.idle_seconds += spent * self._idle
             self.idle_after_seconds += spent * self._idle_after
+            self.sampled_seconds += spent
+            if self._queued:
+                self.queue_held_seconds += spent
             if self.read_clock is not None:  # aload's loop reads: its slots' queue and waits
                 self.reads_queued_seconds += spent * self._reads_queued
                 self.bound_full_seconds += spent * self._full
-                self.looked_seconds += spent
         clock = self.read_clock
         reading = 0 if clock is None else clock.batches
         spare = self.workers - (in_flight - ready - reading)
@@ -447,7 +452,7 @@ class EpochMeter:
         time the bound on batches in flight was full (waiting after: nothing more could be
         submitted)."""
         idle = max(0.0, stage.concurrency * seconds - stage.seconds)
-        looked = self.looked_seconds
+        looked = self.sampled_seconds
         after = idle * self.bound_full_seconds / looked if looked > 0 else 0.0
         per_batch = self.samples / self.batches if self.batches else 1.0
         return dataclasses.replace(
@@ -459,14 +464,18 @@ class EpochMeter:
 
     def _with_waits(self, stage: StageStats, seconds: float, busy: float) -> StageStats:
         """`stage` with the workers' queue over `seconds`, and their idle time (their time
-        less `busy`: exact) told apart in the shares the looks saw."""
+        less `busy`: exact) told apart in the shares the looks saw. Idle time while batches
+        were queued for them went between calls (handing batches over; threads waiting for
+        the GIL): it is no wait on another stage, and is in neither wait."""
         idle = max(0.0, self.workers * seconds - busy)
         looked = self.idle_seconds
         after = idle * self.idle_after_seconds / looked if looked > 0 else 0.0
+        sampled = self.sampled_seconds
+        unqueued = 1 - self.queue_held_seconds / sampled if sampled > 0 else 1.0
         return dataclasses.replace(
             stage,
             queued=self.queued_seconds / seconds if seconds > 0 else 0.0,
-            waiting_before=idle - after,
+            waiting_before=(idle - after) * unqueued,
             waiting_after=after,
         )
 
