@@ -294,10 +294,9 @@ class EpochMeter:
         # The workers over time, from a look as the consumer takes each batch (`sample`):
         # batch-seconds queued for a worker, and worker-seconds idle (waiting on the stage
         # after: the part in which the batches they finished filled the bound).
-        self.sampled_at = 0.0
+        self.sampled_at = self.first_sampled_at = 0.0  # the last look, and the first
         self.queued_seconds = self.idle_seconds = self.idle_after_seconds = 0.0
-        # seconds the looks covered, and those in which batches were queued for a worker
-        self.sampled_seconds = self.queue_held_seconds = 0.0
+        self.queue_held_seconds = 0.0  # of the looks' time, that with batches queued for a worker
         self._queued = self._idle = self._idle_after = 0  # as the last look saw them
         # aload's loop reading: item-seconds of reads queued for a free slot, and the
         # seconds the bound was full, of those the looks covered.
@@ -396,12 +395,13 @@ class EpochMeter:
         the consumer's wait (or loop body) saw."""
         now = time.perf_counter()
         last, self.sampled_at = self.sampled_at, now
-        if last:
+        if not last:
+            self.first_sampled_at = now
+        else:
             spent = now - last
             self.queued_seconds += spent * self._queued
             self.idle_seconds += spent * self._idle
             self.idle_after_seconds += spent * self._idle_after
-            self.sampled_seconds += spent
             if self._queued:
                 self.queue_held_seconds += spent
             if self.read_clock is not None:  # aload's loop reads: its slots' queue and waits
@@ -445,6 +445,11 @@ class EpochMeter:
                 stage = self._with_read_waits(stage, seconds)
             stages.append(stage)
         return tuple(stages)
+
+    @property
+    def sampled_seconds(self) -> float:
+        """Seconds the looks covered: from the first to the last."""
+        return self.sampled_at - self.first_sampled_at
 
     def _with_read_waits(self, stage: StageStats, seconds: float) -> StageStats:
         """aload's reads `stage` with the item reads queued for a slot (in batches' worth,
