@@ -1,5 +1,5 @@
-"""`num_workers="auto"` and `max_concurrency="auto"`: how many reads run at once, and how
-many workers finish batches, found online.
+"""`num_workers="auto"` and `max_concurrency="auto"`: how many reads run at once, and how many
+workers finish batches, found online.
 
 A hill climb on measured throughput, one window at a time (a tenth of a second and a few
 batches, and two of a batch's read times where each worker reads a whole batch): while the
@@ -7,13 +7,14 @@ consumer waits for data, read twice as many batches at once (where a batch takes
 read that windows last longer than a tenth of a second, as many more as the idle cores and the
 consumer's wait leave room for, at least four times: each window costs seconds; readers that
 wait, with no batch finished a tenth of a second into the search, take that step then, before
-their first batch, which then measures the level they left), and keep the
-step only if throughput rose with it over the mean of the level's last windows: by 15% of the
-step's share, or by 30% of what the consumer's wait left to gain if that is less (waiting a
-third of the time, it can go at most 1.5x as fast), and at least 2%. A kept step that gained
-less than half its share has passed where throughput flattens: halfway back is tried, and kept
-if it loses nothing (if it gains clearly, the step's own window was too early to tell: back up,
-and on). A long step is judged on its second window, once the threads it added have delivered;
+their first batch, which then measures the level they left), and keep the step only if
+throughput rose with it over the mean of the level's last windows: by 15% of the step's share,
+or by 30% of what the consumer's wait left to gain if that is less (waiting a third of the
+time, it can go at most 1.5x as fast), and at least 2%. A kept step that gained less than half
+its share has passed where throughput flattens: halfway back is tried, and kept if it loses
+nothing (if it gains clearly, the step's own window was too early to tell: back up, and on; if
+it loses, back up, and the next steps go halfway to twice that level, not double on one noisy
+window). A long step is judged on its second window, once the threads it added have delivered;
 one that still gained much, but less than its share, tries as many as gave that gain. A step
 that did not help is taken back, and the level it reached becomes a ceiling that the next steps
 go halfway to. When the very first step up did not help (work that holds the GIL), half as many
@@ -22,9 +23,9 @@ forgotten when throughput stays well below where it settled for two windows (the
 changed). A step is not tried where the machine's idle cores (at least a tenth of a core, which
 a busy machine still shares) could not give it the gain it must show (each sample costs at
 least the CPU it cost before), so it never passes its CPU budget (the cores it may run on);
-found at that budget before any step, half as many are tried once (readers that each run a
-team of threads take each other's cores), and kept if they lose nothing. It holds while the
-consumer does not wait: more reads would only queue more batches.
+found at that budget before any step, half as many are tried once (readers that each run a team
+of threads take each other's cores), and kept if they lose nothing. It holds while the consumer
+does not wait: more reads would only queue more batches.
 
 The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
@@ -417,10 +418,17 @@ class ConcurrencyTuner:
             )
             return
         self._settled = baseline
+        flattening = ""
+        if halfway and (self._ceiling is None or self._ceiling > 2 * before):
+            # `before` gained little over the level below it, and fewer lose a little: the
+            # plateau is near. Doubling again would be judged on one noisy window (a busy
+            # machine's vary by a sixth), so the next steps go halfway to twice `before`.
+            self._ceiling, self._at_ceiling = 2 * before, 0
+            flattening = f"; gains flatten, next steps go halfway to {2 * before}"
         self._set(
             before,
             f"{self.concurrency} at once gave {throughput:,.0f} samples/s, less than {before} "
-            f"({baseline:,.0f}): back to {before}",
+            f"({baseline:,.0f}): back to {before}{flattening}",
         )
 
     def _allows(self, cores: float, idle: float | None) -> float:
