@@ -54,6 +54,26 @@ def test_tree_memory_sees_a_child_process_allocate():
 
 
 @linux_only
+def test_tree_memory_counts_what_the_tree_held_at_once_not_each_processs_peak():
+    """Two children that each hold 96 MiB for half a second: one after the other, the tree
+    never held more than one block; side by side, it held both."""
+    allocate = [sys.executable, "-c", "import time; b = bytearray(96 * 2**20); time.sleep(0.5)"]
+    with TreeMemory() as memory:
+        memory.start()
+        for _ in range(2):
+            subprocess.run(allocate, check=True)
+        one_after_the_other = memory.stop()
+        memory.start()
+        children = [subprocess.Popen(allocate) for _ in range(2)]
+        assert [child.wait() for child in children] == [0, 0]
+        side_by_side = memory.stop()
+    assert one_after_the_other is not None
+    assert side_by_side is not None
+    assert 80 < one_after_the_other < 150
+    assert side_by_side > 170
+
+
+@linux_only
 def test_the_two_executor_workload_measures_its_limit_and_every_loader(tmp_path):
     _, report = bench_report(
         "--workloads", "remote-decode", "--repeats", "1", "--scale", "0.05", tmp_path=tmp_path

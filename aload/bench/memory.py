@@ -1,17 +1,20 @@
 """Peak memory of this process and its worker processes, without disturbing the run measured.
 
-The figure is this process's peak RSS (the kernel's own high-water mark, reset at `start`, so
-it costs nothing to track) above its RSS at `start`, plus each descendant process's peak
-private memory (USS: pages no other process maps) above what it held at `start`. Private
-memory is what a worker adds: its own allocations and the pages it copied from its parent
-(copy-on-read), but not the pages it still shares, which a sum of RSS would count once per
-worker.
+The figure is what the process tree held at once, at its peak, above what it held at `start`:
+this process's RSS plus each descendant's private memory (USS: pages no other process maps),
+sampled together, and never less than this process's own peak RSS (the kernel's high-water
+mark, reset at `start`, exact between samples). Private memory is what a worker adds: its own
+allocations and the pages it copied from its parent (copy-on-read), but not the pages it still
+shares, which a sum of RSS would count once per worker. Peaks of different processes at
+different times are not added up: memory a loader freed before its workers started (a first
+epoch on threads, say) was never held beside theirs.
 
 Descendants are sampled by a helper process that runs this file alone (standard library only),
 so sampling never holds the measured process's GIL. Reading a process's private memory walks
 its page tables (~6 ms for a process that imported torch) and would stall the measured process's
-own `mmap` calls, so the measured process itself is never walked, and the helper keeps its
-duty cycle under a tenth. Linux only; elsewhere `TreeMemory.available` is False.
+own `mmap` calls, so the measured process itself is never walked (its RSS, read from
+`/proc/<pid>/status`, costs no walk), and the helper keeps its duty cycle under a tenth. Linux
+only; elsewhere `TreeMemory.available` is False.
 """
 
 from __future__ import annotations
@@ -119,11 +122,12 @@ class TreeMemory:
         self._ask("reset")
 
     def stop(self) -> float | None:
-        """The peak since `start` above the baseline, in MiB (None where unavailable)."""
+        """The tree's peak since `start` above the baseline, in MiB (None where unavailable):
+        the helper's last sample taken now, so a run shorter than its interval is seen too."""
         if self._helper is None:
             return None
         own = max(0, status_kib(os.getpid(), "VmHWM") - self._baseline_rss)
-        return (own + self._ask("peak")) / 1024
+        return max(own, self._ask("peak")) / 1024
 
     def close(self) -> None:
         if self._helper is not None:
@@ -137,39 +141,44 @@ class TreeMemory:
         self.close()
 
 
-class _Workers:
-    """The helper's record: each descendant's private memory at reset, and its peak since."""
+class _Tree:
+    """The helper's record: the root's RSS and each descendant's private memory at reset, and
+    the most the tree held above them at once since."""
 
     def __init__(self, root: int) -> None:
         self.root = root
+        self.root_baseline = 0
         self.baseline: dict[int, int] = {}
-        self.peak: dict[int, int] = {}
+        self.peak = 0
 
     def sample(self) -> float:
-        """Read every descendant once; return how long that took, in seconds."""
+        """Read the root's RSS and every descendant once; return how long that took, in
+        seconds."""
         started = time.perf_counter()
+        try:
+            held = status_kib(self.root, "VmRSS") - self.root_baseline
+        except OSError:  # the run is gone
+            return time.perf_counter() - started
         for pid in descendants(self.root, exclude=os.getpid()):
-            used = private_kib(pid) - self.baseline.get(pid, 0)
-            self.peak[pid] = max(self.peak.get(pid, 0), used)
+            held += max(0, private_kib(pid) - self.baseline.get(pid, 0))
+        self.peak = max(self.peak, held)
         return time.perf_counter() - started
 
     def reset(self) -> None:
+        self.root_baseline = status_kib(self.root, "VmRSS")
         self.baseline = {pid: private_kib(pid) for pid in descendants(self.root, os.getpid())}
-        self.peak = {}
-
-    def total(self) -> int:
-        return sum(self.peak.values())
+        self.peak = 0
 
 
 def _serve(root: int, interval: float) -> None:
-    """The helper's loop: sample the workers, answer `reset` and `peak` on stdin."""
-    workers = _Workers(root)
+    """The helper's loop: sample the tree, answer `reset` and `peak` on stdin."""
+    tree = _Tree(root)
     pause = interval
     while True:
         ready, _, _ = select.select([sys.stdin], [], [], pause)
         # At most a tenth of the time sampling: a worker forked from a torch process has large
         # page tables to walk, and it competes with the run for the CPU.
-        pause = max(interval, 9 * workers.sample())
+        pause = max(interval, 9 * tree.sample())
         if not ready:
             if not os.path.exists(f"/proc/{root}"):  # the run was killed: no one will ask
                 return
@@ -178,10 +187,10 @@ def _serve(root: int, interval: float) -> None:
         if not command:
             return
         if command == "reset":
-            workers.reset()
+            tree.reset()
             print(0, flush=True)
-        else:
-            print(workers.total(), flush=True)
+        else:  # (sampled just now, as the command arrived)
+            print(tree.peak, flush=True)
 
 
 if __name__ == "__main__":
