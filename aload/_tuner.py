@@ -20,11 +20,14 @@ that did not help is taken back, and the level it reached becomes a ceiling that
 go halfway to. When the very first step up did not help (work that holds the GIL), half as many
 are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
 forgotten when throughput stays well below where it settled for two windows (the data's cost
-changed). A step is not tried where the machine's idle cores (at least a tenth of a core, which
-a busy machine still shares) could not give it the gain it must show (each sample costs at
-least the CPU it cost before), so it never passes its CPU budget (the cores it may run on);
-found at that budget before any step, half as many are tried once (readers that each run a team
-of threads take each other's cores), and kept if they lose nothing. It holds while the consumer
+changed): then the first step goes to as many at once as would give the settled throughput
+again (reads k times slower need k times as many at once, Little's law), is kept if it gains,
+and where it gained less than that, as many as its gain needs are tried; past it, steps go by
+halves. A step is not tried where the machine's idle cores (at least a tenth of a core, which a
+busy machine still shares) could not give it the gain it must show (each sample costs at least
+the CPU it cost before), so it never passes its CPU budget (the cores it may run on); found at
+that budget before any step, half as many are tried once (readers that each run a team of
+threads take each other's cores), and kept if they lose nothing. It holds while the consumer
 does not wait: more reads would only queue more batches.
 
 The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
@@ -41,6 +44,7 @@ flight would save memory, never time, so nothing of theirs is tuned here.) Every
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -178,6 +182,7 @@ class ConcurrencyTuner:
         self._below_settled = 0  # windows in a row well below the settled throughput
         self._unmeasured = False  # the step on trial was taken before its level's first batch
         self._came_down = False  # the last change was a step down
+        self._restoring = False  # the step on trial is the first after a shift (Little's law)
         self._allowed_before: dict[int, float] = {}  # the least, at levels left behind
         # Samples/s in the first window since the last change, and in the last few after it.
         self._first_at_level: float | None = None
@@ -236,6 +241,7 @@ class ConcurrencyTuner:
         if self._trial is not None:
             before, baseline, waited = self._trial
             self._trial = None
+            restoring, self._restoring = self._restoring, False
             if self.concurrency < before:  # a step down: keep it if it lost nothing
                 from_a_kept_step, self._halfway = self._halfway, False
                 self._judge_step_down(before, baseline, throughput, from_a_kept_step)
@@ -267,7 +273,20 @@ class ConcurrencyTuner:
                 return
             self._settled = throughput
             self._explored = True
-            if throughput < baseline * (1 + HALF_SHARE * step) and self.concurrency - before > 1:
+            if restoring:  # where the climb stood before the shift: past it, by halves
+                self._ceiling, self._at_ceiling = 2 * self.concurrency, 0
+                gain = throughput / baseline if baseline > 0 else 1.0
+                proportional = math.ceil(before * gain)
+                if proportional < self.concurrency - 1:  # fewer, each as productive, gave it
+                    self._trial, self._halfway = (self.concurrency, throughput, waiting), True
+                    self._set(
+                        proportional,
+                        f"{self.concurrency} at once gave {throughput:,.0f} samples/s, "
+                        f"{gain:.1f}x {before} ({baseline:,.0f}): trying {proportional}, as "
+                        "many as that gain needs",
+                    )
+                    return
+            elif throughput < baseline * (1 + HALF_SHARE * step) and self.concurrency - before > 1:
                 # Less than half its share: the plateau begins between; try halfway back.
                 halfway = before + (self.concurrency - before) // 2
                 self._trial, self._halfway = (self.concurrency, throughput, waiting), True
@@ -287,11 +306,21 @@ class ConcurrencyTuner:
             return
         if waiting < WAITING:
             return  # training holds the loop back, not data: more reads would only queue
+        restore, was_settled = 0, 0.0  # after a shift: as many as would give `was_settled`
         if self._settled is not None and throughput < self._settled * (1 - SHIFT):
             self._below_settled += 1
             if self._below_settled < SHIFT_WINDOWS:
                 return  # one slow window: the next says whether the cost changed
-            self._ceiling = None  # the data's cost changed: climb again from here
+            # The data's cost changed: climb again from here. Reads that got k times slower
+            # need k times as many at once for the same throughput (Little's law): the
+            # first step goes that far, where the idle cores allow its gain.
+            was_settled = self._settled
+            if throughput > 0:
+                restore = math.ceil(self.concurrency * was_settled / throughput)
+            while len(self._at_level) > SHIFT_WINDOWS:  # the level's windows before the shift
+                self._at_level.popleft()
+                self._allows_at_level.popleft()
+            self._ceiling = None
             self._settled, self._explored = None, False
             self._allowed_before.clear()
         else:
@@ -318,6 +347,10 @@ class ConcurrencyTuner:
         if self._ceiling is None:
             growth = _bold_growth(waiting, allowed) if bold else 2.0
             wanted = int(min(self.maximum, growth * self.concurrency))
+            restored = min(self.maximum, restore)
+            step = restored / self.concurrency - 1
+            if restored > wanted and allowed >= needed_gain(step, waiting):
+                wanted, self._restoring = restored, True
         else:  # halfway to the level that did not help
             wanted = self.concurrency + max(1, (self._ceiling - self.concurrency) // 2)
             wanted = min(wanted, self._ceiling - 1, self.maximum)
@@ -326,10 +359,16 @@ class ConcurrencyTuner:
         if allowed < needed_gain(wanted / self.concurrency - 1, waiting):
             return  # the idle cores could not give the step the gain it must show
         self._trial = (self.concurrency, self._level_throughput(), waiting)
+        why = f"trying {wanted}"
+        if self._restoring:
+            why = (
+                f"down from {was_settled:,.0f}, the reads got slower: trying {wanted}, as many "
+                "as give that again"
+            )
         self._set(
             wanted,
             f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s with "
-            f"{self.concurrency} at once, on {cores:.1f} of {self.budget:g} cores: trying {wanted}",
+            f"{self.concurrency} at once, on {cores:.1f} of {self.budget:g} cores: {why}",
         )
 
     def step_before_a_batch(self, waiting: float, cores: float, idle: float | None) -> bool:

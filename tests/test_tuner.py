@@ -247,6 +247,32 @@ def test_when_the_datas_cost_shifts_it_moves():
     assert 20 <= slow[-1] <= 25  # on the plateau, not far past its start
 
 
+def test_reads_that_got_ten_times_slower_get_ten_times_as_many_at_once_in_one_step():
+    """A store that serves 8,000 reads a second: 1 ms reads settle at 8 at once. Once they
+    take 10 ms, 8 at once give 800 a second, and 80 would give 8,000 again (Little's law):
+    after the two windows that confirm the shift, one step goes there, not a doubling a
+    window (8 -> 16 -> 32 -> 64 -> 128 took four windows at a fraction of the rate)."""
+    tuner = ConcurrencyTuner(maximum=1024, budget=64, start=2)
+    fast = run(tuner, lambda c: min(c / 0.001, 8000.0), windows=20)
+    assert fast[-1] == 8
+    slow = run(tuner, lambda c: min(c / 0.010, 8000.0), windows=12)
+    assert slow[:2] == [8, 80]
+    restore = next(d for d in tuner.history if d.concurrency == 80)
+    assert "down from 8,000, the reads got slower: trying 80" in restore.reason
+    assert 80 <= slow[-1] <= 90  # probes past it by halves, and stays
+
+
+def test_after_a_shift_the_first_step_tries_as_many_as_its_gain_needs():
+    """Reads that got 10x slower but whose store now serves 20 at once: the step that
+    would restore the old throughput (4 -> 32) gains 5x, so 20 are tried, and kept."""
+    tuner = ConcurrencyTuner(maximum=32, budget=64)
+    run(tuner, lambda c: 1000.0 * min(c, 4))
+    slow = run(tuner, lambda c: 100.0 * min(c, 20), windows=8)
+    assert slow[:4] == [4, 32, 20, 20]
+    fewer = next(d for d in tuner.history if d.concurrency == 20)
+    assert "32 at once gave 2,000 samples/s, 5.0x 4 (400): trying 20" in fewer.reason
+
+
 def test_a_ceiling_is_probed_again_after_a_while():
     tuner = ConcurrencyTuner(maximum=32, budget=64)
     run(tuner, lambda c: 100.0 * min(c, 8))
