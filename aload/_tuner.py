@@ -314,9 +314,13 @@ class ConcurrencyTuner:
             # The data's cost changed: climb again from here. Reads that got k times slower
             # need k times as many at once for the same throughput (Little's law): the
             # first step goes that far, where the idle cores allow its gain.
+            # From the faster of the slow windows: a pause (a collection, a busy moment)
+            # gives one window near nothing and one in part as before, where reads that got
+            # slower give two alike.
             was_settled = self._settled
-            if throughput > 0:
-                restore = math.ceil(self.concurrency * was_settled / throughput)
+            slow = max(list(self._at_level)[-SHIFT_WINDOWS:], default=throughput)
+            if slow > 0:
+                restore = math.ceil(self.concurrency * was_settled / slow)
             while len(self._at_level) > SHIFT_WINDOWS:  # the level's windows before the shift
                 self._at_level.popleft()
                 self._allows_at_level.popleft()

@@ -262,6 +262,18 @@ def test_reads_that_got_ten_times_slower_get_ten_times_as_many_at_once_in_one_st
     assert 80 <= slow[-1] <= 90  # probes past it by halves, and stays
 
 
+def test_a_pause_is_not_taken_for_reads_that_got_slower():
+    """Two slow windows that are not alike (a pause that began halfway through one window
+    and filled the next) are no reason to multiply the reads at once by twenty: the step
+    goes from the faster of the two, a doubling."""
+    tuner = ConcurrencyTuner(maximum=1024, budget=64, start=2)
+    run(tuner, lambda c: min(c / 0.001, 8000.0), windows=20)
+    assert tuner.concurrency == 8
+    tuner.decide(4000.0, 1.0, 0.1)  # half of it in the pause
+    tuner.decide(400.0, 1.0, 0.1)  # the pause
+    assert tuner.concurrency == 16
+
+
 def test_after_a_shift_the_first_step_tries_as_many_as_its_gain_needs():
     """Reads that got 10x slower but whose store now serves 20 at once: the step that
     would restore the old throughput (4 -> 32) gains 5x, so 20 are tried, and kept."""
