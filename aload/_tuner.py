@@ -311,22 +311,7 @@ class ConcurrencyTuner:
             self._below_settled += 1
             if self._below_settled < SHIFT_WINDOWS:
                 return  # one slow window: the next says whether the cost changed
-            # The data's cost changed: climb again from here. Reads that got k times slower
-            # need k times as many at once for the same throughput (Little's law): the
-            # first step goes that far, where the idle cores allow its gain.
-            # From the faster of the slow windows: a pause (a collection, a busy moment)
-            # gives one window near nothing and one in part as before, where reads that got
-            # slower give two alike.
-            was_settled = self._settled
-            slow = max(list(self._at_level)[-SHIFT_WINDOWS:], default=throughput)
-            if slow > 0:
-                restore = math.ceil(self.concurrency * was_settled / slow)
-            while len(self._at_level) > SHIFT_WINDOWS:  # the level's windows before the shift
-                self._at_level.popleft()
-                self._allows_at_level.popleft()
-            self._ceiling = None
-            self._settled, self._explored = None, False
-            self._allowed_before.clear()
+            restore, was_settled = self._shifted(throughput)
         else:
             self._below_settled = 0
         if self._ceiling is not None:
@@ -351,9 +336,9 @@ class ConcurrencyTuner:
         if self._ceiling is None:
             growth = _bold_growth(waiting, allowed) if bold else 2.0
             wanted = int(min(self.maximum, growth * self.concurrency))
-            restored = min(self.maximum, restore)
+            restored = min(self.maximum, restore)  # (0 but just after a shift)
             step = restored / self.concurrency - 1
-            if restored > wanted and allowed >= needed_gain(step, waiting):
+            if restored > wanted and allowed >= needed_gain(step, waiting):  # cores allow it
                 wanted, self._restoring = restored, True
         else:  # halfway to the level that did not help
             wanted = self.concurrency + max(1, (self._ceiling - self.concurrency) // 2)
@@ -374,6 +359,24 @@ class ConcurrencyTuner:
             f"the loop waited {waiting:.0%} of the time at {throughput:,.0f} samples/s with "
             f"{self.concurrency} at once, on {cores:.1f} of {self.budget:g} cores: {why}",
         )
+
+    def _shifted(self, throughput: float) -> tuple[int, float]:
+        """The data's cost changed (`throughput` the last of the slow windows): forget the
+        ceiling and where it settled, and climb again from here. Returns as many at once as
+        would give the settled throughput again, and that throughput: reads k times slower
+        need k times as many at once (Little's law). Sized from the faster of the slow
+        windows: a pause (a collection, a busy moment) gives one window near nothing and one
+        in part as before, where reads that got slower give two alike."""
+        was_settled = self._settled or 0.0
+        slow = max(list(self._at_level)[-SHIFT_WINDOWS:], default=throughput)
+        restore = math.ceil(self.concurrency * was_settled / slow) if slow > 0 else 0
+        while len(self._at_level) > SHIFT_WINDOWS:  # the level's windows before the shift
+            self._at_level.popleft()
+            self._allows_at_level.popleft()
+        self._ceiling = None
+        self._settled, self._explored = None, False
+        self._allowed_before.clear()
+        return restore, was_settled
 
     def step_before_a_batch(self, waiting: float, cores: float, idle: float | None) -> bool:
         """No batch yet, `FIRST_LOOK_SECONDS` into a fresh search (the consumer waited
