@@ -336,10 +336,11 @@ class ConcurrencyTuner:
         if self._ceiling is None:
             growth = _bold_growth(waiting, allowed) if bold else 2.0
             wanted = int(min(self.maximum, growth * self.concurrency))
-            restored = min(self.maximum, restore)  # (0 but just after a shift)
-            step = restored / self.concurrency - 1
-            if restored > wanted and allowed >= needed_gain(step, waiting):  # cores allow it
-                wanted, self._restoring = restored, True
+            if restore > wanted:  # just after a shift: as many as give the old throughput
+                restored = min(self.maximum, restore)
+                step = restored / self.concurrency - 1
+                if restored > wanted and allowed >= needed_gain(step, waiting):  # cores allow
+                    wanted, self._restoring = restored, True
         else:  # halfway to the level that did not help
             wanted = self.concurrency + max(1, (self._ceiling - self.concurrency) // 2)
             wanted = min(wanted, self._ceiling - 1, self.maximum)
