@@ -734,6 +734,9 @@ def test_a_slow_finish_stage_gets_more_threads_and_the_reads_stay():
 
 
 def test_persistent_finishing_threads_keep_what_the_tuner_found():
+    """The second epoch starts where the first one's search settled. (How far the search
+    climbs is the modelled tests' to check: on CI's busy cores a window at 4 threads once
+    read 1,249 samples/s where 1,800 is usual, and 3 were kept as reading as much.)"""
     gc.collect()  # other tests' garbage, collected mid-epoch, would stall a window
     loader = aload.DataLoader(
         InstantReads(),
@@ -742,12 +745,14 @@ def test_persistent_finishing_threads_keep_what_the_tuner_found():
         transform=waits_on_a_service,
         persistent_workers=True,
     )
-    for _ in range(2):
-        assert sorted(int(i) for batch in loader for i in batch) == list(range(800))
-    workers = loader.stats.workers_tuning
-    assert workers.concurrency >= 4
-    assert loader.stats.epoch.workers == workers.concurrency  # the second epoch started there
-    loader.close()
+    try:
+        for _ in range(2):
+            assert sorted(int(i) for batch in loader for i in batch) == list(range(800))
+        workers = loader.stats.workers_tuning
+        assert workers.concurrency > 2  # it climbed from its start
+        assert loader.stats.epoch.workers == workers.concurrency  # the second epoch began there
+    finally:
+        loader.close()  # persistent threads: a failed assertion must not leave them running
 
 
 @pytest.mark.anyio
