@@ -4,11 +4,13 @@ actor that dies mid-epoch."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.utils.data as tud
@@ -26,6 +28,7 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import aload
 from aload.workers import ray_actors
+from aload.workers._out_of_band import OutOfBand
 
 ray = pytest.importorskip("ray")
 
@@ -195,10 +198,11 @@ def test_an_actor_killed_mid_epoch_loses_no_sample_and_is_replaced():
 @pytest.mark.usefixtures("cluster")
 async def test_async_for_over_ray_actors_keeps_the_loop_running(anyio_backend, monkeypatch):
     """The dataset (16 MB here) goes to the object store, and the actors start, off the
-    caller's thread: on it, they paused the loop 36-58 ms on a fast machine, and the put
-    alone takes 40-50 ms on a slow one. Off it, torch still copies the tensors' storage while
-    pickling them with the GIL held, in pieces of up to ~15 ms on a slow 2-core machine, so
-    the loop may miss a beat or two of that length."""
+    caller's thread: on it, they paused the loop 36-58 ms on a fast machine. Off it, torch's
+    pickling still copied the tensors' storage with the GIL held, in pieces of 10-15 ms on an
+    idle 2-core machine and 46 ms on CI's; out of band, Ray copies them without it (a put's
+    longest pause 5 ms, median). The actors' start (each imports torch) still competes for
+    the two cores, so the loop may miss a beat or two."""
     data = TensorDataset(torch.arange(1024), torch.zeros(1024, 4096))
     put_on = []
 
@@ -220,6 +224,65 @@ async def test_async_for_over_ray_actors_keeps_the_loop_running(anyio_backend, m
     assert put_on
     assert threading.current_thread() not in put_on
     assert pause < 0.035, f"{pause * 1000:.1f} ms"
+
+
+@pytest.mark.usefixtures("cluster")
+def test_the_datasets_tensors_reach_the_store_as_they_were_shared_and_writable():
+    """Tensors go to the object store out of band (`OutOfBand`); each comes back as torch's
+    own pickling gives it: same values, dtype, strides and views, a private writable copy."""
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    weight = torch.nn.Parameter(torch.ones(3))
+    sent = {
+        "base": base,
+        "transposed": base.t(),  # a view of the same storage
+        "row": base[2],  # a view with an offset
+        "halves": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        "flags": torch.tensor([True, False, True]),
+        "complex": torch.tensor([1 + 2j], dtype=torch.complex64),
+        "scalar": torch.tensor(7),
+        "empty": torch.empty(0, 5),
+        "array": np.arange(6).reshape(2, 3),
+        "weight": weight,
+        "grad": torch.ones(2, requires_grad=True),
+    }
+    got = ray.get(ray.put(OutOfBand(sent)))
+    for name, value in sent.items():
+        if isinstance(value, torch.Tensor):
+            assert type(got[name]) is type(value), name
+            assert got[name].dtype == value.dtype, name
+            assert got[name].stride() == value.stride(), name
+            assert torch.equal(got[name].detach(), value.detach()), name
+            assert got[name].requires_grad == value.requires_grad, name
+        else:
+            np.testing.assert_array_equal(got[name], value)
+    got["base"][2, 0] = 100.0  # the views still share their storage, and it is writable
+    assert got["row"][0] == 100.0
+    assert got["transposed"][0, 2] == 100.0
+    assert base[2, 0] == 12.0  # and it is a copy, not the sender's memory
+
+
+def test_a_datasets_tensor_bytes_travel_beside_its_pickle_not_in_it():
+    """The bytes Ray would copy with the GIL held (the pickle) hold no tensor's storage."""
+    data = TensorDataset(torch.arange(1024), torch.zeros(1024, 4096))
+    rebuild, (pickled, buffers) = OutOfBand(data).__reduce__()
+    assert len(pickled) < 4096
+    assert sum(buffer.nbytes for buffer in buffers) == 1024 * 8 + 1024 * 4096 * 4
+    assert all(isinstance(buffer, np.ndarray) for buffer in buffers)  # Ray's out-of-band kind
+    back = rebuild(pickled, buffers)
+    assert torch.equal(back.tensors[0], data.tensors[0])
+    assert torch.equal(back.tensors[1], data.tensors[1])
+
+
+@pytest.mark.usefixtures("cluster")
+def test_an_object_ref_inside_the_dataset_is_kept_alive_by_the_put():
+    """Ray's own reducers still count the refs a dataset holds: the inner object outlives
+    the caller's ref to it for as long as the put dataset lives."""
+    inner = ray.put(torch.arange(5))
+    outer = ray.put(OutOfBand({"inner": inner, "weights": torch.ones(4)}))
+    del inner
+    gc.collect()
+    time.sleep(0.2)
+    assert torch.equal(ray.get(ray.get(outer)["inner"]), torch.arange(5))
 
 
 @pytest.mark.parametrize(

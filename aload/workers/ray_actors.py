@@ -29,6 +29,7 @@ from typing import Any
 from .._fetch import Abandoned, timed_call
 from .._plans import ProcessRead, ReaderPlan
 from . import Job
+from ._out_of_band import OutOfBand
 from .process import (
     _Task,
     _wire_error,
@@ -426,9 +427,10 @@ class RayPool:
 
 
 def _put(ray: Any, dataset: Any) -> Any:
-    """The dataset in the object store, once for every actor; a clear error if it cannot go."""
+    """The dataset in the object store, once for every actor, its tensors out of band; a
+    clear error if it cannot go."""
     try:
-        return ray.put(dataset)
+        return ray.put(OutOfBand(dataset))
     except (pickle.PicklingError, TypeError, AttributeError) as error:
         reason = error.__cause__ or error  # Ray's own message is a page long
         raise TypeError(
