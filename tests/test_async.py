@@ -17,12 +17,18 @@ import aload
 @pytest.mark.anyio
 @pytest.mark.parametrize("num_workers", [0, 2])
 async def test_event_loop_keeps_running_while_slow_batches_load(anyio_backend, num_workers):
-    loader = aload.DataLoader(Indexed(24, delay=0.01), batch_size=4, num_workers=num_workers)
-    async with heartbeat() as beat:
-        seen = flatten([batch async for batch in loader])
-    assert sorted(seen) == list(range(24))
-    assert beat.beats >= 20
-    assert beat.longest_gap < 0.035
+    """The loop beats on while each batch takes 40 ms to read. The better of two tries, as
+    the other loop-pause tests: a pause that aload causes comes every time, a collection of
+    this long suite's heap or a busy moment of CI's two cores (37 ms once) does not."""
+    pauses = []
+    while len(pauses) < 2 and min(pauses, default=1.0) >= 0.035:
+        loader = aload.DataLoader(Indexed(24, delay=0.01), batch_size=4, num_workers=num_workers)
+        async with heartbeat() as beat:
+            seen = flatten([batch async for batch in loader])
+        assert sorted(seen) == list(range(24))
+        assert beat.beats >= 20
+        pauses.append(beat.longest_gap)
+    assert min(pauses) < 0.035, f"{min(pauses) * 1000:.1f} ms"
 
 
 @pytest.mark.anyio
