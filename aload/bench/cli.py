@@ -29,7 +29,14 @@ from collections.abc import Iterator
 from dataclasses import asdict
 
 from aload.bench.fresh import CASES, fresh_table, measure_fresh
-from aload.bench.grid import GRID, grid_workload, summary, verdict
+from aload.bench.grid import (
+    GRID,
+    grid_workload,
+    head_to_head,
+    judged_again,
+    summary,
+    verdict,
+)
 from aload.bench.memory import TreeMemory
 from aload.bench.plot import draw, sweep
 from aload.bench.report import document, environment, table
@@ -152,7 +159,11 @@ def main(argv: list[str] | None = None) -> None:
                 suites.append((workload, results))
                 print(table(workload, results), file=out, flush=True)
                 if (judged := verdict(name, results)) is not None:
-                    verdicts.append(judged)
+                    again = head_to_head(workload, judged)
+                    rerun = measure(again, args.repeats, memory)
+                    suites.append((again, rerun))
+                    print(table(again, rerun), file=out, flush=True)
+                    verdicts.append(judged_again(judged, rerun))
             print(summary(verdicts), file=out, flush=True)
         fresh_cases = [name for name in args.workloads if name in CASES]
         fresh = measure_fresh(fresh_cases, args.repeats, args.scale)
