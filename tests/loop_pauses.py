@@ -82,18 +82,28 @@ MODES = {
 BOUND = 0.02
 
 
-async def best_pause(run, bound: float, tries: int) -> float:
-    """The longest pause of a heartbeat on this loop while `await run()` runs. A pause that
-    aload causes happens every time; the odd one from a busy machine does not: the best of
-    up to `tries`, stopping at the first under `bound`."""
-    pauses = []
+async def best_of(measure, bound: float, tries: int) -> float:
+    """The least of up to `tries` results of `await measure()`, stopping at the first under
+    `bound`. A wait that aload causes happens every time; the odd one from a busy machine
+    does not."""
+    results = []
     for _ in range(tries):
+        results.append(await measure())
+        if results[-1] < bound:
+            break
+    return min(results)
+
+
+async def best_pause(run, bound: float, tries: int) -> float:
+    """The longest pause of a heartbeat on this loop while `await run()` runs, the best of
+    up to `tries` (`best_of`)."""
+
+    async def pause() -> float:
         async with heartbeat() as beat:
             await run()
-        pauses.append(beat.longest_gap)
-        if pauses[-1] < bound:
-            break
-    return min(pauses)
+        return beat.longest_gap
+
+    return await best_of(pause, bound, tries)
 
 
 async def two_epochs(mode: str) -> float:
