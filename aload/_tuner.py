@@ -17,8 +17,9 @@ it loses, back up, and the next steps go halfway to twice that level, not double
 window). A long step is judged on its second window, once the threads it added have delivered;
 one that still gained much, but less than its share, tries as many as gave that gain. A step
 that did not help is taken back, and the level it reached becomes a ceiling that the next steps
-go halfway to. When the very first step up did not help (work that holds the GIL), half as many
-are tried once, and kept if they lose nothing. The ceiling is probed again now and then, and
+go halfway to, while that is a step of at least a quarter (a smaller one is judged on noise).
+When the very first step up did not help (work that holds the GIL), half as many are tried
+once, and kept if they lose nothing. The ceiling is probed again now and then, and
 forgotten when throughput stays well below where it settled for two windows (the data's cost
 changed): then the first step goes to as many at once as would give the settled throughput
 again (reads k times slower need k times as many at once, Little's law), is kept if it gains,
@@ -69,6 +70,9 @@ READ_TIMES = 2
 LONG_GROWTH = 4  # where windows are that long, a climb multiplies by at least this, not 2
 RAMP_WINDOW_SECONDS = 0.05  # a ramp's step doubles throughput or not: a shorter window tells
 REPROBE_WINDOWS = 16  # windows at a ceiling before it is probed again
+# The least step halfway to a ceiling worth a window: one window's throughput varies by a
+# fifth on a busy machine, so a smaller step (225 -> 226 reads at once) is judged on noise.
+SMALLEST_STEP = 0.25
 LEVEL_WINDOWS = 3  # a step is judged against the mean of this many windows before it
 SHIFT = 0.3  # throughput this much below the settled level,
 SHIFT_WINDOWS = 2  # this many windows in a row: the data's cost changed
@@ -344,6 +348,8 @@ class ConcurrencyTuner:
         else:  # halfway to the level that did not help
             wanted = self.concurrency + max(1, (self._ceiling - self.concurrency) // 2)
             wanted = min(wanted, self._ceiling - 1, self.maximum)
+            if wanted < self.concurrency * (1 + SMALLEST_STEP):
+                return  # too close to the ceiling for one window to tell them apart
         if wanted <= self.concurrency:
             return
         if allowed < needed_gain(wanted / self.concurrency - 1, waiting):
