@@ -153,7 +153,9 @@ class DataLoader(Generic[T_co]):
         max_skipped: how many samples per epoch may be dropped from their batch when they
             still fail after retries; each is logged and counted in `stats`. 0 raises instead.
         max_concurrency: for a dataset whose `__getitem__` is a coroutine function: how many
-            item reads may be in flight at once, across batches, on aload's event loop.
+            item reads may be in flight at once, across batches, on aload's event loop
+            (uvloop where it is installed: `aload[uvloop]`; `ALOAD_LOOP=asyncio` keeps
+            asyncio's own).
             "auto": found while the epoch runs, as `num_workers="auto"` finds threads.
         progress: show a tqdm progress bar for each epoch, with samples/s and the share of
             time spent waiting for data (needs `tqdm`). Off by default.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import threading
@@ -65,6 +66,41 @@ async def test_async_for_reads_an_async_dataset_exactly_once(anyio_backend, in_o
 
     # aload's loop runs the reads: the caller's never stalls
     assert await best_pause(two_epochs, 0.05, tries=2) < 0.05
+
+
+class LoopKinds(Remote):
+    """`Remote`, noting the kind of event loop each read ran on."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.loops = set()
+
+    async def __getitem__(self, index):
+        self.loops.add(type(asyncio.get_running_loop()).__module__.split(".")[0])
+        return await super().__getitem__(index)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("setting", [None, "asyncio"])
+async def test_aloads_loop_runs_on_uvloop_where_installed_unless_told_not_to(
+    anyio_backend, monkeypatch, setting
+):
+    """uvloop where installed (`aload[uvloop]`); ALOAD_LOOP=asyncio keeps asyncio's own loop.
+    Either way each sample comes once and the caller's loop beats on."""
+    pytest.importorskip("uvloop")
+    if setting is None:
+        monkeypatch.delenv("ALOAD_LOOP", raising=False)
+    else:
+        monkeypatch.setenv("ALOAD_LOOP", setting)
+
+    async def epoch() -> None:
+        ds = LoopKinds(96)
+        loader = aload.DataLoader(ds, batch_size=8, shuffle=True, max_concurrency=16)
+        assert sorted(flatten([b async for b in loader])) == list(range(96))
+        assert ds.loops == {"uvloop" if setting is None else "asyncio"}
+        assert ds.threads == {"aload-worker-loop"}
+
+    assert await best_pause(epoch, 0.05, tries=2) < 0.05
 
 
 def test_in_order_batches_follow_the_sampler():

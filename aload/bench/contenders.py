@@ -21,6 +21,7 @@ import torch.utils.data as tud
 
 import aload
 from aload.collate import default_collate
+from aload.workers.loop import loop_options, uses_uvloop
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ def limit_processes(work: Callable[[Any], Any], items: list[Any], processes: int
 
 def limit_asyncio(data: Any, concurrency: int) -> Contender:
     """Awaited reads by hand: a bare asyncio loop with `concurrency` tasks, each with one
-    read in flight at a time, and no batching."""
+    read in flight at a time, and no batching; on uvloop where aload's loop is."""
 
     def drive(make: Callable[[], Any]) -> Drained:
         async def run() -> Drained:
@@ -326,6 +327,7 @@ def limit_asyncio(data: Any, concurrency: int) -> Contender:
             counts = await asyncio.gather(*(reader() for _ in range(concurrency)))
             return Drained(sum(counts), first[0], time.perf_counter() - started)
 
-        return asyncio.run(run())
+        return anyio.run(run, backend="asyncio", backend_options=loop_options())
 
-    return Contender("limit", 0, lambda: None, drive, f"asyncio, {concurrency} tasks, no loader")
+    loop = "uvloop" if uses_uvloop() else "asyncio"
+    return Contender("limit", 0, lambda: None, drive, f"{loop}, {concurrency} tasks, no loader")
