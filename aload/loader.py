@@ -61,7 +61,7 @@ from ._worker_info import draw_base_seed, worker_setup
 from .plan import Plan, plan_of, stage_names
 from .workers import WorkerPool
 from .workers.inline import InlinePool
-from .workers.loop import LoopPool
+from .workers.loop import LoopPool, loop_options
 from .workers.process import ProcessPool
 from .workers.ray_actors import RayPool
 from .workers.thread import ThreadPool
@@ -1076,6 +1076,7 @@ class DataLoader(Generic[T_co]):
         that the dataset's context and the loop's tasks never outlive it; the CPU workers
         stay between epochs with `persistent_workers`.
         """
+        options = loop_options()  # (a bad ALOAD_LOOP raises before any worker starts)
         with self._pool_lock:
             cpu = self._persistent_or_none(start, resumed)
             seed = self._persistent_seed if cpu is not None else self._base_seed(start, resumed)
@@ -1106,7 +1107,7 @@ class DataLoader(Generic[T_co]):
                 self._persistent_pool, self._persistent_seed = cpu, seed
                 owns_cpu = False
         at_once = _reads_at_once(config, self._tuner)
-        loop_pool = LoopPool(config.dataset, cpu, at_once, cpu_read, owns_cpu)
+        loop_pool = LoopPool(config.dataset, cpu, at_once, cpu_read, owns_cpu, options)
         return loop_pool, seeds
 
     def _persistent_or_none(self, start: dict[str, Any], resumed: bool) -> WorkerPool | None:

@@ -103,6 +103,19 @@ async def test_aloads_loop_runs_on_uvloop_where_installed_unless_told_not_to(
     assert await best_pause(epoch, 0.05, tries=2) < 0.05
 
 
+@pytest.mark.parametrize("workers", [{}, {"num_workers": 2, "worker_mode": "process"}])
+def test_a_bad_aload_loop_setting_is_refused_before_any_worker_starts(monkeypatch, workers):
+    """ALOAD_LOOP names asyncio or uvloop: another value raises as the epoch starts, naming
+    the variable, and leaves no worker thread or process running."""
+    monkeypatch.setenv("ALOAD_LOOP", "uv")
+    before = threading.active_count()
+    loader = aload.DataLoader(Remote(8), batch_size=4, **workers)
+    with pytest.raises(ValueError, match="ALOAD_LOOP must be 'asyncio' or 'uvloop', got 'uv'"):
+        iter(loader)
+    assert multiprocessing.active_children() == []
+    assert threading.active_count() == before
+
+
 def test_in_order_batches_follow_the_sampler():
     loader = aload.DataLoader(Remote(50), batch_size=5, max_concurrency=32)
     assert flatten(list(loader)) == list(range(50))

@@ -6,9 +6,9 @@ even a new task, each; the batches are run by runner tasks that live as long, on
 in flight at most. The loop is asyncio's (on uvloop where it is installed), and aload's,
 not the caller's: the caller's loop (asyncio or trio) only waits for finished batches, so
 nothing of aload is left running on it between two batches, and the same dataset serves
-plain `for` loops too. Clients bound to a
-loop (HTTP sessions, database pools) therefore belong to this one: a dataset that is an
-async context manager is entered here before its first read and exited after the epoch.
+plain `for` loops too. Clients bound to a loop (HTTP sessions, database pools) therefore
+belong to this one: a dataset that is an async context manager is entered here before its
+first read and exited after the epoch.
 """
 
 from __future__ import annotations
@@ -34,20 +34,27 @@ from . import Job, WorkerPool
 from ._exit import stop_at_exit
 
 T = TypeVar("T")
-
 logger = logging.getLogger("aload")
 
-# `ALOAD_LOOP=asyncio` keeps asyncio's own loop where uvloop is installed.
+# Which loop aload runs its own on: unset, uvloop where it is installed; "asyncio" or "uvloop".
 LOOP_VARIABLE = "ALOAD_LOOP"
 
 
 def uses_uvloop() -> bool:
     """Whether aload's loop runs on uvloop: where it is installed (`aload[uvloop]`), unless
     `ALOAD_LOOP=asyncio`. Its loop is written in C: awaited reads come about a quarter
-    faster on it."""
-    if os.environ.get(LOOP_VARIABLE, "").strip().lower() == "asyncio":
-        return False
-    return importlib.util.find_spec("uvloop") is not None
+    faster on it.
+
+    Raises:
+        ValueError: `ALOAD_LOOP` names another loop, or uvloop where it is not installed.
+    """
+    wanted = os.environ.get(LOOP_VARIABLE, "").strip().lower()
+    installed = importlib.util.find_spec("uvloop") is not None
+    if wanted not in {"", "asyncio", "uvloop"}:
+        raise ValueError(f"{LOOP_VARIABLE} must be 'asyncio' or 'uvloop', got {wanted!r}")
+    if wanted == "uvloop" and not installed:
+        raise ValueError(f"{LOOP_VARIABLE}=uvloop, but uvloop is not installed (aload[uvloop])")
+    return wanted != "asyncio" and installed
 
 
 def loop_options() -> dict[str, Any]:
@@ -104,7 +111,10 @@ class LoopPool:
         max_concurrency: int = 64,
         cpu_read: Any = None,
         owns_cpu: bool = True,
+        options: dict[str, Any] | None = None,
     ) -> None:
+        # The loop's kind (`loop_options()` unless given): a bad ALOAD_LOOP raises here.
+        self._options = loop_options() if options is None else options
         self._dataset = dataset
         self._cpu = cpu
         self._owns_cpu = owns_cpu  # else persistent workers: they outlive this loop
@@ -358,7 +368,7 @@ class LoopPool:
 
     def _run(self) -> None:
         try:
-            anyio.run(self._main, backend="asyncio", backend_options=loop_options())
+            anyio.run(self._main, backend="asyncio", backend_options=self._options)
         except BaseException as error:
             if self._waiting is not None:  # the dataset's __aenter__ failed: report it per job
                 self._started(error)
