@@ -13,7 +13,16 @@ from typing import ClassVar
 import anyio
 import pytest
 import torch
-from conftest import PassesState, assert_resumes_exactly, flatten, heartbeat, wait_for_no_workers
+from conftest import (
+    PassesState,
+    aload_threads,
+    assert_resumes_exactly,
+    eventually,
+    flatten,
+    heartbeat,
+    open_fds,
+    wait_for_no_workers,
+)
 from loop_pauses import best_of, best_pause
 
 import aload
@@ -101,6 +110,29 @@ async def test_aloads_loop_runs_on_uvloop_where_installed_unless_told_not_to(
         assert ds.threads == {"aload-worker-loop"}
 
     assert await best_pause(epoch, 0.05, tries=2) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+def test_epochs_whole_or_left_early_leave_no_thread_or_descriptor_on_either_loop(monkeypatch, kind):
+    """aload's loop starts for each epoch and takes its selector and wake-up pipe with it when
+    the epoch ends or is left, on uvloop as on asyncio's loop."""
+    if kind == "uvloop":
+        pytest.importorskip("uvloop")
+    monkeypatch.setenv("ALOAD_LOOP", kind)
+    loader = aload.DataLoader(Remote(64), batch_size=4, max_concurrency=8)
+    assert sorted(flatten(loader)) == list(range(64))
+    assert eventually(lambda: not aload_threads())
+    before = open_fds()
+    for epoch in range(10):
+        batches = iter(loader)
+        next(batches)
+        if epoch % 2:
+            batches.close()  # left early
+        else:
+            assert len(flatten([next(batches), *batches])) == 60
+    del batches
+    assert eventually(lambda: not aload_threads())
+    assert eventually(lambda: open_fds() <= before)
 
 
 @pytest.mark.parametrize("workers", [{}, {"num_workers": 2, "worker_mode": "process"}])
