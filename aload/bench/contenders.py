@@ -21,7 +21,7 @@ import torch.utils.data as tud
 
 import aload
 from aload.collate import default_collate
-from aload.workers.loop import loop_options, uses_uvloop
+from aload.workers.loop import loop_options
 
 
 @dataclass(frozen=True)
@@ -309,6 +309,8 @@ def limit_asyncio(data: Any, concurrency: int) -> Contender:
     """Awaited reads by hand: a bare asyncio loop with `concurrency` tasks, each with one
     read in flight at a time, and no batching; on uvloop where aload's loop is."""
 
+    options = loop_options()
+
     def drive(make: Callable[[], Any]) -> Drained:
         async def run() -> Drained:
             started = time.perf_counter()
@@ -327,7 +329,7 @@ def limit_asyncio(data: Any, concurrency: int) -> Contender:
             counts = await asyncio.gather(*(reader() for _ in range(concurrency)))
             return Drained(sum(counts), first[0], time.perf_counter() - started)
 
-        return anyio.run(run, backend="asyncio", backend_options=loop_options())
+        return anyio.run(run, backend="asyncio", backend_options=options)
 
-    loop = "uvloop" if uses_uvloop() else "asyncio"
+    loop = "uvloop" if options["use_uvloop"] else "asyncio"
     return Contender("limit", 0, lambda: None, drive, f"{loop}, {concurrency} tasks, no loader")
