@@ -6,11 +6,13 @@ from a `LoaderConfig`, so a running epoch never sees an argument that was not va
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -128,38 +130,9 @@ class LoaderConfig:
         return slots * self.depth
 
 
-def resolve_config(
-    dataset: Any,
-    batch_size: int | None,
-    shuffle: bool | None,
-    sampler: Sampler[Any] | Iterable[Any] | None,
-    batch_sampler: Sampler[list[Any]] | Iterable[list[Any]] | None,
-    num_workers: int | str,
-    collate_fn: Callable[[Any], Any] | None,
-    pin_memory: bool,
-    drop_last: bool,
-    timeout: float,
-    worker_init_fn: Callable[[int], None] | None,
-    generator: torch.Generator | None,
-    prefetch_factor: int | str | None,
-    persistent_workers: bool,
-    in_order: bool,
-    worker_mode: str,
-    distributed: bool = False,
-    transform: Callable[[Any], Any] | None = None,
-    batch_transform: Callable[[Any], Any] | None = None,
-    retry: Retry | None = None,
-    max_skipped: int = 0,
-    max_concurrency: int | str = 64,
-    multiprocessing_context: Any = None,
-    device: str | int | torch.device | None = None,
-    to_device: ToDevice | None = None,
-    device_transform: Callable[[Any], Any] | None = None,
-    pin_memory_device: str = "",
-    ray_options: Mapping[str, Any] | None = None,
-    memory_budget: int | None = None,
-) -> LoaderConfig:
-    """Check the arguments as `torch.utils.data.DataLoader` does and fill in the defaults.
+def resolve_config(arguments: Mapping[str, Any]) -> LoaderConfig:
+    """Check `DataLoader`'s `arguments` (all of them, by name: its signature declares them and
+    their defaults) as `torch.utils.data.DataLoader` does, and fill in the defaults.
 
     The exception type is torch's wherever torch raises for the same value (at construction
     or, for some, only once iterating); values torch lets through silently (`timeout=nan`,
@@ -169,196 +142,178 @@ def resolve_config(
         ValueError: for conflicting or out-of-range arguments, with torch's messages.
         TypeError: for arguments of the wrong type, naming the argument and what was expected.
     """
-    workers_tuned, reads_tuned = num_workers == AUTO, max_concurrency == AUTO
-    if num_workers == AUTO:
-        num_workers = _auto_workers(dataset, worker_mode)
+    # Each check replaces a given value with the checked one; the config takes its fields.
+    args = SimpleNamespace(**arguments)
+    args.workers_tuned, args.reads_tuned = args.num_workers == AUTO, args.max_concurrency == AUTO
+    if args.workers_tuned:
+        args.num_workers = _auto_workers(args.dataset, args.worker_mode)
     else:
-        num_workers = _check_int("num_workers", num_workers, or_auto=True)
-    if max_concurrency == AUTO:
-        max_concurrency = _auto_concurrency(dataset)
-    if num_workers < 0:
+        args.num_workers = _check_int("num_workers", args.num_workers, or_auto=True)
+    if args.reads_tuned:
+        args.max_concurrency = _auto_concurrency(args.dataset)
+    if args.num_workers < 0:
         raise ValueError(
             "num_workers option should be non-negative; "
             "use num_workers=0 to disable multiprocessing."
         )
-    timeout = _check_timeout(timeout)
-    for name, flag in (
-        ("pin_memory", pin_memory),
-        ("persistent_workers", persistent_workers),
-        ("in_order", in_order),
-        ("distributed", distributed),
-    ):
+    args.timeout = _check_timeout(args.timeout)
+    for name in ("pin_memory", "persistent_workers", "in_order", "distributed"):
+        flag = getattr(args, name)
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
-    if not isinstance(drop_last, bool):
-        raise ValueError(f"drop_last should be a boolean value, but got drop_last={drop_last}")
-    if persistent_workers and num_workers == 0:
+    if not isinstance(args.drop_last, bool):
+        raise ValueError(
+            f"drop_last should be a boolean value, but got drop_last={args.drop_last}"
+        )
+    if args.persistent_workers and args.num_workers == 0:
         raise ValueError("persistent_workers option needs num_workers > 0")
-    chooses_mode = worker_mode == AUTO
+    chooses_mode = args.worker_mode == AUTO
     if chooses_mode:  # threads to begin with: the loader moves them (`_mode`)
-        worker_mode = "thread"
-    if worker_mode not in WORKER_MODES:
-        raise ValueError(f"worker_mode must be one of {(*WORKER_MODES, AUTO)}, got {worker_mode!r}")
+        args.worker_mode = "thread"
+    if args.worker_mode not in WORKER_MODES:
+        raise ValueError(
+            f"worker_mode must be one of {(*WORKER_MODES, AUTO)}, got {args.worker_mode!r}"
+        )
+    _check_batching(args)
+    if not isinstance(args.pin_memory_device, str):
+        raise TypeError(f"pin_memory_device must be a str, got {args.pin_memory_device!r}")
+    for name in _CALLABLES:
+        fn = getattr(args, name)
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    if args.retry is not None and not isinstance(args.retry, Retry):
+        raise TypeError(f"retry must be an aload.Retry, got {type(args.retry).__name__}")
+    args.retry = args.retry or NO_RETRY
+    _check_int("max_skipped", args.max_skipped)
+    if args.max_skipped < 0:
+        raise ValueError(f"max_skipped should be non-negative, got {args.max_skipped}")
+    if args.memory_budget is not None:
+        _check_int("memory_budget", args.memory_budget)
+        if args.memory_budget <= 0:
+            raise ValueError(
+                f"memory_budget should be a positive number of bytes, got {args.memory_budget}"
+            )
+    args.max_concurrency = _check_int("max_concurrency", args.max_concurrency, or_auto=True)
+    if args.max_concurrency < 1:
+        raise ValueError(f"max_concurrency should be positive, got {args.max_concurrency}")
+    if args.multiprocessing_context is not None:
+        if args.num_workers == 0:
+            raise ValueError(
+                "multiprocessing_context can only be used with multi-process loading "
+                f"(num_workers > 0), but got num_workers={args.num_workers}"
+            )
+        # Thread workers accept (and ignore) it, so torch code that names one runs as it is.
+        args.multiprocessing_context = resolve_context(args.multiprocessing_context)
+
+    args.iterable = iterable = is_iterable_style(args.dataset)
+    args.asynchronous = is_async_map_style(args.dataset) or (
+        iterable and hasattr(args.dataset, "__aiter__")
+    )
+    if chooses_mode:
+        _check_auto_mode(args.asynchronous, args.ray_options)
+    _check_ray(args.worker_mode, args.num_workers, args.asynchronous, args.ray_options)
+    args.ray_options = dict(args.ray_options or {})
+    # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
+    prefetching = args.num_workers > 0 or args.asynchronous
+    args.read_ahead_tuned = args.prefetch_factor == AUTO  # tuned from torch's 2 (`_read_ahead`)
+    args.prefetch_factor = _check_prefetch_factor(args.prefetch_factor, prefetching)
+    uses_processes = args.worker_mode == "process" and args.num_workers > 0
+    if uses_processes and sends_by_pickle(args.multiprocessing_context or resolve_context(None)):
+        # Forked workers inherit these; the other start methods pickle them.
+        check_picklable(
+            {
+                # An async dataset is read on aload's loop: its workers never get it.
+                "the dataset": None if args.asynchronous else args.dataset,
+                **{name: getattr(args, name) for name in _SENT_TO_PROCESSES},
+            }
+        )
+    _default_samplers(args)
+
+    args.device = resolve_device(args.device)
+    if args.device is None and (args.to_device is not None or args.device_transform is not None):
+        raise ValueError("to_device and device_transform need a device= to move batches to")
+
+    batched = args.batch_size is not None if iterable else args.batch_sampler is not None
+    if args.collate_fn is None:
+        args.collate_fn = default_collate if batched else default_convert
+    return LoaderConfig(**{name: getattr(args, name) for name in _FIELDS})
+
+
+# The arguments that must be callable, and those that worker processes started by pickling get.
+_CALLABLES = (
+    "collate_fn",
+    "worker_init_fn",
+    "transform",
+    "batch_transform",
+    "to_device",
+    "device_transform",
+)
+_SENT_TO_PROCESSES = ("collate_fn", "worker_init_fn", "transform", "batch_transform")
+_FIELDS = tuple(field.name for field in dataclasses.fields(LoaderConfig))
+
+
+def _check_batching(args: SimpleNamespace) -> None:
+    """The types of the arguments that choose the samples and their batches."""
+    batch_size = args.batch_size
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0
     ):
         raise ValueError(
             f"batch_size should be a positive integer value, but got batch_size={batch_size}"
         )
-    if shuffle is not None and not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be True, False or None, got {shuffle!r}")
+    if args.shuffle is not None and not isinstance(args.shuffle, bool):
+        raise TypeError(f"shuffle must be True, False or None, got {args.shuffle!r}")
+    generator = args.generator
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    for name, order in (("sampler", sampler), ("batch_sampler", batch_sampler)):
+    for name in ("sampler", "batch_sampler"):
+        order = getattr(args, name)
         if order is not None and not hasattr(order, "__iter__"):
             raise TypeError(f"{name} must be an iterable of indices, got {type(order).__name__}")
-    if not isinstance(pin_memory_device, str):
-        raise TypeError(f"pin_memory_device must be a str, got {pin_memory_device!r}")
-    for name, fn in (
-        ("collate_fn", collate_fn),
-        ("worker_init_fn", worker_init_fn),
-        ("transform", transform),
-        ("batch_transform", batch_transform),
-        ("to_device", to_device),
-        ("device_transform", device_transform),
-    ):
-        if fn is not None and not callable(fn):
-            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-    if retry is not None and not isinstance(retry, Retry):
-        raise TypeError(f"retry must be an aload.Retry, got {type(retry).__name__}")
-    _check_int("max_skipped", max_skipped)
-    if max_skipped < 0:
-        raise ValueError(f"max_skipped should be non-negative, got {max_skipped}")
-    if memory_budget is not None:
-        _check_int("memory_budget", memory_budget)
-        if memory_budget <= 0:
-            raise ValueError(
-                f"memory_budget should be a positive number of bytes, got {memory_budget}"
-            )
-    max_concurrency = _check_int("max_concurrency", max_concurrency, or_auto=True)
-    if max_concurrency < 1:
-        raise ValueError(f"max_concurrency should be positive, got {max_concurrency}")
-    if multiprocessing_context is not None:
-        if num_workers == 0:
-            raise ValueError(
-                "multiprocessing_context can only be used with multi-process loading "
-                f"(num_workers > 0), but got num_workers={num_workers}"
-            )
-        # Thread workers accept (and ignore) it, so torch code that names one runs as it is.
-        multiprocessing_context = resolve_context(multiprocessing_context)
 
-    iterable = is_iterable_style(dataset)
-    asynchronous = is_async_map_style(dataset) or (iterable and hasattr(dataset, "__aiter__"))
-    if chooses_mode:
-        _check_auto_mode(asynchronous, ray_options)
-    _check_ray(worker_mode, num_workers, asynchronous, ray_options)
-    # An async dataset reads on aload's loop whatever num_workers is: it may always prefetch.
-    prefetching = num_workers > 0 or asynchronous
-    read_ahead_tuned = prefetch_factor == AUTO  # tuned from torch's 2 (`_read_ahead`)
-    prefetch_factor = _check_prefetch_factor(prefetch_factor, prefetching)
-    uses_processes = worker_mode == "process" and num_workers > 0
-    if uses_processes and sends_by_pickle(multiprocessing_context or resolve_context(None)):
-        # Forked workers inherit these; the other start methods pickle them.
-        check_picklable(
-            {
-                # An async dataset is read on aload's loop: its workers never get it.
-                "the dataset": None if asynchronous else dataset,
-                "collate_fn": collate_fn,
-                "worker_init_fn": worker_init_fn,
-                "transform": transform,
-                "batch_transform": batch_transform,
-            }
-        )
-    if distributed:
-        _check_distributed(iterable, sampler, batch_sampler)
+
+def _default_samplers(args: SimpleNamespace) -> None:
+    """torch's rules for the samplers and batches, and its defaults: a random or sequential
+    sampler (a `DistributedSampler` with `distributed`), in batches of `batch_size`."""
+    if args.distributed:
+        _check_distributed(args.iterable, args.sampler, args.batch_sampler)
     # Every rank must shuffle alike: the seed comes from the user's generator, or is torch's 0.
+    generator = args.generator
     distributed_seed = generator.initial_seed() if generator is not None else 0
-    if iterable:
-        if shuffle not in {False, None}:
-            raise ValueError(
-                "DataLoader with IterableDataset: expected unspecified shuffle option, "
-                f"but got shuffle={shuffle}"
-            )
-        if sampler is not None:
-            raise ValueError(
-                "DataLoader with IterableDataset: expected unspecified sampler option, "
-                f"but got sampler={sampler}"
-            )
-        if batch_sampler is not None:
-            raise ValueError(
-                "DataLoader with IterableDataset: expected unspecified batch_sampler option, "
-                f"but got batch_sampler={batch_sampler}"
-            )
+    if args.iterable:
+        for name in ("shuffle", "sampler", "batch_sampler"):
+            value = getattr(args, name)
+            if value is not None and value is not False:  # shuffle=False is torch's default
+                raise ValueError(
+                    f"DataLoader with IterableDataset: expected unspecified {name} option, "
+                    f"but got {name}={value}"
+                )
     else:
-        shuffle = bool(shuffle)
-        if sampler is not None and shuffle:
+        args.shuffle = shuffle = bool(args.shuffle)
+        if args.sampler is not None and shuffle:
             raise ValueError("sampler option is mutually exclusive with shuffle")
-        if batch_sampler is not None:
-            if batch_size != 1 or shuffle or sampler is not None or drop_last:
+        if args.batch_sampler is not None:
+            if args.batch_size != 1 or shuffle or args.sampler is not None or args.drop_last:
                 raise ValueError(
                     "batch_sampler option is mutually exclusive "
                     "with batch_size, shuffle, sampler, and drop_last"
                 )
-            batch_size = None
-        if distributed:
-            sampler = DistributedSampler(
-                dataset, shuffle=shuffle, seed=distributed_seed, drop_last=drop_last
+            args.batch_size = None
+        if args.distributed:
+            args.sampler = DistributedSampler(
+                args.dataset, shuffle=shuffle, seed=distributed_seed, drop_last=args.drop_last
             )
-        if sampler is None:
+        if args.sampler is None:
             if shuffle:
-                sampler = RandomSampler(dataset, generator=generator)
+                args.sampler = RandomSampler(args.dataset, generator=generator)
             else:
-                sampler = SequentialSampler(dataset)
-        if batch_size is not None and batch_sampler is None:
-            batch_sampler = BatchSampler(sampler, batch_size, drop_last)
-    if batch_size is None and drop_last:
+                args.sampler = SequentialSampler(args.dataset)
+        if args.batch_size is not None and args.batch_sampler is None:
+            args.batch_sampler = BatchSampler(args.sampler, args.batch_size, args.drop_last)
+    if args.batch_size is None and args.drop_last:
         raise ValueError(
             "batch_size=None option disables auto-batching and is mutually exclusive with drop_last"
         )
-
-    resolved_device = resolve_device(device)
-    if resolved_device is None and (to_device is not None or device_transform is not None):
-        raise ValueError("to_device and device_transform need a device= to move batches to")
-
-    batched = batch_size is not None if iterable else batch_sampler is not None
-    if collate_fn is None:
-        collate_fn = default_collate if batched else default_convert
-
-    return LoaderConfig(
-        dataset=dataset,
-        iterable=iterable,
-        batch_size=batch_size,
-        drop_last=drop_last,
-        sampler=sampler,
-        batch_sampler=batch_sampler,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        pin_memory=bool(pin_memory),
-        timeout=float(timeout),
-        worker_init_fn=worker_init_fn,
-        generator=generator,
-        prefetch_factor=prefetch_factor,
-        persistent_workers=bool(persistent_workers),
-        in_order=bool(in_order),
-        worker_mode=worker_mode,
-        distributed=bool(distributed),
-        transform=transform,
-        batch_transform=batch_transform,
-        retry=retry or NO_RETRY,
-        max_skipped=max_skipped,
-        max_concurrency=max_concurrency,
-        workers_tuned=workers_tuned,
-        reads_tuned=reads_tuned,
-        read_ahead_tuned=read_ahead_tuned,
-        asynchronous=asynchronous,
-        multiprocessing_context=multiprocessing_context,
-        device=resolved_device,
-        ray_options=dict(ray_options or {}),
-        to_device=to_device,
-        device_transform=device_transform,
-        pin_memory_device=pin_memory_device,
-        memory_budget=memory_budget,
-    )
 
 
 def _check_timeout(timeout: object) -> float:

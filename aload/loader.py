@@ -223,7 +223,7 @@ class DataLoader(Generic[T_co]):
         arguments = dict(locals())  # every argument, kept to check again when one is set
         del arguments["self"], arguments["progress"]
         object.__setattr__(self, "_arguments", arguments)
-        self._configure(resolve_config(**arguments))
+        self._configure(resolve_config(arguments))
         self._show_progress = progress_available(progress)
         self._persistent_pool: WorkerPool | None = None
         self._persistent_seed = 0
@@ -317,7 +317,7 @@ class DataLoader(Generic[T_co]):
     def _checked(self, arguments: Mapping[str, Any]) -> LoaderConfig:
         """`arguments` checked again, with the samplers built at first (torch keeps them)."""
         old = self._config
-        config = resolve_config(**arguments)
+        config = resolve_config(arguments)
         return dataclasses.replace(config, sampler=old.sampler, batch_sampler=old.batch_sampler)
 
     dataset = property(lambda self: self._config.dataset)
