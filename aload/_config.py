@@ -162,9 +162,7 @@ def resolve_config(arguments: Mapping[str, Any]) -> LoaderConfig:
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     if not isinstance(args.drop_last, bool):
-        raise ValueError(
-            f"drop_last should be a boolean value, but got drop_last={args.drop_last}"
-        )
+        raise ValueError(f"drop_last should be a boolean value, but got drop_last={args.drop_last}")
     if args.persistent_workers and args.num_workers == 0:
         raise ValueError("persistent_workers option needs num_workers > 0")
     chooses_mode = args.worker_mode == AUTO

@@ -126,7 +126,7 @@ async def replace_a_broken_pool() -> None:
         Indexed(64), batch_size=8, num_workers=2, worker_mode="process", persistent_workers=True
     )
     assert len([b async for b in loader]) == 8
-    os.kill(loader._persistent_pool._processes[0].pid, signal.SIGKILL)
+    os.kill(loader._engine._persistent_pool._processes[0].pid, signal.SIGKILL)
     await anyio.sleep(0.2)  # the collector sees the death: the pool is broken
     assert sorted(flatten([b async for b in loader])) == list(range(64))
     await loader.aclose()
@@ -139,9 +139,9 @@ async def two_epochs_then_close() -> None:
     ) as loader:
         for _ in range(2):
             assert sorted(flatten([b async for b in loader])) == list(range(64))
-        pool = loader._persistent_pool
+        pool = loader._engine._persistent_pool
     assert not pool.alive
-    assert loader._persistent_pool is None
+    assert loader._engine._persistent_pool is None
     assert not multiprocessing.active_children()
 
 

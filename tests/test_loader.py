@@ -348,7 +348,7 @@ def test_a_bad_index_in_a_small_in_memory_batch_raises_torchs_error_and_the_epoc
     with pytest.raises(IndexError) as theirs:
         list(tud.DataLoader(data, sampler=order, batch_size=2))
     loader = aload.DataLoader(data, sampler=order, batch_size=2, num_workers=2)
-    assert loader._gathers_in_place  # the path under test
+    assert loader._engine._gathers_in_place  # the path under test
     it = iter(loader)
     assert next(it)[0].tolist() == [0.0, 1.0]
     with pytest.raises(type(theirs.value)) as ours:

@@ -291,7 +291,7 @@ def test_stats_keep_totals_in_bounded_memory():
             pass
     stats = loader.stats
     assert (stats.epochs, stats.batches, stats.samples) == (300, 600, 1200)
-    assert len(loader._stats._meters) <= 8  # the window of recent epochs, not the history
+    assert len(loader._engine._stats._meters) <= 8  # the window of recent epochs, not the history
 
 
 class Sample:

@@ -649,7 +649,7 @@ def test_fewer_reads_at_once_retire_fetchers_without_dropping_a_read():
     once the busy fetchers have finished their reads, no more than 4 run."""
     data = CountsReads(3000)
     loader = aload.DataLoader(data, batch_size=8, max_concurrency="auto")
-    tuner = loader._tuner
+    tuner = loader._engine._tuner
     switched: list[float] = []
 
     def decide(throughput, waiting, cores, climb=True, idle=None, growth=2):  # 32, then 4 at once

@@ -259,7 +259,7 @@ class ReleasesTheGIL(tud.Dataset):
 def as_after_an_epoch_holding_the_gil(loader) -> None:
     """The verdict of an epoch on threads that held the GIL, at 1 sample/s: the next epoch
     runs on processes, and keeps them (they cannot be slower)."""
-    loader._mode_chooser.judge_threads(0, 1.0, 1, 0.5, 1.0, 0.0)
+    loader._engine._mode_chooser.judge_threads(0, 1.0, 1, 0.5, 1.0, 0.0)
 
 
 def torch_epochs(dataset, epochs: int, **kwargs) -> list[list[int]]:
@@ -341,7 +341,7 @@ def test_an_epoch_holding_the_gil_gives_its_rest_to_processes_as_it_runs(persist
     assert readers[-1] != os.getpid()
     assert loader.stats.epoch.stages[0].where == "worker processes"
     assert loader.worker_mode == "process"
-    assert isinstance(loader._persistent_pool, ProcessPool) is persistent
+    assert isinstance(loader._engine._persistent_pool, ProcessPool) is persistent
     second, readers_after = indices_and_readers(list(loader))
     assert sorted(second) == list(range(480))
     assert os.getpid() not in readers_after
@@ -581,11 +581,11 @@ def test_persistent_threads_give_way_to_persistent_processes():
         Indexed(64), batch_size=8, num_workers=2, worker_mode="auto", persistent_workers=True
     )
     assert flatten(list(loader)) == list(range(64))
-    threads = loader._persistent_pool
+    threads = loader._engine._persistent_pool
     as_after_an_epoch_holding_the_gil(loader)
     assert flatten(list(loader)) == list(range(64))
     assert loader.worker_mode == "process"
-    assert type(loader._persistent_pool).__name__ == "ProcessPool"
+    assert type(loader._engine._persistent_pool).__name__ == "ProcessPool"
     assert threads.join(5.0)  # the threads of the mode before ended
     loader.close()
 
