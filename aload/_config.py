@@ -1,7 +1,10 @@
-"""The loader's arguments, checked once with torch's rules and frozen.
+"""The loader's arguments, checked once with torch's rules and compiled into a frozen plan.
 
-`resolve_config` is the only place that reads what the user passed; everything after it works
-from a `LoaderConfig`, so a running epoch never sees an argument that was not validated.
+`resolve_config` is the only place that reads what the user passed (`DataLoader`'s arguments,
+or those an `aload.Plan` composed); everything after it works from a `LoaderConfig`, so a
+running epoch never sees an argument that was not validated. A `LoaderConfig` is the plan in
+the form the engine runs: each stage's function and workers as fields (`plan_of` shows it as
+stages).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ WORKER_MODES = ("thread", "process", "ray")
 
 @dataclass(frozen=True, slots=True)
 class LoaderConfig:
-    """Validated loader arguments, with default samplers and collate function filled in."""
+    """Validated loader arguments, with default samplers and collate function filled in: the
+    compiled plan the engine runs."""
 
     dataset: Any
     iterable: bool
