@@ -327,7 +327,12 @@ def test_busy_runs_a_training_step_workload_beside_spinning_processes(tmp_path):
     assert report["environment"]["busy"] is True
     (workload,) = report["workloads"]
     families = [r["family"] for r in workload["results"]]
-    assert families == ["limit", "torch", "aload thread", "aload process", "aload auto"]
+    assert families == [
+        "limit", "torch", "aload thread", "aload process", "aload auto", "torch", "aload thread"
+    ]  # fmt: skip
+    # The last two: torch's workers and aload's at a lower priority than the step.
+    lowered = [r["loader"].endswith("nice 10") for r in workload["results"]]
+    assert lowered == [False] * 5 + [True] * 2
     assert all(r["error"] is None and r["of_the_limit"] > 0 for r in workload["results"])
     # The step is timed beside every loader, and set against the steps alone.
     assert all(r["median_step_ms"] > 0 for r in workload["results"])

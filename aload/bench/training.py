@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -157,13 +159,25 @@ def train(
     return drive
 
 
+# Linux's nice (0 to 19) of the workers in the rows that lower it: the step's threads get the
+# cores first, the workers what is left.
+WORKERS_NICE = 10
+
+
+def lower_priority(worker_id: int) -> None:
+    """A `worker_init_fn` that lowers its worker's priority: a worker thread's own (on Linux a
+    thread has its own nice), a worker process's."""
+    os.nice(WORKERS_NICE)
+
+
 def training_contenders(
     work: Any, workers: int, step_threads: int | None = None
 ) -> tuple[list[Contender], float]:
     """The limit (steps over batches in memory), torch's loader in processes, aload's in
     threads, in processes and choosing (`worker_mode="auto"`), each driving the same step
-    on `step_threads` intra-op threads (None: torch's default); and the step's length, as
-    long as `workers` take for a batch at best."""
+    on `step_threads` intra-op threads (None: torch's default, where torch's processes and
+    aload's threads also run at a lower priority, on Linux); and the step's length, as long
+    as `workers` take for a batch at best."""
     data = Featurized(work)
     seconds = batch_seconds(data, workers)
     with intra_op_threads(step_threads):
@@ -177,6 +191,14 @@ def training_contenders(
         aload_loader(data, workers, batch_size=BATCH, worker_mode="process"),
         aload_loader(data, workers, batch_size=BATCH, worker_mode="auto"),
     ]
+    if step_threads is None and sys.platform == "linux":  # the step's team takes every core
+        lowered = f"nice {WORKERS_NICE}"
+        loaders += [
+            torch_loader(data, workers, lowered, batch_size=BATCH, worker_init_fn=lower_priority),
+            aload_loader(
+                data, workers, detail=lowered, batch_size=BATCH, worker_init_fn=lower_priority
+            ),
+        ]
     return [limit, *(dataclasses.replace(c, drive=drive) for c in loaders)], seconds
 
 
