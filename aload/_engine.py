@@ -13,7 +13,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
-from typing import Any, TypeVar
+from typing import Any
 
 import torch.utils.data as tud
 
@@ -67,8 +67,6 @@ from .workers.loop import LoopPool, loop_options
 from .workers.process import ProcessPool
 from .workers.ray_actors import RayPool
 from .workers.thread import ThreadPool
-
-T_co = TypeVar("T_co", covariant=True)
 
 # Pools whose workers are other processes: they build their readers from a plan, and each
 # draws from its own RNG (so batches are dealt to them in torch's turn).
