@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import pytest
 import torch
 import torch.utils.data as tud
@@ -107,6 +110,66 @@ class SizedStream(IterableDataset):
 def test_len_matches_torch_for_iterable_datasets(kwargs):
     ds = SizedStream()
     assert len(aload.DataLoader(ds, **kwargs)) == len(tud.DataLoader(ds, **kwargs))
+
+
+def _collate(batch):
+    return batch
+
+
+def _init(worker_id):
+    pass
+
+
+def _double(sample):
+    return sample
+
+
+def test_every_argument_reads_back_from_its_attribute_as_in_torch():
+    """Each argument given (none at its default) is what the loader's attribute of that name
+    says: torch's as torch's loader says it, aload's own as given."""
+    data = TensorDataset(torch.zeros(8, 2))
+    torchs = {
+        "batch_size": 4,
+        "num_workers": 2,
+        "collate_fn": _collate,
+        "pin_memory": True,
+        "drop_last": True,
+        "timeout": 5.0,
+        "worker_init_fn": _init,
+        "multiprocessing_context": "spawn",
+        "generator": torch.Generator(),
+        "prefetch_factor": 3,
+        "persistent_workers": True,
+        "in_order": False,
+        "pin_memory_device": "cpu",
+    }
+    ours_only = {
+        "worker_mode": "process",
+        "transform": _double,
+        "batch_transform": _double,
+        "retry": aload.Retry(attempts=2),
+        "max_skipped": 1,
+        "max_concurrency": 8,
+        "device": torch.device("cpu"),
+        "memory_budget": 1 << 20,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pinning without CUDA
+        ours = aload.DataLoader(data, **torchs, **ours_only)
+        theirs = tud.DataLoader(data, **torchs)
+    for name in torchs:
+        mine, its = getattr(ours, name), getattr(theirs, name)
+        if name == "multiprocessing_context":
+            mine, its = mine.get_start_method(), its.get_start_method()
+        assert mine == its, name
+    for name, given in ours_only.items():
+        assert getattr(ours, name) == given, name
+    # Every argument is covered: those above, and those read back otherwise (the dataset and
+    # the samplers, below and in the tests of setting them) or not attributes in torch either.
+    elsewhere = {"dataset", "shuffle", "sampler", "batch_sampler", "progress", "distributed"}
+    elsewhere |= {"to_device", "device_transform", "ray_options"}
+    signature = inspect.signature(aload.DataLoader).parameters
+    assert set(signature) == set(torchs) | set(ours_only) | elsewhere
 
 
 def test_torch_attributes_are_readable():
