@@ -120,7 +120,7 @@ def _init(worker_id):
     pass
 
 
-def _double(sample):
+def _unchanged(sample):
     return sample
 
 
@@ -145,8 +145,8 @@ def test_every_argument_reads_back_from_its_attribute_as_in_torch():
     }
     ours_only = {
         "worker_mode": "process",
-        "transform": _double,
-        "batch_transform": _double,
+        "transform": _unchanged,
+        "batch_transform": _unchanged,
         "retry": aload.Retry(attempts=2),
         "max_skipped": 1,
         "max_concurrency": 8,
