@@ -281,13 +281,25 @@ def test_an_async_datasets_slow_stage_is_named_too(
     mode, stage, read_seconds, transform, max_concurrency
 ):
     """Awaited reads on aload's loop (`max_concurrency` at once), then the CPU workers:
-    a slow remote store names the reads, a slow decode (the transform) the map stage."""
-    epoch = second_epoch_stats(
-        AwaitedReads(read_seconds),
-        worker_mode=mode,
-        transform=transform,
-        max_concurrency=max_concurrency,
-    )
+    a slow remote store names the reads, a slow decode (the transform) the map stage. The
+    best of three loaders, as the other timing verdicts: CI's busy cores (on 18a17c4) once
+    left the decode's queue at 0.40 batches, and one try in four or so does so here."""
+    for attempt in range(3):
+        epoch = second_epoch_stats(
+            AwaitedReads(read_seconds),
+            worker_mode=mode,
+            transform=transform,
+            max_concurrency=max_concurrency,
+        )
+        try:
+            assert_names_the_slow_stage(epoch, stage, read_seconds, transform, max_concurrency)
+            return
+        except AssertionError:
+            if attempt == 2:
+                raise
+
+
+def assert_names_the_slow_stage(epoch, stage, read_seconds, transform, max_concurrency):
     assert epoch.bottleneck == stage, epoch
     assert (epoch.workers, epoch.read_concurrency) == (2, max_concurrency)
     assert epoch.read_seconds >= 128 * read_seconds * 0.9  # each awaited read counted
