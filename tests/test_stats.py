@@ -282,8 +282,7 @@ def test_an_async_datasets_slow_stage_is_named_too(
 ):
     """Awaited reads on aload's loop (`max_concurrency` at once), then the CPU workers:
     a slow remote store names the reads, a slow decode (the transform) the map stage. The
-    best of three loaders, as the other timing verdicts: CI's busy cores (on 18a17c4) once
-    left the decode's queue at 0.40 batches, and one try in four or so does so here."""
+    best of three loaders, as the other timing verdicts."""
     for attempt in range(3):
         epoch = second_epoch_stats(
             AwaitedReads(read_seconds),
@@ -314,9 +313,14 @@ def assert_names_the_slow_stage(epoch, stage, read_seconds, transform, max_concu
         assert reads.queued >= 0.5, reads
         slots = reads.concurrency * epoch.seconds
         assert reads.waiting_before + reads.waiting_after <= 0.2 * slots, reads
-    else:
-        assert workers.queued >= 0.5, workers
+    else:  # busy all along, waiting for nothing
+        assert workers.busy_fraction >= 0.8, workers
         assert workers.waiting_before + workers.waiting_after <= 0.2 * capacity, workers
+        # Batches queue for worker processes; thread workers decoding in Python hold the
+        # GIL, so aload's loop reads in its gaps and hands each batch over just in time:
+        # their queue read 0.05-0.99 batches over six loaders (busy 0.86-0.95).
+        if workers.where == "worker processes":
+            assert workers.queued >= 0.5, workers
 
 
 def test_thread_workers_that_wait_for_the_gil_between_batches_wait_on_no_stage():
