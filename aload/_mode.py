@@ -12,7 +12,9 @@ batches go to processes at once where it can move (a map-style dataset without a
 its own), else the next epoch runs on them. Reads that wait (storage, network) use little
 CPU, and work that releases the GIL (numpy, torch, decoders in C) spreads over the cores:
 both stay on threads, where processes would only add start-up time and memory. A window in
-which the consumer did not wait stays on threads too: data does not hold training back.
+which the consumer did not wait stays on threads too: data does not hold training back; but
+for one worker thread taking turns on the GIL with a consumer that computes (below), which
+holds the training step back instead.
 Worker threads that hand much of their work to other threads of the process (`TEAMS`: a
 BLAS team runs each matrix product on every core), while the consumer computes little, go
 to processes too: each worker process runs one BLAS thread (`_intra_op`), so products run
@@ -21,8 +23,9 @@ the processes' own judgement below.
 
 Beside a training step, the consumer's thread counts too: one worker thread and the step
 compute on one core between them when they take turns on the GIL (a worker process would
-run beside the step), and a step on several intra-op threads keeps its team busy, so where
-the team and the workers fit the cores, the workers are judged by their own threads' CPU.
+run beside the step; the step waits for the GIL whether or not the loop waits for data),
+and a step on several intra-op threads keeps its team busy, so where the team and the
+workers fit the cores, the workers are judged by their own threads' CPU.
 
 Processes are judged once: those that took over an epoch, over a window of it after their
 start (`ProcessesWatch`; a window that finds them slower is confirmed over one twice as long,
@@ -54,6 +57,9 @@ logger = logging.getLogger("aload")
 # machine a thread that wants a core gets a share of one; a wrong guess costs one epoch on
 # processes, which are judged by their speed).
 BUSY = 0.3
+# ... one worker thread beside a step that holds the GIL (the two on one core) gets what the
+# step leaves it: a step three times as long as the worker's batch leaves it a quarter.
+BESIDE_A_STEP_BUSY = 0.15
 ONE_CORE = 1.3  # ... and used at most this many cores together: one at a time,
 SATURATED = 0.8  # ... and at least this share of what one core, or the idle cores, allowed
 WAITING = 0.1  # the consumer waited at least this share of the epoch: data held it back
@@ -167,7 +173,7 @@ class ModeChooser:
             f" ({idle / seconds:.2f} idle), and the "
             f"loop waited {waited:.0%} of it"
         )
-        if waited < WAITING:
+        if waited < WAITING and not beside_one:
             self._choose(epoch, "thread", f"{measured}: data does not hold training back")
         elif tuned_readers is not None and tuned_readers > 2 * self.budget:
             why = f"{tuned_readers} threads read at once, each step up having paid: they wait"
@@ -177,13 +183,18 @@ class ModeChooser:
             self._choose(epoch, "thread", f"{measured}: {why}")
         elif parallel < 2:
             self._choose(epoch, "thread", f"{measured}: no two workers can run at once")
-        elif workers < BUSY or loading < SATURATED * allowed:
+        elif workers < (BESIDE_A_STEP_BUSY if beside_one else BUSY) or (
+            loading < SATURATED * allowed
+        ):
             self._choose(epoch, "thread", f"{measured}: the reads wait more than they compute")
         elif team >= max(BUSY, TEAMS * workers):
             why = "the reads keep other threads busy (a BLAS team): processes run one each"
             self._choose(epoch, "process", f"{measured}: {why}")
         elif loading > ONE_CORE:
             self._choose(epoch, "thread", f"{measured}: the reads run in parallel")
+        elif waited < WAITING:  # one worker beside the step, which they hold back
+            why = "the reads and the loop take turns on the GIL: the step waits for them"
+            self._choose(epoch, "process", f"{measured}: {why}")
         else:
             self._choose(epoch, "process", f"{measured}: the reads hold the GIL")
 

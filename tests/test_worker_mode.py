@@ -119,6 +119,27 @@ def test_one_worker_thread_taking_turns_on_the_gil_with_a_training_step_moves_to
     assert "no two workers" in judged(workers=1, cpu=0.95, consumer=0.02).history[-1].reason
 
 
+def test_one_worker_thread_that_keeps_ahead_but_takes_turns_on_the_gil_with_the_step_moves():
+    """The same one worker and step where the loop no longer waits for data (1%: the worker
+    keeps ahead of the step): the step itself waits for the GIL (its median +108% in a
+    `train-python-split` run where this epoch stayed on threads), so processes are tried.
+    A worker that computes beside the step on the other core (numpy), or one whose reads
+    wait, still does not hold training back."""
+    chooser = judged(workers=1, cpu=0.54, consumer=0.49, idle=0.88, waited=0.01)
+    assert chooser.worker_mode == "process"
+    assert "the step waits for them" in chooser.history[-1].reason
+    parallel = judged(workers=1, cpu=0.95, consumer=0.9, idle=0.1, waited=0.01)
+    assert "in parallel" in parallel.history[-1].reason
+    waiting = judged(workers=1, cpu=0.05, consumer=0.9, idle=1.0, waited=0.01)
+    assert "wait more than they compute" in waiting.history[-1].reason
+    # A step 2.5 times the worker's batch leaves the worker 0.29 of the core: still reads
+    # that compute, taking turns with the step (they stayed threads as reads that wait).
+    longer_step = judged(workers=1, cpu=0.29, consumer=0.78, idle=0.93, waited=0.11)
+    assert "hold the GIL" in longer_step.history[-1].reason
+    # Two workers beside the step: the loop not waiting, data does not hold it back.
+    assert "does not hold training back" in judged(consumer=0.5, waited=0.01).history[-1].reason
+
+
 def test_threads_the_tuner_climbed_to_past_the_cores_wait_whatever_their_cpu():
     """48 threads of blocking 2 ms reads, found by num_workers='auto' (each step up paid),
     spend a core handing batches over: that is not the GIL (threads taking turns on it gain
@@ -320,6 +341,50 @@ def moving_loader(n: int = 480, **kwargs) -> aload.DataLoader:
     return aload.DataLoader(
         ComputesWhere(n, 0.001), batch_size=8, num_workers=2, worker_mode="auto", **kwargs
     )
+
+
+def spin_for(seconds: float) -> None:
+    """Compute in Python for `seconds` of this thread's own CPU (a step that holds the GIL)."""
+    ends = time.thread_time() + seconds
+    while time.thread_time() < ends:
+        pass
+
+
+@needs_two_cores
+def test_one_worker_thread_ahead_of_a_step_that_holds_the_gil_gives_its_rest_to_processes():
+    """One worker thread reads pure-Python items (4 ms a batch) for a loop body that computes
+    in Python for 12 ms a batch: the worker keeps ahead, so the loop hardly waits for data,
+    but the two take turns on the GIL on one core while the other idles. The epoch's rest
+    goes to a process, with torch's batches, for that reason: the step waits for the GIL
+    (a window in which the loop did wait moves it too, as reads that hold the GIL; whether
+    the process keeps it is its own judgement, by its speed, tested above). The
+    best of three loaders, as the other timing verdicts: with no core idle (other processes
+    spinning on both), the two threads get less than a core between them, and nothing
+    tells the GIL from the crowd."""
+    kwargs = {"batch_size": 8, "shuffle": True, "num_workers": 1}
+    seeded = torch.Generator().manual_seed(5)
+    expected = torch_epochs(Computes(320, 0.0005), 1, generator=seeded, **kwargs)[0]
+    for attempt in range(3):
+        loader = aload.DataLoader(
+            ComputesWhere(320, 0.0005),
+            generator=torch.Generator().manual_seed(5),
+            worker_mode="auto",
+            **kwargs,
+        )
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            spin_for(0.012)
+        indices, readers = indices_and_readers(batches)
+        assert indices == expected
+        tuning = loader.stats.worker_mode
+        assert tuning is not None
+        moved = [choice for choice in tuning.history if choice.worker_mode == "process"]
+        if (moved and "the step waits for them" in moved[0].reason) or attempt == 2:
+            break
+    assert "the step waits for them" in moved[0].reason, tuning
+    assert readers[0] == os.getpid()
+    assert any(reader != os.getpid() for reader in readers)  # the rest, read by a process
 
 
 @needs_two_cores
