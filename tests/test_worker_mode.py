@@ -121,8 +121,9 @@ def test_one_worker_thread_taking_turns_on_the_gil_with_a_training_step_moves_to
 
 def test_one_worker_thread_that_keeps_ahead_but_takes_turns_on_the_gil_with_the_step_moves():
     """The same one worker and step where the loop no longer waits for data (1%: the worker
-    keeps ahead of the step): the step itself waits for the GIL (its median +108% in a
-    `train-python-split` run where this epoch stayed on threads), so processes are tried.
+    keeps ahead of the step): the step itself waits for the GIL (its median +58% in a
+    `train-python-split` run whose auto epochs stayed on threads, torch's process +15%),
+    so processes are tried.
     A worker that computes beside the step on the other core (numpy), or one whose reads
     wait, still does not hold training back."""
     chooser = judged(workers=1, cpu=0.54, consumer=0.49, idle=0.88, waited=0.01)
@@ -133,7 +134,8 @@ def test_one_worker_thread_that_keeps_ahead_but_takes_turns_on_the_gil_with_the_
     waiting = judged(workers=1, cpu=0.05, consumer=0.9, idle=1.0, waited=0.01)
     assert "wait more than they compute" in waiting.history[-1].reason
     # A step 2.5 times the worker's batch leaves the worker 0.29 of the core: still reads
-    # that compute, taking turns with the step (they stayed threads as reads that wait).
+    # that compute, taking turns with the step (before, they stayed threads, as reads
+    # that wait).
     longer_step = judged(workers=1, cpu=0.29, consumer=0.78, idle=0.93, waited=0.11)
     assert "hold the GIL" in longer_step.history[-1].reason
     # Two workers beside the step: the loop not waiting, data does not hold it back.
