@@ -61,9 +61,10 @@ def figures(items: int, wall: float, before: Threads, after: Threads) -> dict[st
     row = {"samples/s": items / wall}
     for tid, (cpu, switches) in after.items():
         cpu_before, switches_before = before.get(tid, (0.0, 0))
-        if cpu - cpu_before < 0.02:  # idle threads (torch's, the pool's helpers)
+        consumer = tid == os.getpid()
+        if not consumer and cpu - cpu_before < 0.02:  # idle threads (torch's helpers)
             continue
-        who = "consumer" if tid == os.getpid() else "aload's loop"
+        who = "consumer" if consumer else "aload's loop"
         row[f"{who} cpu"] = cpu - cpu_before
         row[f"{who} switches"] = switches - switches_before
     return row
