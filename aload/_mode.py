@@ -162,6 +162,7 @@ class ModeChooser:
         parallel = min(fewest + beside_one, self.budget)
         if beside_one:
             loading += consumer
+        busy = BESIDE_A_STEP_BUSY if beside_one else BUSY  # the workers compute from this
         # Threads taking turns on the GIL use one core, or what the machine leaves them of
         # one: less than that, with cores idle, the GIL had room to spare.
         allowed = min(1.0, loading + idle / seconds)
@@ -183,16 +184,14 @@ class ModeChooser:
             self._choose(epoch, "thread", f"{measured}: {why}")
         elif parallel < 2:
             self._choose(epoch, "thread", f"{measured}: no two workers can run at once")
-        elif workers < (BESIDE_A_STEP_BUSY if beside_one else BUSY) or (
-            loading < SATURATED * allowed
-        ):
+        elif workers < busy or loading < SATURATED * allowed:
             self._choose(epoch, "thread", f"{measured}: the reads wait more than they compute")
         elif team >= max(BUSY, TEAMS * workers):
             why = "the reads keep other threads busy (a BLAS team): processes run one each"
             self._choose(epoch, "process", f"{measured}: {why}")
         elif loading > ONE_CORE:
             self._choose(epoch, "thread", f"{measured}: the reads run in parallel")
-        elif waited < WAITING:  # one worker beside the step, which they hold back
+        elif waited < WAITING:  # (one worker beside the step: the GIL holds the step back)
             why = "the reads and the loop take turns on the GIL: the step waits for them"
             self._choose(epoch, "process", f"{measured}: {why}")
         else:

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import torch
@@ -70,6 +71,25 @@ def figures(items: int, wall: float, before: Threads, after: Threads) -> dict[st
     return row
 
 
+class Tally:
+    """One pass's samples, timed, with the threads' clocks before it and a batch before its
+    end (then aload's loop thread is still there)."""
+
+    def __init__(self, items: int, batch_size: int) -> None:
+        self.last_look = items - batch_size
+        self.seen = 0
+        self.before, self.after = threads(), {}
+        self.started = time.perf_counter()
+
+    def add(self, batch: Any) -> None:
+        self.seen += len(batch)
+        if self.seen == self.last_look:
+            self.after = threads()
+
+    def figures(self) -> dict[str, float]:
+        return figures(self.seen, time.perf_counter() - self.started, self.before, self.after)
+
+
 def bare(data: AwaitingDataset, batch_size: int) -> dict[str, float]:
     limit = limit_asyncio(data, CONCURRENCY)
     before, started = threads(), time.perf_counter()
@@ -79,23 +99,19 @@ def bare(data: AwaitingDataset, batch_size: int) -> dict[str, float]:
 
 def plain(data: AwaitingDataset, batch_size: int) -> dict[str, float]:
     loader = aload.DataLoader(data, batch_size=batch_size, max_concurrency=CONCURRENCY)
-    before, started, after, seen = threads(), time.perf_counter(), None, 0
+    tally = Tally(len(data), batch_size)
     for batch in loader:
-        seen += len(batch)
-        if seen == len(data) - batch_size:
-            after = threads()  # a batch before the end: aload's loop thread is still there
-    return figures(seen, time.perf_counter() - started, before, after or {})
+        tally.add(batch)
+    return tally.figures()
 
 
 def awaited(data: AwaitingDataset, batch_size: int) -> dict[str, float]:
     async def run() -> dict[str, float]:
         loader = aload.DataLoader(data, batch_size=batch_size, max_concurrency=CONCURRENCY)
-        before, started, after, seen = threads(), time.perf_counter(), None, 0
+        tally = Tally(len(data), batch_size)
         async for batch in loader:
-            seen += len(batch)
-            if seen == len(data) - batch_size:
-                after = threads()
-        return figures(seen, time.perf_counter() - started, before, after or {})
+            tally.add(batch)
+        return tally.figures()
 
     return anyio.run(run)
 

@@ -62,10 +62,15 @@ class Computes(Dataset):
         return self.n
 
     def __getitem__(self, index: int) -> int:
-        ends = time.thread_time() + self.seconds
-        while time.thread_time() < ends:
-            pass
+        compute_for(self.seconds)
         return index
+
+
+def compute_for(seconds: float) -> None:
+    """Compute in Python for `seconds` of this thread's own CPU clock (holding the GIL)."""
+    ends = time.thread_time() + seconds
+    while time.thread_time() < ends:
+        pass
 
 
 class PassesState:

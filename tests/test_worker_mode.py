@@ -17,6 +17,7 @@ from conftest import (
     Indexed,
     Shards,
     aload_threads,
+    compute_for,
     eventually,
     flatten,
     open_fds,
@@ -345,13 +346,6 @@ def moving_loader(n: int = 480, **kwargs) -> aload.DataLoader:
     )
 
 
-def spin_for(seconds: float) -> None:
-    """Compute in Python for `seconds` of this thread's own CPU (a step that holds the GIL)."""
-    ends = time.thread_time() + seconds
-    while time.thread_time() < ends:
-        pass
-
-
 @needs_two_cores
 def test_one_worker_thread_ahead_of_a_step_that_holds_the_gil_gives_its_rest_to_processes():
     """One worker thread reads pure-Python items (4 ms a batch) for a loop body that computes
@@ -376,7 +370,7 @@ def test_one_worker_thread_ahead_of_a_step_that_holds_the_gil_gives_its_rest_to_
         batches = []
         for batch in loader:
             batches.append(batch)
-            spin_for(0.012)
+            compute_for(0.012)  # a step that holds the GIL
         indices, readers = indices_and_readers(batches)
         assert indices == expected
         tuning = loader.stats.worker_mode
