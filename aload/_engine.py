@@ -633,7 +633,8 @@ class Engine:
                 readers.limit_readers(concurrency)
                 return concurrency * config.depth
 
-            stages.append(TunedStage(self._tuner, set_readers, meter.reading_seconds))
+            clock = readers.cpu_seconds if hasattr(time, "pthread_getcpuclockid") else None
+            stages.append(TunedStage(self._tuner, set_readers, meter.reading_seconds, True, clock))
         return Autotuner(stages) if stages else None
 
     def _deal_over(self, pool: WorkerPool) -> int:

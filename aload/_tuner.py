@@ -387,7 +387,7 @@ class ConcurrencyTuner:
 
     def step_before_a_batch(self, waiting: float, cores: float, idle: float | None) -> bool:
         """No batch yet, `FIRST_LOOK_SECONDS` into a fresh search (the consumer waited
-        `waiting` of that time; the process used `cores`, and `idle` sat idle): readers that
+        `waiting` of that time; the readers used `cores`, and `idle` sat idle): readers that
         wait take a long step now, rather than after their first batches, which take seconds
         where batches are slow. What the level before gave is not known until its first
         batch (`measured_before`), which judges the step with the others."""
@@ -526,6 +526,9 @@ class TunedStage:
     put_in_force: Callable[[int], int]
     busy_seconds: Callable[[], float]
     whole_batches: bool = True
+    # The CPU seconds its workers' threads have used, by their own clocks (None: unreadable
+    # here, or not threads): the look before a first batch weighs readers by it.
+    cpu_seconds: Callable[[], float] | None = None
 
 
 class Autotuner:
@@ -564,12 +567,14 @@ class Autotuner:
         # The window as it stood when the epoch started (nothing delivered or waited yet).
         self._opened: tuple[float, float, float | None, float, int, int, list[float]] | None = None
         self._looked = False  # the look before the first batch (`look`) is over
+        self._readers_cpu = 0.0  # the readers' CPU seconds as the epoch started (`look`)
         self._stepped_from = 0  # readers before the step it took, until their first batch
 
     def start(self) -> int:
         """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
         if self._opened is None:  # the epoch starts: a window may begin here (`observe`)
             self._opened = self._mark(time.perf_counter(), 0.0, 0, 0)
+            self._readers_cpu = self._readers_cpu_seconds() or 0.0
         bound = 0
         for stage in self._stages:
             bound = stage.put_in_force(stage.tuner.concurrency)
@@ -650,8 +655,10 @@ class Autotuner:
         """No batch has come `FIRST_LOOK_SECONDS` into the epoch (the consumer waited
         `wait_seconds` of it, and `finished` batches wait behind the first, read in order):
         readers that wait, and have finished nothing, step up now (`step_before_a_batch`),
-        and the next window begins with the step. Returns the epoch's new bound if they
-        did."""
+        and the next window begins with the step. They are weighed by their threads' own
+        CPU where it can be read: the consumer's start of the epoch is in the process's
+        (a tenth of it, where readers wait, and enough to stop a step short). Returns the
+        epoch's new bound if they did."""
         opened = self._opened
         if opened is None or self.look_due() is None:
             return None
@@ -664,11 +671,21 @@ class Autotuner:
         wall = max(now - opened[0], 1e-9)
         idle = _idle_cores(opened[2], mark[2], wall)
         before = stage.tuner.concurrency
-        cores, waiting = (mark[1] - opened[1]) / wall, min(1.0, wait_seconds / wall)
+        readers_cpu = self._readers_cpu_seconds()
+        used = mark[1] - opened[1] if readers_cpu is None else readers_cpu - self._readers_cpu
+        cores, waiting = used / wall, min(1.0, wait_seconds / wall)
         if not stage.tuner.step_before_a_batch(waiting, cores, idle):
             return None
         self._window, self._stepped_from = mark, before
         return stage.put_in_force(stage.tuner.concurrency)
+
+    def _readers_cpu_seconds(self) -> float | None:
+        """The CPU seconds the one stage's readers have used, by their threads' own clocks;
+        None where they cannot be read (then the process's CPU stands in for theirs)."""
+        (stage, *others) = self._stages
+        if others or stage.cpu_seconds is None:
+            return None
+        return stage.cpu_seconds()
 
     def _ramp(
         self, throughput: float, waiting: float, cores: float, shares: list[float]

@@ -15,7 +15,7 @@ import anyio.lowlevel
 import pytest
 import torch
 import torch.utils.data as tud
-from conftest import Computes, Indexed, wait_for_no_workers
+from conftest import Computes, Indexed, compute_for, wait_for_no_workers
 from loop_pauses import best_pause
 
 import aload
@@ -368,19 +368,30 @@ def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30
     return path, tuners
 
 
-def slow_batches(monkeypatch, slots=None, seconds=20.0, core_share=0.01):
+def slow_batches(
+    monkeypatch,
+    slots=None,
+    seconds=20.0,
+    core_share=0.01,
+    epoch_start_cores=0.0,
+    readers_clock=False,
+):
     """Thread readers that take 0.5 s a batch (256 items of 2 ms each), 64 at most, each
     using `core_share` of one of 2 cores; `slots`: a store that serves that many reads at
-    once (the others queue). While no batch has come, the tuner looks when it asks to, as
+    once (the others queue). The consumer, starting the epoch, uses `epoch_start_cores` for
+    its first tenth of a second; `readers_clock`: the readers' threads' own CPU can be read
+    (else only the process's). While no batch has come, the tuner looks when it asks to, as
     the epoch has it look. The tuner, its concurrency at each of its decisions, and when."""
     clock = Clock()
     cpu = [0.0]
+    readers_cpu = [0.0]
     clock.process_time = lambda: cpu[0]
     monkeypatch.setattr(_tuner, "time", clock)
     monkeypatch.setattr(_tuner, "idle_seconds", lambda: None)
     tuner = ConcurrencyTuner(maximum=64, budget=2, start=2)
     busy = 0.0
-    tuning = Autotuner([TunedStage(tuner, lambda c: c, lambda: busy)])
+    own_clock = (lambda: readers_cpu[0]) if readers_clock else None
+    tuning = Autotuner([TunedStage(tuner, lambda c: c, lambda: busy, True, own_clock)])
     due: dict[int, float] = {}  # each reading thread: when its batch is done
     batches, tick = 0, 0.01
     tuning.start()  # the epoch starts; the consumer waits for its first batch
@@ -397,7 +408,8 @@ def slow_batches(monkeypatch, slots=None, seconds=20.0, core_share=0.01):
                 batches += 1
                 due[thread] = when + read_time
         busy += threads * tick
-        cpu[0] += core_share * threads * tick
+        readers_cpu[0] += core_share * threads * tick
+        cpu[0] += core_share * threads * tick + (epoch_start_cores * tick if clock.now < 0.1 else 0)
         clock.now += tick
         look_at = tuning.look_due()
         if not batches and look_at is not None and clock.now >= look_at:
@@ -421,6 +433,24 @@ def test_a_step_is_judged_once_the_threads_it_added_could_deliver_a_batch(monkey
     assert [d.concurrency for d in tuner.history] == [64]
     assert tuner.history[0].seconds <= FIRST_LOOK_SECONDS + 0.05
     assert "no batch yet" in tuner.history[0].reason
+
+
+def test_the_look_before_a_batch_weighs_the_readers_by_their_own_clocks(monkeypatch):
+    """2 readers of slow batches, each using 3% of a core (2 ms reads, cold at so low a
+    rate), while the consumer spends 2% of a core starting the epoch (the run of
+    `python -m aload.bench --workloads auto-batches` it models: 0.07 of 2 cores for the
+    process, 0.06 for the readers). Weighed by the process's CPU, the look's step
+    stopped at about 50 readers: 118 batches then take three rounds of half a second, not
+    two.
+    By the readers' own clocks, the step is to as many as the cores allow, 64."""
+    by_process = slow_batches(monkeypatch, seconds=0.3, core_share=0.03, epoch_start_cores=0.02)
+    (step,) = by_process.history
+    assert step.concurrency < 59  # (about 50): 118 batches take three rounds, not two
+    by_readers = slow_batches(
+        monkeypatch, seconds=0.3, core_share=0.03, epoch_start_cores=0.02, readers_clock=True
+    )
+    assert [d.concurrency for d in by_readers.history] == [64]
+    assert "used 0.06 of 2 cores" in by_readers.history[0].reason
 
 
 def test_readers_that_use_their_cores_are_not_stepped_up_before_a_batch(monkeypatch):
@@ -525,6 +555,41 @@ def test_readers_of_slow_batches_step_up_before_their_first_batch():
     assert "no batch yet" in first.reason
     assert first.seconds < first_batch
     assert first.concurrency >= 8
+
+
+class SlowToDraw:
+    """torch's batches of a dataset of `n`, each costing the consumer `seconds` of Python to
+    draw (a sampler that weighs its indices): CPU of the process, none of the readers'."""
+
+    def __init__(self, n: int, size: int, seconds: float) -> None:
+        self.batches = sequential_batches(n, size)
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            compute_for(self.seconds)
+            yield batch
+
+
+def test_the_look_before_a_batch_leaves_the_consumers_cpu_out_of_the_readers():
+    """The consumer draws its first batches (4 of them, 30 ms of Python each) while 2
+    readers wait on 2 ms reads: in the process's CPU, the readers looked as if they used
+    at least a quarter of a core each, as readers that compute, and were not stepped up before
+    their first batch (the first window then took them to 12). By their own clocks they
+    use a few hundredths of one, and step up at the look, as far as the cores the consumer
+    leaves idle allow (60 to 64 here; 9 to 22 beside a process that keeps a core busy); the
+    epoch gives torch's batches."""
+    sampler = SlowToDraw(3072, 128, 0.03)
+    loader = aload.DataLoader(Indexed(3072, 0.002), batch_sampler=sampler, num_workers="auto")
+    batches = [batch.tolist() for batch in loader]
+    expected = tud.DataLoader(Indexed(3072), batch_sampler=sampler)
+    assert batches == [batch.tolist() for batch in expected]
+    first = loader.stats.tuning.history[0]
+    assert "no batch yet" in first.reason
+    assert first.concurrency > 2
 
 
 def test_the_look_before_the_first_batch_keeps_the_timeout():
