@@ -290,6 +290,20 @@ def test_the_grid_runs_every_static_setting_and_auto_and_sets_them_side_by_side(
         assert line.endswith(f"| {ratio:.2f}x | {in_the_grid:.2f}x |")
 
 
+def test_the_head_to_head_reads_the_whole_epoch_where_the_grids_static_runs_stop(monkeypatch):
+    """A grid's static runs stop after `STATIC_SECONDS`; run again beside auto, which reads
+    the whole epoch, the best one reads it all too, so that both peaks of memory are over
+    the same reads (numpy's 2 threads peaked at 54-95 MiB over three seconds, and at 115-121
+    over the whole epoch, as auto did at 94-120 without ever reading with more threads)."""
+    from aload.bench import grid
+
+    monkeypatch.setattr(grid, "STATIC_SECONDS", 0.0)  # stop after the first batch
+    stopped = grid.run_row("io", 1, 0.005)  # 2 threads, 400 items in batches of 32
+    whole = grid.run_row("io", 1, 0.005, whole=True)
+    assert stopped.samples == 32
+    assert whole.samples == 400
+
+
 def test_help_explains_every_workload_and_column(tmp_path):
     from aload.bench.fresh import CASES
     from aload.bench.workloads import WORKLOADS

@@ -15,7 +15,9 @@ tenth of a second, as its reads need no workers, so its runs read ten), and a st
 stops after `STATIC_SECONDS` (its pace is steady: the slow settings need not read it all).
 The summary sets auto against the fastest static setting: its throughput, and its peak
 memory against that setting's, from the two run again side by side after the grid (the
-fastest of a dozen noisy medians reads high: its luck is part of why it was chosen).
+fastest of a dozen noisy medians reads high: its luck is part of why it was chosen), each
+reading the whole epoch there (a peak over the first seconds of an epoch is no peak over
+all of it).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ PROCESSES = (1, 2, 4, 8)
 CONCURRENCY = (8, 32, 128, 512)
 AUTO = "aload auto"  # the family of the rows that leave the settings to the loader
 STATIC_SECONDS = 3.0  # a static setting's run stops after this long
+WHOLE = "whole"  # the fresh process's argument for a static run of the whole epoch
 
 
 @dataclass(frozen=True)
@@ -106,14 +109,17 @@ GRID: dict[str, GridData] = {
 }
 
 
-def grid_workload(name: str, settings: Settings, fresh: bool = True) -> Workload:
+def grid_workload(
+    name: str, settings: Settings, fresh: bool = True, whole: bool = False
+) -> Workload:
     """The grid of `name`'s data: every static setting, then auto; each run in a fresh
-    process (`fresh`), or in this one (in that fresh process)."""
+    process (`fresh`), or in this one (in that fresh process). Static runs stop after
+    `STATIC_SECONDS` unless `whole`."""
     data = GRID[name]
     dataset = data.dataset(settings)
     kw: dict[str, Any] = {"batch_size": data.batch_size, "shuffle": data.shuffle}
     rows: list[Contender]
-    static = drain_epochs(data.epochs, seconds=STATIC_SECONDS)
+    static = drain_epochs(data.epochs, seconds=None if whole else STATIC_SECONDS)
     if data.awaited:
         rows = [
             aload_loader(dataset, 0, detail=f"max_concurrency={c}", max_concurrency=c, **kw)
@@ -135,7 +141,7 @@ def grid_workload(name: str, settings: Settings, fresh: bool = True) -> Workload
     contenders = [*(dataclasses.replace(row, drive=static) for row in rows), auto]
     if fresh:
         contenders = [
-            dataclasses.replace(row, drive=_in_fresh_process(name, index, settings.scale))
+            dataclasses.replace(row, drive=_in_fresh_process(name, index, settings.scale, whole))
             for index, row in enumerate(contenders)
         ]
     return Workload(
@@ -148,22 +154,25 @@ def grid_workload(name: str, settings: Settings, fresh: bool = True) -> Workload
     )
 
 
-def _in_fresh_process(name: str, row: int, scale: float) -> Callable[[Any], Drained]:
+def _in_fresh_process(name: str, row: int, scale: float, whole: bool) -> Callable[[Any], Drained]:
     """A drive that runs row `row` of `name`'s grid in a new Python process, with its peak
     memory measured there (this process's loader is never built)."""
 
     def drive(make: Any) -> Drained:
         command = [sys.executable, "-m", "aload.bench.grid", name, str(row), repr(scale)]
+        command += [WHOLE] if whole else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         return Drained(**child_figures(done.returncode, done.stdout, done.stderr))
 
     return drive
 
 
-def run_row(name: str, row: int, scale: float) -> Drained:
-    """In the fresh process: build the data, then run the row, with the peak memory of this
-    process and its workers above what they held once the data was built."""
-    contender = grid_workload(name, Settings(scale=scale), fresh=False).contenders[row]
+def run_row(name: str, row: int, scale: float, whole: bool = False) -> Drained:
+    """In the fresh process: build the data, then run the row (a static one for the whole
+    epoch if `whole`), with the peak memory of this process and its workers above what they
+    held once the data was built."""
+    grid = grid_workload(name, Settings(scale=scale), fresh=False, whole=whole)
+    contender = grid.contenders[row]
     with TreeMemory() as memory:
         gc.collect()
         memory.start()
@@ -204,15 +213,23 @@ def verdict(workload: str, results: list[Result]) -> Verdict | None:
     return Verdict(workload, max(static, key=lambda r: r.throughput), auto[0])
 
 
-def head_to_head(grid: Workload, judged: Verdict) -> Workload:
-    """The grid's fastest static setting and auto, to run again side by side. The fastest of
-    a dozen settings, each a median of a few runs on a noisy machine, is also the one whose
-    runs were luckiest: measured again, it reads what that setting gives, as auto's runs do."""
-    rows = {contender.name: contender for contender in grid.contenders}
+def head_to_head(grid: Workload, judged: Verdict, scale: float) -> Workload:
+    """The grid's fastest static setting and auto, to run again side by side, each in a fresh
+    process and over the whole epoch (`scale`: the grid's). The fastest of a dozen
+    settings, each a median of a few runs on a noisy machine, is also the one whose runs
+    were luckiest: measured again, it reads what that setting gives, as auto's runs do."""
+    name = grid.name.removeprefix("grid-")
+    rows = {contender.name: (row, contender) for row, contender in enumerate(grid.contenders)}
+    again = []
+    for loader in (judged.best.loader, judged.auto.loader):
+        row, contender = rows[loader]
+        whole = _in_fresh_process(name, row, scale, whole=True)
+        again.append(dataclasses.replace(contender, drive=whole))
     return Workload(
         f"{grid.name}-head-to-head",
-        f"{grid.name}'s fastest static setting and auto, run again, alternated",
-        [rows[judged.best.loader], rows[judged.auto.loader]],
+        f"{grid.name}'s fastest static setting and auto, run again, alternated, each over the "
+        "whole epoch",
+        again,
         min_run_s=0.0,
     )
 
@@ -250,5 +267,6 @@ def _mib(result: Result) -> str:
 
 
 if __name__ == "__main__":
-    figures = run_row(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+    whole = sys.argv[4:] == [WHOLE]
+    figures = run_row(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), whole)
     print(json.dumps(dataclasses.asdict(figures)))
