@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
@@ -440,7 +439,7 @@ class Engine:
             return None
         if not isinstance(pool, ThreadPool):
             return None
-        if not hasattr(time, "pthread_getcpuclockid"):  # macOS, Windows
+        if not ThreadPool.clocks_readable():
             chooser.cannot_judge("a thread's CPU time cannot be read here: staying on threads")
             return None
         move = None
@@ -633,7 +632,7 @@ class Engine:
                 readers.limit_readers(concurrency)
                 return concurrency * config.depth
 
-            clock = readers.cpu_seconds if hasattr(time, "pthread_getcpuclockid") else None
+            clock = readers.cpu_seconds if readers.clocks_readable() else None
             stages.append(TunedStage(self._tuner, set_readers, meter.reading_seconds, True, clock))
         return Autotuner(stages) if stages else None
 

@@ -218,12 +218,11 @@ def head_to_head(grid: Workload, judged: Verdict, scale: float) -> Workload:
     process and over the whole epoch (`scale`: the grid's). The fastest of a dozen
     settings, each a median of a few runs on a noisy machine, is also the one whose runs
     were luckiest: measured again, it reads what that setting gives, as auto's runs do."""
-    name = grid.name.removeprefix("grid-")
     rows = {contender.name: (row, contender) for row, contender in enumerate(grid.contenders)}
     again = []
     for loader in (judged.best.loader, judged.auto.loader):
         row, contender = rows[loader]
-        whole = _in_fresh_process(name, row, scale, whole=True)
+        whole = _in_fresh_process(judged.workload, row, scale, whole=True)
         again.append(dataclasses.replace(contender, drive=whole))
     return Workload(
         f"{grid.name}-head-to-head",

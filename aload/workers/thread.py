@@ -161,10 +161,16 @@ class ThreadPool:
     def alive_workers(self) -> int:
         return sum(thread.is_alive() for thread in self._threads)
 
+    @staticmethod
+    def clocks_readable() -> bool:
+        """Whether `cpu_seconds` can read the threads' clocks here: Unix where
+        `time.pthread_getcpuclockid` exists (not macOS, not Windows)."""
+        return hasattr(time, "pthread_getcpuclockid")
+
     def cpu_seconds(self) -> float:
         """The CPU time the running threads have used so far (their own clocks: a thread
-        that holds the GIL, or runs C code without it, counts; one that waits does not).
-        Unix where `time.pthread_getcpuclockid` exists (not macOS)."""
+        that holds the GIL, or runs C code without it, counts; one that waits does not),
+        where `clocks_readable`."""
         total = 0.0
         for thread in self._threads[: self._started]:
             if thread.ident is None or not thread.is_alive():
