@@ -7,7 +7,8 @@ consumer waits for data, read twice as many batches at once (where a batch takes
 read that windows last longer than a tenth of a second, as many more as the idle cores and the
 consumer's wait leave room for, at least four times: each window costs seconds; readers that
 wait, with no batch finished a tenth of a second into the search, take that step then, before
-their first batch, which then measures the level they left), and keep the step only if
+their first batch, which then measures the level they left, and look again a tenth of a
+second later at the readers the step added), and keep the step only if
 throughput rose with it over the mean of the level's last windows: by 15% of the step's share,
 or by 30% of what the consumer's wait left to gain if that is less (waiting a third of the
 time, it can go at most 1.5x as fast), and at least 2%. A kept step that gained less than half
@@ -385,24 +386,30 @@ class ConcurrencyTuner:
         self._allowed_before.clear()
         return restore, was_settled
 
-    def step_before_a_batch(self, waiting: float, cores: float, idle: float | None) -> bool:
-        """No batch yet, `FIRST_LOOK_SECONDS` into a fresh search (the consumer waited
-        `waiting` of that time; the readers used `cores`, and `idle` sat idle): readers that
-        wait take a long step now, rather than after their first batches, which take seconds
-        where batches are slow. What the level before gave is not known until its first
-        batch (`measured_before`), which judges the step with the others."""
-        if self.history or waiting < WAITING or cores >= WAITING_READERS * self.concurrency:
+    def step_before_a_batch(
+        self, seconds: float, waiting: float, cores: float, idle: float | None
+    ) -> bool:
+        """No batch yet, `seconds` into a fresh search (the consumer waited `waiting` of the
+        time since the last look; the readers used `cores`, and `idle` sat idle): readers
+        that wait take a long step now, rather than after their first batches, which take
+        seconds where batches are slow. What the level before the first step gave is not
+        known until its first batch (`measured_before`), which judges the steps with the
+        others. A look after a step weighs the readers it added: a waiting reader's CPU is
+        measured dearer where few run (at 2, 2.5 times what each of 64 uses here)."""
+        if self.history and not self._unmeasured:
+            return False  # a batch came, or a search resumed: windows decide
+        if waiting < WAITING or cores >= WAITING_READERS * self.concurrency:
             return False  # (readers that use cores are left to their first window)
         allows = self._allows(cores, idle)
         wanted = int(min(self.maximum, _bold_growth(waiting, allows) * self.concurrency))
         if wanted <= self.concurrency or allows < needed_gain(wanted / self.concurrency - 1, 1):
             return False
-        self._trial, self._unmeasured = (self.concurrency, 0.0, waiting), True
+        if not self._unmeasured:  # the first step: the level it leaves is judged with it
+            self._trial, self._unmeasured = (self.concurrency, 0.0, waiting), True
         self._set(
             wanted,
-            f"no batch yet after {FIRST_LOOK_SECONDS:g} s with {self.concurrency} at once, "
-            f"which used {cores:.2f} of {self.budget:g} cores while the loop waited: trying "
-            f"{wanted}",
+            f"no batch yet after {seconds:.2g} s with {self.concurrency} at once, which used "
+            f"{cores:.2f} of {self.budget:g} cores while the loop waited: trying {wanted}",
         )
         return True
 
@@ -566,14 +573,17 @@ class Autotuner:
         self._read_time = 0.0  # a batch's busy seconds in the slowest whole-batch stage, lately
         # The window as it stood when the epoch started (nothing delivered or waited yet).
         self._opened: tuple[float, float, float | None, float, int, int, list[float]] | None = None
-        self._looked = False  # the look before the first batch (`look`) is over
-        self._readers_cpu = 0.0  # the readers' CPU seconds as the epoch started (`look`)
-        self._stepped_from = 0  # readers before the step it took, until their first batch
+        # The edge of the last look before the first batch (the epoch's start, before the
+        # first), and the readers' CPU seconds then; looks go on while each one steps up.
+        self._looked_at: tuple[float, float, float | None, float, int, int, list[float]] | None
+        self._looked_at, self._readers_cpu = None, 0.0
+        self._looks_over = False  # a batch came, or a look did not step: windows decide
+        self._stepped_from = 0  # readers before the first look's step, until their first batch
 
     def start(self) -> int:
         """Put each stage's concurrency in force; the epoch's bound on batches in flight."""
         if self._opened is None:  # the epoch starts: a window may begin here (`observe`)
-            self._opened = self._mark(time.perf_counter(), 0.0, 0, 0)
+            self._opened = self._looked_at = self._mark(time.perf_counter(), 0.0, 0, 0)
             self._readers_cpu = self._readers_cpu_seconds() or 0.0
         bound = 0
         for stage in self._stages:
@@ -585,6 +595,7 @@ class Autotuner:
         totals). Returns the epoch's new bound on batches in flight if a stage moved."""
         now = time.perf_counter()
         window = self._window
+        self._looks_over = True
         if self._stepped_from and self._opened is not None:
             # The level a step before the first batch left: each of its readers delivered
             # about a batch in the time this first one took.
@@ -641,42 +652,48 @@ class Autotuner:
 
     def look_due(self) -> float | None:
         """When (a `time.perf_counter()`) the epoch should `look` at its readers if no batch
-        has come by then; None: no look (a batch came, or it looked, or the search is not
-        a fresh one of thread readers that each read a whole batch)."""
-        opened = self._opened
-        if opened is None or self._window is not None or self._looked or len(self._stages) > 1:
+        has come by then; None: no look (a batch came, or a look did not step, or the search
+        is not a fresh one of thread readers that each read a whole batch)."""
+        looked_at = self._looked_at
+        if looked_at is None or self._looks_over or len(self._stages) > 1:
             return None
         stage = self._stages[0]
-        if not stage.whole_batches or stage.tuner.history:
+        if not stage.whole_batches or (stage.tuner.history and not self._stepped_from):
             return None
-        return opened[0] + FIRST_LOOK_SECONDS
+        return looked_at[0] + FIRST_LOOK_SECONDS
 
     def look(self, wait_seconds: float, finished: int = 0) -> int | None:
-        """No batch has come `FIRST_LOOK_SECONDS` into the epoch (the consumer waited
-        `wait_seconds` of it, and `finished` batches wait behind the first, read in order):
-        readers that wait, and have finished nothing, step up now (`step_before_a_batch`),
-        and the next window begins with the step. They are weighed by their threads' own
-        CPU where it can be read: the consumer's start of the epoch is in the process's
-        (a tenth of it, where readers wait, and enough to stop a step short). Returns the
-        epoch's new bound if they did."""
-        opened = self._opened
-        if opened is None or self.look_due() is None:
+        """No batch has come `FIRST_LOOK_SECONDS` into the epoch, or after the last look
+        (the consumer waited `wait_seconds` in all, and `finished` batches wait behind the
+        first, read in order): readers that wait, and have finished nothing, step up now
+        (`step_before_a_batch`), and the next window begins with the step; a tenth of a
+        second later, still without a batch, the tuner looks again at the readers it added.
+        They are weighed by their threads' own CPU where it can be read: the consumer's start
+        of the epoch is in the process's (a tenth of it, where readers wait, and enough to
+        stop a step short). Returns the epoch's new bound if they did."""
+        looked_at, opened = self._looked_at, self._opened
+        if looked_at is None or opened is None or self.look_due() is None:
             return None
-        self._looked = True
+        self._looks_over = True
         if finished:
             return None  # one slow batch holds the others back: the first window decides
         (stage,) = self._stages
         now = time.perf_counter()
         mark = self._mark(now, wait_seconds, 0, 0)
-        wall = max(now - opened[0], 1e-9)
-        idle = _idle_cores(opened[2], mark[2], wall)
+        wall = max(now - looked_at[0], 1e-9)
+        idle = _idle_cores(looked_at[2], mark[2], wall)
         before = stage.tuner.concurrency
         readers_cpu = self._readers_cpu_seconds()
-        used = mark[1] - opened[1] if readers_cpu is None else readers_cpu - self._readers_cpu
-        cores, waiting = used / wall, min(1.0, wait_seconds / wall)
-        if not stage.tuner.step_before_a_batch(waiting, cores, idle):
+        if readers_cpu is None:
+            used = mark[1] - looked_at[1]
+        else:
+            used, self._readers_cpu = readers_cpu - self._readers_cpu, readers_cpu
+        cores, waiting = used / wall, min(1.0, (wait_seconds - looked_at[3]) / wall)
+        if not stage.tuner.step_before_a_batch(now - opened[0], waiting, cores, idle):
             return None
-        self._window, self._stepped_from = mark, before
+        self._window = self._looked_at = mark
+        self._stepped_from = self._stepped_from or before
+        self._looks_over = False
         return stage.put_in_force(stage.tuner.concurrency)
 
     def _readers_cpu_seconds(self) -> float | None:

@@ -377,11 +377,12 @@ def slow_batches(
     readers_clock=False,
 ):
     """Thread readers that take 0.5 s a batch (256 items of 2 ms each), 64 at most, each
-    using `core_share` of one of 2 cores; `slots`: a store that serves that many reads at
-    once (the others queue). The consumer, starting the epoch, uses `epoch_start_cores` for
-    its first tenth of a second; `readers_clock`: the readers' threads' own CPU can be read
-    (else only the process's). While no batch has come, the tuner looks when it asks to, as
-    the epoch has it look. The tuner, its concurrency at each of its decisions, and when."""
+    using `core_share` of one of 2 cores (or `core_share(readers)`); `slots`: a store that
+    serves that many reads at once (the others queue). The consumer, starting the epoch,
+    uses `epoch_start_cores` for its first tenth of a second; `readers_clock`: the readers'
+    threads' own CPU can be read (else only the process's). While no batch has come, the
+    tuner looks when it asks to, as the epoch has it look. The tuner, its concurrency at
+    each of its decisions, and when."""
     clock = Clock()
     cpu = [0.0]
     readers_cpu = [0.0]
@@ -408,8 +409,9 @@ def slow_batches(
                 batches += 1
                 due[thread] = when + read_time
         busy += threads * tick
-        readers_cpu[0] += core_share * threads * tick
-        cpu[0] += core_share * threads * tick + (epoch_start_cores * tick if clock.now < 0.1 else 0)
+        share = core_share(threads) if callable(core_share) else core_share
+        readers_cpu[0] += share * threads * tick
+        cpu[0] += share * threads * tick + (epoch_start_cores * tick if clock.now < 0.1 else 0)
         clock.now += tick
         look_at = tuning.look_due()
         if not batches and look_at is not None and clock.now >= look_at:
@@ -443,14 +445,35 @@ def test_the_look_before_a_batch_weighs_the_readers_by_their_own_clocks(monkeypa
     stopped at about 50 readers: 118 batches then take three rounds of half a second, not
     two.
     By the readers' own clocks, the step is to as many as the cores allow, 64."""
-    by_process = slow_batches(monkeypatch, seconds=0.3, core_share=0.03, epoch_start_cores=0.02)
+    by_process = slow_batches(monkeypatch, seconds=0.15, core_share=0.03, epoch_start_cores=0.02)
     (step,) = by_process.history
     assert step.concurrency < 59  # (about 50): 118 batches take three rounds, not two
     by_readers = slow_batches(
-        monkeypatch, seconds=0.3, core_share=0.03, epoch_start_cores=0.02, readers_clock=True
+        monkeypatch, seconds=0.15, core_share=0.03, epoch_start_cores=0.02, readers_clock=True
     )
     assert [d.concurrency for d in by_readers.history] == [64]
     assert "used 0.06 of 2 cores" in by_readers.history[0].reason
+
+
+def test_a_second_look_before_a_batch_weighs_the_readers_the_first_added(monkeypatch):
+    """Waiting readers use less CPU each the more of them run (2 ms sleeps, measured by
+    their threads' clocks: 3.1% of a core each at 2 readers, 1.2% at 64), so the look's
+    estimate from 2 readers (two of them at 0.07 of a core: 57 would take the other 1.93
+    cores) stopped the step short of 64 in the bench's runs, and 118 batches took three
+    rounds of half a second, not two. Still without a batch a tenth of a second after the
+    step, the tuner looks again at the readers it added, and steps to 64; the level the
+    first step left is the one their first batch judges, and the steps are kept."""
+
+    def cheaper_when_many(readers):
+        return 0.035 * (2 / readers) ** 0.27
+
+    monkeypatch.setattr(_tuner, "idle_seconds", lambda: None)
+    tuner = slow_batches(monkeypatch, seconds=1.5, core_share=cheaper_when_many)
+    levels = [d.concurrency for d in tuner.history]
+    assert levels[0] < 59
+    assert levels[1:] == [64]
+    assert "no batch yet after 0.2" in tuner.history[1].reason
+    assert tuner.history[1].seconds < 0.5  # before the first batch
 
 
 def test_readers_that_use_their_cores_are_not_stepped_up_before_a_batch(monkeypatch):
