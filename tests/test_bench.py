@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -296,12 +297,50 @@ def test_the_head_to_head_reads_the_whole_epoch_where_the_grids_static_runs_stop
     the same reads (numpy's 2 threads peaked at 54-95 MiB over three seconds, and at 115-121
     over the whole epoch, as auto did at 94-120 without ever reading with more threads)."""
     from aload.bench import grid
+    from aload.bench.workloads import Settings
 
     monkeypatch.setattr(grid, "STATIC_SECONDS", 0.0)  # stop after the first batch
-    stopped = grid.run_row("io", 1, 0.005)  # 2 threads, 400 items in batches of 32
-    whole = grid.run_row("io", 1, 0.005, whole=True)
+    settings = Settings(scale=0.005)
+    stopped = grid.run_row("io", 1, settings)  # 2 threads, 400 items in batches of 32
+    whole = grid.run_row("io", 1, settings, whole=True)
     assert stopped.samples == 32
     assert whole.samples == 400
+
+
+def test_a_grids_fresh_processes_read_items_as_costly_as_the_parent_calibrated_them(
+    monkeypatch,
+):
+    """Calibrated in each fresh process, the pure-Python items of the grid's rows cost what
+    the machine gave each calibration: one run of 4 processes read 8,369 items a second where
+    the same setting read 3,631 and 3,849 (the most 2 cores give 0.5 ms items is 4,000).
+    The parent calibrates once; each row's process builds its items from that size, and does
+    not calibrate its own."""
+    from aload.bench import datasets as ds
+    from aload.bench import grid
+
+    monkeypatch.setattr(ds, "python_rounds_for", lambda seconds: 1234)  # the parent's
+    workload = grid.grid_workload("python", grid.Settings(scale=0.001))
+    commands = []
+
+    def fresh_process(command, **_):
+        commands.append(command)
+        figures = Drained(samples=1, first_batch_s=0.1, elapsed_s=0.1, peak_mib=1.0, step_s=None)
+        return subprocess.CompletedProcess(command, 0, json.dumps(dataclasses.asdict(figures)))
+
+    monkeypatch.setattr(grid.subprocess, "run", fresh_process)
+    auto = workload.contenders[-1]
+    auto.drive(auto.make)
+    (command,) = commands
+    assert command[3:5] == ["python", str(len(workload.contenders) - 1)]
+
+    def calibrates(seconds):
+        raise AssertionError("a row's process calibrated its items again")
+
+    monkeypatch.setattr(ds, "python_rounds_for", calibrates)
+    child = grid.given_settings(command[5])
+    assert child.scale == 0.001
+    dataset = grid.GRID["python"].dataset(child)
+    assert dataset.rounds == 1234
 
 
 def test_help_explains_every_workload_and_column(tmp_path):

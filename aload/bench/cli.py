@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 suites.append((workload, results))
                 print(table(workload, results), file=out, flush=True)
                 if (judged := verdict(name, results)) is not None:
-                    again = head_to_head(workload, judged, settings.scale)
+                    again = head_to_head(workload, judged, settings)
                     rerun = measure(again, args.repeats, memory)
                     suites.append((again, rerun))
                     print(table(again, rerun), file=out, flush=True)

@@ -6,10 +6,11 @@ worker processes (more would only take turns on a machine of a few cores), or, f
 reads, 8 to 512 reads at once;
 then with everything left to the loader: `num_workers="auto", worker_mode="auto"` (an async
 dataset: `max_concurrency="auto"`). Every run is a fresh Python process
-(`python -m aload.bench.grid WORKLOAD ROW SCALE`) that builds the data, then a loader, and
-reads one epoch, so auto's figure includes its search, and each peak memory is what that
-loader added to a process as a user's script meets it (in one long process, the heap that
-earlier rows grew and freed hides later rows' growth). The epochs take five to six seconds
+(`python -m aload.bench.grid WORKLOAD ROW SETTINGS`) that builds the data (its items as
+costly as the parent calibrated them), then a loader, and reads one epoch, so auto's
+figure includes its search, and each peak memory is what that loader added to a process as
+a user's script meets it (in one long process, the heap that earlier rows grew and freed
+hides later rows' growth). The epochs take five to six seconds
 at the best static setting (a search may take a second or two; the tensor grid's epoch is a
 tenth of a second, as its reads need no workers, so its runs read ten), and a static run
 stops after `STATIC_SECONDS` (its pace is steady: the slow settings need not read it all).
@@ -141,7 +142,7 @@ def grid_workload(
     contenders = [*(dataclasses.replace(row, drive=static) for row in rows), auto]
     if fresh:
         contenders = [
-            dataclasses.replace(row, drive=_in_fresh_process(name, index, settings.scale, whole))
+            dataclasses.replace(row, drive=_in_fresh_process(name, index, settings, whole))
             for index, row in enumerate(contenders)
         ]
     return Workload(
@@ -154,12 +155,16 @@ def grid_workload(
     )
 
 
-def _in_fresh_process(name: str, row: int, scale: float, whole: bool) -> Callable[[Any], Drained]:
+def _in_fresh_process(
+    name: str, row: int, settings: Settings, whole: bool
+) -> Callable[[Any], Drained]:
     """A drive that runs row `row` of `name`'s grid in a new Python process, with its peak
-    memory measured there (this process's loader is never built)."""
+    memory measured there (this process's loader is never built), its items as costly as
+    `settings` calibrated them here."""
 
     def drive(make: Any) -> Drained:
-        command = [sys.executable, "-m", "aload.bench.grid", name, str(row), repr(scale)]
+        given = json.dumps({"scale": settings.scale, **settings.calibrated()})
+        command = [sys.executable, "-m", "aload.bench.grid", name, str(row), given]
         command += [WHOLE] if whole else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         return Drained(**child_figures(done.returncode, done.stdout, done.stderr))
@@ -167,11 +172,11 @@ def _in_fresh_process(name: str, row: int, scale: float, whole: bool) -> Callabl
     return drive
 
 
-def run_row(name: str, row: int, scale: float, whole: bool = False) -> Drained:
+def run_row(name: str, row: int, settings: Settings, whole: bool = False) -> Drained:
     """In the fresh process: build the data, then run the row (a static one for the whole
     epoch if `whole`), with the peak memory of this process and its workers above what they
     held once the data was built."""
-    grid = grid_workload(name, Settings(scale=scale), fresh=False, whole=whole)
+    grid = grid_workload(name, settings, fresh=False, whole=whole)
     contender = grid.contenders[row]
     with TreeMemory() as memory:
         gc.collect()
@@ -213,16 +218,16 @@ def verdict(workload: str, results: list[Result]) -> Verdict | None:
     return Verdict(workload, max(static, key=lambda r: r.throughput), auto[0])
 
 
-def head_to_head(grid: Workload, judged: Verdict, scale: float) -> Workload:
+def head_to_head(grid: Workload, judged: Verdict, settings: Settings) -> Workload:
     """The grid's fastest static setting and auto, to run again side by side, each in a fresh
-    process and over the whole epoch (`scale`: the grid's). The fastest of a dozen
+    process and over the whole epoch (`settings`: the grid's). The fastest of a dozen
     settings, each a median of a few runs on a noisy machine, is also the one whose runs
     were luckiest: measured again, it reads what that setting gives, as auto's runs do."""
     rows = {contender.name: (row, contender) for row, contender in enumerate(grid.contenders)}
     again = []
     for loader in (judged.best.loader, judged.auto.loader):
         row, contender = rows[loader]
-        whole = _in_fresh_process(judged.workload, row, scale, whole=True)
+        whole = _in_fresh_process(judged.workload, row, settings, whole=True)
         again.append(dataclasses.replace(contender, drive=whole))
     return Workload(
         f"{grid.name}-head-to-head",
@@ -265,7 +270,13 @@ def _mib(result: Result) -> str:
     return "n/a" if result.memory is None else f"{result.memory:,.0f}"
 
 
+def given_settings(argument: str) -> Settings:
+    """The fresh process's settings, from its parent's `{"scale": ..., SIZE: ...}`."""
+    given = json.loads(argument)
+    return Settings(scale=float(given.pop("scale")), given=given)
+
+
 if __name__ == "__main__":
     whole = sys.argv[4:] == [WHOLE]
-    figures = run_row(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), whole)
+    figures = run_row(sys.argv[1], int(sys.argv[2]), given_settings(sys.argv[3]), whole)
     print(json.dumps(dataclasses.asdict(figures)))

@@ -36,10 +36,18 @@ from aload.bench.contenders import (
 @dataclass(frozen=True)
 class Settings:
     """Sizes and worker counts for a run: `scale` multiplies item counts, `workers` (when set)
-    replaces every workload's own worker counts."""
+    replaces every workload's own worker counts; `given`: item sizes calibrated by the process
+    that started this one (`calibrated`), so that every process of a run gives an item the
+    same work (calibrated in each, a grid's rows read items up to twice as costly as
+    others)."""
 
     scale: float = 1.0
     workers: int | None = None
+    given: dict[str, int] = dataclasses.field(default_factory=dict, compare=False)
+
+    def calibrated(self) -> dict[str, int]:
+        """The item sizes this process has calibrated so far, to give a process it starts."""
+        return {name: self.__dict__[name] for name in _CALIBRATED if name in self.__dict__}
 
     def items(self, count: int) -> int:
         return max(1, round(count * self.scale))
@@ -49,11 +57,14 @@ class Settings:
 
     @cached_property
     def numpy_size(self) -> int:
-        return ds.numpy_size_for(0.002)
+        return self.given.get("numpy_size") or ds.numpy_size_for(0.002)
 
     @cached_property
     def python_rounds(self) -> int:
-        return ds.python_rounds_for(0.0005)
+        return self.given.get("python_rounds") or ds.python_rounds_for(0.0005)
+
+
+_CALIBRATED = ("numpy_size", "python_rounds")  # Settings' sizes calibrated on this machine
 
 
 # A run lasts at least this long: a fresh loader is built and drained again until it has. An
