@@ -52,7 +52,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from ._collector_pauses import paused_seconds
 from ._history import History
 
 logger = logging.getLogger("aload")
@@ -538,6 +540,21 @@ class TunedStage:
     cpu_seconds: Callable[[], float] | None = None
 
 
+class _Edge(NamedTuple):
+    """A window's edge: when, the process's CPU seconds, the idle cores' seconds, the
+    consumer's seconds waited, samples and batches delivered, each stage's busy seconds, and
+    the garbage collector's pauses, all so far."""
+
+    at: float
+    cpu: float
+    idle: float | None
+    waited: float
+    samples: int
+    batches: int
+    busy: list[float]
+    paused: float
+
+
 class Autotuner:
     """The tuned stages of one epoch (an async dataset's reads and the workers that finish
     its batches; or thread workers' reads), told of each batch the consumer receives.
@@ -564,19 +581,17 @@ class Autotuner:
 
     def __init__(self, stages: Sequence[TunedStage]) -> None:
         self._stages = stages
-        # when, the process's CPU seconds, the idle cores' seconds, waited, samples, batches,
-        # and each stage's busy seconds
-        self._window: tuple[float, float, float | None, float, int, int, list[float]] | None = None
+        self._window: _Edge | None = None  # where the window under way began
         # Stages that start their search together ramp up together (not a resumed search).
         self._ramping = len(stages) > 1 and not any(stage.tuner.history for stage in stages)
         self._ramp_trial: tuple[list[int], float, float] | None = None  # levels, samples/s, wait
         self._read_time = 0.0  # a batch's busy seconds in the slowest whole-batch stage, lately
         # The window as it stood when the epoch started (nothing delivered or waited yet).
-        self._opened: tuple[float, float, float | None, float, int, int, list[float]] | None = None
+        self._opened: _Edge | None = None
         # The edge of the last look before the first batch (the epoch's start, before the
         # first), and the readers' CPU seconds then; looks go on while each one steps up.
-        self._looked_at: tuple[float, float, float | None, float, int, int, list[float]] | None
-        self._looked_at, self._readers_cpu = None, 0.0
+        self._looked_at: _Edge | None = None
+        self._readers_cpu = 0.0
         self._looks_over = False  # a batch came, or a look did not step: windows decide
         self._stepped_from = 0  # readers before the first look's step, until their first batch
 
@@ -600,40 +615,40 @@ class Autotuner:
             # The level a step before the first batch left: each of its readers delivered
             # about a batch in the time this first one took.
             per_batch = samples / max(batches, 1)
-            rate = per_batch * self._stepped_from / max(now - self._opened[0], 1e-9)
+            rate = per_batch * self._stepped_from / max(now - self._opened.at, 1e-9)
             self._stages[0].tuner.measured_before(rate)
             self._stepped_from = 0
         if window is None:
             opened = self._opened
-            if opened is not None and now - opened[0] >= WINDOW_SECONDS:
+            if opened is not None and now - opened.at >= WINDOW_SECONDS:
                 # A first batch that took a window's time: the first window began with the
                 # epoch (waiting for 4 more batches from the first readers would take long).
                 window = self._window = opened
             else:  # it begins with the first batch: the workers' start-up is not in it
                 self._window = self._mark(now, wait_seconds, samples, batches)
                 return None
-        began, cpu_began, idle_began, waited_before, samples_before, batches_before, busy_before = (
-            window
-        )
-        wall = now - began
+        wall = now - window.at
+        # The window's time without the collector's pauses: one of 100 ms halves a tenth of a
+        # second's throughput, at any concurrency (levels are compared as the readers give).
+        unpaused = wall - (paused_seconds() - window.paused)
         seconds = RAMP_WINDOW_SECONDS if self._ramping else WINDOW_SECONDS
         seconds = max(seconds, READ_TIMES * self._read_time)
-        if wall < seconds or batches - batches_before < WINDOW_BATCHES:
+        if unpaused < seconds or batches - window.batches < WINDOW_BATCHES:
             return None
         self._window = mark = self._mark(now, wait_seconds, samples, batches)
-        cpu, idle_now, busy = mark[1] - cpu_began, mark[2], mark[6]
+        cpu, busy, busy_before = mark.cpu - window.cpu, mark.busy, window.busy
         self._read_time = max(
             (
-                (busy[i] - busy_before[i]) / (batches - batches_before)
+                (busy[i] - busy_before[i]) / (batches - window.batches)
                 for i, stage in enumerate(self._stages)
                 if stage.whole_batches
             ),
             default=0.0,
         )
-        idle = _idle_cores(idle_began, idle_now, wall)
-        throughput = (samples - samples_before) / wall
+        idle = _idle_cores(window.idle, mark.idle, wall)
+        throughput = (samples - window.samples) / unpaused
         # (a wait that began before the window may end in it: at most all of it)
-        waiting = min(1.0, (wait_seconds - waited_before) / wall)
+        waiting = min(1.0, (wait_seconds - window.waited) / wall)
         shares = [
             (busy[i] - busy_before[i]) / (stage.tuner.concurrency * wall)
             for i, stage in enumerate(self._stages)
@@ -660,7 +675,7 @@ class Autotuner:
         stage = self._stages[0]
         if not stage.whole_batches or (stage.tuner.history and not self._stepped_from):
             return None
-        return looked_at[0] + FIRST_LOOK_SECONDS
+        return looked_at.at + FIRST_LOOK_SECONDS
 
     def look(self, wait_seconds: float, finished: int = 0) -> int | None:
         """No batch has come `FIRST_LOOK_SECONDS` into the epoch, or after the last look
@@ -680,16 +695,16 @@ class Autotuner:
         (stage,) = self._stages
         now = time.perf_counter()
         mark = self._mark(now, wait_seconds, 0, 0)
-        wall = max(now - looked_at[0], 1e-9)
-        idle = _idle_cores(looked_at[2], mark[2], wall)
+        wall = max(now - looked_at.at, 1e-9)
+        idle = _idle_cores(looked_at.idle, mark.idle, wall)
         before = stage.tuner.concurrency
         readers_cpu = self._readers_cpu_seconds()
         if readers_cpu is None:
-            used = mark[1] - looked_at[1]
+            used = mark.cpu - looked_at.cpu
         else:
             used, self._readers_cpu = readers_cpu - self._readers_cpu, readers_cpu
-        cores, waiting = used / wall, min(1.0, (wait_seconds - looked_at[3]) / wall)
-        if not stage.tuner.step_before_a_batch(now - opened[0], waiting, cores, idle):
+        cores, waiting = used / wall, min(1.0, (wait_seconds - looked_at.waited) / wall)
+        if not stage.tuner.step_before_a_batch(now - opened.at, waiting, cores, idle):
             return None
         self._window = self._looked_at = mark
         self._stepped_from = self._stepped_from or before
@@ -748,13 +763,11 @@ class Autotuner:
         self._ramp_trial = (levels, throughput, waiting)
         return self.start()
 
-    def _mark(
-        self, now: float, waited: float, samples: int, batches: int
-    ) -> tuple[float, float, float | None, float, int, int, list[float]]:
-        """A window's edge: `now`, the process's CPU seconds, the idle cores' seconds, the
-        consumer's seconds `waited`, `samples` and `batches` delivered, and each stage's busy
-        seconds."""
-        return (now, time.process_time(), idle_seconds(), waited, samples, batches, self._busy())
+    def _mark(self, now: float, waited: float, samples: int, batches: int) -> _Edge:
+        """A window's edge `now`, the consumer having `waited` and received `samples` in
+        `batches`."""
+        cpu, idle, busy = time.process_time(), idle_seconds(), self._busy()
+        return _Edge(now, cpu, idle, waited, samples, batches, busy, paused_seconds())
 
     def _busy(self) -> list[float]:
         """Each stage's busy seconds so far (read at a window's edges, not per batch)."""

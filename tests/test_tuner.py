@@ -335,13 +335,19 @@ class Clock:
         return 0.0
 
 
-def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30):
-    """Two or more modelled stages in a row, tuned together from `starts`: stage i at
+def run_pipeline(
+    monkeypatch, starts, capacities, limit=float("inf"), windows=30, pauses=(), pause=0.1
+):
+    """One or more modelled stages in a row, tuned together from `starts`: stage i at
     concurrency c serves `capacities[i](c)` samples/s, the pipeline the least of them (and of
-    `limit`, the cores), and the loop waits all the time. The concurrencies after each window."""
+    `limit`, the cores), and the loop waits all the time; in the windows numbered in
+    `pauses`, a collection stops the process for `pause` seconds besides. The concurrencies
+    after each window."""
     clock = Clock()
+    paused = [0.0]
     monkeypatch.setattr(_tuner, "time", clock)
     monkeypatch.setattr(_tuner, "idle_seconds", lambda: None)  # the model's cores only
+    monkeypatch.setattr(_tuner, "paused_seconds", lambda: paused[0])
     tuners = [ConcurrencyTuner(maximum=1024, budget=64, start=start) for start in starts]
     busy = [0.0] * len(tuners)
     # The first stage is an async dataset's reads, awaited at once (no worker takes a whole
@@ -354,10 +360,13 @@ def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30
     samples = batches = 0.0
     tuning.observe(0, 0, 0.0)  # the first batch opens the first window
     path = []
-    for _ in range(windows):
+    for window in range(windows):
         levels = [tuner.concurrency for tuner in tuners]
         served = [capacity(c) for capacity, c in zip(capacities, levels, strict=True)]
         throughput = min(limit, *served)
+        if window in pauses:  # nothing is read while the collector runs
+            clock.now += pause
+            paused[0] += pause
         clock.now += _tuner.WINDOW_SECONDS
         for i, rate in enumerate(served):  # busy this share of its workers' time
             busy[i] += throughput / rate * levels[i] * _tuner.WINDOW_SECONDS
@@ -366,6 +375,42 @@ def run_pipeline(monkeypatch, starts, capacities, limit=float("inf"), windows=30
         tuning.observe(int(samples), int(batches), wait_seconds=clock.now)
         path.append(tuple(tuner.concurrency for tuner in tuners))
     return path, tuners
+
+
+def test_the_collectors_pauses_do_not_move_the_tuner(monkeypatch):
+    """Awaited reads whose throughput grows to 320 at once and flattens, on a loop that a
+    full collection of Python's heap stops for 100 ms now and then (every second or so
+    where hundreds of reads are in flight and torch is imported: a tenth of a second's
+    window then reads half). With those pauses taken out of its windows, the tuner moves as
+    it does without them. Counted in, a pause in the window that judged the step to 256
+    stopped the climb at 192, and one in each of two windows in a row read as reads that
+    got slower."""
+
+    def reads(c):
+        return 150.0 * min(c, 320)
+
+    calm, _ = run_pipeline(monkeypatch, (32,), (reads,), windows=40)
+    paused, (tuner,) = run_pipeline(
+        monkeypatch, (32,), (reads,), windows=40, pauses={4, 17, 18, 30}
+    )
+    assert paused == calm
+    assert calm[-1][0] >= 320
+    assert not [d for d in tuner.history if "got slower" in d.reason]
+
+
+def test_the_collectors_pauses_are_counted_as_python_makes_them():
+    """The seconds the tuner takes out of its windows are the collections' own: a full
+    collection of a heap of a million objects adds about its time."""
+    from aload._collector_pauses import paused_seconds
+
+    paused_seconds()  # counting starts
+    heap = [[i] for i in range(1_000_000)]
+    before, started = paused_seconds(), time.perf_counter()
+    gc.collect()
+    took = time.perf_counter() - started
+    counted = paused_seconds() - before
+    assert took / 2 <= counted <= took
+    del heap
 
 
 def slow_batches(
