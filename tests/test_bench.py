@@ -343,6 +343,32 @@ def test_a_grids_fresh_processes_read_items_as_costly_as_the_parent_calibrated_t
     assert dataset.rounds == 1234
 
 
+def test_a_fresh_cases_process_reads_items_as_costly_as_the_parent_calibrated_them(
+    monkeypatch,
+):
+    """The fresh cases that set loaders' pure-Python epochs side by side build each loader's
+    items from one calibration, the parent's: calibrated in each process, torch's and
+    aload's items differed by up to 1.6x in cost (4,364 to 6,871 rounds in 20 calibrations)."""
+    from aload.bench import datasets as ds
+    from aload.bench import fresh
+
+    built = []
+
+    class Items(ds.PythonDataset):
+        def __init__(self, n, rounds):
+            super().__init__(n, rounds)
+            built.append(rounds)
+
+    def calibrates(seconds):
+        raise AssertionError("the fresh process calibrated its items again")
+
+    monkeypatch.setattr(ds, "PythonDataset", Items)
+    monkeypatch.setattr(ds, "python_rounds_for", calibrates)
+    figures = fresh.child("python-epoch", "aload threads", 0.01, 77)
+    assert figures["samples_per_s"] > 0
+    assert built == [77]
+
+
 def test_help_explains_every_workload_and_column(tmp_path):
     from aload.bench.fresh import CASES
     from aload.bench.workloads import WORKLOADS

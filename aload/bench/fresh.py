@@ -2,10 +2,13 @@
 
 Start-up, the memory of forked workers and the caller's event loop at epoch start depend on
 what the process already holds (a fork server started earlier, modules imported, pages
-already copied), so each run here is `python -m aload.bench.fresh CASE LOADER SCALE` in a
-new process, which prints its figures as JSON. The parent samples the proportional set size
-(PSS: shared pages split between the processes that map them) of the child's whole process
-tree while it runs, so copy-on-read pages count once per copy and shared ones once.
+already copied), so each run here is `python -m aload.bench.fresh CASE LOADER SCALE ROUNDS`
+in a new process, which prints its figures as JSON (ROUNDS: the pure-Python items' size,
+calibrated once by the parent, so that every loader's process reads the same work; 20 fresh
+calibrations gave 4,364 to 6,871 rounds for one item cost). The parent samples the
+proportional set size (PSS: shared pages split between the processes that map them) of the
+child's whole process tree while it runs, so copy-on-read pages count once per copy and
+shared ones once.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 
 from aload.bench.memory import descendants, rollup_kib
 from aload.bench.runner import progress
+
+ITEM_SECONDS = 0.0003  # a pure-Python item's cost (startup, python-epoch)
 
 # Each loader: its family (torch or aload) and the arguments that make it.
 LOADERS: dict[str, dict[str, Any]] = {
@@ -121,14 +126,17 @@ def child_figures(returncode: int, out: str, err: str) -> dict[str, Any]:
     return figures
 
 
-def run_fresh(case: str, loader: str, scale: float, interval: float = 0.05) -> dict[str, float]:
-    """One run in a new process, its tree's PSS sampled every `interval` seconds.
+def run_fresh(
+    case: str, loader: str, scale: float, rounds: int, interval: float = 0.05
+) -> dict[str, float]:
+    """One run in a new process (its pure-Python items of `rounds`), its tree's PSS sampled
+    every `interval` seconds.
 
     Raises:
         RuntimeError: with the child's error output, when the run fails.
     """
     child = subprocess.Popen(
-        [sys.executable, "-m", "aload.bench.fresh", case, loader, str(scale)],
+        [sys.executable, "-m", "aload.bench.fresh", case, loader, str(scale), str(rounds)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -149,13 +157,16 @@ def run_fresh(case: str, loader: str, scale: float, interval: float = 0.05) -> d
 
 def measure_fresh(names: Iterable[str], repeats: int, scale: float) -> list[FreshResult]:
     """Every loader of every case `repeats` times, interleaved, each run a new process."""
+    from aload.bench.datasets import python_rounds_for
+
     results = [FreshResult(name, loader) for name in names for loader in CASES[name].loaders]
+    rounds = python_rounds_for(ITEM_SECONDS) if results else 0
     for repeat in range(repeats):
         for result in results:
             if result.error is None:
                 progress(f"{result.case}: {result.loader}, run {repeat + 1} of {repeats}")
                 try:
-                    result.runs.append(run_fresh(result.case, result.loader, scale))
+                    result.runs.append(run_fresh(result.case, result.loader, scale, rounds))
                 except Exception as error:
                     result.error = f"{type(error).__name__}: {error}"
     progress("")
@@ -210,10 +221,10 @@ def _first_and_rest(batches: Iterable[Any], count: Callable[[Any], int]) -> dict
     return {"first_batch_ms": first * 1000, "samples_per_s": samples / elapsed}
 
 
-def _python_items(n: int) -> Any:
-    from aload.bench.datasets import PythonDataset, python_rounds_for
+def _python_items(n: int, rounds: int) -> Any:
+    from aload.bench.datasets import PythonDataset
 
-    return PythonDataset(n, python_rounds_for(0.0003))
+    return PythonDataset(n, rounds)
 
 
 def _records_sampler(n: int) -> list[int]:
@@ -252,17 +263,17 @@ async def _loop_case(loader: str, dataset: Any) -> dict[str, float]:
     return {"loop_gap_ms": longest * 1000, "first_batch_ms": (first or 0.0) * 1000}
 
 
-def child(case: str, loader: str, scale: float) -> dict[str, float]:
-    """The run itself, in the fresh process."""
+def child(case: str, loader: str, scale: float, rounds: int) -> dict[str, float]:
+    """The run itself, in the fresh process (its pure-Python items of `rounds`)."""
     from aload.bench.datasets import RecordsDataset
 
     if case == "startup":
-        batches = _make(loader, _python_items(4096), num_workers=2)
+        batches = _make(loader, _python_items(4096, rounds), num_workers=2)
         started = time.perf_counter()
         next(iter(batches))
         return {"first_batch_ms": (time.perf_counter() - started) * 1000}
     if case == "python-epoch":
-        batches = _make(loader, _python_items(int(4096 * scale)), num_workers=2)
+        batches = _make(loader, _python_items(int(4096 * scale), rounds), num_workers=2)
         return _first_and_rest(batches, len)
     if case == "records":
         n = int(2_000_000 * scale)
@@ -278,4 +289,4 @@ if __name__ == "__main__":
     import warnings
 
     warnings.filterwarnings("ignore", message="This DataLoader will create")
-    print(json.dumps(child(sys.argv[1], sys.argv[2], float(sys.argv[3]))))
+    print(json.dumps(child(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))))
