@@ -10,10 +10,10 @@ dataset: `max_concurrency="auto"`). Every run is a fresh Python process
 costly as the parent calibrated them), then a loader, and reads one epoch, so auto's
 figure includes its search, and each peak memory is what that loader added to a process as
 a user's script meets it (in one long process, the heap that earlier rows grew and freed
-hides later rows' growth). The epochs take five to six seconds
-at the best static setting (a search may take a second or two; the tensor grid's epoch is a
-tenth of a second, as its reads need no workers, so its runs read ten), and a static run
-stops after `STATIC_SECONDS` (its pace is steady: the slow settings need not read it all).
+hides later rows' growth). The epochs take five to six seconds at the best static setting (a
+search may take a second or two; the tensor grid's epoch is a tenth of a second, as its
+reads need no workers, so its runs read ten), and a static run stops after
+`STATIC_SECONDS` (its pace is steady: the slow settings need not read it all).
 The summary sets auto against the fastest static setting: its throughput, and its peak
 memory against that setting's, from the two run again side by side after the grid (the
 fastest of a dozen noisy medians reads high: its luck is part of why it was chosen), each
