@@ -607,7 +607,11 @@ class Engine:
                     return config.in_flight_for(concurrency)
 
                 reads_stage = TunedStage(
-                    self._tuner, set_reads, meter.reading_seconds, whole_batches=False
+                    self._tuner,
+                    set_reads,
+                    meter.reading_seconds,
+                    whole_batches=False,
+                    loop_seconds=pool.loop_cpu_seconds,
                 )
                 stages.append(reads_stage)
             if self._workers_tuner is not None:

@@ -29,8 +29,10 @@ halves. A step is not tried where the machine's idle cores (at least a tenth of 
 busy machine still shares) could not give it the gain it must show (each sample costs at least
 the CPU it cost before), so it never passes its CPU budget (the cores it may run on); found at
 that budget before any step, half as many are tried once (readers that each run a team of
-threads take each other's cores), and kept if they lose nothing. It holds while the consumer
-does not wait: more reads would only queue more batches.
+threads take each other's cores), and kept if they lose nothing. Nor is one tried where the
+one thread that runs every awaited read, aload's loop, could not give the gain from the rest of
+its core (reads in flight past what that core keeps up with only hold memory). It holds while
+the consumer does not wait: more reads would only queue more batches.
 
 The knobs: with thread workers, how many threads read at once (a pool of `maximum` threads
 that start as work comes), each with `prefetch_factor` batches in flight as torch's workers
@@ -230,14 +232,16 @@ class ConcurrencyTuner:
         climb: bool = True,
         idle: float | None = None,
         bold: bool = False,
+        loop: float | None = None,
     ) -> None:
         """One window's measures: samples/s, the consumer's share of time waiting, the cores
-        the process used, and those that sat idle (None: the budget's cores it did not use).
+        the process used, those that sat idle (None: the budget's cores it did not use), and
+        the share of a core used by the one thread that runs every read (None: none does).
         Moves `concurrency` (or not), as the module says; without `climb` (another stage
         holds this one back), only judges the step on trial. A climb doubles; `bold` (windows
         are long: slow batches, so each step costs seconds) goes as far as the idle cores and
         the consumer's wait leave room for, at least `LONG_GROWTH` times."""
-        allows = self._allows(cores, idle)
+        allows = self._allows(cores, idle, loop)
         if self._first_at_level is None:
             self._first_at_level = throughput
         else:
@@ -493,14 +497,18 @@ class ConcurrencyTuner:
             f"({baseline:,.0f}): back to {before}{flattening}",
         )
 
-    def _allows(self, cores: float, idle: float | None) -> float:
+    def _allows(self, cores: float, idle: float | None, loop: float | None = None) -> float:
         """The most that more readers could multiply throughput by: the room the budget's
         cores leave (a busy machine's idle cores, but at least `SHARED_ROOM`) over the cores
-        used."""
+        used, and where one thread runs every read (`loop`: its share of a core), the room
+        that thread's core leaves over its share."""
         room = self.budget - cores
         if idle is not None:  # a busy machine still shares a little with more readers
             room = min(room, max(idle, SHARED_ROOM))
-        return room / cores if cores > 0 else float("inf")
+        allows = room / cores if cores > 0 else float("inf")
+        if loop is not None and loop > 0:
+            allows = min(allows, (1 - loop) / loop)
+        return allows
 
     def _level_throughput(self) -> float:
         """The throughput of the current level, to judge a step from: the mean of its last
@@ -538,12 +546,15 @@ class TunedStage:
     # The CPU seconds its workers' threads have used, by their own clocks (None: unreadable
     # here, or not threads): the look before a first batch weighs readers by it.
     cpu_seconds: Callable[[], float] | None = None
+    # The CPU seconds of the one thread that runs all its reads, aload's loop (None: not
+    # such a stage, or its clock is unreadable here): a step asks no more of it than a core.
+    loop_seconds: Callable[[], float | None] | None = None
 
 
 class _Edge(NamedTuple):
     """A window's edge: when, the process's CPU seconds, the idle cores' seconds, the
-    consumer's seconds waited, samples and batches delivered, each stage's busy seconds, and
-    the garbage collector's pauses, all so far."""
+    consumer's seconds waited, samples and batches delivered, each stage's busy seconds, the
+    garbage collector's pauses, and each stage's loop thread's CPU seconds, all so far."""
 
     at: float
     cpu: float
@@ -553,6 +564,7 @@ class _Edge(NamedTuple):
     batches: int
     busy: list[float]
     paused: float
+    loops: list[float | None]
 
 
 class Autotuner:
@@ -660,7 +672,10 @@ class Autotuner:
         before = stage.tuner.concurrency
         long_windows = READ_TIMES * self._read_time > WINDOW_SECONDS
         bold = long_windows and stage.whole_batches
-        stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle, bold)
+        i = self._stages.index(stage)
+        began, ended = window.loops[i], mark.loops[i]
+        loop = None if began is None or ended is None else (ended - began) / wall
+        stage.tuner.decide(throughput, waiting, cpu / wall, stage is bottleneck, idle, bold, loop)
         if stage.tuner.concurrency == before:
             return None
         return stage.put_in_force(stage.tuner.concurrency)
@@ -767,7 +782,8 @@ class Autotuner:
         """A window's edge `now`, the consumer having `waited` and received `samples` in
         `batches`."""
         cpu, idle, busy = time.process_time(), idle_seconds(), self._busy()
-        return _Edge(now, cpu, idle, waited, samples, batches, busy, paused_seconds())
+        loops = [stage.loop_seconds() if stage.loop_seconds else None for stage in self._stages]
+        return _Edge(now, cpu, idle, waited, samples, batches, busy, paused_seconds(), loops)
 
     def _busy(self) -> list[float]:
         """Each stage's busy seconds so far (read at a window's edges, not per batch)."""

@@ -3,6 +3,7 @@ known, then on real loaders."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -336,15 +337,23 @@ class Clock:
 
 
 def run_pipeline(
-    monkeypatch, starts, capacities, limit=float("inf"), windows=30, pauses=(), pause=0.1
+    monkeypatch,
+    starts,
+    capacities,
+    limit=float("inf"),
+    windows=30,
+    pauses=(),
+    pause=0.1,
+    loop_cost=None,
 ):
     """One or more modelled stages in a row, tuned together from `starts`: stage i at
     concurrency c serves `capacities[i](c)` samples/s, the pipeline the least of them (and of
     `limit`, the cores), and the loop waits all the time; in the windows numbered in
-    `pauses`, a collection stops the process for `pause` seconds besides. The concurrencies
-    after each window."""
+    `pauses`, a collection stops the process for `pause` seconds besides; with `loop_cost`,
+    each sample costs aload's loop thread that many CPU seconds (its clock is the first
+    stage's). The concurrencies after each window."""
     clock = Clock()
-    paused = [0.0]
+    paused, loop = [0.0], [0.0]
     monkeypatch.setattr(_tuner, "time", clock)
     monkeypatch.setattr(_tuner, "idle_seconds", lambda: None)  # the model's cores only
     monkeypatch.setattr(_tuner, "paused_seconds", lambda: paused[0])
@@ -356,6 +365,8 @@ def run_pipeline(
         TunedStage(tuner, lambda c: c, lambda i=i: busy[i], whole_batches=i > 0)
         for i, tuner in enumerate(tuners)
     ]
+    if loop_cost is not None:
+        stages[0] = dataclasses.replace(stages[0], loop_seconds=lambda: loop[0])
     tuning = Autotuner(stages)
     samples = batches = 0.0
     tuning.observe(0, 0, 0.0)  # the first batch opens the first window
@@ -371,6 +382,7 @@ def run_pipeline(
         for i, rate in enumerate(served):  # busy this share of its workers' time
             busy[i] += throughput / rate * levels[i] * _tuner.WINDOW_SECONDS
         samples += throughput * _tuner.WINDOW_SECONDS
+        loop[0] += throughput * _tuner.WINDOW_SECONDS * (loop_cost or 0.0)
         batches += 100
         tuning.observe(int(samples), int(batches), wait_seconds=clock.now)
         path.append(tuple(tuner.concurrency for tuner in tuners))
@@ -396,6 +408,25 @@ def test_the_collectors_pauses_do_not_move_the_tuner(monkeypatch):
     assert paused == calm
     assert calm[-1][0] >= 320
     assert not [d for d in tuner.history if "got slower" in d.reason]
+
+
+def test_awaited_reads_are_not_stepped_past_what_the_loop_thread_can_run(monkeypatch):
+    """Awaited reads of 3.3 ms, each costing aload's loop thread 10 us: 300 at once keep it
+    busy 90% of a core, and more cannot read faster (`limit`). The climb finds the plateau,
+    then probes the ceiling again every `REPROBE_WINDOWS` windows; a doubling that the
+    loop's last tenth of a core could not give its 15% is not tried, so reads in flight
+    never pass 512 (the first doubling past 256, when the loop still had a quarter of a core
+    to spare). Weighed by the process's cores alone (the model's use none), the probes
+    doubled the plateau's level: 768 reads in flight at once, each holding memory, for a
+    window that read no faster."""
+
+    def reads(c):
+        return 300.0 * c
+
+    path, _ = run_pipeline(monkeypatch, (32,), (reads,), limit=90_000.0, windows=60, loop_cost=1e-5)
+    levels = [c for (c,) in path]
+    assert max(levels) <= 512
+    assert levels[-1] >= 300  # on the plateau: 256 read 77,000 a second
 
 
 def test_the_collectors_pauses_are_counted_as_python_makes_them():
@@ -785,7 +816,7 @@ def test_fewer_reads_at_once_retire_fetchers_without_dropping_a_read():
     tuner = loader._engine._tuner
     switched: list[float] = []
 
-    def decide(throughput, waiting, cores, climb=True, idle=None, growth=2):  # 32, then 4 at once
+    def decide(*measures):  # 32 at once, then 4
         if not switched:
             switched.append(time.perf_counter())
             tuner.concurrency = 4

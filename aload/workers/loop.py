@@ -324,6 +324,20 @@ class LoopPool:
         cpu = 0 if self._own_cpu is None else self._own_cpu.alive_workers
         return int(self._thread.is_alive()) + cpu
 
+    def loop_cpu_seconds(self) -> float | None:
+        """The CPU time the loop's thread has used so far (it runs every read, so one core
+        bounds how many it can keep in flight); None where a thread's clock cannot be read
+        here (not Unix), or the loop has stopped."""
+        ident = self._thread.ident
+        if ident is None or not self._thread.is_alive():
+            return None
+        if not hasattr(time, "pthread_getcpuclockid"):
+            return None
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(ident))
+        except OSError:  # the thread has ended
+            return None
+
     def timed_out(self, job: Job) -> None:
         pass  # the loop's reads are cancelled with the epoch
 
