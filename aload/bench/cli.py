@@ -31,6 +31,7 @@ from dataclasses import asdict
 from aload.bench.fresh import CASES, fresh_table, measure_fresh
 from aload.bench.grid import (
     GRID,
+    HEAD_TO_HEAD_EXTRA_RUNS,
     grid_workload,
     head_to_head,
     judged_again,
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(table(workload, results), file=out, flush=True)
                 if (judged := verdict(name, results)) is not None:
                     again = head_to_head(workload, judged, settings)
-                    rerun = measure(again, args.repeats, memory)
+                    runs = args.repeats + HEAD_TO_HEAD_EXTRA_RUNS
+                    rerun = measure(again, runs, memory)
                     suites.append((again, rerun))
                     print(table(again, rerun), file=out, flush=True)
                     verdicts.append(judged_again(judged, rerun))
