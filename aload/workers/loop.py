@@ -32,6 +32,7 @@ from anyio import RunFinishedError
 from .._fetch import timed_call
 from . import Job, WorkerPool
 from ._exit import stop_at_exit
+from .thread import thread_cpu_seconds
 
 T = TypeVar("T")
 logger = logging.getLogger("aload")
@@ -328,15 +329,7 @@ class LoopPool:
         """The CPU time the loop's thread has used so far (it runs every read, so one core
         bounds how many it can keep in flight); None where a thread's clock cannot be read
         here (not Unix), or the loop has stopped."""
-        ident = self._thread.ident
-        if ident is None or not self._thread.is_alive():
-            return None
-        if not hasattr(time, "pthread_getcpuclockid"):
-            return None
-        try:
-            return time.clock_gettime(time.pthread_getcpuclockid(ident))
-        except OSError:  # the thread has ended
-            return None
+        return thread_cpu_seconds(self._thread)
 
     def timed_out(self, job: Job) -> None:
         pass  # the loop's reads are cancelled with the epoch

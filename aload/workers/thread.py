@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from queue import Empty, SimpleQueue
 
 from .._intra_op import use_one_thread
@@ -171,13 +170,7 @@ class ThreadPool:
         """The CPU time the running threads have used so far (their own clocks: a thread
         that holds the GIL, or runs C code without it, counts; one that waits does not),
         where `clocks_readable`."""
-        total = 0.0
-        for thread in self._threads[: self._started]:
-            if thread.ident is None or not thread.is_alive():
-                continue
-            with suppress(OSError):  # it ended between the check and the read
-                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
-        return total
+        return sum(thread_cpu_seconds(thread) or 0.0 for thread in self._threads[: self._started])
 
     def timed_out(self, job: Job) -> None:
         pass  # a thread cannot be stopped: it ends when its read returns
@@ -185,6 +178,17 @@ class ThreadPool:
     def __del__(self) -> None:
         if hasattr(self, "_threads"):
             self.shutdown()
+
+
+def thread_cpu_seconds(thread: threading.Thread) -> float | None:
+    """The CPU time `thread` has used so far, by its own clock; None where it is not running
+    (a dead thread's id may be reused), or where a thread's clock cannot be read here."""
+    if thread.ident is None or not thread.is_alive() or not ThreadPool.clocks_readable():
+        return None
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except OSError:  # it ended between the check and the read
+        return None
 
 
 class _Count:
